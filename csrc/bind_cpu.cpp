@@ -1,0 +1,29 @@
+// ldmfast._C: pybind11 bindings of the CPU kernels. Tensors cross as integer addresses; the GIL is
+// released while a kernel runs so that data loading threads keep going.
+#include <pybind11/pybind11.h>
+
+#include "cpu/ops.h"
+
+namespace py = pybind11;
+using namespace ldmfast;
+
+namespace {
+
+template <typename T = void>
+T* as_ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+void ddim_step(int dtype, uintptr_t x_t, uintptr_t out, uintptr_t noise, uintptr_t coef, uintptr_t x_prev,
+               uintptr_t x0_out, int64_t n, int64_t m, bool clip, float clip_value, int num_threads) {
+  cpu::ddim_step(dtype_from_code(dtype), as_ptr(x_t), as_ptr(out), as_ptr(noise), as_ptr<const float>(coef),
+                 as_ptr(x_prev), as_ptr(x0_out), n, m, clip, clip_value, num_threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "ldmfast CPU kernels (raw pointers, no libtorch)";
+  mod.def("ddim_step", &ddim_step, py::arg("dtype"), py::arg("x_t"), py::arg("out"), py::arg("noise"),
+          py::arg("coef"), py::arg("x_prev"), py::arg("x0_out"), py::arg("n"), py::arg("m"), py::arg("clip"),
+          py::arg("clip_value"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+          "Fused DDIM update over n samples of m elements (null pointer = absent).");
+}

@@ -1,0 +1,10 @@
+"""ldmfast's ops: each with reference, cpu, triton and cuda backends behind one dispatcher."""
+from ._backends import (BACKENDS, BackendUnavailableError, availability, get_backend, resolve,
+                        unavailable_reason, use_backend)
+from ._native import poison_outputs
+from .ddim import PARAMETERIZATIONS, ddim_step, ddim_step_reference
+
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "PARAMETERIZATIONS", "availability", "ddim_step",
+    "ddim_step_reference", "get_backend", "poison_outputs", "resolve", "unavailable_reason", "use_backend",
+]
