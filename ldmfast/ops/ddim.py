@@ -59,7 +59,7 @@ def ddim_step_reference(x_t, model_output, abar_t, abar_prev, eta=0.0, noise=Non
         x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * o
         eps = a_t.sqrt() * o + (1 - a_t).sqrt() * x
     else:
-        x0 = o
+        x0 = o.clone()  # returned: must not alias the model output
         # Where abar_t == 1 there is no noise to recover; its coefficient below is 0 anyway.
         eps = torch.where(a_t < 1, (x - a_t.sqrt() * o) / (1 - a_t).sqrt(), torch.zeros_like(x))
     if clip_x0 is not None:

@@ -1,0 +1,182 @@
+"""A one-time on-disk cache of preprocessed slices, one folder per case.
+
+A case's folder is named by a hash of its files (paths, sizes, modification times) and the
+preprocessing options, so it is reused exactly while neither changes and rebuilt when one
+does. A folder is written complete under a temporary name and renamed into place, so a
+folder with the final name is always whole; `meta.json` records the case's slice indices
+and DWI/ADC statistics. Arrays are plain .npy files, opened memory-mapped by the dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .atomic import atomic_path
+from .errors import DataError
+from .layouts import MODALITIES, CaseFiles
+from .loading import load_case
+from .preprocess import PreprocessedCase, PreprocessOptions, VolumeStats, preprocess_case
+
+#: Bump when the cache's content or format changes, so old folders are not reused.
+CACHE_VERSION = 1
+#: Arrays of a case folder, S slices first; masks are stored as uint8 (a quarter the size).
+ARRAY_NAMES = ("ctp", "target", "mask", "lesion")
+_KEY_CHARS = 16
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached case: its folder, slice count and what maps outputs back to the volume."""
+
+    case_id: str
+    folder: Path
+    slice_index: tuple[int, ...]
+    spatial_shape: tuple[int, int, int]
+    dwi_stats: VolumeStats
+    adc_stats: VolumeStats
+    has_lesion: bool
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.slice_index)
+
+    def array_path(self, name: str) -> Path:
+        return self.folder / f"{name}.npy"
+
+
+def case_key(case: CaseFiles, options: PreprocessOptions) -> str:
+    """Hash of what a cached case depends on: every file's path, size and mtime, which
+    modalities are absent, the preprocessing options and the cache version."""
+    files = {}
+    for modality in MODALITIES:
+        path = getattr(case, modality)
+        if path is None:
+            files[modality] = None
+            continue
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            raise DataError(f"cannot read: {err.strerror}", case=case.case_id, path=path) from None
+        files[modality] = [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+    blob = json.dumps(
+        {"version": CACHE_VERSION, "case": case.case_id, "files": files, "options": dataclasses.asdict(options)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:_KEY_CHARS]
+
+
+def _folder_stem(case_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", case_id)
+
+
+def _read_entry(folder: Path) -> CacheEntry | None:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return CacheEntry(
+        case_id=meta["case_id"],
+        folder=folder,
+        slice_index=tuple(meta["slice_index"]),
+        spatial_shape=tuple(meta["spatial_shape"]),
+        dwi_stats=VolumeStats(**meta["dwi_stats"]),
+        adc_stats=VolumeStats(**meta["adc_stats"]),
+        has_lesion=meta["has_lesion"],
+    )
+
+
+def _write_folder(folder: Path, prepared: PreprocessedCase) -> None:
+    arrays = {
+        "ctp": prepared.ctp,
+        "target": prepared.target,
+        "mask": prepared.mask.astype(np.uint8),
+        "lesion": prepared.lesion.astype(np.uint8),
+    }
+    folder.mkdir()
+    for name in ARRAY_NAMES:
+        np.save(folder / f"{name}.npy", arrays[name])
+    meta = {
+        "case_id": prepared.case_id,
+        "slice_index": prepared.slice_index.tolist(),
+        "spatial_shape": list(prepared.spatial_shape),
+        "dwi_stats": dataclasses.asdict(prepared.dwi_stats),
+        "adc_stats": dataclasses.asdict(prepared.adc_stats),
+        "has_lesion": prepared.has_lesion,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _build(case: CaseFiles, folder: Path, options: PreprocessOptions) -> CacheEntry:
+    prepared = preprocess_case(load_case(case), options, require_target=True)
+    try:
+        with atomic_path(folder) as tmp:
+            _write_folder(tmp, prepared)
+    except OSError:
+        # Another process renamed the same folder into place first: both are identical.
+        if _read_entry(folder) is None:
+            raise
+    # Drop this case's folders for earlier versions of its files or options.
+    stale = re.compile(re.escape(_folder_stem(case.case_id)) + rf"-[0-9a-f]{{{_KEY_CHARS}}}")
+    for other in folder.parent.iterdir():
+        if other != folder and stale.fullmatch(other.name):
+            shutil.rmtree(other, ignore_errors=True)
+    return _read_entry(folder)
+
+
+@dataclass
+class CacheResult:
+    """What `ensure_cached` found: entries in case order, and how many it had to build."""
+
+    entries: list[CacheEntry]
+    errors: list[DataError]
+    n_built: int
+    n_reused: int
+
+
+def ensure_cached(
+    cases: list[CaseFiles],
+    cache_dir: str | os.PathLike,
+    options: PreprocessOptions = PreprocessOptions(),
+    *,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> CacheResult:
+    """Make sure every case has a cache folder under `cache_dir`, building the missing ones
+    (load, check, preprocess, write). Cases need DWI and ADC. A bad case raises `DataError`,
+    or with `skip_bad` is left out and its error kept in the result."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    entries: list[CacheEntry | None] = []
+    todo: list[tuple[int, CaseFiles, Path]] = []
+    errors: list[DataError] = []
+    for case in cases:
+        try:
+            folder = cache_dir / f"{_folder_stem(case.case_id)}-{case_key(case, options)}"
+        except DataError as err:
+            if not skip_bad:
+                raise
+            errors.append(err)
+            continue
+        entry = _read_entry(folder)
+        if entry is None:
+            todo.append((len(entries), case, folder))
+        entries.append(entry)
+    for position, case, folder in tqdm(todo, desc="caching slices", unit="case", disable=not progress or not todo):
+        try:
+            entries[position] = _build(case, folder, options)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            errors.append(err)
+    kept = [e for e in entries if e is not None]
+    return CacheResult(entries=kept, errors=errors, n_built=len(todo) - len(errors), n_reused=len(cases) - len(todo))
