@@ -206,10 +206,11 @@ def test_opcheck(case):
         torch.library.opcheck(torch.ops.ldmfast.ddim_step.default, args)
 
 
-def test_compiles_with_fullgraph():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiles_with_fullgraph(compiler):
     torch._dynamo.reset()
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True, backend=compiler)
     def sample_two_steps(x, out, a_t, a_mid):
         x = ops.ddim_step(x, out, a_t, a_mid, parameterization="v")
         return ops.ddim_step(x, out, a_mid, 1.0, parameterization="v", clip_x0=1.0)

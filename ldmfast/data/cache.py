@@ -171,12 +171,14 @@ def ensure_cached(
         if entry is None:
             todo.append((len(entries), case, folder))
         entries.append(entry)
+    n_built = 0
     for position, case, folder in tqdm(todo, desc="caching slices", unit="case", disable=not progress or not todo):
         try:
             entries[position] = _build(case, folder, options)
+            n_built += 1
         except DataError as err:
             if not skip_bad:
                 raise
             errors.append(err)
     kept = [e for e in entries if e is not None]
-    return CacheResult(entries=kept, errors=errors, n_built=len(todo) - len(errors), n_reused=len(cases) - len(todo))
+    return CacheResult(entries=kept, errors=errors, n_built=n_built, n_reused=len(entries) - len(todo))

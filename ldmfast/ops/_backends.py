@@ -81,8 +81,17 @@ def get_backend() -> str:
 # Decided once at import, without importing Triton (slow) or the compiled modules lazily inside
 # code that torch.compile traces. Triton itself reads TRITON_INTERPRET when kernels are defined.
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_TRITON_MISSING = (None if importlib.util.find_spec("triton") is not None
-                   else "Triton is not installed (pip install triton)")
+
+
+def _find_triton() -> str | None:
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken install, or one marked unimportable
+        found = False
+    return None if found else "Triton is not installed (pip install triton)"
+
+
+_TRITON_MISSING = _find_triton()
 _native.cpu_module()
 _native.cuda_module()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from . import _backends, _native
@@ -73,23 +74,35 @@ def ddim_step_reference(x_t, model_output, abar_t, abar_prev, eta=0.0, noise=Non
 
 # ---- per-sample coefficients of the kernels ---------------------------------------------------
 
+def _coefficient_rows(a_t, a_prev, eta: float, parameterization: str, xp):
+    """The coefficient columns, written once for both array libraries `xp` (numpy or torch)."""
+    sa, sb = xp.sqrt(a_t), xp.sqrt(1 - a_t)
+    zero, one = xp.zeros_like(a_t), xp.ones_like(a_t)
+    if parameterization == "eps":
+        rows = [1 / sa, -sb / sa, zero, one]
+    elif parameterization == "v":
+        rows = [sa, -sb, sb, sa]
+    else:  # where abar_t == 1 there is no noise to recover: the eps row stays 0
+        inv_sb = xp.where(sb > 0, 1 / xp.where(sb > 0, sb, one), zero)
+        rows = [zero, one, inv_sb, -sa * inv_sb]
+    beta_t = 1 - a_t
+    variance = xp.where(beta_t > 0, (1 - a_prev) * (1 - a_t / a_prev) / xp.where(beta_t > 0, beta_t, one), zero)
+    sigma = eta * xp.sqrt(xp.where(variance > 0, variance, zero))
+    direction = 1 - a_prev - sigma ** 2
+    rows += [xp.sqrt(a_prev), xp.sqrt(xp.where(direction > 0, direction, zero)), sigma, zero]
+    return xp.stack(rows, 1)
+
+
 def ddim_coefficients(abar_t: torch.Tensor, abar_prev: torch.Tensor, eta: float, parameterization: str
                       ) -> torch.Tensor:
-    """(N, 8) float64 rows in the order of DdimCoef (csrc/dtype.h):
-    x0 = c0 x + c1 out; eps = c2 x + c3 out; x_prev = c4 x0 + c5 eps + c6 noise."""
-    a_t, a_prev = abar_t.double(), abar_prev.double()
-    sa, sb = a_t.sqrt(), (1 - a_t).sqrt()
-    zero, one = torch.zeros_like(a_t), torch.ones_like(a_t)
-    if parameterization == "eps":
-        c = [1 / sa, -sb / sa, zero, one]
-    elif parameterization == "v":
-        c = [sa, -sb, sb, sa]
-    else:
-        inv_sb = torch.where(sb > 0, 1 / torch.where(sb > 0, sb, one), zero)
-        c = [zero, one, inv_sb, -sa * inv_sb]
-    sigma = ddim_sigma(a_t, a_prev, eta)
-    c += [a_prev.sqrt(), (1 - a_prev - sigma**2).clamp(min=0).sqrt(), sigma, zero]
-    return torch.stack(c, dim=1)
+    """(N, 8) float64 CPU rows in the order of DdimCoef (csrc/dtype.h):
+    x0 = c0 x + c1 out; eps = c2 x + c3 out; x_prev = c4 x0 + c5 eps + c6 noise.
+    Computed with numpy on the host: a few microseconds, where torch's per-op overhead on tiny
+    tensors cost ~80 us a step."""
+    with np.errstate(divide="ignore", invalid="ignore"):  # masked out by the where()s
+        rows = _coefficient_rows(abar_t.detach().cpu().double().numpy(), abar_prev.detach().cpu().double().numpy(),
+                                 eta, parameterization, np)
+    return torch.from_numpy(rows)
 
 
 def _run_kernel(backend, x_t, model_output, abar_t, abar_prev, eta, noise, parameterization, clip_x0,
@@ -151,7 +164,9 @@ def _backward(ctx, grad_prev, grad_x0):
     # The step is linear in (x_t, model_output, noise) up to the clamp of x0_hat.
     x_t, model_output, abar_t, abar_prev = ctx.saved_tensors
     ct = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-    c = ddim_coefficients(abar_t, abar_prev, ctx.eta, ctx.parameterization).to(device=x_t.device, dtype=ct)
+    # torch, not numpy: the backward is traced by torch.compile and AOTAutograd.
+    c = _coefficient_rows(abar_t.double(), abar_prev.double(), ctx.eta, ctx.parameterization, torch)
+    c = c.to(device=x_t.device, dtype=ct)
     c = c.reshape(c.shape[:1] + (1,) * (x_t.dim() - 1) + c.shape[1:])
     c = [c[..., i] for i in range(7)]
     g = grad_prev.to(ct)
@@ -173,16 +188,15 @@ _ddim_step_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- the public function ----------------------------------------------------------------------
 
 def _check_abar(value: Abar, name: str, x_t: torch.Tensor) -> torch.Tensor:
-    """abar as a float64 tensor of shape (N,), kept on the CPU when it came as a number or CPU tensor
-    (the coefficients are then computed on the host, with no device launches)."""
+    """abar as a float64 CPU tensor of shape (N,): the kernels' coefficients are computed on the host."""
     n = x_t.shape[0]
     if isinstance(value, torch.Tensor):
         if value.is_complex() or not value.is_floating_point():
             raise ValueError(f"{name}: must be a float or a floating-point tensor, got {value.dtype}")
         if value.numel() == 1:
-            a = value.detach().double().reshape(1).expand(n)
+            a = value.detach().cpu().double().reshape(1).expand(n)
         elif value.dim() >= 1 and value.shape[0] == n and value.numel() == n:
-            a = value.detach().double().reshape(n)
+            a = value.detach().cpu().double().reshape(n)
         else:
             raise ValueError(f"{name}: must hold 1 or N={n} values (one per sample), got shape {tuple(value.shape)}")
     elif isinstance(value, (int, float)):
@@ -191,15 +205,11 @@ def _check_abar(value: Abar, name: str, x_t: torch.Tensor) -> torch.Tensor:
         a = torch.full((n,), float(value), dtype=torch.float64)
     else:
         raise ValueError(f"{name}: must be a float or a tensor, got {type(value).__name__}")
-    if isinstance(value, torch.Tensor) and not torch.compiler.is_compiling() and not _capturing(a):
+    if isinstance(value, torch.Tensor) and not torch.compiler.is_compiling():
         bad = ~((a > 0) & (a <= 1))
         if bool(bad.any()):
             raise ValueError(f"{name}: every value must lie in (0, 1], got {a[bad][0].item()}")
     return a.contiguous()
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _check_tensors(x_t, model_output, noise):

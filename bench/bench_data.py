@@ -1,0 +1,161 @@
+"""Throughput of the training data pipeline: slice cache hit vs NIfTI read each time.
+
+Both pipelines give the same samples (preprocessed, cropped/padded, augmented, batched by a
+DataLoader); they differ only in where a slice comes from: the memory-mapped slice cache,
+or loading and preprocessing the case's NIfTI files for every slice. Runs on a phantom
+data set written to a temporary folder. Prints a table and writes
+bench/results/data-cpu-<YYYY-MM-DD>.json.
+
+    python bench/bench_data.py                      # about 30 s on 2 CPU cores
+    python bench/bench_data.py --shape 224 224 32 --size 192 224 --workers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ldmfast.data import (
+    TRAINING_MODALITIES,
+    AugmentConfig,
+    SliceDataset,
+    find_cases,
+    load_case,
+    make_phantom_dataset,
+    preprocess_case,
+    slice_sample,
+)
+
+
+class NiftiSliceDataset(Dataset):
+    """The uncached pipeline: every sample loads and preprocesses its case's NIfTI files."""
+
+    def __init__(self, cases, index: list[tuple[int, int]], size, augment):
+        self.cases, self.index, self.size, self.augment = cases, index, size, augment
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        position, local = self.index[i]
+        prepared = preprocess_case(load_case(self.cases[position]), require_target=True)
+        sample = slice_sample(
+            prepared.ctp[local],
+            prepared.target[local],
+            prepared.mask[local],
+            prepared.lesion[local],
+            size=self.size,
+            augment=self.augment,  # drawn from torch's global generator, which DataLoader seeds per worker
+        )
+        sample["case_id"] = prepared.case_id
+        sample["slice_index"] = int(prepared.slice_index[local])
+        return sample
+
+
+def measure(dataset: Dataset, seconds: float, batch_size: int, workers: int) -> dict:
+    """Slices per second over shuffled epochs until `seconds` have passed (after one
+    warm-up batch, which also starts the workers)."""
+    torch.manual_seed(0)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    batches = iter(loader)
+    next(batches)
+    slices, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            continue
+        slices += batch["ctp"].shape[0]
+    elapsed = time.perf_counter() - start
+    return {"slices": slices, "seconds": round(elapsed, 3), "slices_per_second": round(slices / elapsed, 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=8, help="phantom cases (default: 8)")
+    parser.add_argument("--shape", type=int, nargs=3, default=(128, 128, 16), metavar=("X", "Y", "Z"),
+                        help="phantom volume size (default: 128 128 16)")
+    parser.add_argument("--size", type=int, nargs=2, default=(96, 112), metavar=("H", "W"),
+                        help="training slice size to crop/pad to (default: 96 112; the release: 192 224)")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per batch (default: 8)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per pipeline (default: 8)")
+    parser.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results",
+                        help="where the JSON goes (default: bench/results)")
+    args = parser.parse_args(argv)
+
+    augment, size = AugmentConfig(), tuple(args.size)
+    with tempfile.TemporaryDirectory(prefix="ldmfast-bench-data-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        make_phantom_dataset(tmp / "data", n_cases=args.cases, shape=tuple(args.shape), progress=False)
+        phantom_s = time.perf_counter() - t0
+        cases = find_cases(tmp / "data", require=TRAINING_MODALITIES)
+
+        t0 = time.perf_counter()
+        cached = SliceDataset(cases, tmp / "cache", augment=augment, size=size, progress=False)
+        build_s = time.perf_counter() - t0
+        index = [(p, local) for p, e in enumerate(cached.entries) for local in range(e.n_slices)]
+        uncached = NiftiSliceDataset(cases, index, size, augment)
+
+        results = {
+            "cache hit": measure(cached, args.seconds, args.batch_size, args.workers),
+            "NIfTI each time": measure(uncached, args.seconds, args.batch_size, args.workers),
+        }
+    ratio = results["cache hit"]["slices_per_second"] / results["NIfTI each time"]["slices_per_second"]
+
+    print(f"data pipeline, {args.cases} phantom cases of {' x '.join(map(str, args.shape))} x 15 frames, "
+          f"slices {size[0]} x {size[1]}, batch {args.batch_size}, {args.workers} workers, augmented")
+    print(f"phantom written in {phantom_s:.2f} s; slice cache built in {build_s:.2f} s ({len(cached)} slices)")
+    print(f"{'pipeline':<18}{'slices':>8}{'seconds':>10}{'slices/s':>12}")
+    for name, r in results.items():
+        print(f"{name:<18}{r['slices']:>8}{r['seconds']:>10.2f}{r['slices_per_second']:>12.1f}")
+    print(f"{'ratio (cache / NIfTI)':<36}{ratio:>12.1f}x")
+
+    today = datetime.date.today().isoformat()
+    record = {
+        "benchmark": "data pipeline slices per second",
+        "device": "cpu",
+        "date": today,
+        "host": {
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "nibabel": nib.__version__,
+        },
+        "config": {
+            "cases": args.cases,
+            "shape": list(args.shape),
+            "size": list(size),
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "seconds": args.seconds,
+        },
+        "phantom_seconds": round(phantom_s, 3),
+        "cache_build_seconds": round(build_s, 3),
+        "results": results,
+        "ratio_cache_over_nifti": round(ratio, 2),
+    }
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    out = args.results_dir / f"data-cpu-{today}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""Shared benchmark plumbing: timing, device naming, tables, result files under bench/results/."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tbench
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_tag(device: torch.device) -> str:
+    """'cpu-2core' or the GPU's name, for result file names."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def time_ms(fn, min_run_time: float = 0.5) -> float:
+    """Median milliseconds of fn() (CUDA synchronized by torch.utils.benchmark)."""
+    fn()  # warm up: first-call costs (Triton compilation, allocator) are not the steady state
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    text = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for t in text:
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def save(name: str, device: torch.device, rows: list[dict], meta: dict | None = None) -> Path:
+    """Write rows as JSON to bench/results/<name>-<device>-<date>.json and return the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    path = RESULTS / f"{name}-{device_tag(device)}-{date}.json"
+    info = {"benchmark": name, "date": date, "device": device_tag(device), "torch": torch.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(), **(meta or {})}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path

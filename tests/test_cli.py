@@ -1,0 +1,33 @@
+"""The `ldmfast` command line, run as a user would."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "ldmfast", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_info_lists_versions_and_backends():
+    result = run("info")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for expected in ("ldmfast ", "torch ", "triton", "CUDA module", "backends on cpu tensors", "ddim_step"):
+        assert expected in out
+    assert "ddim_step  cpu        yes" in out
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).with_name("ldmfast")  # installed beside the interpreter running the tests
+    if not exe.exists():
+        pytest.fail(f"no console script at {exe}: was the package installed into this environment?")
+    result = subprocess.run([str(exe), "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_no_command_prints_help_and_fails():
+    result = run()
+    assert result.returncode == 2
+    assert "info" in result.stdout
