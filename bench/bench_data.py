@@ -63,23 +63,36 @@ class NiftiSliceDataset(Dataset):
         return sample
 
 
-def measure(dataset: Dataset, seconds: float, batch_size: int, workers: int) -> dict:
-    """Slices per second over shuffled epochs until `seconds` have passed (after one
-    warm-up batch, which also starts the workers)."""
-    torch.manual_seed(0)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
-    batches = iter(loader)
-    next(batches)
-    slices, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            continue
-        slices += batch["ctp"].shape[0]
-    elapsed = time.perf_counter() - start
-    return {"slices": slices, "seconds": round(elapsed, 3), "slices_per_second": round(slices / elapsed, 1)}
+class Meter:
+    """Slices per second of one pipeline, accumulated over timed rounds. Rounds of the two
+    pipelines alternate, so load from other processes on the machine hits both alike."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, workers: int):
+        torch.manual_seed(0)
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+        )
+        self.batches = iter(self.loader)
+        next(self.batches)  # warm-up: starts the workers, opens the files
+        self.slices, self.seconds = 0, 0.0
+
+    def run(self, seconds: float) -> None:
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            try:
+                batch = next(self.batches)
+            except StopIteration:
+                self.batches = iter(self.loader)
+                continue
+            self.slices += batch["ctp"].shape[0]
+        self.seconds += time.perf_counter() - start
+
+    def result(self) -> dict:
+        return {
+            "slices": self.slices,
+            "seconds": round(self.seconds, 3),
+            "slices_per_second": round(self.slices / self.seconds, 1),
+        }
 
 
 def main(argv=None) -> int:
@@ -92,6 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="slices per batch (default: 8)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0)")
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per pipeline (default: 8)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating timed rounds (default: 4)")
     parser.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results",
                         help="where the JSON goes (default: bench/results)")
     args = parser.parse_args(argv)
@@ -110,10 +124,14 @@ def main(argv=None) -> int:
         index = [(p, local) for p, e in enumerate(cached.entries) for local in range(e.n_slices)]
         uncached = NiftiSliceDataset(cases, index, size, augment)
 
-        results = {
-            "cache hit": measure(cached, args.seconds, args.batch_size, args.workers),
-            "NIfTI each time": measure(uncached, args.seconds, args.batch_size, args.workers),
+        meters = {
+            "cache hit": Meter(cached, args.batch_size, args.workers),
+            "NIfTI each time": Meter(uncached, args.batch_size, args.workers),
         }
+        for _ in range(args.rounds):
+            for meter in meters.values():
+                meter.run(args.seconds / args.rounds)
+        results = {name: meter.result() for name, meter in meters.items()}
     ratio = results["cache hit"]["slices_per_second"] / results["NIfTI each time"]["slices_per_second"]
 
     print(f"data pipeline, {args.cases} phantom cases of {' x '.join(map(str, args.shape))} x 15 frames, "
@@ -144,6 +162,7 @@ def main(argv=None) -> int:
             "batch_size": args.batch_size,
             "workers": args.workers,
             "seconds": args.seconds,
+            "rounds": args.rounds,
         },
         "phantom_seconds": round(phantom_s, 3),
         "cache_build_seconds": round(build_s, 3),

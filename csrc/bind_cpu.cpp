@@ -1,7 +1,9 @@
 // ldmfast._C: pybind11 bindings of the CPU kernels. Tensors cross as integer addresses; the GIL is
 // released while a kernel runs so that data loading threads keep going.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include "cpu/attention.h"
 #include "cpu/ops.h"
 
 namespace py = pybind11;
@@ -18,6 +20,23 @@ void ddim_step(int dtype, uintptr_t x_t, uintptr_t out, uintptr_t noise, uintptr
                  as_ptr(x_prev), as_ptr(x0_out), n, m, clip, clip_value, num_threads);
 }
 
+using Ref = std::array<int64_t, 5>;  // (address, 4 strides)
+
+void attention_forward(int dtype, const Ref& q, const Ref& k, const Ref& v, const Ref& out, uintptr_t lse,
+                       int64_t b, int64_t h, int64_t lq, int64_t lk, int64_t d, float scale, int num_threads) {
+  cpu::attention_forward(dtype_from_code(dtype), TensorRef4::from(q), TensorRef4::from(k), TensorRef4::from(v),
+                         TensorRef4::from(out), as_ptr<float>(lse), {b, h, lq, lk, d, scale}, num_threads);
+}
+
+void attention_backward(int dtype, const Ref& q, const Ref& k, const Ref& v, const Ref& out, const Ref& dout,
+                        uintptr_t lse, const Ref& dq, const Ref& dk, const Ref& dv, int64_t b, int64_t h,
+                        int64_t lq, int64_t lk, int64_t d, float scale, int num_threads) {
+  cpu::attention_backward(dtype_from_code(dtype), TensorRef4::from(q), TensorRef4::from(k), TensorRef4::from(v),
+                          TensorRef4::from(out), TensorRef4::from(dout), as_ptr<const float>(lse),
+                          TensorRef4::from(dq), TensorRef4::from(dk), TensorRef4::from(dv), {b, h, lq, lk, d, scale},
+                          num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
@@ -26,4 +45,8 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("coef"), py::arg("x_prev"), py::arg("x0_out"), py::arg("n"), py::arg("m"), py::arg("clip"),
           py::arg("clip_value"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
           "Fused DDIM update over n samples of m elements (null pointer = absent).");
+  mod.def("attention_forward", &attention_forward, py::call_guard<py::gil_scoped_release>(),
+          "Flash-style attention forward; tensors as (address, 4 strides); writes out and lse (B, H, Lq).");
+  mod.def("attention_backward", &attention_backward, py::call_guard<py::gil_scoped_release>(),
+          "Flash-style attention backward: dq, dk, dv from dout, out and lse.");
 }

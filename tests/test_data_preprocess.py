@@ -8,6 +8,7 @@ import pytest
 
 from ldmfast.data import (
     PreprocessOptions,
+    compute_brain_mask,
     denormalize_mri,
     find_cases,
     load_case,
@@ -119,3 +120,15 @@ def test_options_are_validated():
         PreprocessOptions(frame_policy="guess")
     with pytest.raises(ValueError, match="percentiles"):
         PreprocessOptions(percentiles=(99.0, 1.0))
+
+
+def test_computed_brain_mask_ignores_padding_outside_the_field_of_view(volumes):
+    """Zero padding (0 HU, inside the tissue range) larger than the brain touches the border
+    and must not be taken for it."""
+    pad = ((40, 40), (40, 40), (0, 0))
+    ctp = np.pad(volumes.ctp, pad + ((0, 0),), constant_values=0.0)
+    ctp[40:-40, 40:-40] = volumes.ctp
+    truth = np.pad(volumes.mask, pad)
+    assert (ctp == 0).sum() / ctp.shape[-1] > truth.sum()
+    mask = compute_brain_mask(ctp)
+    assert 2 * np.sum(mask & truth) / (mask.sum() + truth.sum()) > 0.95

@@ -15,8 +15,10 @@ def compute_brain_mask(ctp: np.ndarray, tissue_hu: tuple[float, float] = TISSUE_
 
     A heuristic for skull-on CT: voxels whose median over time (the median ignores the
     contrast bolus, which passes in a minority of frames) is in `tissue_hu`, opened in-plane
-    to cut thin bridges to scalp and neck tissue, the largest 3D component kept, and holes
-    filled slice by slice (ventricles, vessels and calcifications outside the range).
+    to cut thin bridges to scalp and neck tissue, then the largest 3D component that does
+    not touch the in-plane border (the brain sits inside the skull; zero padding outside
+    the scanned field of view touches the border and may be larger), and holes filled slice
+    by slice (ventricles, vessels and calcifications outside the range).
     """
     if ctp.ndim != 4:
         raise ValueError(f"ctp: expected X x Y x Z x frames, got shape {ctp.shape}")
@@ -28,8 +30,11 @@ def compute_brain_mask(ctp: np.ndarray, tissue_hu: tuple[float, float] = TISSUE_
     labels, n = ndimage.label(tissue)
     if n == 0:
         return tissue
-    sizes = np.bincount(labels.ravel())[1:]
-    brain = labels == (np.argmax(sizes) + 1)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    inner = sizes.copy()
+    inner[np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel()]))] = 0
+    brain = labels == np.argmax(inner if inner.any() else sizes)
     for z in range(brain.shape[2]):
         brain[:, :, z] = ndimage.binary_fill_holes(brain[:, :, z])
     return brain

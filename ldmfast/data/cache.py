@@ -2,7 +2,9 @@
 
 A case's folder is named by a hash of its files (paths, sizes, modification times) and the
 preprocessing options, so it is reused exactly while neither changes and rebuilt when one
-does. A folder is written complete under a temporary name and renamed into place, so a
+does. Building a case's folder removes that case's older folders, so a cache folder holds
+one version per case: datasets with different options want different cache folders. A
+folder is written complete under a temporary name and renamed into place, so a
 folder with the final name is always whole; `meta.json` records the case's slice indices
 and DWI/ADC statistics. Arrays are plain .npy files, opened memory-mapped by the dataset.
 """

@@ -55,7 +55,8 @@ class SliceDataset(Dataset):
     ):
         result = ensure_cached(list(cases), cache_dir, options, skip_bad=skip_bad, progress=progress)
         if not result.entries:
-            raise DataError("no usable case", path=cache_dir)
+            left_out = f"; {len(result.errors)} left out, the first: {result.errors[0]}" if result.errors else ""
+            raise DataError(f"no usable case{left_out}", path=cache_dir)
         self.cache_dir = Path(cache_dir)
         self.options = options
         self.augment = augment

@@ -239,18 +239,3 @@ def find_cases(
     chosen = detect_layout(source) if layout == "auto" else layout
     return readers[chosen](source, require=require, skip_bad=skip_bad)
 
-
-__all__ = [
-    "CaseFiles",
-    "CaseList",
-    "LAYOUTS",
-    "MANIFEST_COLUMNS",
-    "MODALITIES",
-    "OPTIONAL_MODALITIES",
-    "TRAINING_MODALITIES",
-    "detect_layout",
-    "find_cases",
-    "isles24_cases",
-    "manifest_cases",
-    "release_cases",
-]

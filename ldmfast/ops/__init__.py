@@ -2,9 +2,11 @@
 from ._backends import (BACKENDS, BackendUnavailableError, availability, get_backend, resolve,
                         unavailable_reason, use_backend)
 from ._native import poison_outputs
+from .attention import MAX_HEAD_DIM, attention, attention_reference, feature_map_attention
 from .ddim import PARAMETERIZATIONS, ddim_step, ddim_step_reference
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "PARAMETERIZATIONS", "availability", "ddim_step",
+    "BACKENDS", "BackendUnavailableError", "MAX_HEAD_DIM", "PARAMETERIZATIONS", "attention",
+    "attention_reference", "availability", "ddim_step", "feature_map_attention",
     "ddim_step_reference", "get_backend", "poison_outputs", "resolve", "unavailable_reason", "use_backend",
 ]

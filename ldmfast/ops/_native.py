@@ -108,3 +108,14 @@ def batch_major_output(x: torch.Tensor) -> torch.Tensor:
     if n > 1 and out.stride(0) != out.numel() // n:
         out = _maybe_poison(torch.empty(x.shape, dtype=x.dtype, device=x.device))
     return out
+
+
+def empty_in_stride_order_of(t: torch.Tensor, shape=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A dense tensor (of `shape`, default t's) whose dimensions lie in memory in the order of t's
+    strides: a (B, H, L, D) view of a (B, L, H*D) buffer gives a (B, L, H, D)-ordered output, so a
+    kernel writes straight into the layout its caller reshapes for free."""
+    shape = tuple(t.shape if shape is None else shape)
+    order = sorted(range(t.dim()), key=lambda i: (-t.stride(i), i))  # outermost first
+    out = torch.empty([shape[i] for i in order], dtype=dtype or t.dtype, device=t.device)
+    inverse = [order.index(i) for i in range(t.dim())]
+    return _maybe_poison(out.permute(inverse))

@@ -1,0 +1,275 @@
+// Flash-style attention on the CPU. Tiles are converted to fp32 buffers once per tile; score and
+// gradient products run as outer-product loops over contiguous buffers (k and v are also kept
+// transposed), so the innermost loops are plain multiply-adds that the compiler vectorizes.
+#include "cpu/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <omp.h>
+
+#include "cpu/half.h"
+
+namespace ldmfast::cpu {
+namespace {
+
+constexpr int64_t kBlockM = 32;  // query rows per tile
+constexpr int64_t kBlockN = 64;  // keys per tile
+
+// exp(x) for x <= 0 to ~2 ulp, with arithmetic only so that loops over it vectorize (libm's expf
+// does not without -ffast-math). Range reduction by ln 2, then a degree-6 polynomial.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: below it the weight is 0 for all purposes
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+}
+
+// rows x dim block of a (B, H, L, D) operand at (b, h, row0) into dst[r * dim + d] (fp32).
+template <typename T>
+void load_rows(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t dim, float* dst) {
+  const T* base = static_cast<const T*>(t.ptr) + b * t.stride[0] + h * t.stride[1];
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* src = base + (row0 + r) * t.stride[2];
+    float* out = dst + r * dim;
+    if (t.stride[3] == 1) {
+      for (int64_t d = 0; d < dim; ++d) out[d] = to_float(src[d]);
+    } else {
+      for (int64_t d = 0; d < dim; ++d) out[d] = to_float(src[d * t.stride[3]]);
+    }
+  }
+}
+
+// The same block transposed: dst[d * kBlockN + r].
+template <typename T>
+void load_rows_transposed(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t dim,
+                          float* dst) {
+  const T* base = static_cast<const T*>(t.ptr) + b * t.stride[0] + h * t.stride[1];
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* src = base + (row0 + r) * t.stride[2];
+    for (int64_t d = 0; d < dim; ++d) dst[d * kBlockN + r] = to_float(src[d * t.stride[3]]);
+  }
+}
+
+template <typename T>
+void store_rows(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t dim,
+                const float* src, const float* row_scale, float scale) {
+  T* base = static_cast<T*>(t.ptr) + b * t.stride[0] + h * t.stride[1];
+  for (int64_t r = 0; r < rows; ++r) {
+    T* dst = base + (row0 + r) * t.stride[2];
+    const float f = (row_scale ? row_scale[r] : 1.0f) * scale;
+    for (int64_t d = 0; d < dim; ++d) dst[d * t.stride[3]] = from_float<T>(src[r * dim + d] * f);
+  }
+}
+
+// s[r * kBlockN + j] = sum_d a[r * dim + d] * bt[d * kBlockN + j] for r < rows, j < keys.
+void rows_times_transposed(const float* a, const float* bt, float* s, int64_t rows, int64_t keys, int64_t dim) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = s + r * kBlockN;
+    std::fill(out, out + keys, 0.0f);
+    for (int64_t d = 0; d < dim; ++d) {
+      const float ad = a[r * dim + d];
+      const float* col = bt + d * kBlockN;
+#pragma omp simd
+      for (int64_t j = 0; j < keys; ++j) out[j] += ad * col[j];
+    }
+  }
+}
+
+// acc[r * dim + d] += sum_j w[r * kBlockN + j] * m[j * dim + d].
+void accumulate_rows(const float* w, const float* m, float* acc, int64_t rows, int64_t keys, int64_t dim) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = acc + r * dim;
+    for (int64_t j = 0; j < keys; ++j) {
+      const float wj = w[r * kBlockN + j];
+      const float* row = m + j * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) out[d] += wj * row[d];
+    }
+  }
+}
+
+// acc[j * dim + d] += sum_r w[r * kBlockN + j] * m[r * dim + d]  (w transposed).
+void accumulate_transposed(const float* w, const float* m, float* acc, int64_t rows, int64_t keys, int64_t dim) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = m + r * dim;
+    for (int64_t j = 0; j < keys; ++j) {
+      const float wj = w[r * kBlockN + j];
+      float* out = acc + j * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) out[d] += wj * row[d];
+    }
+  }
+}
+
+template <typename T>
+void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v, const TensorRef4& out, float* lse,
+                   const AttentionShape& s, int num_threads) {
+  const int64_t dim = s.dim, q_blocks = (s.lq + kBlockM - 1) / kBlockM;
+  const int64_t items = s.batch * s.heads * q_blocks;
+#pragma omp parallel num_threads(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)))
+  {
+    std::vector<float> qb(kBlockM * dim), kt(dim * kBlockN), vb(kBlockN * dim), acc(kBlockM * dim);
+    std::vector<float> sc(kBlockM * kBlockN), m(kBlockM), l(kBlockM);
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t bh = item / q_blocks, b = bh / s.heads, h = bh % s.heads;
+      const int64_t row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
+      load_rows<T>(q, b, h, row0, rows, dim, qb.data());
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.0f);
+      for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
+        const int64_t keys = std::min(kBlockN, s.lk - key0);
+        load_rows_transposed<T>(k, b, h, key0, keys, dim, kt.data());
+        load_rows<T>(v, b, h, key0, keys, dim, vb.data());
+        rows_times_transposed(qb.data(), kt.data(), sc.data(), rows, keys, dim);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* srow = sc.data() + r * kBlockN;
+          float tile_max = -std::numeric_limits<float>::infinity();
+          for (int64_t j = 0; j < keys; ++j) tile_max = std::max(tile_max, srow[j] * s.scale);
+          const float m_new = std::max(m[r], tile_max);
+          const float alpha = exp_nonpositive(m[r] - m_new);  // exp(-inf) -> 0 on the first tile
+          float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < keys; ++j) {
+            srow[j] = exp_nonpositive(srow[j] * s.scale - m_new);
+            sum += srow[j];
+          }
+          l[r] = l[r] * alpha + sum;
+          m[r] = m_new;
+          float* arow = acc.data() + r * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) arow[d] *= alpha;
+        }
+        accumulate_rows(sc.data(), vb.data(), acc.data(), rows, keys, dim);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        lse[bh * s.lq + row0 + r] = m[r] + std::log(l[r]);
+        l[r] = 1.0f / l[r];
+      }
+      store_rows<T>(out, b, h, row0, rows, dim, acc.data(), l.data(), 1.0f);
+    }
+  }
+}
+
+// Per query tile: p = exp(scale q.k - lse) and ds = p * (do.v - delta), for one key tile.
+void probabilities_and_score_grads(const float* qb, const float* dob, const float* kt, const float* vt,
+                                   const float* lse, const float* delta, float* p, float* ds, int64_t rows,
+                                   int64_t keys, int64_t dim, float scale) {
+  rows_times_transposed(qb, kt, p, rows, keys, dim);
+  rows_times_transposed(dob, vt, ds, rows, keys, dim);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* prow = p + r * kBlockN;
+    float* dsrow = ds + r * kBlockN;
+#pragma omp simd
+    for (int64_t j = 0; j < keys; ++j) {
+      prow[j] = exp_nonpositive(std::min(prow[j] * scale - lse[r], 0.0f));
+      dsrow[j] = prow[j] * (dsrow[j] - delta[r]);
+    }
+  }
+}
+
+template <typename T>
+void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v, const TensorRef4& out,
+                    const TensorRef4& dout, const float* lse, const TensorRef4& dq, const TensorRef4& dk,
+                    const TensorRef4& dv, const AttentionShape& s, int num_threads) {
+  const int64_t dim = s.dim, bhs = s.batch * s.heads;
+  const int64_t q_blocks = (s.lq + kBlockM - 1) / kBlockM, k_blocks = (s.lk + kBlockN - 1) / kBlockN;
+  // delta = rowsum(dout * out): the softmax's backward correction, once per query row.
+  std::vector<float> delta(bhs * s.lq);
+  const int threads = std::max(1, num_threads);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> ob(kBlockM * dim), dob(kBlockM * dim), qb(kBlockM * dim), kb(kBlockN * dim);
+    std::vector<float> kt(dim * kBlockN), vt(dim * kBlockN), p(kBlockM * kBlockN), ds(kBlockM * kBlockN);
+    std::vector<float> acc_a(std::max(kBlockM, kBlockN) * dim), acc_b(kBlockN * dim);
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < bhs * q_blocks; ++item) {
+      const int64_t bh = item / q_blocks, row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
+      load_rows<T>(out, bh / s.heads, bh % s.heads, row0, rows, dim, ob.data());
+      load_rows<T>(dout, bh / s.heads, bh % s.heads, row0, rows, dim, dob.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t d = 0; d < dim; ++d) sum += ob[r * dim + d] * dob[r * dim + d];
+        delta[bh * s.lq + row0 + r] = sum;
+      }
+    }
+    // dk, dv: one key tile per work item, looping over all query tiles (no write conflicts).
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < bhs * k_blocks; ++item) {
+      const int64_t bh = item / k_blocks, b = bh / s.heads, h = bh % s.heads;
+      const int64_t key0 = (item % k_blocks) * kBlockN, keys = std::min(kBlockN, s.lk - key0);
+      load_rows_transposed<T>(k, b, h, key0, keys, dim, kt.data());
+      load_rows_transposed<T>(v, b, h, key0, keys, dim, vt.data());
+      std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dk
+      std::fill(acc_b.begin(), acc_b.end(), 0.0f);  // dv
+      for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
+        const int64_t rows = std::min(kBlockM, s.lq - row0);
+        load_rows<T>(q, b, h, row0, rows, dim, qb.data());
+        load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
+        probabilities_and_score_grads(qb.data(), dob.data(), kt.data(), vt.data(), lse + bh * s.lq + row0,
+                                      delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
+                                      s.scale);
+        accumulate_transposed(p.data(), dob.data(), acc_b.data(), rows, keys, dim);
+        accumulate_transposed(ds.data(), qb.data(), acc_a.data(), rows, keys, dim);
+      }
+      store_rows<T>(dk, b, h, key0, keys, dim, acc_a.data(), nullptr, s.scale);
+      store_rows<T>(dv, b, h, key0, keys, dim, acc_b.data(), nullptr, 1.0f);
+    }
+    // dq: one query tile per work item, looping over all key tiles.
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < bhs * q_blocks; ++item) {
+      const int64_t bh = item / q_blocks, b = bh / s.heads, h = bh % s.heads;
+      const int64_t row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
+      load_rows<T>(q, b, h, row0, rows, dim, qb.data());
+      load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
+      std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dq
+      for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
+        const int64_t keys = std::min(kBlockN, s.lk - key0);
+        load_rows_transposed<T>(k, b, h, key0, keys, dim, kt.data());
+        load_rows_transposed<T>(v, b, h, key0, keys, dim, vt.data());
+        load_rows<T>(k, b, h, key0, keys, dim, kb.data());
+        probabilities_and_score_grads(qb.data(), dob.data(), kt.data(), vt.data(), lse + bh * s.lq + row0,
+                                      delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
+                                      s.scale);
+        accumulate_rows(ds.data(), kb.data(), acc_a.data(), rows, keys, dim);
+      }
+      store_rows<T>(dq, b, h, row0, rows, dim, acc_a.data(), nullptr, s.scale);
+    }
+  }
+}
+
+}  // namespace
+
+void attention_forward(DType dtype, const TensorRef4& q, const TensorRef4& k, const TensorRef4& v,
+                       const TensorRef4& out, float* lse, const AttentionShape& shape, int num_threads) {
+  switch (dtype) {
+    case DType::Float32: return forward_typed<float>(q, k, v, out, lse, shape, num_threads);
+    case DType::Float16: return forward_typed<half_t>(q, k, v, out, lse, shape, num_threads);
+    case DType::BFloat16: return forward_typed<bfloat16_t>(q, k, v, out, lse, shape, num_threads);
+  }
+}
+
+void attention_backward(DType dtype, const TensorRef4& q, const TensorRef4& k, const TensorRef4& v,
+                        const TensorRef4& out, const TensorRef4& dout, const float* lse, const TensorRef4& dq,
+                        const TensorRef4& dk, const TensorRef4& dv, const AttentionShape& shape, int num_threads) {
+  switch (dtype) {
+    case DType::Float32: return backward_typed<float>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
+    case DType::Float16: return backward_typed<half_t>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
+    case DType::BFloat16: return backward_typed<bfloat16_t>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
+  }
+}
+
+}  // namespace ldmfast::cpu

@@ -1,0 +1,167 @@
+"""Triton kernels of the fused attention: forward with log-sum-exp, and the backward as a delta
+pre-pass, a dk/dv kernel over key blocks and a dq kernel over query blocks (no atomics)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _blocks(d: int, lq: int, lk: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D): tiles shrink as the head dim grows so that they fit on chip."""
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m = 64 if block_d <= 64 else 32 if block_d <= 128 else 16
+    block_n = 64 if block_d <= 64 else 32 if block_d <= 256 else 16
+    return (min(block_m, max(16, triton.next_power_of_2(lq))),
+            min(block_n, max(16, triton.next_power_of_2(lk))), block_d)
+
+
+@triton.jit
+def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+                sob, soh, sol, sod, H, LQ, LK, D, qk_scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, LK, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D)
+        v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D)
+        # Scores in base 2 (qk_scale includes log2 e): exp2 is the fast path on GPUs.
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(keys[None, :] < LK, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    mask = (rows[:, None] < LQ) & (cols[None, :] < D)
+    tl.store(O + b * sob + h * soh + rows[:, None] * sol + cols[None, :] * sod, acc.to(O.dtype.element_ty), mask=mask)
+    # lse in natural log, as the reference defines it.
+    tl.store(LSE + bh * LQ + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=rows < LQ)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, sob, soh, sol, sod, sdb, sdh, sdl, sdd, H, LQ, D,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + b * sob + h * soh, rows, cols, sol, sod, LQ, D).to(tl.float32)
+    do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D).to(tl.float32)
+    tl.store(DELTA + bh * LQ + rows, tl.sum(o * do, 1), mask=rows < LQ)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+                     sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, H, LQ, LK, D, scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D)
+    v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, LQ, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D)
+        do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D)
+        lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
+        delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        p = tl.exp(s - lse[:, None])
+        p = tl.where((rows[:, None] < LQ) & (keys[None, :] < LK), p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    mask = (keys[:, None] < LK) & (cols[None, :] < D)
+    tl.store(DK + b * sdkb + h * sdkh + keys[:, None] * sdkl + cols[None, :] * sdkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + b * sdvb + h * sdvh + keys[:, None] * sdvl + cols[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                   sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+                   sdqb, sdqh, sdql, sdqd, H, LQ, LK, D, scale,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D)
+    do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D)
+    lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
+    delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, LK, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D)
+        v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D)
+        s = tl.dot(q, tl.trans(k)) * scale
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(keys[None, :] < LK, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    mask = (rows[:, None] < LQ) & (cols[None, :] < D)
+    tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdql + cols[None, :] * sdqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+
+
+def _warps(block_d: int) -> int:
+    return 4 if block_d <= 64 else 8
+
+
+def forward(q, k, v, out, lse, scale: float) -> None:
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    bm, bn, bd = _blocks(d, lq, lk)
+    _fwd_kernel[(triton.cdiv(lq, bm), b * h)](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), h, lq, lk, d, scale * LOG2E,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=_warps(bd))
+
+
+def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    bm, bn, bd = _blocks(d, lq, lk)
+    delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(triton.cdiv(lq, bm), b * h)](
+        out, dout, delta, *out.stride(), *dout.stride(), h, lq, d, BLOCK_M=bm, BLOCK_D=bd, num_warps=_warps(bd))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
+        q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), h, lq, lk, d, scale,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=_warps(bd))
+    _bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
+        q, k, v, dout, lse, delta, dq, *strides, *dq.stride(), h, lq, lk, d, scale,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=_warps(bd))
