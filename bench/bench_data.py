@@ -4,7 +4,7 @@ Both pipelines give the same samples (preprocessed, cropped/padded, augmented, b
 DataLoader); they differ only in where a slice comes from: the memory-mapped slice cache,
 or loading and preprocessing the case's NIfTI files for every slice. Runs on a phantom
 data set written to a temporary folder. Prints a table and writes
-bench/results/data-cpu-<YYYY-MM-DD>.json.
+bench/results/data-<device>-<YYYY-MM-DD>.json (bench/common.py names the device).
 
     python bench/bench_data.py                      # about 30 s on 2 CPU cores
     python bench/bench_data.py --shape 224 224 32 --size 192 224 --workers 4
@@ -13,20 +13,19 @@ bench/results/data-cpu-<YYYY-MM-DD>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldmfast.data import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from ldmfast.data import (  # noqa: E402
     TRAINING_MODALITIES,
     AugmentConfig,
     SliceDataset,
@@ -106,8 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0)")
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per pipeline (default: 8)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating timed rounds (default: 4)")
-    parser.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results",
-                        help="where the JSON goes (default: bench/results)")
+    parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
 
     augment, size = AugmentConfig(), tuple(args.size)
@@ -132,47 +130,32 @@ def main(argv=None) -> int:
             for meter in meters.values():
                 meter.run(args.seconds / args.rounds)
         results = {name: meter.result() for name, meter in meters.items()}
-    ratio = results["cache hit"]["slices_per_second"] / results["NIfTI each time"]["slices_per_second"]
+    baseline = results["NIfTI each time"]["slices_per_second"]
+    rows = [{"pipeline": name, **r, "ratio": round(r["slices_per_second"] / baseline, 2)} for name, r in results.items()]
 
-    print(f"data pipeline, {args.cases} phantom cases of {' x '.join(map(str, args.shape))} x 15 frames, "
-          f"slices {size[0]} x {size[1]}, batch {args.batch_size}, {args.workers} workers, augmented")
+    device = torch.device("cpu")
+    print(f"data pipeline on {common.device_tag(device)}: {args.cases} phantom cases of "
+          f"{' x '.join(map(str, args.shape))} x 15 frames, slices {size[0]} x {size[1]}, batch {args.batch_size}, "
+          f"{args.workers} workers, augmented")
     print(f"phantom written in {phantom_s:.2f} s; slice cache built in {build_s:.2f} s ({len(cached)} slices)")
-    print(f"{'pipeline':<18}{'slices':>8}{'seconds':>10}{'slices/s':>12}")
-    for name, r in results.items():
-        print(f"{name:<18}{r['slices']:>8}{r['seconds']:>10.2f}{r['slices_per_second']:>12.1f}")
-    print(f"{'ratio (cache / NIfTI)':<36}{ratio:>12.1f}x")
-
-    today = datetime.date.today().isoformat()
-    record = {
-        "benchmark": "data pipeline slices per second",
-        "device": "cpu",
-        "date": today,
-        "host": {
-            "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
+    common.print_table(rows, ["pipeline", "slices", "seconds", "slices_per_second", "ratio"])
+    print(f"cache hit: {rows[0]['ratio']:.1f}x the slices per second of reading NIfTI each time")
+    if not args.no_save:
+        meta = {
+            "config": {
+                "cases": args.cases,
+                "shape": list(args.shape),
+                "size": list(size),
+                "batch_size": args.batch_size,
+                "workers": args.workers,
+                "seconds": args.seconds,
+                "rounds": args.rounds,
+            },
             "nibabel": nib.__version__,
-        },
-        "config": {
-            "cases": args.cases,
-            "shape": list(args.shape),
-            "size": list(size),
-            "batch_size": args.batch_size,
-            "workers": args.workers,
-            "seconds": args.seconds,
-            "rounds": args.rounds,
-        },
-        "phantom_seconds": round(phantom_s, 3),
-        "cache_build_seconds": round(build_s, 3),
-        "results": results,
-        "ratio_cache_over_nifti": round(ratio, 2),
-    }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    out = args.results_dir / f"data-cpu-{today}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"saved {out}")
+            "phantom_seconds": round(phantom_s, 3),
+            "cache_build_seconds": round(build_s, 3),
+        }
+        print(f"saved {common.save('data', device, rows, meta)}")
     return 0
 
 

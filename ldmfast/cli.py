@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "architectures, the GPU if any, and which backend each op can use.",
                           epilog="example:\n  ldmfast info", formatter_class=argparse.RawDescriptionHelpFormatter)
     info.set_defaults(func=_cmd_info)
+    from ldmfast.data.cli import add_phantom_parser
+    add_phantom_parser(sub)
     return parser
 
 

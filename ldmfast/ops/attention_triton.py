@@ -6,7 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ._backends import _TRITON_INTERPRET
+
 LOG2E = 1.4426950408889634
+
+
+def _upcast(t: torch.Tensor) -> bool:
+    """Whether tiles are converted to fp32 right after loading: only for bf16 in Triton's CPU
+    interpreter, whose bf16 dot products return garbage (GPUs keep bf16 tensor-core dots)."""
+    return _TRITON_INTERPRET and t.dtype == torch.bfloat16
 
 
 def _blocks(d: int, lq: int, lk: int) -> tuple[int, int, int]:
@@ -19,29 +27,33 @@ def _blocks(d: int, lq: int, lk: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
+def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols, UPCAST: tl.constexpr):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+    tile = tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                 sob, soh, sol, sod, H, LQ, LK, D, qk_scale,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D)
+    q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, LK, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D)
-        v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D)
+        k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D, UPCAST)
+        v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D, UPCAST)
         # Scores in base 2 (qk_scale includes log2 e): exp2 is the fast path on GPUs.
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(keys[None, :] < LK, s, float("-inf"))
@@ -60,15 +72,15 @@ def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, sv
 
 @triton.jit
 def _bwd_delta_kernel(O, DO, DELTA, sob, soh, sol, sod, sdb, sdh, sdl, sdd, H, LQ, D,
-                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + b * sob + h * soh, rows, cols, sol, sod, LQ, D).to(tl.float32)
-    do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D).to(tl.float32)
+    o = _load_tile(O + b * sob + h * soh, rows, cols, sol, sod, LQ, D, UPCAST).to(tl.float32)
+    do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D, UPCAST).to(tl.float32)
     tl.store(DELTA + bh * LQ + rows, tl.sum(o * do, 1), mask=rows < LQ)
 
 
@@ -76,21 +88,22 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, sol, sod, sdb, sdh, sdl, sdd, H, L
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
                      sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, H, LQ, LK, D, scale,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D)
-    v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D)
+    k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D, UPCAST)
+    v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, LQ, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D)
-        do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D)
+        q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D, UPCAST)
+        do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D, UPCAST)
         lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
         delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale
@@ -111,22 +124,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
                    sdqb, sdqh, sdql, sdqd, H, LQ, LK, D, scale,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D)
-    do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D)
+    q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D, UPCAST)
+    do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D, UPCAST)
     lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
     delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, LK, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D)
-        v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D)
+        k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D, UPCAST)
+        v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D, UPCAST)
         s = tl.dot(q, tl.trans(k)) * scale
         p = tl.exp(s - lse[:, None])
         p = tl.where(keys[None, :] < LK, p, 0.0)
@@ -148,7 +162,7 @@ def forward(q, k, v, out, lse, scale: float) -> None:
     bm, bn, bd = _blocks(d, lq, lk)
     _fwd_kernel[(triton.cdiv(lq, bm), b * h)](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), h, lq, lk, d, scale * LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=_warps(bd))
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=_warps(bd))
 
 
 def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
@@ -157,11 +171,11 @@ def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
     bm, bn, bd = _blocks(d, lq, lk)
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     _bwd_delta_kernel[(triton.cdiv(lq, bm), b * h)](
-        out, dout, delta, *out.stride(), *dout.stride(), h, lq, d, BLOCK_M=bm, BLOCK_D=bd, num_warps=_warps(bd))
+        out, dout, delta, *out.stride(), *dout.stride(), h, lq, d, BLOCK_M=bm, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=_warps(bd))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
         q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), h, lq, lk, d, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=_warps(bd))
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=_warps(bd))
     _bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
         q, k, v, dout, lse, delta, dq, *strides, *dq.stride(), h, lq, lk, d, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=_warps(bd))
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=_warps(bd))

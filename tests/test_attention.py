@@ -1,0 +1,171 @@
+"""Fused attention on every backend against its float64 definition."""
+import pytest
+import torch
+
+import ldmfast.ops as ops
+from ldmfast.ops.attention import _heads_view
+from numerics import BACKEND_CASES, assert_matches, split_case
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HEAD_DIMS = [16, 32, 40, 64, 80, 128, 256, 512]
+
+
+def fp32_tolerance(device, backend):
+    # Triton's dot runs in tf32 on GPUs: the contract's matrix-unit bound.
+    return 1e-3 if device.type == "cuda" and backend == "triton" else 1e-5
+
+
+def make_qkv(b, h, lq, lk, d, dtype, device, layout="bhld", seed=None):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31 if seed is None else seed)
+
+    def one(length):
+        if layout == "blhd":  # a (B, L, H, D) buffer read as (B, H, L, D) in place
+            return torch.randn(b, length, h, d, generator=g, dtype=torch.float64).transpose(1, 2)
+        return torch.randn(b, h, length, d, generator=g, dtype=torch.float64)
+
+    return [t.to(device=device, dtype=dtype) for t in (one(lq), one(lk), one(lk))]
+
+
+def plain_torch(q, k, v, scale):
+    """matmul-softmax-matmul in the inputs' own precision."""
+    return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1) @ v
+
+
+def check_forward(case, dtype, b, h, lq, lk, d, layout="bhld"):
+    device, backend = split_case(case)
+    q, k, v = make_qkv(b, h, lq, lk, d, dtype, device, layout)
+    scale = d ** -0.5
+    ref, _ = ops.attention_reference(q.double(), k.double(), v.double(), scale)
+    with ops.use_backend(backend), ops.poison_outputs():
+        out = ops.attention(q, k, v)
+    assert out.dtype == dtype
+    assert_matches(out, ref, dtype, f"out (D={d}, Lq={lq}, Lk={lk})", torch_lowp=plain_torch(q, k, v, scale),
+                   fp32_tol=fp32_tolerance(device, backend))
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_head_dims(case, dtype, d):
+    check_forward(case, dtype, 2, 3, 7, 13, d)
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+@pytest.mark.parametrize("lq,lk", [(1, 1), (1, 7), (7, 7), (168, 168), (672, 672), (168, 37)])
+def test_lengths(case, lq, lk):
+    check_forward(case, torch.float32, 1, 2, lq, lk, 32)
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vqgan_middle_block_length(case, dtype):
+    """One head of 512 channels over 2688 tokens (48 x 56), as the VQGAN's middle block attends."""
+    device, backend = split_case(case)
+    if backend == "triton" and device.type == "cpu":
+        pytest.skip("covered on the GPU; the interpreter takes minutes at this size (see test_lengths_slow)")
+    check_forward(case, dtype, 1, 1, 2688, 2688, 512)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_lengths_slow(case):
+    check_forward(case, torch.float32, 1, 1, 2688, 2688, 512)
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_blhd_views_are_read_in_place(case, dtype):
+    check_forward(case, dtype, 2, 4, 33, 21, 40, layout="blhd")
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,h,lq,lk,d", [(2, 3, 37, 29, 32), (1, 2, 20, 70, 80), (1, 1, 9, 17, 512)])
+def test_gradients(case, dtype, b, h, lq, lk, d):
+    device, backend = split_case(case)
+    q, k, v = make_qkv(b, h, lq, lk, d, dtype, device)
+    dout = torch.randn(b, h, lq, d, dtype=torch.float64).to(device=device, dtype=dtype)
+    leaves64 = [t.double().detach().requires_grad_() for t in (q, k, v)]
+    ref = torch.softmax(leaves64[0] @ leaves64[1].transpose(-1, -2) * d ** -0.5, -1) @ leaves64[2]
+    ref.backward(dout.double())
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with ops.use_backend(backend), ops.poison_outputs():
+        ops.attention(*leaves).backward(dout)
+    lowp = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    plain_torch(*lowp, d ** -0.5).backward(dout)
+    for name, ours, r, torch_lowp in zip("qkv", leaves, leaves64, lowp):
+        assert_matches(ours.grad, r.grad, dtype, f"d{name}", torch_lowp=torch_lowp.grad,
+                       fp32_tol=fp32_tolerance(device, backend))
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_feature_map_attention(case, memory_format):
+    device, backend = split_case(case)
+    n, c, hh, ww, heads = 2, 64, 6, 7, 2
+    qkv = torch.randn(n, 3 * c, hh, ww, dtype=torch.float64).to(device=device, memory_format=memory_format)
+    q, k, v = qkv.float().split(c, dim=1)  # channel slices of one qkv convolution's output
+    for t in (q, k, v):
+        view = _heads_view(t, heads)
+        assert view.data_ptr() == t.data_ptr() and view._base is not None, "heads are views, not copies"
+    with ops.use_backend(backend), ops.poison_outputs():
+        out = ops.feature_map_attention(q, k, v, heads)
+    assert out.shape == (n, c, hh, ww)
+    assert out.is_contiguous(memory_format=memory_format), "the output keeps the input's memory format"
+    # The reference from explicit copies: tokens as rows, heads split from channels.
+    def tokens(t):
+        return t.double().reshape(n, heads, c // heads, hh * ww).transpose(2, 3)
+    ref, _ = ops.attention_reference(tokens(q), tokens(k), tokens(v), (c // heads) ** -0.5)
+    ref = ref.transpose(2, 3).reshape(n, c, hh, ww)
+    assert_matches(out, ref, torch.float32, fp32_tol=fp32_tolerance(device, backend))
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_opcheck(case):
+    device, backend = split_case(case)
+    q, k, v = make_qkv(2, 2, 9, 5, 16, torch.float32, device, seed=0)
+    for requires_grad in (False, True):
+        args = (q.clone().requires_grad_(requires_grad), k, v, 0.25, backend)
+        torch.library.opcheck(torch.ops.ldmfast.attention.default, args)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiles_with_fullgraph(compiler):
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(32, 96)
+
+    def block(x):
+        q, k, v = lin(x).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4)  # (3, B, H, L, D) views
+        return ops.attention(q, k, v).transpose(1, 2).flatten(2)
+
+    x = torch.randn(2, 11, 32, requires_grad=True)
+    with ops.use_backend("cpu"):
+        compiled = torch.compile(block, fullgraph=True, backend=compiler)(x)
+        eager = block(x)
+        torch.testing.assert_close(compiled, eager)
+        compiled.sum().backward()
+
+
+@pytest.mark.parametrize("change,argument", [
+    (dict(k=torch.zeros(3, 2, 5, 8)), "k: batch"),
+    (dict(v=torch.zeros(2, 3, 5, 8)), "v: heads"),
+    (dict(k=torch.zeros(2, 2, 5, 4)), "k: head dim"),
+    (dict(v=torch.zeros(2, 2, 6, 8)), "v: length"),
+    (dict(q=torch.zeros(2, 2, 7, 8, dtype=torch.int32)), "q: must be a floating-point"),
+    (dict(q=torch.zeros(2, 7, 8)), "q: must have shape"),
+    (dict(q=torch.zeros(1, 1, 2, 1024), k=torch.zeros(1, 1, 5, 1024), v=torch.zeros(1, 1, 5, 1024)), "q: head dim"),
+    (dict(k=torch.zeros(2, 2, 0, 8), v=torch.zeros(2, 2, 0, 8)), "k: needs at least one key"),
+    (dict(v=torch.zeros(2, 2, 5, 8, dtype=torch.float64)), "v: dtype"),
+    (dict(scale=float("nan")), "scale"),
+])
+def test_bad_input_names_the_argument(change, argument):
+    args = dict(q=torch.zeros(2, 2, 7, 8), k=torch.zeros(2, 2, 5, 8), v=torch.zeros(2, 2, 5, 8))
+    args.update(change)
+    with pytest.raises(ValueError, match=argument):
+        ops.attention(**args)
+
+
+def test_feature_map_attention_rejects_bad_heads():
+    x = torch.zeros(1, 6, 2, 2)
+    with pytest.raises(ValueError, match="num_heads"):
+        ops.feature_map_attention(x, x, x, 4)
