@@ -1,0 +1,146 @@
+"""Fused attention against torch's scaled_dot_product_attention (each backend torch offers on the
+device) and matmul-softmax-matmul, forward and forward+backward, side by side; and peak memory
+against sequence length.
+
+    python bench/bench_attention.py                 # CPU: shapes with batch / 8 by default
+    python bench/bench_attention.py --device cuda   # GPU: the full shapes, bf16
+
+TFLOP/s count 4 B H Lq Lk D for the forward and 3.5x that for forward+backward (the backward
+recomputes the scores), the convention of the flash-attention papers.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import ldmfast.ops as ops  # noqa: E402
+
+SHAPES = [("UNet 24x28 level", 48, 28, 672, 32), ("UNet 12x14 level", 48, 56, 168, 32),
+          ("VQGAN middle block", 6, 1, 2688, 512), ("standard", 8, 16, 4096, 64)]
+SDPA_BACKENDS = {"cpu": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
+                 "cuda": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]}
+
+
+def matmul_softmax_matmul(q, k, v):
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
+
+
+def candidates(device: torch.device):
+    """(name, fn) pairs; ldmfast's backends that run on this device, then the peers."""
+    out = []
+    for backend in ("cpu", "triton", "cuda"):
+        if ops.unavailable_reason(backend, device) is None and (backend != "triton" or device.type == "cuda"):
+            def run(q, k, v, backend=backend):
+                with ops.use_backend(backend):
+                    return ops.attention(q, k, v)
+            out.append((f"ldmfast {backend}", run))
+    for sdpa in SDPA_BACKENDS[device.type]:
+        def run(q, k, v, sdpa=sdpa):
+            with sdpa_kernel([sdpa]):
+                return F.scaled_dot_product_attention(q, k, v)
+        out.append((f"sdpa {sdpa.name.lower()}", run))
+    out.append(("matmul-softmax-matmul", matmul_softmax_matmul))
+    return out
+
+
+def speed(args, device, dtype):
+    rows = []
+    for label, b, h, length, d in SHAPES:
+        b = max(1, b // args.batch_divisor)
+        q, k, v = (torch.randn(b, h, length, d, device=device, dtype=dtype) for _ in range(3))
+        flops = 4 * b * h * length * length * d
+        for name, fn in candidates(device):
+            row = {"shape": f"{label} B={b} H={h} L={length} D={d}", "impl": name}
+            try:
+                row["fwd_ms"] = common.time_ms(lambda: fn(q, k, v), args.min_run_time)
+                qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+                grad = torch.randn_like(q)
+                row["fwdbwd_ms"] = common.time_ms(lambda: fn(qg, kg, vg).backward(grad), args.min_run_time)
+            except (RuntimeError, torch.OutOfMemoryError) as err:  # a torch backend refusing the shape
+                row["note"] = str(err).splitlines()[0][:60]
+                rows.append(row)
+                continue
+            row["fwd_TFLOPs"] = flops / row["fwd_ms"] / 1e9
+            row["fwdbwd_TFLOPs"] = 3.5 * flops / row["fwdbwd_ms"] / 1e9
+            rows.append(row)
+        # Ratios against the best torch implementation of this shape (>1: ldmfast faster).
+        peers = [r for r in rows if r["shape"].startswith(label) and not r["impl"].startswith("ldmfast")
+                 and "fwd_ms" in r]
+        best_fwd = min(r["fwd_ms"] for r in peers)
+        best_bwd = min(r["fwdbwd_ms"] for r in peers)
+        for r in rows:
+            if r["shape"].startswith(label) and "fwd_ms" in r:
+                r["fwd_vs_best_torch"] = best_fwd / r["fwd_ms"]
+                r["fwdbwd_vs_best_torch"] = best_bwd / r["fwdbwd_ms"]
+    return rows
+
+
+MEMORY_PROBE = """
+import resource, sys, torch, ldmfast.ops as ops
+length, backend, device = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+q, k, v = (torch.randn(1, 1, length, 64, device=device) for _ in range(3))
+if device == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+else:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with ops.use_backend(backend):
+    ops.attention(q, k, v)
+peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(peak - base)
+"""
+
+
+def memory(device):
+    """Peak extra memory of one forward (B=1, H=1, D=64) as L doubles, in a fresh process each."""
+    rows = []
+    backends = ["reference"] + [b for b in ("cpu", "triton", "cuda") if ops.unavailable_reason(b, device) is None
+                                and (b != "triton" or device.type == "cuda")]
+    for length in (2048, 4096, 8192, 16384):
+        row = {"L": length}
+        for backend in backends:
+            out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(length), backend, device.type],
+                                 capture_output=True, text=True, check=True)
+            row[f"{backend}_MiB"] = int(out.stdout.strip()) / 2**20
+        rows.append(row)
+    return rows, ["L"] + [f"{b}_MiB" for b in backends]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, help="float32 on the CPU, bfloat16 on a GPU by default")
+    p.add_argument("--batch-divisor", type=int, default=None, help="divide every batch (default 8 on the CPU, 1 on a GPU)")
+    p.add_argument("--min-run-time", type=float, default=0.2)
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    args.batch_divisor = args.batch_divisor or (8 if device.type == "cpu" else 1)
+    rows = speed(args, device, dtype)
+    print(f"attention on {common.device_tag(device)}, {dtype}, batch / {args.batch_divisor}")
+    common.print_table(rows, ["shape", "impl", "fwd_ms", "fwd_TFLOPs", "fwd_vs_best_torch", "fwdbwd_ms",
+                              "fwdbwd_TFLOPs", "fwdbwd_vs_best_torch", "note"])
+    mem_rows = []
+    if not args.skip_memory:
+        mem_rows, columns = memory(device)
+        print("\npeak extra memory of one forward, B=1 H=1 D=64 (reference materializes L x L)")
+        common.print_table(mem_rows, columns)
+    if not args.no_save:
+        print(f"saved {common.save('attention', device, rows + mem_rows, {'dtype': str(dtype), 'batch_divisor': args.batch_divisor})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
