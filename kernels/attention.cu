@@ -15,7 +15,7 @@ constexpr int kSharedBytes = 48 * 1024;      // the default dynamic shared memor
 
 template <typename T, int kPerLane>
 __global__ void attention_forward_kernel(TensorRef4 q, TensorRef4 k, TensorRef4 v, TensorRef4 out, float* lse,
-                                         AttentionDims s, int tile_keys, int64_t row_blocks) {
+                                         AttentionShape s, int tile_keys, int64_t row_blocks) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.x / row_blocks;
@@ -92,7 +92,7 @@ __global__ void attention_forward_kernel(TensorRef4 q, TensorRef4 k, TensorRef4 
 
 template <typename T, int kPerLane>
 cudaError_t launch(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v, const TensorRef4& out, float* lse,
-                   const AttentionDims& s, cudaStream_t stream) {
+                   const AttentionShape& s, cudaStream_t stream) {
   const int dim = static_cast<int>(s.dim);
   // Two fp32 tiles of dim per key plus one score per key and warp, within the shared memory limit.
   const int per_key = (2 * dim + kWarps) * static_cast<int>(sizeof(float));
@@ -107,7 +107,7 @@ cudaError_t launch(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
 
 template <typename T>
 cudaError_t launch_dim(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v, const TensorRef4& out,
-                       float* lse, const AttentionDims& s, cudaStream_t stream) {
+                       float* lse, const AttentionShape& s, cudaStream_t stream) {
   if (s.dim <= 32) return launch<T, 1>(q, k, v, out, lse, s, stream);
   if (s.dim <= 64) return launch<T, 2>(q, k, v, out, lse, s, stream);
   if (s.dim <= 128) return launch<T, 4>(q, k, v, out, lse, s, stream);
@@ -119,7 +119,7 @@ cudaError_t launch_dim(const TensorRef4& q, const TensorRef4& k, const TensorRef
 }  // namespace
 
 cudaError_t attention_forward(DType dtype, const TensorRef4& q, const TensorRef4& k, const TensorRef4& v,
-                              const TensorRef4& out, float* lse, const AttentionDims& dims, cudaStream_t stream) {
+                              const TensorRef4& out, float* lse, const AttentionShape& dims, cudaStream_t stream) {
   if (dims.batch * dims.heads * dims.lq == 0) return cudaSuccess;
   switch (dtype) {
     case DType::Float32: return launch_dim<float>(q, k, v, out, lse, dims, stream);

@@ -3,15 +3,11 @@
 #pragma once
 #include <cstdint>
 
+#include "attention_shape.h"
 #include "dtype.h"
 #include "tensor_ref.h"
 
 namespace ldmfast::cpu {
-
-struct AttentionShape {
-  int64_t batch, heads, lq, lk, dim;
-  float scale;
-};
 
 void attention_forward(DType dtype, const TensorRef4& q, const TensorRef4& k, const TensorRef4& v,
                        const TensorRef4& out, float* lse, const AttentionShape& shape, int num_threads);
