@@ -169,3 +169,28 @@ def test_feature_map_attention_rejects_bad_heads():
     x = torch.zeros(1, 6, 2, 2)
     with pytest.raises(ValueError, match="num_heads"):
         ops.feature_map_attention(x, x, x, 4)
+
+
+def test_cpu_baseline_variant_matches_the_reference():
+    """The CPU kernel is built per instruction set; the tests above run the one this CPU picks, this
+    one forces the portable variant in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import torch, ldmfast.ops as ops\n"
+        "q, k, v = (torch.randn(2, 3, 45, 40, dtype=torch.float64) for _ in range(3))\n"
+        "ref, _ = ops.attention_reference(q, k, v, 40 ** -0.5)\n"
+        "leaves = [t.float().requires_grad_() for t in (q, k, v)]\n"
+        "with ops.use_backend('cpu'):\n"
+        "    out = ops.attention(*leaves)\n"
+        "out.backward(torch.ones_like(out))\n"
+        "r64 = [t.clone().requires_grad_() for t in (q, k, v)]\n"
+        "torch.softmax(r64[0] @ r64[1].transpose(-1, -2) * 40 ** -0.5, -1).matmul(r64[2]).sum().backward()\n"
+        "errs = [((out.double() - ref).norm() / ref.norm()).item()]\n"
+        "errs += [((a.grad.double() - b.grad).norm() / b.grad.norm()).item() for a, b in zip(leaves, r64)]\n"
+        "print(max(errs))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "LDMFAST_CPU_ISA": "baseline"})
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 1e-5

@@ -1,6 +1,8 @@
-// Flash-style attention on the CPU. Tiles are converted to fp32 buffers once per tile; score and
-// gradient products run as outer-product loops over contiguous buffers (k and v are also kept
-// transposed), so the innermost loops are plain multiply-adds that the compiler vectorizes.
+// Flash-style attention on the CPU. Tiles are converted to fp32 buffers once per tile (rows padded
+// to a multiple of 16 floats; k and v also kept transposed); the tile products run in register-
+// blocked micro-kernels written with GCC vector types, 4 rows x 16 columns of accumulators.
+// This file is compiled twice (see CMakeLists.txt): for the baseline ISA and for AVX2+FMA, and
+// attention_dispatch.cpp picks one at run time; LDMFAST_ISA names the variant's namespace.
 #include "cpu/attention.h"
 
 #include <algorithm>
@@ -12,11 +14,25 @@
 
 #include "cpu/half.h"
 
-namespace ldmfast::cpu {
+#ifndef LDMFAST_ISA
+#define LDMFAST_ISA baseline
+#endif
+
+namespace ldmfast::cpu::LDMFAST_ISA {
 namespace {
 
 constexpr int64_t kBlockM = 32;  // query rows per tile
 constexpr int64_t kBlockN = 64;  // keys per tile
+constexpr int kRows = 4;         // micro-kernel rows
+constexpr int kLanes = 8;        // floats per vector
+constexpr int kCols = 2 * kLanes;  // micro-kernel columns: two vectors
+
+typedef float vec8 __attribute__((vector_size(32)));
+
+inline vec8 load8(const float* p) { vec8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+inline void store8(float* p, vec8 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+int64_t padded(int64_t dim) { return (dim + kCols - 1) / kCols * kCols; }
 
 // exp(x) for x <= 0 to ~2 ulp, with arithmetic only so that loops over it vectorize (libm's expf
 // does not without -ffast-math). Range reduction by ln 2, then a degree-6 polynomial.
@@ -35,13 +51,15 @@ inline float exp_nonpositive(float x) {
   return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
 }
 
-// rows x dim block of a (B, H, L, D) operand at (b, h, row0) into dst[r * dim + d] (fp32).
+// rows x dim block of a (B, H, L, D) operand at (b, h, row0) into dst[r * padded(dim) + d] (fp32);
+// the padding columns are never written, so they keep the zeros the buffer started with.
 template <typename T>
 void load_rows(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t dim, float* dst) {
   const T* base = static_cast<const T*>(t.ptr) + b * t.stride[0] + h * t.stride[1];
+  const int64_t ld = padded(dim);
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = base + (row0 + r) * t.stride[2];
-    float* out = dst + r * dim;
+    float* out = dst + r * ld;
     if (t.stride[3] == 1) {
       for (int64_t d = 0; d < dim; ++d) out[d] = to_float(src[d]);
     } else {
@@ -65,49 +83,64 @@ template <typename T>
 void store_rows(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t dim,
                 const float* src, const float* row_scale, float scale) {
   T* base = static_cast<T*>(t.ptr) + b * t.stride[0] + h * t.stride[1];
+  const int64_t ld = padded(dim);
   for (int64_t r = 0; r < rows; ++r) {
     T* dst = base + (row0 + r) * t.stride[2];
     const float f = (row_scale ? row_scale[r] : 1.0f) * scale;
-    for (int64_t d = 0; d < dim; ++d) dst[d * t.stride[3]] = from_float<T>(src[r * dim + d] * f);
+    for (int64_t d = 0; d < dim; ++d) dst[d * t.stride[3]] = from_float<T>(src[r * ld + d] * f);
   }
 }
 
-// s[r * kBlockN + j] = sum_d a[r * dim + d] * bt[d * kBlockN + j] for r < rows, j < keys.
+// s[r * kBlockN + j] = sum_d a[r * ld + d] * bt[d * kBlockN + j] for r < rows, j < keys. Rows past
+// `rows` and columns past `keys` are computed from stale buffer contents and not stored.
 void rows_times_transposed(const float* a, const float* bt, float* s, int64_t rows, int64_t keys, int64_t dim) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* out = s + r * kBlockN;
-    std::fill(out, out + keys, 0.0f);
-    for (int64_t d = 0; d < dim; ++d) {
-      const float ad = a[r * dim + d];
-      const float* col = bt + d * kBlockN;
-#pragma omp simd
-      for (int64_t j = 0; j < keys; ++j) out[j] += ad * col[j];
+  const int64_t ld = padded(dim);
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    for (int64_t j0 = 0; j0 < keys; j0 += kCols) {
+      vec8 acc[kRows][2] = {};
+      for (int64_t d = 0; d < dim; ++d) {
+        const vec8 lo = load8(bt + d * kBlockN + j0), hi = load8(bt + d * kBlockN + j0 + kLanes);
+        for (int r = 0; r < kRows; ++r) {
+          const float ad = a[(r0 + r) * ld + d];
+          acc[r][0] += ad * lo;
+          acc[r][1] += ad * hi;
+        }
+      }
+      const int64_t rn = std::min<int64_t>(kRows, rows - r0), jn = std::min<int64_t>(kCols, keys - j0);
+      for (int64_t r = 0; r < rn; ++r) {
+        float row[kCols];
+        store8(row, acc[r][0]);
+        store8(row + kLanes, acc[r][1]);
+        std::copy(row, row + jn, s + (r0 + r) * kBlockN + j0);
+      }
     }
   }
 }
 
-// acc[r * dim + d] += sum_j w[r * kBlockN + j] * m[j * dim + d].
-void accumulate_rows(const float* w, const float* m, float* acc, int64_t rows, int64_t keys, int64_t dim) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* out = acc + r * dim;
-    for (int64_t j = 0; j < keys; ++j) {
-      const float wj = w[r * kBlockN + j];
-      const float* row = m + j * dim;
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) out[d] += wj * row[d];
-    }
-  }
-}
-
-// acc[j * dim + d] += sum_r w[r * kBlockN + j] * m[r * dim + d]  (w transposed).
-void accumulate_transposed(const float* w, const float* m, float* acc, int64_t rows, int64_t keys, int64_t dim) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = m + r * dim;
-    for (int64_t j = 0; j < keys; ++j) {
-      const float wj = w[r * kBlockN + j];
-      float* out = acc + j * dim;
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) out[d] += wj * row[d];
+// acc[o * ld + d] += sum_i w[o * w_outer + i * w_inner] * m[i * ld + d] for o < outer, i < inner,
+// over all padded columns d (padding stays 0 + 0 * 0). The four weighted sums of attention:
+// out += p v, dq += ds k (w row-major), dv += p^T do, dk += ds^T q (w transposed).
+void accumulate(const float* w, int64_t w_outer, int64_t w_inner, const float* m, float* acc, int64_t outer,
+                int64_t inner, int64_t dim) {
+  const int64_t ld = padded(dim);
+  for (int64_t o0 = 0; o0 < outer; o0 += kRows) {
+    const int64_t on = std::min<int64_t>(kRows, outer - o0);
+    for (int64_t d0 = 0; d0 < ld; d0 += kCols) {
+      vec8 c[kRows][2] = {};
+      for (int64_t i = 0; i < inner; ++i) {
+        const vec8 lo = load8(m + i * ld + d0), hi = load8(m + i * ld + d0 + kLanes);
+        for (int o = 0; o < kRows; ++o) {
+          // Weights past `outer` are stale but finite, and their rows are not stored.
+          const float wv = w[(o0 + o) * w_outer + i * w_inner];
+          c[o][0] += wv * lo;
+          c[o][1] += wv * hi;
+        }
+      }
+      for (int64_t o = 0; o < on; ++o) {
+        float* dst = acc + (o0 + o) * ld + d0;
+        store8(dst, load8(dst) + c[o][0]);
+        store8(dst + kLanes, load8(dst + kLanes) + c[o][1]);
+      }
     }
   }
 }
@@ -119,7 +152,8 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
   const int64_t items = s.batch * s.heads * q_blocks;
 #pragma omp parallel num_threads(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)))
   {
-    std::vector<float> qb(kBlockM * dim), kt(dim * kBlockN), vb(kBlockN * dim), acc(kBlockM * dim);
+    const int64_t ld = padded(dim);
+    std::vector<float> qb(kBlockM * ld), kt(dim * kBlockN), vb(kBlockN * ld), acc(kBlockM * ld);
     std::vector<float> sc(kBlockM * kBlockN), m(kBlockM), l(kBlockM);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
@@ -148,11 +182,11 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
           }
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
-          float* arow = acc.data() + r * dim;
+          float* arow = acc.data() + r * ld;
 #pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) arow[d] *= alpha;
+          for (int64_t d = 0; d < ld; ++d) arow[d] *= alpha;
         }
-        accumulate_rows(sc.data(), vb.data(), acc.data(), rows, keys, dim);
+        accumulate(sc.data(), kBlockN, 1, vb.data(), acc.data(), rows, keys, dim);
       }
       for (int64_t r = 0; r < rows; ++r) {
         lse[bh * s.lq + row0 + r] = m[r] + std::log(l[r]);
@@ -191,9 +225,10 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
   const int threads = std::max(1, num_threads);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> ob(kBlockM * dim), dob(kBlockM * dim), qb(kBlockM * dim), kb(kBlockN * dim);
+    const int64_t ld = padded(dim);
+    std::vector<float> ob(kBlockM * ld), dob(kBlockM * ld), qb(kBlockM * ld), kb(kBlockN * ld);
     std::vector<float> kt(dim * kBlockN), vt(dim * kBlockN), p(kBlockM * kBlockN), ds(kBlockM * kBlockN);
-    std::vector<float> acc_a(std::max(kBlockM, kBlockN) * dim), acc_b(kBlockN * dim);
+    std::vector<float> acc_a(std::max(kBlockM, kBlockN) * ld), acc_b(kBlockN * ld);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < bhs * q_blocks; ++item) {
       const int64_t bh = item / q_blocks, row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
@@ -202,7 +237,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
       for (int64_t r = 0; r < rows; ++r) {
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t d = 0; d < dim; ++d) sum += ob[r * dim + d] * dob[r * dim + d];
+        for (int64_t d = 0; d < dim; ++d) sum += ob[r * ld + d] * dob[r * ld + d];
         delta[bh * s.lq + row0 + r] = sum;
       }
     }
@@ -222,8 +257,8 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
         probabilities_and_score_grads(qb.data(), dob.data(), kt.data(), vt.data(), lse + bh * s.lq + row0,
                                       delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
                                       s.scale);
-        accumulate_transposed(p.data(), dob.data(), acc_b.data(), rows, keys, dim);
-        accumulate_transposed(ds.data(), qb.data(), acc_a.data(), rows, keys, dim);
+        accumulate(p.data(), 1, kBlockN, dob.data(), acc_b.data(), keys, rows, dim);   // dv += p^T do
+        accumulate(ds.data(), 1, kBlockN, qb.data(), acc_a.data(), keys, rows, dim);   // dk += ds^T q
       }
       store_rows<T>(dk, b, h, key0, keys, dim, acc_a.data(), nullptr, s.scale);
       store_rows<T>(dv, b, h, key0, keys, dim, acc_b.data(), nullptr, 1.0f);
@@ -244,7 +279,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
         probabilities_and_score_grads(qb.data(), dob.data(), kt.data(), vt.data(), lse + bh * s.lq + row0,
                                       delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
                                       s.scale);
-        accumulate_rows(ds.data(), kb.data(), acc_a.data(), rows, keys, dim);
+        accumulate(ds.data(), kBlockN, 1, kb.data(), acc_a.data(), rows, keys, dim);  // dq += ds k
       }
       store_rows<T>(dq, b, h, row0, rows, dim, acc_a.data(), nullptr, s.scale);
     }
@@ -272,4 +307,4 @@ void attention_backward(DType dtype, const TensorRef4& q, const TensorRef4& k, c
   }
 }
 
-}  // namespace ldmfast::cpu
+}  // namespace ldmfast::cpu::LDMFAST_ISA
