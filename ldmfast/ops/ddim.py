@@ -117,9 +117,10 @@ def _run_kernel(backend, x_t, model_output, abar_t, abar_prev, eta, noise, param
     coef = ddim_coefficients(abar_t, abar_prev, eta, parameterization).to(
         device=x_t.device, dtype=torch.float32).contiguous()
     clip = clip_x0 is not None
+    x0_out = x0 if x0 is not None else x_t.new_empty((0,))  # the op always returns two tensors
     if n * m == 0:
-        pass
-    elif backend == "cpu":
+        return y, x0_out
+    if backend == "cpu":
         _native.cpu_module().ddim_step(
             _native.dtype_code(x), x.data_ptr(), o.data_ptr(), _native.ptr(nz), coef.data_ptr(), y.data_ptr(),
             _native.ptr(x0), n, m, clip, float(clip_x0 or 0.0), torch.get_num_threads())
@@ -132,7 +133,7 @@ def _run_kernel(backend, x_t, model_output, abar_t, abar_prev, eta, noise, param
         ddim_triton.ddim_step(x, o, nz, coef, y, x0, n, m, clip_x0)
     else:
         raise ValueError(f"unknown backend {backend!r}")
-    return y, (x0 if x0 is not None else x_t.new_empty((0,)))
+    return y, x0_out
 
 
 # ---- torch.library registration ---------------------------------------------------------------
