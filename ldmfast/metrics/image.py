@@ -141,10 +141,23 @@ def gaussian_window(size: int = WINDOW_SIZE, sigma: float = WINDOW_SIGMA, *, dty
 def _filter_valid(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian filter of every channel of (B, K, H, W), 'valid' borders (no padding),
     as the reference SSIM implementation: the result is (H - size + 1) x (W - size + 1)."""
-    k = x.shape[1]
     size = window.numel()
-    x = F.conv2d(x, window.view(1, 1, 1, size).expand(k, 1, 1, size), groups=k)
-    return F.conv2d(x, window.view(1, 1, size, 1).expand(k, 1, size, 1), groups=k)
+    if x.device.type == "cuda":
+        k = x.shape[1]
+        x = F.conv2d(x, window.view(1, 1, 1, size).expand(k, 1, 1, size), groups=k)
+        return F.conv2d(x, window.view(1, 1, size, 1).expand(k, 1, size, 1), groups=k)
+    # On the CPU, depthwise convolution is slow; summing shifted views (11 multiply-adds per
+    # axis) is about twice as fast for 192 x 224 slices, with the same result.
+    taps = window.tolist()
+    w = x.shape[-1] - size + 1
+    rows = x[..., :w] * taps[0]
+    for i in range(1, size):
+        rows.add_(x[..., i : i + w], alpha=taps[i])
+    h = x.shape[-2] - size + 1
+    out = rows[..., :h, :] * taps[0]
+    for i in range(1, size):
+        out.add_(rows[..., i : i + h, :], alpha=taps[i])
+    return out
 
 
 def _ssim_maps(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
