@@ -51,7 +51,7 @@ from ldmfast.data.loading import AFFINE_TOLERANCE
 from ldmfast.data.writer import OUTPUT_CHANNELS
 
 from . import image
-from .extractors import FEATURE_DIM, extract_features
+from .extractors import extract_features
 from .fid import FeatureStatistics, fid_from_statistics
 
 SCALES = ("normalized", "original")
@@ -391,7 +391,7 @@ def evaluate(
     runs = [RunResult(label=label, pred_dir=Path(folder)) for label, folder in pred_dirs]
     feature_stats = None
     if extractor is not None:
-        feature_stats = {name: {ch: FeatureStatistics(FEATURE_DIM) for ch in CHANNELS} for name in ["reference"] + labels}
+        feature_stats = {name: {ch: FeatureStatistics() for ch in CHANNELS} for name in ["reference"] + labels}
     picker = _FigurePicker(figure_cases, list(figure_slices))
 
     for case_files, _ in tqdm(pairs, desc="evaluate", unit="case", disable=not progress):

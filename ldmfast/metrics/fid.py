@@ -32,24 +32,31 @@ class FeatureStatistics:
     """Mean and covariance of feature vectors, accumulated in float64 batch by batch so a data
     set's features need not all be kept."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int | None = None):
+        """dim: the feature length; None takes it from the first batch."""
         self.dim = dim
         self.count = 0
-        self._sum = torch.zeros(dim, dtype=torch.float64)
-        self._outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self._sum = self._outer = None
 
     def update(self, features) -> None:
         """Add a batch of features, shape (N, dim)."""
         f = _as_float64(features, "features")
+        if self.dim is None and f.ndim == 2:
+            self.dim = f.shape[1]
         if f.ndim != 2 or f.shape[1] != self.dim:
             raise ValueError(f"features: expected shape (N, {self.dim}), got {tuple(f.shape)}")
+        if self._sum is None:
+            self._sum = torch.zeros(self.dim, dtype=torch.float64)
+            self._outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         self.count += f.shape[0]
         self._sum += f.sum(dim=0)
         self._outer += f.T @ f
 
     @property
     def mean(self) -> torch.Tensor:
-        return self._sum / max(self.count, 1)
+        if self.count == 0:
+            raise ValueError("features: no sample added")
+        return self._sum / self.count
 
     @property
     def covariance(self) -> torch.Tensor:

@@ -31,8 +31,9 @@ table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
 th { background: #f3f3f3; } td.name, th.name { text-align: left; }
 .better { background: #dff3df; } .worse { background: #f8dcdc; }
-.figure td { border: none; text-align: center; vertical-align: top; padding: 2px; font-size: 0.8em; }
-.figure img { display: block; image-rendering: pixelated; }
+.figure td, .figure th { border: none; text-align: center; vertical-align: top; padding: 2px; font-size: 0.8em; }
+.figure td { max-width: 180px; }
+.figure img { display: block; width: 176px; height: auto; image-rendering: pixelated; }
 .note { color: #555; font-size: 0.9em; } .undefined { color: #999; }
 """
 
