@@ -126,7 +126,7 @@ def _case_table(evaluation: Evaluation, labels: list[str]) -> str:
     for channel, metric in shown:
         head += "".join(f"<th>{channel.upper()} {METRIC_NAMES[metric]} {html.escape(lb)}</th>" for lb in labels)
         if len(labels) > 1:
-            head += f"<th>&Delta;</th>"
+            head += "<th>&Delta;</th>"
     rows = [head + "</tr>"]
     by_run = [{r["case_id"]: r for r in run.case_rows} for run in evaluation.runs]
     for row in evaluation.runs[0].case_rows:
