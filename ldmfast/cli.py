@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     from ldmfast.data.cli import add_phantom_parser
     add_phantom_parser(sub)
+    from ldmfast.metrics.cli import add_evaluate_parser
+    add_evaluate_parser(sub)
     return parser
 
 

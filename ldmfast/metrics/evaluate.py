@@ -1,0 +1,476 @@
+"""Evaluating synthesized DWI/ADC volumes against a reference data set.
+
+The reference is a data set in any layout `ldmfast.data` reads (cases with CTP, DWI, ADC,
+optionally brain and lesion masks); the prediction folder holds `<case>/{dwi,adc}.nii.gz`
+as `ldmfast.data.write_synthesis` writes them. Each reference case is preprocessed exactly
+as for training, and its usable slices (those a model synthesizes) are compared.
+
+Two intensity scales, both reported, every column named by its scale:
+- "normalized" (the default, the paper's): the model's [-1, 1] scale. The reference is
+  preprocessed as for training (clip to the in-mask 0.5/99.5 percentiles, mask, map to
+  [-1, 1]); the prediction is mapped with the reference volume's clip bounds, which inverts
+  the writer exactly. data_range 2.
+- "original": the stored intensities. The reference inside the brain mask (outside it 0, as
+  the writer leaves the prediction), the prediction as written. data_range per volume and
+  channel: the reference's clip bounds (high - low), so PSNR and SSIM match the normalized
+  scale's up to the reference's clipped extremes, and MAE is in the image's own unit.
+
+Region ("slice", default, or "brain"): MAE, PSNR, SSIM and MS-SSIM over the whole slice or
+the brain mask only; lesion MAE is always inside the lesion mask and undefined (empty in the
+CSV, null in the JSON) where a slice or case has no lesion.
+
+Levels: per slice; per volume (MAE, lesion MAE and PSNR pooled over the volume's evaluated
+pixels, SSIM and MS-SSIM the mean of its slices); per data set (mean, std, median over
+volumes; the mean over all slices too). FID is per data set, in the normalized scale.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from nibabel.filebasedimages import ImageFileError
+from tqdm.auto import tqdm
+
+from ldmfast.data import (
+    TRAINING_MODALITIES,
+    CaseFiles,
+    DataError,
+    PreprocessedCase,
+    PreprocessOptions,
+    find_cases,
+    load_case,
+    output_paths,
+    preprocess_case,
+)
+from ldmfast.data.loading import AFFINE_TOLERANCE
+from ldmfast.data.writer import OUTPUT_CHANNELS
+
+from . import image
+from .extractors import extract_features
+from .fid import FeatureStatistics, fid_from_statistics
+
+SCALES = ("normalized", "original")
+DEFAULT_SCALE = "normalized"
+REGIONS = ("slice", "brain")
+CHANNELS = OUTPUT_CHANNELS
+METRICS = ("mae", "psnr", "ssim", "ms_ssim", "lesion_mae")
+#: Whether a larger value is better, for reading differences between runs.
+HIGHER_IS_BETTER = {"mae": False, "psnr": True, "ssim": True, "ms_ssim": True, "lesion_mae": False, "fid": False}
+#: CTP display window of the figures, in the normalized scale: 0 to 100 HU of the 0-200 HU window.
+CTP_WINDOW = (-1.0, 0.0)
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """region: "slice" or "brain"; ms_ssim_scales: 1 to 5 (the first standard weights,
+    renormalized, for slices too small for 5); batch_size: slices per metric batch."""
+
+    region: str = "slice"
+    ms_ssim_scales: int = 5
+    device: str = "cpu"
+    batch_size: int = 64
+    preprocess: PreprocessOptions = PreprocessOptions()
+
+    def __post_init__(self):
+        if self.region not in REGIONS:
+            raise ValueError(f"region: {self.region!r} is not one of {REGIONS}")
+        if not 1 <= self.ms_ssim_scales <= len(image.MS_SSIM_WEIGHTS):
+            raise ValueError(f"ms_ssim_scales: must be within 1..{len(image.MS_SSIM_WEIGHTS)}, got {self.ms_ssim_scales}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+    @property
+    def ms_ssim_weights(self) -> tuple[float, ...]:
+        w = image.MS_SSIM_WEIGHTS[: self.ms_ssim_scales]
+        return tuple(v / sum(w) for v in w)
+
+
+def column(scale: str, channel: str, metric: str) -> str:
+    """The CSV column / JSON key of a metric, e.g. "normalized_dwi_mae"."""
+    return f"{scale}_{channel}_{metric}"
+
+
+# --- pairing cases ---------------------------------------------------------------------------
+
+
+def pair_cases(pred_dir: str | os.PathLike, ref_cases: list[CaseFiles]) -> tuple[list[tuple[CaseFiles, dict[str, Path]]], list[str]]:
+    """Match the prediction folder's cases to reference cases by case id.
+
+    Returns the pairs (reference files, prediction paths) in reference order and the ids of
+    reference cases with no prediction (left out: a test split is often a subset). A
+    prediction case with no reference, or with a missing channel file, is a DataError.
+    """
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise DataError("prediction folder not found", path=pred_dir)
+    predicted = sorted(p.name for p in pred_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not predicted:
+        raise DataError("no case folder inside the prediction folder", path=pred_dir)
+    by_id = {c.case_id: c for c in ref_cases}
+    orphans = [cid for cid in predicted if cid not in by_id]
+    if orphans:
+        raise DataError(f"predicted case(s) {orphans} have no reference case (check --ref and the case names)",
+                        case=orphans[0], path=pred_dir / orphans[0])
+    pairs = []
+    for case in ref_cases:
+        if case.case_id not in predicted:
+            continue
+        paths = output_paths(pred_dir, case.case_id)
+        for name, path in paths.items():
+            if not path.is_file():
+                raise DataError(f"missing synthesized {name.upper()} file", case=case.case_id, path=path)
+        pairs.append((case, paths))
+    missing = [c.case_id for c in ref_cases if c.case_id not in predicted]
+    return pairs, missing
+
+
+# --- one case's volumes ----------------------------------------------------------------------
+
+
+def read_prediction(case: PreprocessedCase, paths: dict[str, Path]) -> np.ndarray:
+    """The synthesized volumes at the case's usable slices: S x 2 x X x Y, stored intensities.
+    Shape or affine unlike the reference's is a DataError naming the file."""
+    out = []
+    for name in CHANNELS:
+        path = paths[name]
+        try:
+            img = nib.load(path)
+            shape = img.shape[:3] if len(img.shape) == 4 and img.shape[3] == 1 else img.shape
+            if shape != tuple(case.spatial_shape):
+                raise DataError(f"shape {img.shape} differs from the reference's {case.spatial_shape}", case=case.case_id, path=path)
+            gap = float(np.max(np.abs(img.affine - case.affine)))
+            if gap > AFFINE_TOLERANCE:
+                raise DataError(f"affine differs from the reference's by up to {gap:.4g}", case=case.case_id, path=path)
+            data = img.get_fdata(dtype=np.float32).reshape(shape)
+        except (ImageFileError, OSError, EOFError, ValueError) as err:
+            if isinstance(err, DataError):
+                raise
+            raise DataError(f"cannot read as NIfTI: {err}", case=case.case_id, path=path) from err
+        if not np.isfinite(data).all():
+            raise DataError("non-finite voxels (NaN or inf)", case=case.case_id, path=path)
+        out.append(np.moveaxis(data[:, :, case.slice_index], -1, 0))
+    return np.stack(out, axis=1)
+
+
+def _normalize(pred: np.ndarray, case: PreprocessedCase) -> np.ndarray:
+    """Stored intensities -> the model scale with the reference's clip bounds, the inverse of
+    the writer's mapping (what is outside [low, high] clips to -1 or 1)."""
+    out = np.empty_like(pred)
+    for c, stats in enumerate((case.dwi_stats, case.adc_stats)):
+        unit = np.clip((pred[:, c] - stats.low) / (stats.high - stats.low), 0.0, 1.0)
+        out[:, c] = 2 * unit - 1
+    return out
+
+
+def _original_reference(volumes, case: PreprocessedCase) -> np.ndarray:
+    """The reference DWI/ADC at the usable slices, S x 2 x X x Y, zero outside the brain mask."""
+    ref = np.stack([np.moveaxis(v[:, :, case.slice_index], -1, 0) for v in (volumes.dwi, volumes.adc)], axis=1)
+    return ref * case.mask[:, None]
+
+
+# --- metrics of one case ---------------------------------------------------------------------
+
+
+def slice_metrics(pred, ref, mask, lesion, data_range, options: EvaluateOptions) -> dict[str, np.ndarray]:
+    """Every metric per slice and channel (S x 2 arrays), plus "mse" and the pixel counts
+    "n_region" and "n_lesion" (S arrays) that pooling over a volume needs."""
+    device = torch.device(options.device)
+    region = mask if options.region == "brain" else None
+    parts: dict[str, list] = {k: [] for k in ("mse", "mae", "ssim", "ms_ssim", "lesion_mae")}
+    for start in range(0, pred.shape[0], options.batch_size):
+        s = slice(start, start + options.batch_size)
+        p = torch.as_tensor(pred[s], device=device)
+        r = torch.as_tensor(ref[s], device=device)
+        m = None if region is None else torch.as_tensor(region[s], device=device)
+        les = torch.as_tensor(lesion[s], device=device)
+        rng = torch.as_tensor(data_range, device=device)
+        parts["mse"].append(image.mse(p, r, m))
+        parts["mae"].append(image.mae(p, r, m))
+        parts["ssim"].append(image.ssim(p, r, m, data_range=rng))
+        parts["ms_ssim"].append(image.ms_ssim(p, r, m, data_range=rng, weights=options.ms_ssim_weights))
+        parts["lesion_mae"].append(image.lesion_mae(p, r, les))
+    out = {k: torch.cat(v).cpu().double().numpy() for k, v in parts.items()}
+    out["psnr"] = image.psnr_from_mse(torch.as_tensor(out["mse"]), torch.as_tensor(data_range, dtype=torch.float64)).numpy()
+    h, w = pred.shape[-2:]
+    out["n_region"] = mask.sum(axis=(1, 2)).astype(np.float64) if options.region == "brain" else np.full(len(pred), h * w, np.float64)
+    out["n_lesion"] = lesion.sum(axis=(1, 2)).astype(np.float64)
+    return out
+
+
+def _pooled(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per channel, the mean of per-slice means weighted by their pixel counts: the mean
+    over all the volume's pixels. NaN where no pixel counts."""
+    ok = (weights > 0)[:, None] & np.isfinite(values)
+    total = np.where(ok, values * weights[:, None], 0.0).sum(axis=0)
+    count = np.where(ok, weights[:, None], 0.0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1e-300), np.nan)
+
+
+def _nanmean(values: np.ndarray) -> np.ndarray:
+    ok = ~np.isnan(values)
+    return np.where(ok.any(axis=0), np.where(ok, values, 0).sum(axis=0) / np.maximum(ok.sum(axis=0), 1), np.nan)
+
+
+def volume_metrics(per_slice: dict[str, np.ndarray], data_range) -> dict[str, np.ndarray]:
+    """Per-volume values (length-2 arrays, one per channel) from the per-slice ones."""
+    mse = _pooled(per_slice["mse"], per_slice["n_region"])
+    with np.errstate(divide="ignore"):
+        psnr = 10 * np.log10(np.asarray(data_range, np.float64).reshape(-1) ** 2 / mse)
+    return {
+        "mae": _pooled(per_slice["mae"], per_slice["n_region"]),
+        "psnr": psnr,
+        "ssim": _nanmean(per_slice["ssim"]),
+        "ms_ssim": _nanmean(per_slice["ms_ssim"]),
+        "lesion_mae": _pooled(per_slice["lesion_mae"], per_slice["n_lesion"]),
+    }
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+@dataclass
+class FigureSlice:
+    """What a report figure shows of one slice: CTP frame, reference and each run's
+    prediction in the normalized scale (2 x X x Y), brain and lesion masks (X x Y)."""
+
+    case_id: str
+    z: int
+    frame: int
+    ctp: np.ndarray
+    reference: np.ndarray
+    predictions: dict[str, np.ndarray]
+    mask: np.ndarray
+    lesion: np.ndarray
+
+    @property
+    def lesion_pixels(self) -> int:
+        return int(self.lesion.sum())
+
+
+@dataclass
+class RunResult:
+    """One prediction folder's metrics: rows per slice and per case (column names from
+    `column`), and FID per channel (or why it is unavailable)."""
+
+    label: str
+    pred_dir: Path
+    slice_rows: list[dict] = field(default_factory=list)
+    case_rows: list[dict] = field(default_factory=list)
+    fid: dict = field(default_factory=dict)
+
+
+@dataclass
+class Evaluation:
+    settings: dict
+    runs: list[RunResult]
+    not_predicted: list[str]
+    figures: list[FigureSlice]
+
+
+def _statistics(values: list[float]) -> dict:
+    v = np.asarray(values, np.float64)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return {"mean": None, "std": None, "median": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+            "median": float(np.median(v)), "n": int(v.size)}
+
+
+def dataset_summary(run: RunResult) -> dict:
+    """{scale: {channel: {metric: {mean, std, median, n (volumes), slice_mean, n_slices}}}}."""
+    out: dict = {}
+    for scale in SCALES:
+        for channel in CHANNELS:
+            for metric in METRICS:
+                key = column(scale, channel, metric)
+                entry = _statistics([r[key] for r in run.case_rows])
+                by_slice = _statistics([r[key] for r in run.slice_rows])
+                entry.update(slice_mean=by_slice["mean"], n_slices=by_slice["n"])
+                out.setdefault(scale, {}).setdefault(channel, {})[metric] = entry
+    return out
+
+
+def differences(base: dict, other: dict) -> dict:
+    """other - base for every dataset mean (and FID), same nesting as `dataset_summary`."""
+    out: dict = {}
+    for scale, channels in base.items():
+        for channel, metrics in channels.items():
+            for metric, entry in metrics.items():
+                a, b = entry["mean"], other[scale][channel][metric]["mean"]
+                diff = None if a is None or b is None else b - a
+                better = None if diff is None or diff == 0 else (diff > 0) == HIGHER_IS_BETTER[metric]
+                out.setdefault(scale, {}).setdefault(channel, {})[metric] = {"difference": diff, "improved": better}
+    return out
+
+
+# --- the evaluation loop ---------------------------------------------------------------------
+
+
+def _peak_frame(ctp: np.ndarray, mask: np.ndarray) -> int:
+    """The CTP frame of highest mean inside the brain (peak enhancement), F x X x Y."""
+    inside = mask.sum()
+    means = (ctp * mask).reshape(ctp.shape[0], -1).sum(axis=1) / max(inside, 1)
+    return int(np.argmax(means))
+
+
+class _FigurePicker:
+    """Keeps the slices to draw: those asked for by (case, z), else the `count` cases with the
+    largest lesion, each at its slice of largest lesion area (the middle slice without one)."""
+
+    def __init__(self, count: int, requested: list[tuple[str, int]]):
+        self.count = count
+        self.requested = requested
+        self.kept: list[FigureSlice] = []
+
+    def wanted(self, case: PreprocessedCase) -> list[int]:
+        """Positions (into the case's usable slices) to draw for this case."""
+        if self.requested:
+            chosen = [z for cid, z in self.requested if cid == case.case_id]
+            bad = [z for z in chosen if z not in case.slice_index]
+            if bad:
+                raise ValueError(f"figure slice: case {case.case_id!r} has no evaluated slice {bad}; usable: {case.slice_index.tolist()}")
+            return [int(np.flatnonzero(case.slice_index == z)[0]) for z in chosen]
+        if self.count == 0:
+            return []
+        area = case.lesion.sum(axis=(1, 2))
+        return [int(np.argmax(area)) if area.max() > 0 else len(area) // 2]
+
+    def offer(self, fig: FigureSlice) -> None:
+        self.kept.append(fig)
+        if not self.requested:
+            # Stable sort: ties keep case order.
+            self.kept.sort(key=lambda f: -f.lesion_pixels)
+            del self.kept[self.count :]
+
+
+def _extractor_input(x: np.ndarray) -> torch.Tensor:
+    """Normalized slices of one channel (S x X x Y) -> (S, 1, X, Y) in [0, 1]."""
+    return torch.from_numpy((np.clip(x, -1, 1) + 1) / 2)[:, None].float()
+
+
+def evaluate(
+    ref_source: str | os.PathLike,
+    pred_dirs: list[tuple[str, str | os.PathLike]],
+    options: EvaluateOptions = EvaluateOptions(),
+    *,
+    layout: str = "auto",
+    extractor: torch.nn.Module | None = None,
+    fid_unavailable: str = "no FID weights file given",
+    figure_cases: int = 4,
+    figure_slices: list[tuple[str, int]] = (),
+    progress: bool = True,
+) -> Evaluation:
+    """Evaluate one or more prediction folders, `[(label, folder), ...]`, against `ref_source`.
+
+    The first folder decides the cases; every other must hold the same ones (a side-by-side
+    comparison of different cases would mislead). `extractor` (from `load_extractor`) turns
+    FID on; without one FID is reported as unavailable with `fid_unavailable` as the reason.
+    """
+    if not pred_dirs:
+        raise ValueError("pred_dirs: at least one prediction folder is needed")
+    labels = [label for label, _ in pred_dirs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels: must differ, got {labels}")
+    ref_cases = find_cases(ref_source, layout=layout, require=TRAINING_MODALITIES)
+    pairs, not_predicted = pair_cases(pred_dirs[0][1], ref_cases)
+    run_paths = [{case.case_id: paths for case, paths in pairs}]
+    for label, folder in pred_dirs[1:]:
+        other, _ = pair_cases(folder, ref_cases)
+        other_ids = [c.case_id for c, _ in other]
+        if other_ids != list(run_paths[0]):
+            raise DataError(f"run {label!r} has cases {other_ids}, run {labels[0]!r} has {list(run_paths[0])}: "
+                            "compared runs must cover the same cases", path=folder)
+        run_paths.append(dict((c.case_id, p) for c, p in other))
+
+    runs = [RunResult(label=label, pred_dir=Path(folder)) for label, folder in pred_dirs]
+    feature_stats = None
+    if extractor is not None:
+        feature_stats = {name: {ch: FeatureStatistics() for ch in CHANNELS} for name in ["reference"] + labels}
+    picker = _FigurePicker(figure_cases, list(figure_slices))
+
+    for case_files, _ in tqdm(pairs, desc="evaluate", unit="case", disable=not progress):
+        volumes = load_case(case_files)
+        case = preprocess_case(volumes, options.preprocess, require_target=True)
+        refs = {"normalized": case.target, "original": _original_reference(volumes, case)}
+        ranges = {"normalized": np.array([2.0, 2.0]),
+                  "original": np.array([s.high - s.low for s in (case.dwi_stats, case.adc_stats)])}
+        figure_at = picker.wanted(case)
+        if feature_stats is not None:
+            for c, ch in enumerate(CHANNELS):
+                feature_stats["reference"][ch].update(extract_features(extractor, _extractor_input(case.target[:, c])))
+        predictions = {}
+        for run, paths in zip(runs, run_paths):
+            stored = read_prediction(case, paths[case.case_id])
+            preds = {"normalized": _normalize(stored, case), "original": stored}
+            predictions[run.label] = preds["normalized"]
+            _add_rows(run, case, preds, refs, ranges, options)
+            if feature_stats is not None:
+                for c, ch in enumerate(CHANNELS):
+                    feature_stats[run.label][ch].update(extract_features(extractor, _extractor_input(preds["normalized"][:, c])))
+        for i in figure_at:
+            frame = _peak_frame(case.ctp[i], case.mask[i])
+            picker.offer(FigureSlice(
+                case_id=case.case_id, z=int(case.slice_index[i]), frame=frame, ctp=case.ctp[i, frame],
+                reference=case.target[i], predictions={k: v[i] for k, v in predictions.items()},
+                mask=case.mask[i], lesion=case.lesion[i]))
+
+    for run in runs:
+        run.fid = _fid(feature_stats, run.label, fid_unavailable)
+    settings = {
+        "reference": str(ref_source),
+        "runs": {label: str(folder) for label, folder in pred_dirs},
+        "default_scale": DEFAULT_SCALE,
+        "scales": {
+            "normalized": "model scale [-1, 1]: reference preprocessed as for training, prediction mapped with the "
+                          "reference volume's clip bounds; data_range 2",
+            "original": "stored intensities; reference zero outside the brain mask; data_range = the reference "
+                        "volume's clip bounds (high - low) per channel",
+        },
+        "region": options.region,
+        "region_meaning": "whole slice" if options.region == "slice" else "brain mask only",
+        "ms_ssim": {"window": image.WINDOW_SIZE, "sigma": image.WINDOW_SIGMA, "weights": list(options.ms_ssim_weights)},
+        "volume_level": "MAE, lesion MAE, PSNR pooled over the volume's evaluated pixels; SSIM, MS-SSIM mean of slices",
+        "slices": "the reference case's usable slices (DWI, ADC and CTP non-zero inside the brain mask)",
+        "fid_scale": "normalized, per channel",
+        "device": options.device,
+    }
+    return Evaluation(settings=settings, runs=runs, not_predicted=not_predicted, figures=picker.kept)
+
+
+def _add_rows(run: RunResult, case: PreprocessedCase, preds, refs, ranges, options: EvaluateOptions) -> None:
+    """Append the case's per-slice and per-volume rows to the run."""
+    n = len(case.slice_index)
+    lesion_px = case.lesion.sum(axis=(1, 2))
+    slice_rows = [{"case_id": case.case_id, "slice": int(z), "lesion_pixels": int(lp)}
+                  for z, lp in zip(case.slice_index, lesion_px)]
+    case_row = {"case_id": case.case_id, "n_slices": n, "lesion_voxels": int(lesion_px.sum())}
+    for scale in SCALES:
+        per_slice = slice_metrics(preds[scale], refs[scale], case.mask, case.lesion, ranges[scale], options)
+        per_volume = volume_metrics(per_slice, ranges[scale])
+        for c, channel in enumerate(CHANNELS):
+            for metric in METRICS:
+                key = column(scale, channel, metric)
+                for i in range(n):
+                    slice_rows[i][key] = float(per_slice[metric][i, c])
+                case_row[key] = float(per_volume[metric][c])
+    run.slice_rows.extend(slice_rows)
+    run.case_rows.append(case_row)
+
+
+def _fid(feature_stats, label: str, unavailable: str) -> dict:
+    if feature_stats is None:
+        return {"available": False, "reason": unavailable}
+    out = {"available": True}
+    for ch in CHANNELS:
+        ref, pred = feature_stats["reference"][ch], feature_stats[label][ch]
+        if min(ref.count, pred.count) < 2:
+            return {"available": False, "reason": f"FID needs at least 2 slices, got {pred.count}"}
+        out[ch] = fid_from_statistics(ref, pred)
+    out["n_slices"] = feature_stats[label][CHANNELS[0]].count
+    return out

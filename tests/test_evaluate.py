@@ -1,0 +1,199 @@
+"""`ldmfast evaluate` on a tiny phantom: pairing, metrics against direct computations,
+outputs, errors, the report's figures."""
+import csv
+import json
+import math
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from ldmfast.data import DataError, find_cases, load_case, output_paths, preprocess_case, write_synthesis
+from ldmfast.metrics.evaluate import EvaluateOptions, evaluate
+from ldmfast.metrics.png import contour, encode_png
+from ldmfast.metrics.report import write_report
+from ldmfast.metrics.results import summary, write_csv
+
+OPTIONS = EvaluateOptions(ms_ssim_scales=2)  # 64 x 64 phantom slices: too small for 5 scales
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 3-case phantom (lesion cases and a lesion-free one) and two prediction folders:
+    reference + noise (base) and reference + half that noise (post-trained)."""
+    from ldmfast.data import make_phantom_dataset
+
+    root = tmp_path_factory.mktemp("eval")
+    make_phantom_dataset(root / "ref", n_cases=3, shape=(64, 64, 5), progress=False, lesion_fraction=0.67)
+    rng = np.random.default_rng(0)
+    for case in find_cases(root / "ref"):
+        prepared = preprocess_case(load_case(case))
+        noise = rng.normal(0, 0.1, prepared.target.shape).astype(np.float32)
+        write_synthesis(root / "base", prepared, prepared.target + noise)
+        write_synthesis(root / "pt", prepared, prepared.target + noise / 2)
+    return root
+
+
+def test_metrics_equal_direct_computations(runs):
+    result = evaluate(runs / "ref", [("base", runs / "base")], OPTIONS, progress=False, figure_cases=0)
+    run = result.runs[0]
+    case = preprocess_case(load_case(find_cases(runs / "ref")[0]))
+    stored = np.stack([np.asarray(__import__("nibabel").load(p).dataobj) for p in output_paths(runs / "base", case.case_id).values()])
+    pred = np.moveaxis(stored[:, :, :, case.slice_index], -1, 0)  # S x 2 x X x Y
+    lo = np.array([case.dwi_stats.low, case.adc_stats.low])[None, :, None, None]
+    hi = np.array([case.dwi_stats.high, case.adc_stats.high])[None, :, None, None]
+    pred_norm = 2 * np.clip((pred - lo) / (hi - lo), 0, 1) - 1
+    err = np.abs(pred_norm - case.target)
+    rows = [r for r in run.slice_rows if r["case_id"] == case.case_id]
+    assert [r["slice"] for r in rows] == case.slice_index.tolist()
+    for i, row in enumerate(rows):
+        assert row["normalized_dwi_mae"] == pytest.approx(err[i, 0].mean(), rel=1e-5)
+        mse = (err[i, 1] ** 2).mean()
+        assert row["normalized_adc_psnr"] == pytest.approx(10 * math.log10(4 / mse), rel=1e-5)
+        les = case.lesion[i]
+        want = err[i, 0][les].mean() if les.any() else math.nan
+        assert row["normalized_dwi_lesion_mae"] == pytest.approx(want, rel=1e-5, nan_ok=True)
+    # Per volume: MAE over every evaluated voxel; lesion MAE over every lesion voxel.
+    volume = run.case_rows[0]
+    assert volume["normalized_dwi_mae"] == pytest.approx(err[:, 0].mean(), rel=1e-5)
+    if case.lesion.any():
+        assert volume["normalized_adc_lesion_mae"] == pytest.approx(err[:, 1][case.lesion].mean(), rel=1e-5)
+    # The lesion-free case: lesion MAE undefined at every level, left out of the data-set mean.
+    free = [r for r in run.case_rows if r["lesion_voxels"] == 0]
+    assert free and all(math.isnan(r["normalized_dwi_lesion_mae"]) for r in free)
+    stats = summary(result)["runs"]["base"]["dataset"]["normalized"]["dwi"]["lesion_mae"]
+    assert stats["n"] == 3 - len(free)
+    # Original scale: MAE in the image's unit, the noise scaled by the clip range / 2.
+    assert volume["original_dwi_mae"] == pytest.approx(
+        volume["normalized_dwi_mae"] * (case.dwi_stats.high - case.dwi_stats.low) / 2, rel=0.05)
+
+
+def test_outputs_and_report_with_comparison(runs, tmp_path):
+    result = evaluate(runs / "ref", [("base", runs / "base"), ("post", runs / "pt")], OPTIONS, progress=False,
+                      figure_cases=2)
+    out = tmp_path / "eval"
+    write_csv(out / "cases.csv", result, "cases")
+    report = write_report(out, result)
+    with open(out / "cases.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["base"] * 3 + ["post"] * 3
+    assert any(r["normalized_dwi_lesion_mae"] == "" for r in rows)  # undefined: empty cell
+    info = summary(result)
+    diff = info["differences"]["post - base"]["normalized"]
+    for channel in ("dwi", "adc"):
+        for metric in ("mae", "psnr", "ms_ssim", "lesion_mae"):
+            assert diff[channel][metric]["improved"] is True, (channel, metric)
+    assert info["runs"]["base"]["fid"] == {"available": False, "reason": "no FID weights file given"}
+    html = report.read_text()
+    assert len(result.figures) == 2 and all(f.lesion_pixels > 0 for f in result.figures)
+    images = [part.split('"')[0] for part in html.split('<img src="')[1:]]
+    assert len(images) == 1 + 2 * (1 + 2 * (1 + 2 * 2))  # colorbar; per figure: CTP, per channel ref + 2 x (synth, error)
+    for name in images:
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert "<th>DWI &Delta;</th>" in html and "FID unavailable: no FID weights file given" in html
+
+
+def test_cli_end_to_end_and_errors(runs, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "ldmfast", "evaluate", *map(str, args), "--quiet"],
+                              capture_output=True, text=True, timeout=120)
+
+    ok = run("--pred", runs / "base", "--ref", runs / "ref", "--out", tmp_path / "e", "--ms-ssim-scales", "2",
+             "--figure-slice", "phantom_000:2")
+    assert ok.returncode == 0, ok.stderr
+    info = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert info["settings"]["default_scale"] == "normalized" and info["runs"]["base"]["n_cases"] == 3
+    assert (tmp_path / "e" / "figures" / "phantom_000_z002_dwi_ref.png").is_file()
+    # 64 x 64 slices and 5 scales: the error says why and what to do.
+    small = run("--pred", runs / "base", "--ref", runs / "ref", "--out", tmp_path / "f")
+    assert small.returncode == 2 and "too small for 5-scale SSIM" in small.stderr
+    bad = run("--pred", runs / "base", "--ref", runs / "ref", "--out", tmp_path / "g", "--fid-weights", tmp_path / "none.pth")
+    assert bad.returncode == 2 and "none.pth not found" in bad.stderr
+    missing = run("--pred", tmp_path / "nowhere", "--ref", runs / "ref", "--out", tmp_path / "h")
+    assert missing.returncode == 2 and "prediction folder not found" in missing.stderr
+
+
+def test_pairing_and_shape_errors(runs, tmp_path):
+    import shutil
+
+    import nibabel as nib
+
+    pred = tmp_path / "pred"
+    shutil.copytree(runs / "base", pred)
+    (pred / "stranger").mkdir()
+    with pytest.raises(DataError, match=r"case 'stranger'.*no reference case"):
+        evaluate(runs / "ref", [("p", pred)], OPTIONS, progress=False)
+    shutil.rmtree(pred / "stranger")
+    # A reference case without prediction is left out and listed.
+    shutil.rmtree(pred / "phantom_002")
+    result = evaluate(runs / "ref", [("p", pred)], OPTIONS, progress=False, figure_cases=0)
+    assert result.not_predicted == ["phantom_002"] and len(result.runs[0].case_rows) == 2
+    # A prediction on another grid: named by case and file.
+    path = pred / "phantom_000" / "adc.nii.gz"
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.zeros((32, 64, 5), np.float32), img.affine), path)
+    with pytest.raises(DataError, match=r"case 'phantom_000', file .*adc.nii.gz: shape \(32, 64, 5\) differs"):
+        evaluate(runs / "ref", [("p", pred)], OPTIONS, progress=False)
+    (pred / "phantom_000" / "dwi.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"case 'phantom_000'.*missing synthesized DWI"):
+        evaluate(runs / "ref", [("p", pred)], OPTIONS, progress=False)
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    """A minimal independent decoder for the encoder's output (8-bit, filter 0)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0] == zlib.crc32(kind + body)
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + length
+    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    channels = {0: 1, 2: 3}[color]
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + w * channels)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:].reshape(h, w, channels).squeeze()
+
+
+def test_png_round_trip_and_contour():
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(_decode_png(encode_png(rgb)), rgb)
+    gray = rgb[..., 0].copy()
+    np.testing.assert_array_equal(_decode_png(encode_png(gray)), gray)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(rgb.astype(np.float32))
+    mask = np.zeros((7, 7), bool)
+    mask[1:6, 1:6] = True
+    ring = contour(mask)
+    assert ring.sum() == 16 and not ring[2:5, 2:5].any()
+
+
+class _TinyExtractor(torch.nn.Module):
+    """Stands in for InceptionV3 (tested in test_metrics_fid.py), which is slow on a shared CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, 32, 4, stride=4)
+
+    def prepare(self, x):
+        return x.expand(-1, 3, -1, -1)
+
+    def forward(self, x):
+        return torch.tanh(self.proj(x)).mean(dim=(2, 3))
+
+
+def test_fid_is_reported_with_an_extractor(runs):
+    torch.manual_seed(0)
+    model = _TinyExtractor().eval()
+    result = evaluate(runs / "ref", [("base", runs / "base"), ("post", runs / "pt")], OPTIONS, extractor=model,
+                      progress=False, figure_cases=0)
+    base, post = (run.fid for run in result.runs)
+    assert base["available"] and base["n_slices"] == len(result.runs[0].slice_rows)
+    assert post["dwi"] < base["dwi"] and post["adc"] < base["adc"]  # less noise, closer features
+    assert summary(result)["differences"]["post - base"]["fid"]["dwi"]["improved"] is True
