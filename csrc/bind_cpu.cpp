@@ -2,6 +2,7 @@
 // released while a kernel runs so that data loading threads keep going.
 #include <pybind11/pybind11.h>
 
+#include "cpu/group_norm.h"
 #include "cpu/ops.h"
 
 namespace py = pybind11;
@@ -18,6 +19,23 @@ void ddim_step(int dtype, uintptr_t x_t, uintptr_t out, uintptr_t noise, uintptr
                  as_ptr(x_prev), as_ptr(x0_out), n, m, clip, clip_value, num_threads);
 }
 
+void group_norm_forward(int dtype, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t mean,
+                        uintptr_t rstd, int64_t n, int64_t c, int64_t s, int64_t groups, float eps, bool silu,
+                        bool channels_last, int num_threads) {
+  cpu::group_norm_forward(dtype_from_code(dtype), as_ptr(x), as_ptr<const float>(weight), as_ptr<const float>(bias),
+                          as_ptr(y), as_ptr<float>(mean), as_ptr<float>(rstd), n, c, s, groups, eps, silu,
+                          channels_last, num_threads);
+}
+
+void group_norm_backward(int dtype, uintptr_t dy, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mean,
+                         uintptr_t rstd, uintptr_t dx, uintptr_t dweight, uintptr_t dbias, int64_t n, int64_t c,
+                         int64_t s, int64_t groups, bool silu, bool channels_last, int num_threads) {
+  cpu::group_norm_backward(dtype_from_code(dtype), as_ptr(dy), as_ptr(x), as_ptr<const float>(weight),
+                           as_ptr<const float>(bias), as_ptr<const float>(mean), as_ptr<const float>(rstd),
+                           as_ptr(dx), as_ptr<float>(dweight), as_ptr<float>(dbias), n, c, s, groups, silu,
+                           channels_last, num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
@@ -26,4 +44,8 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("coef"), py::arg("x_prev"), py::arg("x0_out"), py::arg("n"), py::arg("m"), py::arg("clip"),
           py::arg("clip_value"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
           "Fused DDIM update over n samples of m elements (null pointer = absent).");
+  mod.def("group_norm_forward", &group_norm_forward, py::call_guard<py::gil_scoped_release>(),
+          "GroupNorm (+ SiLU) forward over (n, c, s) elements, contiguous or channels-last; writes y, mean, rstd.");
+  mod.def("group_norm_backward", &group_norm_backward, py::call_guard<py::gil_scoped_release>(),
+          "GroupNorm (+ SiLU) backward; writes dx, dweight, dbias (float32).");
 }

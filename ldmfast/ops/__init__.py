@@ -3,8 +3,10 @@ from ._backends import (BACKENDS, BackendUnavailableError, availability, get_bac
                         unavailable_reason, use_backend)
 from ._native import poison_outputs
 from .ddim import PARAMETERIZATIONS, ddim_step, ddim_step_reference
+from .group_norm import group_norm, group_norm_reference
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "PARAMETERIZATIONS", "availability", "ddim_step",
-    "ddim_step_reference", "get_backend", "poison_outputs", "resolve", "unavailable_reason", "use_backend",
+    "ddim_step_reference", "get_backend", "group_norm", "group_norm_reference", "poison_outputs", "resolve",
+    "unavailable_reason", "use_backend",
 ]
