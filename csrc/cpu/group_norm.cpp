@@ -37,9 +37,12 @@ constexpr int64_t kRows = 64;    // channels-last rows per float accumulation be
 // ---- elementwise math ---------------------------------------------------------------------------
 
 // exp(x) for the sigmoid: Cephes' expf polynomial (about 1 ulp) with branch-free range reduction
-// so that loops over it vectorize. Inputs are clamped to [-87, 88] (2^n stays a normal float).
+// so that loops over it vectorize. |x| is clamped to 87 (2^n stays a normal float) with an integer
+// min on the magnitude's bits: a float min/max clamp made GCC split the loop into a second,
+// constant-folded division path (4x slower) or not vectorize it at all.
 LDMFAST_AI float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  const uint32_t ix = float_to_bits(x);
+  x = bits_to_float(std::min(ix & 0x7fffffffu, 0x42AE0000u /* 87.0f */) | (ix & 0x80000000u));
   const float t = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: rounds to an integer
   const float n = t - 12582912.0f;
   const int32_t ni = static_cast<int32_t>(float_to_bits(t)) - 0x4B400000;
