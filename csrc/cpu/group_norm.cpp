@@ -111,6 +111,35 @@ LDMFAST_AI void store_block(const float* __restrict in, T* __restrict p, int64_t
   for (int64_t i = 0; i < len; ++i) p[i] = from_float<T>(in[i]);
 }
 
+// Blocks in float: float data is used in place; fp16/bf16 goes through a float buffer.
+template <typename T, bool kAvx2>
+LDMFAST_AI const float* view_in(const T* p, float* buf, int64_t len) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)buf;
+    (void)len;
+    return p;
+  } else {
+    load_block<T, kAvx2>(p, buf, len);
+    return buf;
+  }
+}
+
+template <typename T>
+LDMFAST_AI float* view_out(T* p, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)buf;
+    return p;
+  } else {
+    (void)p;
+    return buf;
+  }
+}
+
+template <typename T, bool kAvx2>
+LDMFAST_AI void flush_out(const float* buf, T* p, int64_t len) {
+  if constexpr (!std::is_same_v<T, float>) store_block<T, kAvx2>(buf, p, len);
+}
+
 // ---- arguments ---------------------------------------------------------------------------------
 
 struct Sizes {
@@ -176,11 +205,11 @@ LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
   double s1 = 0, s2 = 0;
   for (int64_t off = 0; off < m; off += kBlock) {
     const int64_t len = std::min(kBlock, m - off);
-    load_block<T, kAvx2>(xg + off, buf, len);
+    const float* xv = view_in<T, kAvx2>(xg + off, buf, len);
     float a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
     for (int64_t i = 0; i < len; ++i) {
-      const float d = buf[i] - k;
+      const float d = xv[i] - k;
       a1 += d;
       a2 += d * d;
     }
@@ -200,10 +229,11 @@ LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
     T* yc = yg + j * z.s;
     for (int64_t off = 0; off < z.s; off += kBlock) {
       const int64_t len = std::min(kBlock, z.s - off);
-      load_block<T, kAvx2>(xc + off, buf, len);
+      const float* xv = view_in<T, kAvx2>(xc + off, buf, len);
+      float* yv = view_out<T>(yc + off, buf);
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) buf[i] = act<kSilu>(buf[i] * sc + sh);
-      store_block<T, kAvx2>(buf, yc + off, len);
+      for (int64_t i = 0; i < len; ++i) yv[i] = act<kSilu>(xv[i] * sc + sh);
+      flush_out<T, kAvx2>(buf, yc + off, len);
     }
   }
 }
@@ -228,10 +258,10 @@ LDMFAST_AI void fwd_cl_sums_item(const FwdArgs& a, int64_t item) {
     float* __restrict u2 = t2.data();
     const float* __restrict k = shift.data();
     for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
-      load_block<T, kAvx2>(xn + r * z.c, b, z.c);
+      const float* xv = view_in<T, kAvx2>(xn + r * z.c, b, z.c);
 #pragma omp simd
       for (int64_t c = 0; c < z.c; ++c) {
-        const float d = b[c] - k[c];
+        const float d = xv[c] - k[c];
         u1[c] += d;
         u2[c] += d * d;
       }
@@ -255,10 +285,11 @@ LDMFAST_AI void fwd_cl_norm_item(const FwdArgs& a, int64_t item) {
   std::vector<float> buf(z.c);
   float* __restrict b = buf.data();
   for (int64_t r = r0; r < r1; ++r) {
-    load_block<T, kAvx2>(xn + r * z.c, b, z.c);
+    const float* xv = view_in<T, kAvx2>(xn + r * z.c, b, z.c);
+    float* yv = view_out<T>(yn + r * z.c, b);
 #pragma omp simd
-    for (int64_t c = 0; c < z.c; ++c) b[c] = act<kSilu>(b[c] * sc[c] + sh[c]);
-    store_block<T, kAvx2>(b, yn + r * z.c, z.c);
+    for (int64_t c = 0; c < z.c; ++c) yv[c] = act<kSilu>(xv[c] * sc[c] + sh[c]);
+    flush_out<T, kAvx2>(b, yn + r * z.c, z.c);
   }
 }
 
@@ -282,14 +313,14 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
     double s1 = 0, s2 = 0;
     for (int64_t off = 0; off < z.s; off += kBlock) {
       const int64_t len = std::min(kBlock, z.s - off);
-      load_block<T, kAvx2>(xg + j * z.s + off, xb, len);
-      load_block<T, kAvx2>(dyg + j * z.s + off, db, len);
+      const float* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
+      const float* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
       float a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
       for (int64_t i = 0; i < len; ++i) {
-        const float gv = db[i] * act_grad<kSilu>(xb[i] * sc + sh);
+        const float gv = dv[i] * act_grad<kSilu>(xv[i] * sc + sh);
         a1 += gv;
-        a2 += gv * ((xb[i] - mean) * rstd);
+        a2 += gv * ((xv[i] - mean) * rstd);
       }
       s1 += a1;
       s2 += a2;
@@ -310,14 +341,15 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
     const float ca = rstd * a.weight[c];
     for (int64_t off = 0; off < z.s; off += kBlock) {
       const int64_t len = std::min(kBlock, z.s - off);
-      load_block<T, kAvx2>(xg + j * z.s + off, xb, len);
-      load_block<T, kAvx2>(dyg + j * z.s + off, db, len);
+      const float* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
+      const float* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
+      float* ov = view_out<T>(dxg + j * z.s + off, xb);
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const float gv = db[i] * act_grad<kSilu>(xb[i] * sc + sh);
-        xb[i] = ca * gv + cb * xb[i] + cd;
+        const float gv = dv[i] * act_grad<kSilu>(xv[i] * sc + sh);
+        ov[i] = ca * gv + cb * xv[i] + cd;
       }
-      store_block<T, kAvx2>(xb, dxg + j * z.s + off, len);
+      flush_out<T, kAvx2>(xb, dxg + j * z.s + off, len);
     }
   }
 }
@@ -350,13 +382,13 @@ LDMFAST_AI void bwd_cl_sums_item(const BwdArgs& a, int64_t item) {
     std::fill(t1.begin(), t1.end(), 0.0f);
     std::fill(t2.begin(), t2.end(), 0.0f);
     for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
-      load_block<T, kAvx2>(xn + r * z.c, xb, z.c);
-      load_block<T, kAvx2>(dyn + r * z.c, db, z.c);
+      const float* xv = view_in<T, kAvx2>(xn + r * z.c, xb, z.c);
+      const float* dv = view_in<T, kAvx2>(dyn + r * z.c, db, z.c);
 #pragma omp simd
       for (int64_t c = 0; c < z.c; ++c) {
-        const float gv = db[c] * act_grad<kSilu>(xb[c] * sc[c] + sh[c]);
+        const float gv = dv[c] * act_grad<kSilu>(xv[c] * sc[c] + sh[c]);
         u1[c] += gv;
-        u2[c] += gv * ((xb[c] - mp[c]) * rp[c]);
+        u2[c] += gv * ((xv[c] - mp[c]) * rp[c]);
       }
     }
     for (int64_t c = 0; c < z.c; ++c) {
@@ -383,14 +415,15 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
   float* __restrict xb = xbuf.data();
   float* __restrict db = dbuf.data();
   for (int64_t r = r0; r < r1; ++r) {
-    load_block<T, kAvx2>(xn + r * z.c, xb, z.c);
-    load_block<T, kAvx2>(dyn + r * z.c, db, z.c);
+    const float* xv = view_in<T, kAvx2>(xn + r * z.c, xb, z.c);
+    const float* dv = view_in<T, kAvx2>(dyn + r * z.c, db, z.c);
+    float* ov = view_out<T>(dxn + r * z.c, xb);
 #pragma omp simd
     for (int64_t c = 0; c < z.c; ++c) {
-      const float gv = db[c] * act_grad<kSilu>(xb[c] * sc[c] + sh[c]);
-      xb[c] = ca[c] * gv + cb[c] * xb[c] + cd[c];
+      const float gv = dv[c] * act_grad<kSilu>(xv[c] * sc[c] + sh[c]);
+      ov[c] = ca[c] * gv + cb[c] * xv[c] + cd[c];
     }
-    store_block<T, kAvx2>(xb, dxn + r * z.c, z.c);
+    flush_out<T, kAvx2>(xb, dxn + r * z.c, z.c);
   }
 }
 
