@@ -111,10 +111,14 @@ LDMFAST_AI void store_block(const float* __restrict in, T* __restrict p, int64_t
   for (int64_t i = 0; i < len; ++i) p[i] = from_float<T>(in[i]);
 }
 
-// Blocks in float: float data is used in place; fp16/bf16 goes through a float buffer.
+// Blocks as the compute loops read and write them: float and bf16 data in place (bf16 converts
+// inside the vectorized loop with integer ops), fp16 through a float buffer (F16C conversions).
+template <typename T>
+using Stage = std::conditional_t<std::is_same_v<T, half_t>, float, T>;
+
 template <typename T, bool kAvx2>
-LDMFAST_AI const float* view_in(const T* p, float* buf, int64_t len) {
-  if constexpr (std::is_same_v<T, float>) {
+LDMFAST_AI const Stage<T>* view_in(const T* p, float* buf, int64_t len) {
+  if constexpr (std::is_same_v<Stage<T>, T>) {
     (void)buf;
     (void)len;
     return p;
@@ -125,8 +129,8 @@ LDMFAST_AI const float* view_in(const T* p, float* buf, int64_t len) {
 }
 
 template <typename T>
-LDMFAST_AI float* view_out(T* p, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
+LDMFAST_AI Stage<T>* view_out(T* p, float* buf) {
+  if constexpr (std::is_same_v<Stage<T>, T>) {
     (void)buf;
     return p;
   } else {
@@ -137,7 +141,7 @@ LDMFAST_AI float* view_out(T* p, float* buf) {
 
 template <typename T, bool kAvx2>
 LDMFAST_AI void flush_out(const float* buf, T* p, int64_t len) {
-  if constexpr (!std::is_same_v<T, float>) store_block<T, kAvx2>(buf, p, len);
+  if constexpr (!std::is_same_v<Stage<T>, T>) store_block<T, kAvx2>(buf, p, len);
 }
 
 // ---- arguments ---------------------------------------------------------------------------------
@@ -205,11 +209,11 @@ LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
   double s1 = 0, s2 = 0;
   for (int64_t off = 0; off < m; off += kBlock) {
     const int64_t len = std::min(kBlock, m - off);
-    const float* xv = view_in<T, kAvx2>(xg + off, buf, len);
+    const auto* xv = view_in<T, kAvx2>(xg + off, buf, len);
     float a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
     for (int64_t i = 0; i < len; ++i) {
-      const float d = xv[i] - k;
+      const float d = to_float(xv[i]) - k;
       a1 += d;
       a2 += d * d;
     }
@@ -229,10 +233,10 @@ LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
     T* yc = yg + j * z.s;
     for (int64_t off = 0; off < z.s; off += kBlock) {
       const int64_t len = std::min(kBlock, z.s - off);
-      const float* xv = view_in<T, kAvx2>(xc + off, buf, len);
-      float* yv = view_out<T>(yc + off, buf);
+      const auto* xv = view_in<T, kAvx2>(xc + off, buf, len);
+      auto* yv = view_out<T>(yc + off, buf);
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) yv[i] = act<kSilu>(xv[i] * sc + sh);
+      for (int64_t i = 0; i < len; ++i) yv[i] = from_float<Stage<T>>(act<kSilu>(to_float(xv[i]) * sc + sh));
       flush_out<T, kAvx2>(buf, yc + off, len);
     }
   }
@@ -258,10 +262,10 @@ LDMFAST_AI void fwd_cl_sums_item(const FwdArgs& a, int64_t item) {
     float* __restrict u2 = t2.data();
     const float* __restrict k = shift.data();
     for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
-      const float* xv = view_in<T, kAvx2>(xn + r * z.c, b, z.c);
+      const auto* xv = view_in<T, kAvx2>(xn + r * z.c, b, z.c);
 #pragma omp simd
       for (int64_t c = 0; c < z.c; ++c) {
-        const float d = xv[c] - k[c];
+        const float d = to_float(xv[c]) - k[c];
         u1[c] += d;
         u2[c] += d * d;
       }
@@ -285,10 +289,10 @@ LDMFAST_AI void fwd_cl_norm_item(const FwdArgs& a, int64_t item) {
   std::vector<float> buf(z.c);
   float* __restrict b = buf.data();
   for (int64_t r = r0; r < r1; ++r) {
-    const float* xv = view_in<T, kAvx2>(xn + r * z.c, b, z.c);
-    float* yv = view_out<T>(yn + r * z.c, b);
+    const auto* xv = view_in<T, kAvx2>(xn + r * z.c, b, z.c);
+    auto* yv = view_out<T>(yn + r * z.c, b);
 #pragma omp simd
-    for (int64_t c = 0; c < z.c; ++c) yv[c] = act<kSilu>(xv[c] * sc[c] + sh[c]);
+    for (int64_t c = 0; c < z.c; ++c) yv[c] = from_float<Stage<T>>(act<kSilu>(to_float(xv[c]) * sc[c] + sh[c]));
     flush_out<T, kAvx2>(b, yn + r * z.c, z.c);
   }
 }
@@ -313,14 +317,14 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
     double s1 = 0, s2 = 0;
     for (int64_t off = 0; off < z.s; off += kBlock) {
       const int64_t len = std::min(kBlock, z.s - off);
-      const float* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
-      const float* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
+      const auto* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
+      const auto* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
       float a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
       for (int64_t i = 0; i < len; ++i) {
-        const float gv = dv[i] * act_grad<kSilu>(xv[i] * sc + sh);
+        const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
         a1 += gv;
-        a2 += gv * ((xv[i] - mean) * rstd);
+        a2 += gv * ((to_float(xv[i]) - mean) * rstd);
       }
       s1 += a1;
       s2 += a2;
@@ -341,13 +345,13 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
     const float ca = rstd * a.weight[c];
     for (int64_t off = 0; off < z.s; off += kBlock) {
       const int64_t len = std::min(kBlock, z.s - off);
-      const float* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
-      const float* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
-      float* ov = view_out<T>(dxg + j * z.s + off, xb);
+      const auto* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
+      const auto* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
+      auto* ov = view_out<T>(dxg + j * z.s + off, xb);
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const float gv = dv[i] * act_grad<kSilu>(xv[i] * sc + sh);
-        ov[i] = ca * gv + cb * xv[i] + cd;
+        const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
+        ov[i] = from_float<Stage<T>>(ca * gv + cb * to_float(xv[i]) + cd);
       }
       flush_out<T, kAvx2>(xb, dxg + j * z.s + off, len);
     }
@@ -382,13 +386,13 @@ LDMFAST_AI void bwd_cl_sums_item(const BwdArgs& a, int64_t item) {
     std::fill(t1.begin(), t1.end(), 0.0f);
     std::fill(t2.begin(), t2.end(), 0.0f);
     for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
-      const float* xv = view_in<T, kAvx2>(xn + r * z.c, xb, z.c);
-      const float* dv = view_in<T, kAvx2>(dyn + r * z.c, db, z.c);
+      const auto* xv = view_in<T, kAvx2>(xn + r * z.c, xb, z.c);
+      const auto* dv = view_in<T, kAvx2>(dyn + r * z.c, db, z.c);
 #pragma omp simd
       for (int64_t c = 0; c < z.c; ++c) {
-        const float gv = dv[c] * act_grad<kSilu>(xv[c] * sc[c] + sh[c]);
+        const float gv = to_float(dv[c]) * act_grad<kSilu>(to_float(xv[c]) * sc[c] + sh[c]);
         u1[c] += gv;
-        u2[c] += gv * ((xv[c] - mp[c]) * rp[c]);
+        u2[c] += gv * ((to_float(xv[c]) - mp[c]) * rp[c]);
       }
     }
     for (int64_t c = 0; c < z.c; ++c) {
@@ -415,13 +419,13 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
   float* __restrict xb = xbuf.data();
   float* __restrict db = dbuf.data();
   for (int64_t r = r0; r < r1; ++r) {
-    const float* xv = view_in<T, kAvx2>(xn + r * z.c, xb, z.c);
-    const float* dv = view_in<T, kAvx2>(dyn + r * z.c, db, z.c);
-    float* ov = view_out<T>(dxn + r * z.c, xb);
+    const auto* xv = view_in<T, kAvx2>(xn + r * z.c, xb, z.c);
+    const auto* dv = view_in<T, kAvx2>(dyn + r * z.c, db, z.c);
+    auto* ov = view_out<T>(dxn + r * z.c, xb);
 #pragma omp simd
     for (int64_t c = 0; c < z.c; ++c) {
-      const float gv = dv[c] * act_grad<kSilu>(xv[c] * sc[c] + sh[c]);
-      ov[c] = ca[c] * gv + cb[c] * xv[c] + cd[c];
+      const float gv = to_float(dv[c]) * act_grad<kSilu>(to_float(xv[c]) * sc[c] + sh[c]);
+      ov[c] = from_float<Stage<T>>(ca[c] * gv + cb[c] * to_float(xv[c]) + cd[c]);
     }
     flush_out<T, kAvx2>(xb, dxn + r * z.c, z.c);
   }
