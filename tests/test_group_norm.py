@@ -277,3 +277,25 @@ def test_auto_picks_the_cpu_kernel():
 def test_cuda_rejects_weight_on_another_device():
     with pytest.raises(ValueError, match="weight"):
         ops.group_norm(torch.zeros(2, 8, 4, 4, device="cuda"), 4, torch.ones(8))
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_cpu_kernel_variants_for_other_cpus(isa):
+    """The CPU kernels are compiled for baseline x86-64, AVX2 and AVX-512 and picked at run time;
+    LDMFAST_CPU_ISA caps the choice so that every variant runs here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys, torch, test_group_norm as t\n"
+        "for dtype in (torch.float32, torch.float16, torch.bfloat16):\n"
+        "    for layout in ('contiguous', 'channels_last'):\n"
+        "        x, w, b, dy = t.make_inputs((2, 24, 7, 9), dtype, 'cpu', 5, layout)\n"
+        "        t.check_all('cpu', x, 4, w, b, dy, 'silu')\n"
+        "print('ok')\n")
+    env = dict(os.environ, LDMFAST_CPU_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

