@@ -299,6 +299,14 @@ LDMFAST_AI void fwd_cl_norm_item(const FwdArgs& a, int64_t item) {
   }
 }
 
+// A per-thread float buffer that lives across calls (OpenMP threads persist), for the backward's
+// g = dy * act'(z) of one group: the second pass reads it instead of computing the sigmoid again.
+float* thread_scratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
 // ---- backward, contiguous: one item per (sample, group) ------------------------------------------
 
 template <typename T, bool kSilu, bool kAvx2>
@@ -311,6 +319,7 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
   T* dxg = static_cast<T*>(a.dx) + ng * m;
   const float mean = a.mean[ng], rstd = a.rstd[ng];
   float xb[kBlock], db[kBlock];
+  float* gbuf = kSilu ? thread_scratch(m) : nullptr;  // g of the whole group (SiLU only)
   double ga = 0, gb = 0;  // sums over the group of weight * g and weight * g * xhat
   for (int64_t j = 0; j < z.cg; ++j) {
     const int64_t c = g * z.cg + j;
@@ -321,10 +330,12 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
       const int64_t len = std::min(kBlock, z.s - off);
       const auto* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
       const auto* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
+      float* __restrict gout = kSilu ? gbuf + j * z.s + off : nullptr;
       float a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
       for (int64_t i = 0; i < len; ++i) {
         const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
+        if constexpr (kSilu) gout[i] = gv;
         a1 += gv;
         a2 += gv * ((to_float(xv[i]) - mean) * rstd);
       }
@@ -348,12 +359,15 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
     for (int64_t off = 0; off < z.s; off += kBlock) {
       const int64_t len = std::min(kBlock, z.s - off);
       const auto* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
-      const auto* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
       auto* ov = view_out<T>(dxg + j * z.s + off, xb);
+      if constexpr (kSilu) {
+        const float* __restrict gin = gbuf + j * z.s + off;
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
-        ov[i] = from_float<Stage<T>>(ca * gv + cb * to_float(xv[i]) + cd);
+        for (int64_t i = 0; i < len; ++i) ov[i] = from_float<Stage<T>>(ca * gin[i] + cb * to_float(xv[i]) + cd);
+      } else {
+        const auto* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) ov[i] = from_float<Stage<T>>(ca * to_float(dv[i]) + cb * to_float(xv[i]) + cd);
       }
       flush_out<T, kAvx2>(xb, dxg + j * z.s + off, len);
     }
