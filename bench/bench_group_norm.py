@@ -3,6 +3,7 @@
     python bench/bench_group_norm.py                  # CPU: a representative subset (~3 minutes)
     python bench/bench_group_norm.py --full           # CPU: every shape of PAPER.md
     python bench/bench_group_norm.py --device cuda    # GPU: every shape, with bandwidth vs a device copy
+    python bench/bench_group_norm.py --threads 1 --cpu-time   # CPU time of one thread (shared machines)
 
 Shapes (PAPER.md): the VQGAN's levels (128 channels at 192x224, 256 at 96x112, 512 at 48x56) and
 the UNet's (224 channels at 48x56, 896 at 24x28, 1792 at 12x14), GroupNorm(32) + SiLU, in the
@@ -53,9 +54,10 @@ def with_backward(fn, x, w, b, dy):
     return run
 
 
-def paired_min_ms(fn_a, fn_b, min_run_time: float, sync) -> tuple[float, float]:
+def paired_min_ms(fn_a, fn_b, min_run_time: float, sync, clock=time.perf_counter) -> tuple[float, float]:
     """Milliseconds per call of fn_a and fn_b, timed in alternating rounds, each the minimum over
-    rounds: robust to other processes sharing the machine (the minimum is the uncontended time)."""
+    rounds: robust to other processes sharing the machine (the minimum is the uncontended time).
+    clock=time.thread_time measures the CPU time of this thread only (single-threaded runs)."""
     for fn in (fn_a, fn_b):  # warm up (Triton compilation, allocator)
         fn()
     sync()
@@ -70,11 +72,11 @@ def paired_min_ms(fn_a, fn_b, min_run_time: float, sync) -> tuple[float, float]:
     rounds = 0
     while rounds < 5 or time.perf_counter() < deadline:
         for i, fn in enumerate((fn_a, fn_b)):
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(calls[i]):
                 fn()
             sync()
-            best[i] = min(best[i], (time.perf_counter() - t0) / calls[i] * 1e3)
+            best[i] = min(best[i], (clock() - t0) / calls[i] * 1e3)
         rounds += 1
     return best[0], best[1]
 
@@ -87,10 +89,18 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="override the batch size of every shape")
     p.add_argument("--min-run-time", type=float, default=0.5,
                    help="seconds of timing per pair of measurements (alternating rounds, minimum per call)")
+    p.add_argument("--threads", type=int, default=None, help="torch and kernel threads (CPU; default: torch's)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="CPU: time with this thread's CPU time (needs --threads 1): immune to other processes")
     p.add_argument("--no-save", action="store_true", help="print only; write nothing under bench/results")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time and (gpu or torch.get_num_threads() != 1):
+        p.error("--cpu-time measures one CPU thread: use it with --device cpu --threads 1")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     shapes = SHAPES if gpu or args.full else [SHAPES[i] for i in CPU_SUBSET]
     sync = (lambda: torch.cuda.synchronize(device)) if gpu else (lambda: None)
     rows = []
@@ -114,7 +124,7 @@ def main(argv=None) -> int:
                         torch_fn = with_backward(torch_chain, xg, wg, bg, dy)
                         passes = 5  # forward, then read x and dy, write dx
                     with torch.no_grad() if pass_name == "fwd" else torch.enable_grad():
-                        ours, ref = paired_min_ms(ours_fn, torch_fn, args.min_run_time, sync)
+                        ours, ref = paired_min_ms(ours_fn, torch_fn, args.min_run_time, sync, clock)
                     nbytes = x.numel() * x.element_size() * passes
                     row = {"model": model, "C": c, "HxW": f"{h}x{w_}", "N": n, "dtype": str(dtype)[6:],
                            "format": fmt, "pass": pass_name, "backend": backend, "ours_ms": ours,
@@ -141,7 +151,10 @@ def main(argv=None) -> int:
                 geo = float(torch.tensor(sel).log().mean().exp())
                 print(f"{fmt:>13} {pass_name:>7}: speedup min {min(sel):.2f}x, geomean {geo:.2f}x")
     if not args.no_save:
-        print(f"saved {common.save('group_norm', device, rows, {'full': bool(args.full or gpu)})}")
+        meta = {"full": bool(args.full or gpu), "clock": "thread_time" if args.cpu_time else "perf_counter",
+                "timing": "alternating rounds, minimum per call"}
+        name = "group_norm-cputime" if args.cpu_time else "group_norm"
+        print(f"saved {common.save(name, device, rows, meta)}")
     return 0
 
 
