@@ -299,3 +299,9 @@ def test_cpu_kernel_variants_for_other_cpus(isa):
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_cpu_backward_of_a_group_too_large_for_its_scratch_buffer(request):
+    """Groups over 4M elements recompute the SiLU derivative instead of buffering it."""
+    x, w, b, dy = make_inputs((1, 2, 1500, 1400), torch.float32, "cpu", fresh_seed(request))
+    check_all("cpu", x, 1, w, b, dy, "silu")

@@ -34,7 +34,8 @@ namespace ldmfast::cpu {
 namespace {
 
 constexpr int64_t kBlock = 512;  // elements per float block (stack buffers)
-constexpr int64_t kRows = 64;    // channels-last rows per float accumulation before flushing to double
+constexpr int64_t kRows = 64;
+constexpr int64_t kScratchMax = int64_t{1} << 22;  // floats of the backward's per-thread buffer, at most    // channels-last rows per float accumulation before flushing to double
 
 // ---- elementwise math ---------------------------------------------------------------------------
 
@@ -319,7 +320,8 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
   T* dxg = static_cast<T*>(a.dx) + ng * m;
   const float mean = a.mean[ng], rstd = a.rstd[ng];
   float xb[kBlock], db[kBlock];
-  float* gbuf = kSilu ? thread_scratch(m) : nullptr;  // g of the whole group (SiLU only)
+  // g of the whole group (SiLU only; groups of up to 16 MB of floats, which stay allocated per thread)
+  float* gbuf = kSilu && m <= kScratchMax ? thread_scratch(m) : nullptr;
   double ga = 0, gb = 0;  // sums over the group of weight * g and weight * g * xhat
   for (int64_t j = 0; j < z.cg; ++j) {
     const int64_t c = g * z.cg + j;
@@ -330,14 +332,23 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
       const int64_t len = std::min(kBlock, z.s - off);
       const auto* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
       const auto* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
-      float* __restrict gout = kSilu ? gbuf + j * z.s + off : nullptr;
       float a1 = 0, a2 = 0;
+      if (gbuf) {
+        float* __restrict gout = gbuf + j * z.s + off;
 #pragma omp simd reduction(+ : a1, a2)
-      for (int64_t i = 0; i < len; ++i) {
-        const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
-        if constexpr (kSilu) gout[i] = gv;
-        a1 += gv;
-        a2 += gv * ((to_float(xv[i]) - mean) * rstd);
+        for (int64_t i = 0; i < len; ++i) {
+          const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
+          gout[i] = gv;
+          a1 += gv;
+          a2 += gv * ((to_float(xv[i]) - mean) * rstd);
+        }
+      } else {
+#pragma omp simd reduction(+ : a1, a2)
+        for (int64_t i = 0; i < len; ++i) {
+          const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
+          a1 += gv;
+          a2 += gv * ((to_float(xv[i]) - mean) * rstd);
+        }
       }
       s1 += a1;
       s2 += a2;
@@ -360,14 +371,17 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
       const int64_t len = std::min(kBlock, z.s - off);
       const auto* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
       auto* ov = view_out<T>(dxg + j * z.s + off, xb);
-      if constexpr (kSilu) {
+      if (gbuf) {
         const float* __restrict gin = gbuf + j * z.s + off;
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) ov[i] = from_float<Stage<T>>(ca * gin[i] + cb * to_float(xv[i]) + cd);
       } else {
         const auto* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) ov[i] = from_float<Stage<T>>(ca * to_float(dv[i]) + cb * to_float(xv[i]) + cd);
+        for (int64_t i = 0; i < len; ++i) {
+          const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
+          ov[i] = from_float<Stage<T>>(ca * gv + cb * to_float(xv[i]) + cd);
+        }
       }
       flush_out<T, kAvx2>(xb, dxg + j * z.s + off, len);
     }
