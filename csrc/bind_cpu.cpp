@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu/attention.h"
+#include "cpu/group_norm.h"
 #include "cpu/ops.h"
 
 namespace py = pybind11;
@@ -37,6 +38,23 @@ void attention_backward(int dtype, const Ref& q, const Ref& k, const Ref& v, con
                           num_threads);
 }
 
+void group_norm_forward(int dtype, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t mean,
+                        uintptr_t rstd, int64_t n, int64_t c, int64_t s, int64_t groups, float eps, bool silu,
+                        bool channels_last, int num_threads) {
+  cpu::group_norm_forward(dtype_from_code(dtype), as_ptr(x), as_ptr<const float>(weight), as_ptr<const float>(bias),
+                          as_ptr(y), as_ptr<float>(mean), as_ptr<float>(rstd), n, c, s, groups, eps, silu,
+                          channels_last, num_threads);
+}
+
+void group_norm_backward(int dtype, uintptr_t dy, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mean,
+                         uintptr_t rstd, uintptr_t dx, uintptr_t dweight, uintptr_t dbias, int64_t n, int64_t c,
+                         int64_t s, int64_t groups, bool silu, bool channels_last, int num_threads) {
+  cpu::group_norm_backward(dtype_from_code(dtype), as_ptr(dy), as_ptr(x), as_ptr<const float>(weight),
+                           as_ptr<const float>(bias), as_ptr<const float>(mean), as_ptr<const float>(rstd),
+                           as_ptr(dx), as_ptr<float>(dweight), as_ptr<float>(dbias), n, c, s, groups, silu,
+                           channels_last, num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
@@ -49,4 +67,8 @@ PYBIND11_MODULE(_C, mod) {
           "Flash-style attention forward; tensors as (address, 4 strides); writes out and lse (B, H, Lq).");
   mod.def("attention_backward", &attention_backward, py::call_guard<py::gil_scoped_release>(),
           "Flash-style attention backward: dq, dk, dv from dout, out and lse.");
+  mod.def("group_norm_forward", &group_norm_forward, py::call_guard<py::gil_scoped_release>(),
+          "GroupNorm (+ SiLU) forward over (n, c, s) elements, contiguous or channels-last; writes y, mean, rstd.");
+  mod.def("group_norm_backward", &group_norm_backward, py::call_guard<py::gil_scoped_release>(),
+          "GroupNorm (+ SiLU) backward; writes dx, dweight, dbias (float32).");
 }

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "attention.cuh"
+#include "group_norm.cuh"
 #include "ops.cuh"
 
 namespace py = pybind11;
@@ -44,6 +45,34 @@ void attention_forward(int device, uintptr_t stream, int dtype, const Ref& q, co
         "attention_forward");
 }
 
+size_t group_norm_workspace(int dtype, int64_t n, int64_t c, int64_t s, int64_t groups, bool channels_last,
+                            bool backward) {
+  return cuda::group_norm_workspace_floats(dtype_from_code(dtype), n, c, s, groups, channels_last, backward);
+}
+
+void group_norm_forward(int device, uintptr_t stream, int dtype, uintptr_t x, uintptr_t weight, uintptr_t bias,
+                        uintptr_t y, uintptr_t mean, uintptr_t rstd, uintptr_t workspace, int64_t n, int64_t c,
+                        int64_t s, int64_t groups, float eps, bool silu, bool channels_last) {
+  check(cudaSetDevice(device), "group_norm_forward");
+  check(cuda::group_norm_forward(dtype_from_code(dtype), as_ptr(x), as_ptr<const float>(weight),
+                                 as_ptr<const float>(bias), as_ptr(y), as_ptr<float>(mean), as_ptr<float>(rstd),
+                                 as_ptr<float>(workspace), n, c, s, groups, eps, silu, channels_last,
+                                 as_ptr<CUstream_st>(stream)),
+        "group_norm_forward");
+}
+
+void group_norm_backward(int device, uintptr_t stream, int dtype, uintptr_t dy, uintptr_t x, uintptr_t weight,
+                         uintptr_t bias, uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dweight,
+                         uintptr_t dbias, uintptr_t workspace, int64_t n, int64_t c, int64_t s, int64_t groups,
+                         bool silu, bool channels_last) {
+  check(cudaSetDevice(device), "group_norm_backward");
+  check(cuda::group_norm_backward(dtype_from_code(dtype), as_ptr(dy), as_ptr(x), as_ptr<const float>(weight),
+                                  as_ptr<const float>(bias), as_ptr<const float>(mean), as_ptr<const float>(rstd),
+                                  as_ptr(dx), as_ptr<float>(dweight), as_ptr<float>(dbias), as_ptr<float>(workspace),
+                                  n, c, s, groups, silu, channels_last, as_ptr<CUstream_st>(stream)),
+        "group_norm_backward");
+}
+
 py::dict build_info() {
   py::dict info;
   info["architectures"] = std::string(LDMFAST_CUDA_ARCHS);
@@ -63,5 +92,11 @@ PYBIND11_MODULE(_cuda, mod) {
           "Fused DDIM update over n samples of m elements on the given stream (null pointer = absent).");
   mod.def("attention_forward", &attention_forward, py::call_guard<py::gil_scoped_release>(),
           "Flash-style attention forward on CUDA cores; tensors as (address, 4 strides); writes out and lse.");
+  mod.def("group_norm_workspace", &group_norm_workspace,
+          "Floats of device workspace that group_norm_forward/backward need for these sizes.");
+  mod.def("group_norm_forward", &group_norm_forward, py::call_guard<py::gil_scoped_release>(),
+          "GroupNorm (+ SiLU) forward on the given stream; writes y, mean, rstd.");
+  mod.def("group_norm_backward", &group_norm_backward, py::call_guard<py::gil_scoped_release>(),
+          "GroupNorm (+ SiLU) backward on the given stream; writes dx, dweight, dbias (float32).");
   mod.def("build_info", &build_info, "Compiled architectures and CUDA runtime/driver versions");
 }

@@ -6,6 +6,6 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-from . import ops  # noqa: E402
+from . import nn, ops  # noqa: E402
 
-__all__ = ["__version__", "ops"]
+__all__ = ["__version__", "nn", "ops"]

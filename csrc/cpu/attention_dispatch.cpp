@@ -1,29 +1,13 @@
 // Run-time choice between the attention variants (attention.cpp built per instruction set).
 #include "cpu/attention.h"
-
-#include <cstdlib>
-#include <cstring>
+#include "cpu/isa.h"
 
 namespace ldmfast::cpu {
-namespace {
-
-// LDMFAST_CPU_ISA=baseline forces the portable variant (tests run both).
-bool use_avx2() {
-#if defined(__x86_64__)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          !(std::getenv("LDMFAST_CPU_ISA") && std::strcmp(std::getenv("LDMFAST_CPU_ISA"), "baseline") == 0);
-  return has;
-#else
-  return false;
-#endif
-}
-
-}  // namespace
 
 void attention_forward(DType dtype, const TensorRef4& q, const TensorRef4& k, const TensorRef4& v,
                        const TensorRef4& out, float* lse, const AttentionShape& shape, int num_threads) {
 #if defined(__x86_64__)
-  if (use_avx2()) return avx2::attention_forward(dtype, q, k, v, out, lse, shape, num_threads);
+  if (isa_level() >= 1) return avx2::attention_forward(dtype, q, k, v, out, lse, shape, num_threads);
 #endif
   baseline::attention_forward(dtype, q, k, v, out, lse, shape, num_threads);
 }
@@ -32,7 +16,7 @@ void attention_backward(DType dtype, const TensorRef4& q, const TensorRef4& k, c
                         const TensorRef4& out, const TensorRef4& dout, const float* lse, const TensorRef4& dq,
                         const TensorRef4& dk, const TensorRef4& dv, const AttentionShape& shape, int num_threads) {
 #if defined(__x86_64__)
-  if (use_avx2()) return avx2::attention_backward(dtype, q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
+  if (isa_level() >= 1) return avx2::attention_backward(dtype, q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
 #endif
   baseline::attention_backward(dtype, q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
 }

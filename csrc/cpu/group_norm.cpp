@@ -1,0 +1,691 @@
+// Fused GroupNorm (+ SiLU) on the CPU, forward and backward, contiguous and channels-last.
+//
+// Contiguous (N, C, S): one work item per (sample, group), whose C/G*S elements are one run: a
+// statistics pass, then a normalize pass over the same run while it is still in cache.
+// Channels-last (N, S, C): work items over (sample, spatial chunk) accumulate per-channel partial
+// sums of whole rows of C channels; the partial sums are combined per group, in a fixed order,
+// and a second pass over the rows normalizes.
+//
+// Statistics: sums of x - K, where K is the group's first element (a shift that keeps the sum
+// of squares free of cancellation when |mean| >> std), accumulated in float over blocks of at
+// most kBlock elements or kRows rows, and in double across blocks. The backward reduces first per
+// (sample, channel) and then in a fixed order over channels and samples: deterministic results.
+//
+// The hot loops are compiled twice, for baseline x86-64 and for AVX2+FMA+F16C, and the variant is
+// picked at run time.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include <omp.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/group_norm.h"
+#include "cpu/half.h"
+#include "cpu/isa.h"
+
+#define LDMFAST_AI inline __attribute__((always_inline))
+
+namespace ldmfast::cpu {
+namespace {
+
+constexpr int64_t kBlock = 512;  // elements per float block (stack buffers)
+constexpr int64_t kRows = 64;
+constexpr int64_t kScratchMax = int64_t{1} << 22;  // floats of the backward's per-thread buffer, at most    // channels-last rows per float accumulation before flushing to double
+
+// ---- elementwise math ---------------------------------------------------------------------------
+
+// exp(x) for the sigmoid: Cephes' expf polynomial (about 1 ulp) with branch-free range reduction
+// so that loops over it vectorize. |x| is clamped to 87 (2^n stays a normal float) with an integer
+// min on the magnitude's bits: a float min/max clamp made GCC split the loop into a second,
+// constant-folded division path (4x slower) or not vectorize it at all.
+LDMFAST_AI float exp_approx(float x) {
+  const uint32_t ix = float_to_bits(x);
+  x = bits_to_float(std::min(ix & 0x7fffffffu, 0x42AE0000u /* 87.0f */) | (ix & 0x80000000u));
+  const float t = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: rounds to an integer
+  const float n = t - 12582912.0f;
+  const int32_t ni = static_cast<int32_t>(float_to_bits(t)) - 0x4B400000;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  return e * bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+}
+
+template <bool kSilu>
+LDMFAST_AI float act(float z) {
+  if constexpr (kSilu) return z / (1.0f + exp_approx(-z));
+  return z;
+}
+
+// d act / dz
+template <bool kSilu>
+LDMFAST_AI float act_grad(float z) {
+  if constexpr (kSilu) {
+    const float sg = 1.0f / (1.0f + exp_approx(-z));
+    return sg * (1.0f + z * (1.0f - sg));
+  }
+  return 1.0f;
+}
+
+// ---- conversions of blocks to and from float ------------------------------------------------------
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma,f16c"))) inline void half_to_float_f16c(const half_t* p, float* out, int64_t len) {
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+  for (; i < len; ++i) out[i] = to_float(p[i]);
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline void float_to_half_f16c(const float* in, half_t* p, int64_t len) {
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < len; ++i) p[i] = from_float<half_t>(in[i]);
+}
+#endif
+
+template <typename T, bool kAvx2>
+LDMFAST_AI void load_block(const T* __restrict p, float* __restrict out, int64_t len) {
+#if defined(__x86_64__)
+  if constexpr (kAvx2 && std::is_same_v<T, half_t>) return half_to_float_f16c(p, out, len);
+#endif
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) out[i] = to_float(p[i]);
+}
+
+template <typename T, bool kAvx2>
+LDMFAST_AI void store_block(const float* __restrict in, T* __restrict p, int64_t len) {
+#if defined(__x86_64__)
+  if constexpr (kAvx2 && std::is_same_v<T, half_t>) return float_to_half_f16c(in, p, len);
+#endif
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) p[i] = from_float<T>(in[i]);
+}
+
+// Blocks as the compute loops read and write them: float and bf16 data in place (bf16 converts
+// inside the vectorized loop with integer ops), fp16 through a float buffer (F16C conversions).
+template <typename T>
+using Stage = std::conditional_t<std::is_same_v<T, half_t>, float, T>;
+
+template <typename T, bool kAvx2>
+LDMFAST_AI const Stage<T>* view_in(const T* p, float* buf, int64_t len) {
+  if constexpr (std::is_same_v<Stage<T>, T>) {
+    (void)buf;
+    (void)len;
+    return p;
+  } else {
+    load_block<T, kAvx2>(p, buf, len);
+    return buf;
+  }
+}
+
+template <typename T>
+LDMFAST_AI Stage<T>* view_out(T* p, float* buf) {
+  if constexpr (std::is_same_v<Stage<T>, T>) {
+    (void)buf;
+    return p;
+  } else {
+    (void)p;
+    return buf;
+  }
+}
+
+template <typename T, bool kAvx2>
+LDMFAST_AI void flush_out(const float* buf, T* p, int64_t len) {
+  if constexpr (!std::is_same_v<Stage<T>, T>) store_block<T, kAvx2>(buf, p, len);
+}
+
+// ---- arguments ---------------------------------------------------------------------------------
+
+struct Sizes {
+  int64_t n, c, s, groups, cg;  // cg: channels per group
+  int64_t m() const { return cg * s; }
+};
+
+struct FwdArgs {
+  Sizes z;
+  const void* x;
+  const float* weight;
+  const float* bias;
+  void* y;
+  float* mean;
+  float* rstd;
+  float eps;
+  // channels-last workspace
+  int64_t chunks, rows_per_chunk;
+  double* partial;  // [n][chunks][2][c]
+  float* scale;     // [n][c]
+  float* shift;     // [n][c]
+};
+
+struct BwdArgs {
+  Sizes z;
+  const void* dy;
+  const void* x;
+  const float* weight;
+  const float* bias;
+  const float* mean;
+  const float* rstd;
+  void* dx;
+  double* sum_g;   // [n][c]: sum over s of g
+  double* sum_gx;  // [n][c]: sum over s of g * xhat
+  // channels-last workspace
+  int64_t chunks, rows_per_chunk;
+  double* partial;  // [n][chunks][2][c]
+  float* scale;     // [n][c] forward affine: z = x * scale + shift
+  float* shift;
+  float* ca;        // [n][c] dx = ca * g + cb * x + cd
+  float* cb;
+  float* cd;
+};
+
+void finish_stats(double s1, double s2, double count, float k, float eps, float* mean, float* rstd) {
+  const double md = s1 / count;
+  const double var = std::max(s2 / count - md * md, 0.0);
+  *mean = static_cast<float>(k + md);
+  *rstd = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
+}
+
+// ---- forward, contiguous: one item per (sample, group) -------------------------------------------
+
+template <typename T, bool kSilu, bool kAvx2>
+LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
+  const Sizes& z = a.z;
+  const int64_t ng = item, n = item / z.groups, g = item % z.groups;
+  const int64_t m = z.m();
+  const T* xg = static_cast<const T*>(a.x) + ng * m;
+  T* yg = static_cast<T*>(a.y) + ng * m;
+  float buf[kBlock];
+  const float k = to_float(xg[0]);
+  double s1 = 0, s2 = 0;
+  for (int64_t off = 0; off < m; off += kBlock) {
+    const int64_t len = std::min(kBlock, m - off);
+    const auto* xv = view_in<T, kAvx2>(xg + off, buf, len);
+    float a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a1, a2)
+    for (int64_t i = 0; i < len; ++i) {
+      const float d = to_float(xv[i]) - k;
+      a1 += d;
+      a2 += d * d;
+    }
+    s1 += a1;
+    s2 += a2;
+  }
+  float mean, rstd;
+  finish_stats(s1, s2, static_cast<double>(m), k, a.eps, &mean, &rstd);
+  a.mean[ng] = mean;
+  a.rstd[ng] = rstd;
+  (void)n;
+  for (int64_t j = 0; j < z.cg; ++j) {
+    const int64_t c = g * z.cg + j;
+    const float sc = rstd * a.weight[c];
+    const float sh = a.bias[c] - mean * sc;
+    const T* xc = xg + j * z.s;
+    T* yc = yg + j * z.s;
+    for (int64_t off = 0; off < z.s; off += kBlock) {
+      const int64_t len = std::min(kBlock, z.s - off);
+      const auto* xv = view_in<T, kAvx2>(xc + off, buf, len);
+      auto* yv = view_out<T>(yc + off, buf);
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) yv[i] = from_float<Stage<T>>(act<kSilu>(to_float(xv[i]) * sc + sh));
+      flush_out<T, kAvx2>(buf, yc + off, len);
+    }
+  }
+}
+
+// ---- forward, channels-last: partial sums per (sample, chunk of rows), then normalize ----------
+
+template <typename T, bool kAvx2>
+LDMFAST_AI void fwd_cl_sums_item(const FwdArgs& a, int64_t item) {
+  const Sizes& z = a.z;
+  const int64_t n = item / a.chunks, p = item % a.chunks;
+  const int64_t r0 = p * a.rows_per_chunk, r1 = std::min(z.s, r0 + a.rows_per_chunk);
+  const T* xn = static_cast<const T*>(a.x) + n * z.s * z.c;
+  double* out = a.partial + item * 2 * z.c;
+  std::vector<float> shift(z.c), buf(z.c), t1(z.c), t2(z.c);
+  for (int64_t c = 0; c < z.c; ++c) shift[c] = to_float(xn[(c / z.cg) * z.cg]);
+  std::fill(out, out + 2 * z.c, 0.0);
+  for (int64_t rb = r0; rb < r1; rb += kRows) {
+    std::fill(t1.begin(), t1.end(), 0.0f);
+    std::fill(t2.begin(), t2.end(), 0.0f);
+    float* __restrict b = buf.data();
+    float* __restrict u1 = t1.data();
+    float* __restrict u2 = t2.data();
+    const float* __restrict k = shift.data();
+    for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
+      const auto* xv = view_in<T, kAvx2>(xn + r * z.c, b, z.c);
+#pragma omp simd
+      for (int64_t c = 0; c < z.c; ++c) {
+        const float d = to_float(xv[c]) - k[c];
+        u1[c] += d;
+        u2[c] += d * d;
+      }
+    }
+    for (int64_t c = 0; c < z.c; ++c) {
+      out[c] += u1[c];
+      out[z.c + c] += u2[c];
+    }
+  }
+}
+
+template <typename T, bool kSilu, bool kAvx2>
+LDMFAST_AI void fwd_cl_norm_item(const FwdArgs& a, int64_t item) {
+  const Sizes& z = a.z;
+  const int64_t n = item / a.chunks, p = item % a.chunks;
+  const int64_t r0 = p * a.rows_per_chunk, r1 = std::min(z.s, r0 + a.rows_per_chunk);
+  const T* xn = static_cast<const T*>(a.x) + n * z.s * z.c;
+  T* yn = static_cast<T*>(a.y) + n * z.s * z.c;
+  const float* __restrict sc = a.scale + n * z.c;
+  const float* __restrict sh = a.shift + n * z.c;
+  std::vector<float> buf(z.c);
+  float* __restrict b = buf.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    const auto* xv = view_in<T, kAvx2>(xn + r * z.c, b, z.c);
+    auto* yv = view_out<T>(yn + r * z.c, b);
+#pragma omp simd
+    for (int64_t c = 0; c < z.c; ++c) yv[c] = from_float<Stage<T>>(act<kSilu>(to_float(xv[c]) * sc[c] + sh[c]));
+    flush_out<T, kAvx2>(b, yn + r * z.c, z.c);
+  }
+}
+
+// A per-thread float buffer that lives across calls (OpenMP threads persist), for the backward's
+// g = dy * act'(z) of one group: the second pass reads it instead of computing the sigmoid again.
+float* thread_scratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
+// ---- backward, contiguous: one item per (sample, group) ------------------------------------------
+
+template <typename T, bool kSilu, bool kAvx2>
+LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
+  const Sizes& z = a.z;
+  const int64_t ng = item, n = item / z.groups, g = item % z.groups;
+  const int64_t m = z.m();
+  const T* xg = static_cast<const T*>(a.x) + ng * m;
+  const T* dyg = static_cast<const T*>(a.dy) + ng * m;
+  T* dxg = static_cast<T*>(a.dx) + ng * m;
+  const float mean = a.mean[ng], rstd = a.rstd[ng];
+  float xb[kBlock], db[kBlock];
+  // g of the whole group (SiLU only; groups of up to 16 MB of floats, which stay allocated per thread)
+  float* gbuf = kSilu && m <= kScratchMax ? thread_scratch(m) : nullptr;
+  double ga = 0, gb = 0;  // sums over the group of weight * g and weight * g * xhat
+  for (int64_t j = 0; j < z.cg; ++j) {
+    const int64_t c = g * z.cg + j;
+    const float sc = rstd * a.weight[c];
+    const float sh = a.bias[c] - mean * sc;
+    double s1 = 0, s2 = 0;
+    for (int64_t off = 0; off < z.s; off += kBlock) {
+      const int64_t len = std::min(kBlock, z.s - off);
+      const auto* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
+      const auto* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
+      float a1 = 0, a2 = 0;
+      if (gbuf) {
+        float* __restrict gout = gbuf + j * z.s + off;
+#pragma omp simd reduction(+ : a1, a2)
+        for (int64_t i = 0; i < len; ++i) {
+          const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
+          gout[i] = gv;
+          a1 += gv;
+          a2 += gv * ((to_float(xv[i]) - mean) * rstd);
+        }
+      } else {
+#pragma omp simd reduction(+ : a1, a2)
+        for (int64_t i = 0; i < len; ++i) {
+          const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
+          a1 += gv;
+          a2 += gv * ((to_float(xv[i]) - mean) * rstd);
+        }
+      }
+      s1 += a1;
+      s2 += a2;
+    }
+    a.sum_g[n * z.c + c] = s1;
+    a.sum_gx[n * z.c + c] = s2;
+    ga += a.weight[c] * s1;
+    gb += a.weight[c] * s2;
+  }
+  const double inv_m = 1.0 / static_cast<double>(m);
+  const float cb = static_cast<float>(-static_cast<double>(rstd) * rstd * gb * inv_m);
+  const float cd = static_cast<float>(-static_cast<double>(rstd) * ga * inv_m -
+                                      static_cast<double>(mean) * cb);
+  for (int64_t j = 0; j < z.cg; ++j) {
+    const int64_t c = g * z.cg + j;
+    const float sc = rstd * a.weight[c];
+    const float sh = a.bias[c] - mean * sc;
+    const float ca = rstd * a.weight[c];
+    for (int64_t off = 0; off < z.s; off += kBlock) {
+      const int64_t len = std::min(kBlock, z.s - off);
+      const auto* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
+      auto* ov = view_out<T>(dxg + j * z.s + off, xb);
+      if (gbuf) {
+        const float* __restrict gin = gbuf + j * z.s + off;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) ov[i] = from_float<Stage<T>>(ca * gin[i] + cb * to_float(xv[i]) + cd);
+      } else {
+        const auto* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
+          ov[i] = from_float<Stage<T>>(ca * gv + cb * to_float(xv[i]) + cd);
+        }
+      }
+      flush_out<T, kAvx2>(xb, dxg + j * z.s + off, len);
+    }
+  }
+}
+
+// ---- backward, channels-last ------------------------------------------------------------------------
+
+template <typename T, bool kSilu, bool kAvx2>
+LDMFAST_AI void bwd_cl_sums_item(const BwdArgs& a, int64_t item) {
+  const Sizes& z = a.z;
+  const int64_t n = item / a.chunks, p = item % a.chunks;
+  const int64_t r0 = p * a.rows_per_chunk, r1 = std::min(z.s, r0 + a.rows_per_chunk);
+  const T* xn = static_cast<const T*>(a.x) + n * z.s * z.c;
+  const T* dyn = static_cast<const T*>(a.dy) + n * z.s * z.c;
+  double* out = a.partial + item * 2 * z.c;
+  std::vector<float> mc(z.c), rc(z.c), xbuf(z.c), dbuf(z.c), t1(z.c), t2(z.c);
+  for (int64_t c = 0; c < z.c; ++c) {
+    mc[c] = a.mean[n * z.groups + c / z.cg];
+    rc[c] = a.rstd[n * z.groups + c / z.cg];
+  }
+  std::fill(out, out + 2 * z.c, 0.0);
+  const float* __restrict sc = a.scale + n * z.c;
+  const float* __restrict sh = a.shift + n * z.c;
+  const float* __restrict mp = mc.data();
+  const float* __restrict rp = rc.data();
+  float* __restrict xb = xbuf.data();
+  float* __restrict db = dbuf.data();
+  float* __restrict u1 = t1.data();
+  float* __restrict u2 = t2.data();
+  for (int64_t rb = r0; rb < r1; rb += kRows) {
+    std::fill(t1.begin(), t1.end(), 0.0f);
+    std::fill(t2.begin(), t2.end(), 0.0f);
+    for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
+      const auto* xv = view_in<T, kAvx2>(xn + r * z.c, xb, z.c);
+      const auto* dv = view_in<T, kAvx2>(dyn + r * z.c, db, z.c);
+#pragma omp simd
+      for (int64_t c = 0; c < z.c; ++c) {
+        const float gv = to_float(dv[c]) * act_grad<kSilu>(to_float(xv[c]) * sc[c] + sh[c]);
+        u1[c] += gv;
+        u2[c] += gv * ((to_float(xv[c]) - mp[c]) * rp[c]);
+      }
+    }
+    for (int64_t c = 0; c < z.c; ++c) {
+      out[c] += u1[c];
+      out[z.c + c] += u2[c];
+    }
+  }
+}
+
+template <typename T, bool kSilu, bool kAvx2>
+LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
+  const Sizes& z = a.z;
+  const int64_t n = item / a.chunks, p = item % a.chunks;
+  const int64_t r0 = p * a.rows_per_chunk, r1 = std::min(z.s, r0 + a.rows_per_chunk);
+  const T* xn = static_cast<const T*>(a.x) + n * z.s * z.c;
+  const T* dyn = static_cast<const T*>(a.dy) + n * z.s * z.c;
+  T* dxn = static_cast<T*>(a.dx) + n * z.s * z.c;
+  const float* __restrict sc = a.scale + n * z.c;
+  const float* __restrict sh = a.shift + n * z.c;
+  const float* __restrict ca = a.ca + n * z.c;
+  const float* __restrict cb = a.cb + n * z.c;
+  const float* __restrict cd = a.cd + n * z.c;
+  std::vector<float> xbuf(z.c), dbuf(z.c);
+  float* __restrict xb = xbuf.data();
+  float* __restrict db = dbuf.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    const auto* xv = view_in<T, kAvx2>(xn + r * z.c, xb, z.c);
+    const auto* dv = view_in<T, kAvx2>(dyn + r * z.c, db, z.c);
+    auto* ov = view_out<T>(dxn + r * z.c, xb);
+#pragma omp simd
+    for (int64_t c = 0; c < z.c; ++c) {
+      const float gv = to_float(dv[c]) * act_grad<kSilu>(to_float(xv[c]) * sc[c] + sh[c]);
+      ov[c] = from_float<Stage<T>>(ca[c] * gv + cb[c] * to_float(xv[c]) + cd[c]);
+    }
+    flush_out<T, kAvx2>(xb, dxn + r * z.c, z.c);
+  }
+}
+
+// ---- the two compiled variants of every item function ---------------------------------------------
+
+// The same source compiled three times: baseline x86-64, AVX2 (8 floats per instruction) and
+// AVX-512 (16; about 15% faster on the SiLU's exp than AVX2 on Zen 4). The last two use F16C.
+#define LDMFAST_GN_VARIANTS(NAME, ARGS, ...)                                                        \
+  template <__VA_ARGS__>                                                                           \
+  void NAME##_base(const ARGS& a, int64_t item) { NAME<LDMFAST_GN_TPL, false>(a, item); }           \
+  template <__VA_ARGS__>                                                                           \
+  __attribute__((target("avx2,fma,f16c"))) void NAME##_avx2(const ARGS& a, int64_t item) {          \
+    NAME<LDMFAST_GN_TPL, true>(a, item);                                                           \
+  }                                                                                                \
+  template <__VA_ARGS__>                                                                           \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512"))) \
+  void NAME##_avx512(const ARGS& a, int64_t item) {                                                \
+    NAME<LDMFAST_GN_TPL, true>(a, item);                                                           \
+  }
+
+#define LDMFAST_GN_TPL T, kSilu
+LDMFAST_GN_VARIANTS(fwd_contig_item, FwdArgs, typename T, bool kSilu)
+LDMFAST_GN_VARIANTS(fwd_cl_norm_item, FwdArgs, typename T, bool kSilu)
+LDMFAST_GN_VARIANTS(bwd_contig_item, BwdArgs, typename T, bool kSilu)
+LDMFAST_GN_VARIANTS(bwd_cl_sums_item, BwdArgs, typename T, bool kSilu)
+LDMFAST_GN_VARIANTS(bwd_cl_dx_item, BwdArgs, typename T, bool kSilu)
+#undef LDMFAST_GN_TPL
+#define LDMFAST_GN_TPL T
+LDMFAST_GN_VARIANTS(fwd_cl_sums_item, FwdArgs, typename T)
+#undef LDMFAST_GN_TPL
+
+template <typename Fn>
+Fn pick(Fn base, Fn avx2, Fn avx512) {
+  const int level = isa_level();
+  return level == 2 ? avx512 : level == 1 ? avx2 : base;
+}
+
+template <typename Args>
+using ItemFn = void (*)(const Args&, int64_t);
+
+template <typename Args>
+void parallel_items(ItemFn<Args> fn, const Args& a, int64_t items, int num_threads) {
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), std::max<int64_t>(items, 1)));
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t item = 0; item < items; ++item) fn(a, item);
+}
+
+// Channels-last work split: chunks of rows per sample so that there are a few items per thread,
+// each of at least ~8k elements.
+void split_rows(const Sizes& z, int num_threads, int64_t* chunks, int64_t* rows_per_chunk) {
+  const int64_t min_rows = std::max<int64_t>(1, 8192 / std::max<int64_t>(z.c, 1));
+  const int64_t want = std::max<int64_t>(1, (4 * static_cast<int64_t>(std::max(num_threads, 1)) + z.n - 1) / z.n);
+  const int64_t by_size = std::max<int64_t>(1, z.s / min_rows);
+  int64_t k = std::min(want, by_size);
+  *rows_per_chunk = (z.s + k - 1) / k;
+  *chunks = (z.s + *rows_per_chunk - 1) / *rows_per_chunk;
+}
+
+template <typename T, bool kSilu>
+void forward_typed(FwdArgs& a, bool channels_last, int num_threads) {
+  const Sizes& z = a.z;
+  if (!channels_last) {
+    parallel_items<FwdArgs>(pick<ItemFn<FwdArgs>>(fwd_contig_item_base<T, kSilu>, fwd_contig_item_avx2<T, kSilu>, fwd_contig_item_avx512<T, kSilu>), a,
+                            z.n * z.groups, num_threads);
+    return;
+  }
+  split_rows(z, num_threads, &a.chunks, &a.rows_per_chunk);
+  std::vector<double> partial(static_cast<size_t>(z.n * a.chunks * 2 * z.c));
+  std::vector<float> scale(static_cast<size_t>(z.n * z.c)), shift(static_cast<size_t>(z.n * z.c));
+  a.partial = partial.data();
+  a.scale = scale.data();
+  a.shift = shift.data();
+  const int64_t items = z.n * a.chunks;
+  parallel_items<FwdArgs>(pick<ItemFn<FwdArgs>>(fwd_cl_sums_item_base<T>, fwd_cl_sums_item_avx2<T>, fwd_cl_sums_item_avx512<T>), a, items, num_threads);
+  const T* x = static_cast<const T*>(a.x);
+  for (int64_t n = 0; n < z.n; ++n) {
+    for (int64_t g = 0; g < z.groups; ++g) {
+      double s1 = 0, s2 = 0;
+      for (int64_t p = 0; p < a.chunks; ++p) {
+        const double* part = a.partial + (n * a.chunks + p) * 2 * z.c;
+        for (int64_t j = 0; j < z.cg; ++j) {
+          s1 += part[g * z.cg + j];
+          s2 += part[z.c + g * z.cg + j];
+        }
+      }
+      const float k = to_float(x[n * z.s * z.c + g * z.cg]);
+      float mean, rstd;
+      finish_stats(s1, s2, static_cast<double>(z.m()), k, a.eps, &mean, &rstd);
+      a.mean[n * z.groups + g] = mean;
+      a.rstd[n * z.groups + g] = rstd;
+      for (int64_t j = 0; j < z.cg; ++j) {
+        const int64_t c = g * z.cg + j;
+        const float sc = rstd * a.weight[c];
+        a.scale[n * z.c + c] = sc;
+        a.shift[n * z.c + c] = a.bias[c] - mean * sc;
+      }
+    }
+  }
+  parallel_items<FwdArgs>(pick<ItemFn<FwdArgs>>(fwd_cl_norm_item_base<T, kSilu>, fwd_cl_norm_item_avx2<T, kSilu>, fwd_cl_norm_item_avx512<T, kSilu>), a, items,
+                          num_threads);
+}
+
+template <typename T, bool kSilu>
+void backward_typed(BwdArgs& a, float* dweight, float* dbias, bool channels_last, int num_threads) {
+  const Sizes& z = a.z;
+  std::vector<double> sum_g(static_cast<size_t>(z.n * z.c)), sum_gx(static_cast<size_t>(z.n * z.c));
+  a.sum_g = sum_g.data();
+  a.sum_gx = sum_gx.data();
+  if (!channels_last) {
+    parallel_items<BwdArgs>(pick<ItemFn<BwdArgs>>(bwd_contig_item_base<T, kSilu>, bwd_contig_item_avx2<T, kSilu>, bwd_contig_item_avx512<T, kSilu>), a,
+                            z.n * z.groups, num_threads);
+  } else {
+    split_rows(z, num_threads, &a.chunks, &a.rows_per_chunk);
+    const size_t nc = static_cast<size_t>(z.n * z.c);
+    std::vector<double> partial(static_cast<size_t>(z.n * a.chunks * 2 * z.c));
+    std::vector<float> scale(nc), shift(nc), ca(nc), cb(nc), cd(nc);
+    a.partial = partial.data();
+    a.scale = scale.data();
+    a.shift = shift.data();
+    a.ca = ca.data();
+    a.cb = cb.data();
+    a.cd = cd.data();
+    for (int64_t n = 0; n < z.n; ++n) {
+      for (int64_t c = 0; c < z.c; ++c) {
+        const int64_t ng = n * z.groups + c / z.cg;
+        const float sc = a.rstd[ng] * a.weight[c];
+        a.scale[n * z.c + c] = sc;
+        a.shift[n * z.c + c] = a.bias[c] - a.mean[ng] * sc;
+      }
+    }
+    const int64_t items = z.n * a.chunks;
+    parallel_items<BwdArgs>(pick<ItemFn<BwdArgs>>(bwd_cl_sums_item_base<T, kSilu>, bwd_cl_sums_item_avx2<T, kSilu>, bwd_cl_sums_item_avx512<T, kSilu>), a, items,
+                            num_threads);
+    const double inv_m = 1.0 / static_cast<double>(z.m());
+    for (int64_t n = 0; n < z.n; ++n) {
+      for (int64_t c = 0; c < z.c; ++c) {
+        double s1 = 0, s2 = 0;
+        for (int64_t p = 0; p < a.chunks; ++p) {
+          const double* part = a.partial + (n * a.chunks + p) * 2 * z.c;
+          s1 += part[c];
+          s2 += part[z.c + c];
+        }
+        a.sum_g[n * z.c + c] = s1;
+        a.sum_gx[n * z.c + c] = s2;
+      }
+      for (int64_t g = 0; g < z.groups; ++g) {
+        double ga = 0, gb = 0;
+        for (int64_t j = 0; j < z.cg; ++j) {
+          const int64_t c = g * z.cg + j;
+          ga += a.weight[c] * a.sum_g[n * z.c + c];
+          gb += a.weight[c] * a.sum_gx[n * z.c + c];
+        }
+        const double rstd = a.rstd[n * z.groups + g], mean = a.mean[n * z.groups + g];
+        const float cbv = static_cast<float>(-rstd * rstd * gb * inv_m);
+        const float cdv = static_cast<float>(-rstd * ga * inv_m - mean * cbv);
+        for (int64_t j = 0; j < z.cg; ++j) {
+          const int64_t c = g * z.cg + j;
+          a.ca[n * z.c + c] = static_cast<float>(rstd * a.weight[c]);
+          a.cb[n * z.c + c] = cbv;
+          a.cd[n * z.c + c] = cdv;
+        }
+      }
+    }
+    parallel_items<BwdArgs>(pick<ItemFn<BwdArgs>>(bwd_cl_dx_item_base<T, kSilu>, bwd_cl_dx_item_avx2<T, kSilu>, bwd_cl_dx_item_avx512<T, kSilu>), a, items,
+                            num_threads);
+  }
+  for (int64_t c = 0; c < z.c; ++c) {
+    double s1 = 0, s2 = 0;
+    for (int64_t n = 0; n < z.n; ++n) {
+      s1 += a.sum_g[n * z.c + c];
+      s2 += a.sum_gx[n * z.c + c];
+    }
+    dbias[c] = static_cast<float>(s1);
+    dweight[c] = static_cast<float>(s2);
+  }
+}
+
+template <typename T>
+void forward_dtype(FwdArgs& a, bool silu, bool cl, int threads) {
+  silu ? forward_typed<T, true>(a, cl, threads) : forward_typed<T, false>(a, cl, threads);
+}
+
+template <typename T>
+void backward_dtype(BwdArgs& a, float* dw, float* db, bool silu, bool cl, int threads) {
+  silu ? backward_typed<T, true>(a, dw, db, cl, threads) : backward_typed<T, false>(a, dw, db, cl, threads);
+}
+
+}  // namespace
+
+void group_norm_forward(DType dtype, const void* x, const float* weight, const float* bias, void* y, float* mean,
+                        float* rstd, int64_t n, int64_t c, int64_t s, int64_t groups, float eps, bool silu,
+                        bool channels_last, int num_threads) {
+  if (n * c * s == 0) return;
+  FwdArgs a{};
+  a.z = Sizes{n, c, s, groups, c / groups};
+  a.x = x;
+  a.weight = weight;
+  a.bias = bias;
+  a.y = y;
+  a.mean = mean;
+  a.rstd = rstd;
+  a.eps = eps;
+  switch (dtype) {
+    case DType::Float32: return forward_dtype<float>(a, silu, channels_last, num_threads);
+    case DType::Float16: return forward_dtype<half_t>(a, silu, channels_last, num_threads);
+    case DType::BFloat16: return forward_dtype<bfloat16_t>(a, silu, channels_last, num_threads);
+  }
+}
+
+void group_norm_backward(DType dtype, const void* dy, const void* x, const float* weight, const float* bias,
+                         const float* mean, const float* rstd, void* dx, float* dweight, float* dbias, int64_t n,
+                         int64_t c, int64_t s, int64_t groups, bool silu, bool channels_last, int num_threads) {
+  if (n * c * s == 0) return;
+  BwdArgs a{};
+  a.z = Sizes{n, c, s, groups, c / groups};
+  a.dy = dy;
+  a.x = x;
+  a.weight = weight;
+  a.bias = bias;
+  a.mean = mean;
+  a.rstd = rstd;
+  a.dx = dx;
+  switch (dtype) {
+    case DType::Float32: return backward_dtype<float>(a, dweight, dbias, silu, channels_last, num_threads);
+    case DType::Float16: return backward_dtype<half_t>(a, dweight, dbias, silu, channels_last, num_threads);
+    case DType::BFloat16: return backward_dtype<bfloat16_t>(a, dweight, dbias, silu, channels_last, num_threads);
+  }
+}
+
+}  // namespace ldmfast::cpu

@@ -1,0 +1,692 @@
+// Fused GroupNorm (+ SiLU), forward and backward, contiguous (N, C, S) and channels-last (N, S, C).
+// The algorithm mirrors the CPU kernels (csrc/cpu/group_norm.cpp); formulas in
+// ldmfast/ops/group_norm.py.
+//
+// Forward, contiguous, group fits in shared memory: one block per (sample, group) reads the group
+// once with 16-byte vectors into shared memory, computes the exact two-pass mean and variance
+// there, and writes the activated output: one read and one write of global memory.
+// Otherwise (large groups, channels-last): partial shifted sums per block (per (sample, group,
+// part) for contiguous, per (sample, row chunk, channel) for channels-last), a combine kernel per
+// (sample, group) in double, and an elementwise normalize kernel.
+// Backward: per-(sample, part, channel) partial sums of g and g * xhat, a combine kernel per
+// (sample, group) that also forms the dx coefficients, a per-channel reduction over samples for
+// dweight and dbias (fixed order: deterministic), and an elementwise dx kernel.
+#include <algorithm>
+#include <initializer_list>
+
+#include "cuda_common.cuh"
+#include "group_norm.cuh"
+
+namespace ldmfast::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kFusedThreads = 512;
+constexpr int64_t kTargetBlocks = 1024;  // enough blocks to fill an H100 several times
+constexpr int64_t kMinPerBlock = 4096;   // elements per partial-sum block, at least
+constexpr int64_t kMinRows = 32;         // channels-last rows per partial-sum block, at least
+
+// ---- plan (shared by the workspace query and the launches) ---------------------------------------
+
+struct Plan {
+  int64_t n, c, s, groups, cg, m;
+  bool cl;
+  int vec;        // elements per 16-byte vector
+  int64_t parts;  // partial-sum blocks per (sample, group) [contiguous forward], per (sample, channel)
+                  // [contiguous backward] or per sample [channels-last]
+  int64_t len;    // elements (contiguous) or rows (channels-last) per partial-sum block
+  int64_t k;      // partial-sum entries per (sample, part): G (contiguous forward) or C
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int elem_size(DType d) { return d == DType::Float32 ? 4 : 2; }
+
+Plan make_plan(DType dtype, int64_t n, int64_t c, int64_t s, int64_t groups, bool cl, bool backward) {
+  Plan p{n, c, s, groups, c / groups, (c / groups) * s, cl, 16 / elem_size(dtype), 1, 1, 1};
+  if (cl) {
+    p.parts = std::clamp<int64_t>(ceil_div(kTargetBlocks, n), 1, std::max<int64_t>(1, s / kMinRows));
+    p.len = ceil_div(s, p.parts);
+    p.parts = ceil_div(s, p.len);
+    p.k = c;
+  } else {
+    const int64_t run = backward ? s : p.m;           // elements summed per (sample, group or channel)
+    const int64_t owners = backward ? n * c : n * groups;
+    p.parts = std::clamp<int64_t>(ceil_div(kTargetBlocks, owners), 1, std::max<int64_t>(1, run / kMinPerBlock));
+    p.len = ceil_div(ceil_div(run, p.parts), p.vec) * p.vec;
+    p.parts = ceil_div(run, p.len);
+    p.k = backward ? c : groups;
+  }
+  return p;
+}
+
+// Workspace layout (in floats; the doubles come first so they are 8-byte aligned).
+struct Workspace {
+  double* sum_g;   // [n][c] (backward)
+  double* sum_gx;  // [n][c] (backward)
+  float* part_a;   // [n][parts][k]
+  float* part_b;   // [n][parts][k]
+  float* coef_b;   // [n][groups] (backward)
+  float* coef_d;   // [n][groups] (backward)
+};
+
+size_t workspace_floats(const Plan& p, bool backward) {
+  size_t f = 2 * static_cast<size_t>(p.n * p.parts * p.k);
+  if (backward) f += 4 * static_cast<size_t>(p.n * p.c) + 2 * static_cast<size_t>(p.n * p.groups);
+  return f;
+}
+
+Workspace carve(float* base, const Plan& p, bool backward) {
+  Workspace w{};
+  if (backward) {
+    w.sum_g = reinterpret_cast<double*>(base);
+    w.sum_gx = w.sum_g + p.n * p.c;
+    base += 4 * p.n * p.c;
+  }
+  w.part_a = base;
+  w.part_b = base + p.n * p.parts * p.k;
+  if (backward) {
+    w.coef_b = w.part_b + p.n * p.parts * p.k;
+    w.coef_d = w.coef_b + p.n * p.groups;
+  }
+  return w;
+}
+
+// ---- device helpers ------------------------------------------------------------------------------
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <bool kSilu>
+__device__ __forceinline__ float act(float z) {
+  if constexpr (kSilu) return z / (1.0f + expf(-z));
+  return z;
+}
+
+template <bool kSilu>
+__device__ __forceinline__ float act_grad(float z) {
+  if constexpr (kSilu) {
+    const float sg = 1.0f / (1.0f + expf(-z));
+    return sg * (1.0f + z * (1.0f - sg));
+  }
+  return 1.0f;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
+// `scratch` holds 32 values; the function synchronizes before returning so it can be reused.
+template <typename A>
+__device__ A block_sum(A v, A* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : A(0);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) scratch[0] = v;
+  }
+  __syncthreads();
+  v = scratch[0];
+  __syncthreads();
+  return v;
+}
+
+// Element i of a run through T pointers, with V elements per vector load.
+template <typename T, int V>
+struct Loader {
+  static __device__ __forceinline__ void load(const T* p, int64_t vi, float* out) {
+    if constexpr (V == 1) {
+      out[0] = to_float(p[vi]);
+    } else {
+      const Vec16<T> v = reinterpret_cast<const Vec16<T>*>(p)[vi];
+#pragma unroll
+      for (int k = 0; k < V; ++k) out[k] = to_float(v.v[k]);
+    }
+  }
+  static __device__ __forceinline__ void store(T* p, int64_t vi, const float* in) {
+    if constexpr (V == 1) {
+      p[vi] = from_float<T>(in[0]);
+    } else {
+      Vec16<T> v;
+#pragma unroll
+      for (int k = 0; k < V; ++k) v.v[k] = from_float<T>(in[k]);
+      reinterpret_cast<Vec16<T>*>(p)[vi] = v;
+    }
+  }
+};
+
+// ---- forward: fused, the group in shared memory (contiguous) ---------------------------------------
+
+template <typename T, bool kSilu, int V>
+__global__ void __launch_bounds__(kFusedThreads) fwd_fused_kernel(
+    const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias, T* __restrict__ y,
+    float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t m, int64_t s, int64_t cg, int64_t groups,
+    float eps) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ double scratch[32];
+  T* xs = reinterpret_cast<T*>(smem_raw);
+  const int64_t ng = blockIdx.x;
+  const int64_t g = ng % groups;
+  const T* xg = x + ng * m;
+  T* yg = y + ng * m;
+  const int64_t nv = m / V;
+  float buf[V];
+  float acc = 0.0f;
+  for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
+    if constexpr (V == 1) {
+      xs[i] = xg[i];
+    } else {
+      reinterpret_cast<Vec16<T>*>(xs)[i] = reinterpret_cast<const Vec16<T>*>(xg)[i];
+    }
+    Loader<T, V>::load(xs, i, buf);
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc += buf[k];
+  }
+  const double mean_d = block_sum<double>(acc, scratch) / static_cast<double>(m);
+  const float mean = static_cast<float>(mean_d);
+  float acc2 = 0.0f;
+  for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
+    Loader<T, V>::load(xs, i, buf);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float d = buf[k] - mean;
+      acc2 += d * d;
+    }
+  }
+  const double var = block_sum<double>(acc2, scratch) / static_cast<double>(m);
+  const float rstd = static_cast<float>(rsqrt(var + static_cast<double>(eps)));
+  if (threadIdx.x == 0) {
+    mean_out[ng] = mean;
+    rstd_out[ng] = rstd;
+  }
+  for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
+    Loader<T, V>::load(xs, i, buf);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t c = g * cg + (i * V + k) / s;
+      const float sc = rstd * weight[c];
+      const float sh = bias[c] - mean * sc;
+      buf[k] = act<kSilu>(buf[k] * sc + sh);
+    }
+    Loader<T, V>::store(yg, i, buf);
+  }
+}
+
+// ---- forward: partial sums -----------------------------------------------------------------------
+
+// Contiguous: block (sample, group, part) sums x - K over its part of the group's run.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) fwd_partial_contig_kernel(const T* __restrict__ x, float* part_a,
+                                                                      float* part_b, Plan p) {
+  __shared__ double scratch[32];
+  const int64_t ng = blockIdx.x / p.parts, q = blockIdx.x % p.parts;
+  const int64_t n = ng / p.groups, g = ng % p.groups;
+  const T* xg = x + ng * p.m;
+  const float k0 = to_float(xg[0]);
+  const int64_t begin = q * p.len, end = min64(p.m, begin + p.len);  // multiples of V (but end = m)
+  float buf[V];
+  float a1 = 0.0f, a2 = 0.0f;
+  for (int64_t vi = begin / V + threadIdx.x; vi < end / V; vi += blockDim.x) {
+    Loader<T, V>::load(xg, vi, buf);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float d = buf[k] - k0;
+      a1 += d;
+      a2 += d * d;
+    }
+  }
+  const double s1 = block_sum<double>(a1, scratch);
+  const double s2 = block_sum<double>(a2, scratch);
+  if (threadIdx.x == 0) {
+    const int64_t idx = (n * p.parts + q) * p.groups + g;
+    part_a[idx] = static_cast<float>(s1);
+    part_b[idx] = static_cast<float>(s2);
+  }
+}
+
+// Channels-last: block (sample, row chunk); thread (tx, ty) sums vector column tx over rows ty,
+// ty + TY, ...; the TY partial sums of a column are then added in shared memory.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) fwd_partial_cl_kernel(const T* __restrict__ x, float* part_a,
+                                                                  float* part_b, Plan p) {
+  __shared__ float red[2][kThreads * V];
+  const int64_t n = blockIdx.x / p.parts, q = blockIdx.x % p.parts;
+  const int64_t r0 = q * p.len, r1 = min64(p.s, r0 + p.len);
+  const T* xn = x + n * p.s * p.c;
+  const int64_t cols = p.c / V;
+  const int tx_count = static_cast<int>(min64(cols, kThreads));
+  const int ty_count = kThreads / tx_count;
+  const int tx = threadIdx.x % tx_count, ty = threadIdx.x / tx_count;
+  float buf[V], k0[V], a1[V], a2[V];
+  for (int64_t col0 = 0; col0 < cols; col0 += tx_count) {
+    const int64_t col = col0 + tx;
+    const bool active = col < cols && ty < ty_count;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      a1[k] = 0.0f;
+      a2[k] = 0.0f;
+      k0[k] = active ? to_float(xn[((col * V + k) / p.cg) * p.cg]) : 0.0f;
+    }
+    if (active) {
+      for (int64_t r = r0 + ty; r < r1; r += ty_count) {
+        Loader<T, V>::load(xn + r * p.c, col, buf);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const float d = buf[k] - k0[k];
+          a1[k] += d;
+          a2[k] += d * d;
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      red[0][threadIdx.x * V + k] = a1[k];
+      red[1][threadIdx.x * V + k] = a2[k];
+    }
+    __syncthreads();
+    if (ty == 0 && col < cols) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        float s1 = 0.0f, s2 = 0.0f;
+        for (int t = 0; t < ty_count; ++t) {
+          s1 += red[0][(t * tx_count + tx) * V + k];
+          s2 += red[1][(t * tx_count + tx) * V + k];
+        }
+        const int64_t idx = (n * p.parts + q) * p.c + col * V + k;
+        part_a[idx] = s1;
+        part_b[idx] = s2;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// (sample, group): adds the partial sums of the group (over parts, and channels for
+// channels-last) in double and writes mean and rstd.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fwd_combine_kernel(const T* __restrict__ x, const float* part_a,
+                                                               const float* part_b, float* mean_out,
+                                                               float* rstd_out, Plan p, float eps) {
+  __shared__ double scratch[32];
+  const int64_t ng = blockIdx.x, n = ng / p.groups, g = ng % p.groups;
+  const int64_t per_part = p.cl ? p.cg : 1;  // entries of this group per (sample, part)
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t t = threadIdx.x; t < p.parts * per_part; t += blockDim.x) {
+    const int64_t q = t / per_part, j = t % per_part;
+    const int64_t idx = (n * p.parts + q) * p.k + g * per_part + j;
+    s1 += part_a[idx];
+    s2 += part_b[idx];
+  }
+  s1 = block_sum<double>(s1, scratch);
+  s2 = block_sum<double>(s2, scratch);
+  if (threadIdx.x == 0) {
+    const int64_t first = p.cl ? n * p.s * p.c + g * p.cg : ng * p.m;
+    const double k0 = to_float(x[first]);
+    const double md = s1 / static_cast<double>(p.m);
+    const double var = fmax(s2 / static_cast<double>(p.m) - md * md, 0.0);
+    mean_out[ng] = static_cast<float>(k0 + md);
+    rstd_out[ng] = static_cast<float>(rsqrt(var + static_cast<double>(eps)));
+  }
+}
+
+// ---- elementwise passes ----------------------------------------------------------------------------
+
+// The channel and (sample, group) of vector vi: with V > 1, S % V == 0 (contiguous) or C % V == 0
+// (channels-last), so a vector lies in one sample, and in one channel (contiguous) or V consecutive
+// channels (channels-last).
+struct Where {
+  int64_t c0, ng;
+  bool channel_step;  // channels-last: element k is channel c0 + k
+};
+
+__device__ __forceinline__ Where locate(const Plan& p, int64_t e0) {
+  const int64_t n = e0 / (p.c * p.s);
+  const int64_t c0 = p.cl ? e0 % p.c : (e0 / p.s) % p.c;
+  return Where{c0, n * p.groups, p.cl};
+}
+
+template <typename T, bool kSilu, int V>
+__global__ void __launch_bounds__(kThreads) fwd_normalize_kernel(
+    const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+    const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ y, Plan p, int64_t nv) {
+  const int64_t vi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (vi >= nv) return;
+  const Where w = locate(p, vi * V);
+  float buf[V];
+  Loader<T, V>::load(x, vi, buf);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t c = w.channel_step ? w.c0 + k : w.c0;
+    const int64_t ng = w.ng + c / p.cg;
+    const float sc = rstd[ng] * weight[c];
+    const float sh = bias[c] - mean[ng] * sc;
+    buf[k] = act<kSilu>(buf[k] * sc + sh);
+  }
+  Loader<T, V>::store(y, vi, buf);
+}
+
+template <typename T, bool kSilu, int V>
+__global__ void __launch_bounds__(kThreads) bwd_dx_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ weight,
+    const float* __restrict__ bias, const float* __restrict__ mean, const float* __restrict__ rstd,
+    const float* __restrict__ coef_b, const float* __restrict__ coef_d, T* __restrict__ dx, Plan p, int64_t nv) {
+  const int64_t vi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (vi >= nv) return;
+  const Where w = locate(p, vi * V);
+  float xb[V], db[V];
+  Loader<T, V>::load(x, vi, xb);
+  Loader<T, V>::load(dy, vi, db);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t c = w.channel_step ? w.c0 + k : w.c0;
+    const int64_t ng = w.ng + c / p.cg;
+    const float sc = rstd[ng] * weight[c];
+    const float sh = bias[c] - mean[ng] * sc;
+    const float gv = db[k] * act_grad<kSilu>(xb[k] * sc + sh);
+    xb[k] = sc * gv + coef_b[ng] * xb[k] + coef_d[ng];
+  }
+  Loader<T, V>::store(dx, vi, xb);
+}
+
+// ---- backward: partial sums per (sample, part, channel) --------------------------------------------
+
+// Contiguous: block (sample, channel, part) over its part of the channel's run of S elements.
+template <typename T, bool kSilu, int V>
+__global__ void __launch_bounds__(kThreads) bwd_partial_contig_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ weight,
+    const float* __restrict__ bias, const float* __restrict__ mean, const float* __restrict__ rstd, float* part_a,
+    float* part_b, Plan p) {
+  __shared__ double scratch[32];
+  const int64_t nc = blockIdx.x / p.parts, q = blockIdx.x % p.parts;
+  const int64_t n = nc / p.c, c = nc % p.c;
+  const int64_t ng = n * p.groups + c / p.cg;
+  const float mu = mean[ng], rs = rstd[ng];
+  const float sc = rs * weight[c];
+  const float sh = bias[c] - mu * sc;
+  const T* xc = x + nc * p.s;
+  const T* dyc = dy + nc * p.s;
+  const int64_t begin = q * p.len, end = min64(p.s, begin + p.len);
+  float xb[V], db[V];
+  float a1 = 0.0f, a2 = 0.0f;
+  for (int64_t vi = begin / V + threadIdx.x; vi < end / V; vi += blockDim.x) {
+    Loader<T, V>::load(xc, vi, xb);
+    Loader<T, V>::load(dyc, vi, db);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float gv = db[k] * act_grad<kSilu>(xb[k] * sc + sh);
+      a1 += gv;
+      a2 += gv * ((xb[k] - mu) * rs);
+    }
+  }
+  const double s1 = block_sum<double>(a1, scratch);
+  const double s2 = block_sum<double>(a2, scratch);
+  if (threadIdx.x == 0) {
+    const int64_t idx = (n * p.parts + q) * p.c + c;
+    part_a[idx] = static_cast<float>(s1);
+    part_b[idx] = static_cast<float>(s2);
+  }
+}
+
+// Channels-last: as fwd_partial_cl_kernel, with the backward's summands.
+template <typename T, bool kSilu, int V>
+__global__ void __launch_bounds__(kThreads) bwd_partial_cl_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ weight,
+    const float* __restrict__ bias, const float* __restrict__ mean, const float* __restrict__ rstd, float* part_a,
+    float* part_b, Plan p) {
+  __shared__ float red[2][kThreads * V];
+  const int64_t n = blockIdx.x / p.parts, q = blockIdx.x % p.parts;
+  const int64_t r0 = q * p.len, r1 = min64(p.s, r0 + p.len);
+  const T* xn = x + n * p.s * p.c;
+  const T* dyn = dy + n * p.s * p.c;
+  const int64_t cols = p.c / V;
+  const int tx_count = static_cast<int>(min64(cols, kThreads));
+  const int ty_count = kThreads / tx_count;
+  const int tx = threadIdx.x % tx_count, ty = threadIdx.x / tx_count;
+  float xb[V], db[V], a1[V], a2[V], sc[V], sh[V], mu[V], rs[V];
+  for (int64_t col0 = 0; col0 < cols; col0 += tx_count) {
+    const int64_t col = col0 + tx;
+    const bool active = col < cols && ty < ty_count;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      a1[k] = 0.0f;
+      a2[k] = 0.0f;
+      const int64_t c = active ? col * V + k : 0;
+      const int64_t ng = n * p.groups + c / p.cg;
+      mu[k] = mean[ng];
+      rs[k] = rstd[ng];
+      sc[k] = rs[k] * weight[c];
+      sh[k] = bias[c] - mu[k] * sc[k];
+    }
+    if (active) {
+      for (int64_t r = r0 + ty; r < r1; r += ty_count) {
+        Loader<T, V>::load(xn + r * p.c, col, xb);
+        Loader<T, V>::load(dyn + r * p.c, col, db);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const float gv = db[k] * act_grad<kSilu>(xb[k] * sc[k] + sh[k]);
+          a1[k] += gv;
+          a2[k] += gv * ((xb[k] - mu[k]) * rs[k]);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      red[0][threadIdx.x * V + k] = a1[k];
+      red[1][threadIdx.x * V + k] = a2[k];
+    }
+    __syncthreads();
+    if (ty == 0 && col < cols) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        float s1 = 0.0f, s2 = 0.0f;
+        for (int t = 0; t < ty_count; ++t) {
+          s1 += red[0][(t * tx_count + tx) * V + k];
+          s2 += red[1][(t * tx_count + tx) * V + k];
+        }
+        const int64_t idx = (n * p.parts + q) * p.c + col * V + k;
+        part_a[idx] = s1;
+        part_b[idx] = s2;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// (sample, group): per-channel totals over parts (double), then the dx coefficients of the group.
+__global__ void __launch_bounds__(kThreads) bwd_combine_kernel(const float* part_a, const float* part_b,
+                                                               const float* __restrict__ weight,
+                                                               const float* __restrict__ mean,
+                                                               const float* __restrict__ rstd, Workspace ws,
+                                                               Plan p) {
+  __shared__ double scratch[32];
+  const int64_t ng = blockIdx.x, n = ng / p.groups, g = ng % p.groups;
+  double ga = 0.0, gb = 0.0;
+  for (int64_t j = threadIdx.x; j < p.cg; j += blockDim.x) {
+    const int64_t c = g * p.cg + j;
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t q = 0; q < p.parts; ++q) {
+      s1 += part_a[(n * p.parts + q) * p.c + c];
+      s2 += part_b[(n * p.parts + q) * p.c + c];
+    }
+    ws.sum_g[n * p.c + c] = s1;
+    ws.sum_gx[n * p.c + c] = s2;
+    ga += weight[c] * s1;
+    gb += weight[c] * s2;
+  }
+  ga = block_sum<double>(ga, scratch);
+  gb = block_sum<double>(gb, scratch);
+  if (threadIdx.x == 0) {
+    const double rs = rstd[ng], mu = mean[ng], inv_m = 1.0 / static_cast<double>(p.m);
+    const double cb = -rs * rs * gb * inv_m;
+    ws.coef_b[ng] = static_cast<float>(cb);
+    ws.coef_d[ng] = static_cast<float>(-rs * ga * inv_m - mu * cb);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) bwd_weight_grads_kernel(Workspace ws, float* dweight, float* dbias,
+                                                                    Plan p) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= p.c) return;
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t n = 0; n < p.n; ++n) {
+    s1 += ws.sum_g[n * p.c + c];
+    s2 += ws.sum_gx[n * p.c + c];
+  }
+  dbias[c] = static_cast<float>(s1);
+  dweight[c] = static_cast<float>(s2);
+}
+
+// ---- launchers -------------------------------------------------------------------------------------
+
+unsigned blocks_for(int64_t work, int threads) { return static_cast<unsigned>(ceil_div(work, threads)); }
+
+int max_dynamic_smem() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    return 48 * 1024;
+  }
+  return bytes - 1024;  // room for the kernels' static shared memory
+}
+
+// Whether 16-byte vectors can be used: sizes let no vector straddle a channel (contiguous) or a
+// sample (channels-last), and every pointer is 16-byte aligned.
+bool can_vectorize(const Plan& p, std::initializer_list<const void*> ptrs) {
+  if (p.cl ? p.c % p.vec != 0 : p.s % p.vec != 0) return false;
+  for (const void* ptr : ptrs)
+    if (!aligned16(ptr)) return false;
+  return true;
+}
+
+template <typename T, bool kSilu, int V>
+cudaError_t forward_launch(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
+                           float* workspace, const Plan& p, float eps, cudaStream_t stream) {
+  const size_t group_bytes = static_cast<size_t>(p.m) * sizeof(T);
+  if (!p.cl && group_bytes <= static_cast<size_t>(max_dynamic_smem())) {
+    auto kernel = fwd_fused_kernel<T, kSilu, V>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(group_bytes));
+    if (err != cudaSuccess) return err;
+    kernel<<<static_cast<unsigned>(p.n * p.groups), kFusedThreads, group_bytes, stream>>>(
+        x, w, b, y, mean, rstd, p.m, p.s, p.cg, p.groups, eps);
+    return cudaGetLastError();
+  }
+  Workspace ws = carve(workspace, p, false);
+  if (p.cl) {
+    fwd_partial_cl_kernel<T, V><<<static_cast<unsigned>(p.n * p.parts), kThreads, 0, stream>>>(
+        x, ws.part_a, ws.part_b, p);
+  } else {
+    fwd_partial_contig_kernel<T, V><<<static_cast<unsigned>(p.n * p.groups * p.parts), kThreads, 0, stream>>>(
+        x, ws.part_a, ws.part_b, p);
+  }
+  fwd_combine_kernel<T><<<static_cast<unsigned>(p.n * p.groups), kThreads, 0, stream>>>(
+      x, ws.part_a, ws.part_b, mean, rstd, p, eps);
+  const int64_t nv = p.n * p.c * p.s / V;
+  fwd_normalize_kernel<T, kSilu, V><<<blocks_for(nv, kThreads), kThreads, 0, stream>>>(x, w, b, mean, rstd, y, p,
+                                                                                      nv);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kSilu, int V>
+cudaError_t backward_launch(const T* dy, const T* x, const float* w, const float* b, const float* mean,
+                            const float* rstd, T* dx, float* dweight, float* dbias, float* workspace,
+                            const Plan& p, cudaStream_t stream) {
+  Workspace ws = carve(workspace, p, true);
+  if (p.cl) {
+    bwd_partial_cl_kernel<T, kSilu, V><<<static_cast<unsigned>(p.n * p.parts), kThreads, 0, stream>>>(
+        dy, x, w, b, mean, rstd, ws.part_a, ws.part_b, p);
+  } else {
+    bwd_partial_contig_kernel<T, kSilu, V><<<static_cast<unsigned>(p.n * p.c * p.parts), kThreads, 0, stream>>>(
+        dy, x, w, b, mean, rstd, ws.part_a, ws.part_b, p);
+  }
+  bwd_combine_kernel<<<static_cast<unsigned>(p.n * p.groups), kThreads, 0, stream>>>(ws.part_a, ws.part_b, w, mean,
+                                                                                     rstd, ws, p);
+  bwd_weight_grads_kernel<<<blocks_for(p.c, kThreads), kThreads, 0, stream>>>(ws, dweight, dbias, p);
+  const int64_t nv = p.n * p.c * p.s / V;
+  bwd_dx_kernel<T, kSilu, V><<<blocks_for(nv, kThreads), kThreads, 0, stream>>>(dy, x, w, b, mean, rstd, ws.coef_b,
+                                                                               ws.coef_d, dx, p, nv);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kSilu>
+cudaError_t forward_typed(const void* x, const float* w, const float* b, void* y, float* mean, float* rstd,
+                          float* workspace, Plan p, float eps, cudaStream_t stream) {
+  const auto* xt = static_cast<const T*>(x);
+  auto* yt = static_cast<T*>(y);
+  // The fused kernel's vectors stay inside the group's run when m % V == 0 (not S % V).
+  const bool fused_vec = !p.cl && p.m % Vec16<T>::kSize == 0 && aligned16(x) && aligned16(y);
+  const bool vec = can_vectorize(p, {x, y}) || (fused_vec && p.m * sizeof(T) <= static_cast<size_t>(max_dynamic_smem()));
+  if (vec) {
+    p.vec = Vec16<T>::kSize;
+    return forward_launch<T, kSilu, Vec16<T>::kSize>(xt, w, b, yt, mean, rstd, workspace, p, eps, stream);
+  }
+  p.vec = 1;
+  return forward_launch<T, kSilu, 1>(xt, w, b, yt, mean, rstd, workspace, p, eps, stream);
+}
+
+template <typename T, bool kSilu>
+cudaError_t backward_typed(const void* dy, const void* x, const float* w, const float* b, const float* mean,
+                           const float* rstd, void* dx, float* dweight, float* dbias, float* workspace, Plan p,
+                           cudaStream_t stream) {
+  const auto* dyt = static_cast<const T*>(dy);
+  const auto* xt = static_cast<const T*>(x);
+  auto* dxt = static_cast<T*>(dx);
+  if (can_vectorize(p, {dy, x, dx})) {
+    return backward_launch<T, kSilu, Vec16<T>::kSize>(dyt, xt, w, b, mean, rstd, dxt, dweight, dbias, workspace, p,
+                                                      stream);
+  }
+  p.vec = 1;
+  return backward_launch<T, kSilu, 1>(dyt, xt, w, b, mean, rstd, dxt, dweight, dbias, workspace, p, stream);
+}
+
+}  // namespace
+
+size_t group_norm_workspace_floats(DType dtype, int64_t n, int64_t c, int64_t s, int64_t groups, bool channels_last,
+                                   bool backward) {
+  if (n * c * s == 0) return 0;
+  return workspace_floats(make_plan(dtype, n, c, s, groups, channels_last, backward), backward);
+}
+
+cudaError_t group_norm_forward(DType dtype, const void* x, const float* weight, const float* bias, void* y,
+                               float* mean, float* rstd, float* workspace, int64_t n, int64_t c, int64_t s,
+                               int64_t groups, float eps, bool silu, bool channels_last, cudaStream_t stream) {
+  if (n * c * s == 0) return cudaSuccess;
+  const Plan p = make_plan(dtype, n, c, s, groups, channels_last, false);
+  switch (dtype) {
+    case DType::Float32:
+      return silu ? forward_typed<float, true>(x, weight, bias, y, mean, rstd, workspace, p, eps, stream)
+                  : forward_typed<float, false>(x, weight, bias, y, mean, rstd, workspace, p, eps, stream);
+    case DType::Float16:
+      return silu ? forward_typed<__half, true>(x, weight, bias, y, mean, rstd, workspace, p, eps, stream)
+                  : forward_typed<__half, false>(x, weight, bias, y, mean, rstd, workspace, p, eps, stream);
+    case DType::BFloat16:
+      return silu ? forward_typed<__nv_bfloat16, true>(x, weight, bias, y, mean, rstd, workspace, p, eps, stream)
+                  : forward_typed<__nv_bfloat16, false>(x, weight, bias, y, mean, rstd, workspace, p, eps, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t group_norm_backward(DType dtype, const void* dy, const void* x, const float* weight, const float* bias,
+                                const float* mean, const float* rstd, void* dx, float* dweight, float* dbias,
+                                float* workspace, int64_t n, int64_t c, int64_t s, int64_t groups, bool silu,
+                                bool channels_last, cudaStream_t stream) {
+  if (n * c * s == 0) return cudaSuccess;
+  const Plan p = make_plan(dtype, n, c, s, groups, channels_last, true);
+  switch (dtype) {
+    case DType::Float32:
+      return silu ? backward_typed<float, true>(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, workspace, p, stream)
+                  : backward_typed<float, false>(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, workspace, p, stream);
+    case DType::Float16:
+      return silu ? backward_typed<__half, true>(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, workspace, p, stream)
+                  : backward_typed<__half, false>(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, workspace, p, stream);
+    case DType::BFloat16:
+      return silu ? backward_typed<__nv_bfloat16, true>(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, workspace, p,
+                                                        stream)
+                  : backward_typed<__nv_bfloat16, false>(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, workspace, p,
+                                                         stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace ldmfast::cuda

@@ -1,0 +1,25 @@
+// Host-side entry points of the fused GroupNorm (+ SiLU) CUDA kernels (launched on the caller's
+// stream). x, y, dy, dx: dense N x C x S arrays, contiguous (N, C, S) or channels-last (N, S, C);
+// weight, bias: C floats; mean, rstd: N x G floats; dweight, dbias: C floats. `workspace` holds
+// group_norm_workspace_floats(...) floats (8-byte aligned), allocated by the caller.
+#pragma once
+#include <cuda_runtime.h>
+#include <cstddef>
+#include <cstdint>
+#include "dtype.h"
+
+namespace ldmfast::cuda {
+
+size_t group_norm_workspace_floats(DType dtype, int64_t n, int64_t c, int64_t s, int64_t groups, bool channels_last,
+                                   bool backward);
+
+cudaError_t group_norm_forward(DType dtype, const void* x, const float* weight, const float* bias, void* y,
+                               float* mean, float* rstd, float* workspace, int64_t n, int64_t c, int64_t s,
+                               int64_t groups, float eps, bool silu, bool channels_last, cudaStream_t stream);
+
+cudaError_t group_norm_backward(DType dtype, const void* dy, const void* x, const float* weight, const float* bias,
+                                const float* mean, const float* rstd, void* dx, float* dweight, float* dbias,
+                                float* workspace, int64_t n, int64_t c, int64_t s, int64_t groups, bool silu,
+                                bool channels_last, cudaStream_t stream);
+
+}  // namespace ldmfast::cuda
