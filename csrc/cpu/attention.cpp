@@ -13,6 +13,7 @@
 #include <omp.h>
 
 #include "cpu/half.h"
+#include "cpu/vec_math.h"
 
 #ifndef LDMFAST_ISA
 #define LDMFAST_ISA baseline
@@ -33,23 +34,6 @@ inline vec8 load8(const float* p) { vec8 v; __builtin_memcpy(&v, p, sizeof v); r
 inline void store8(float* p, vec8 v) { __builtin_memcpy(p, &v, sizeof v); }
 
 int64_t padded(int64_t dim) { return (dim + kCols - 1) / kCols * kCols; }
-
-// exp(x) for x <= 0 to ~2 ulp, with arithmetic only so that loops over it vectorize (libm's expf
-// does not without -ffast-math). Range reduction by ln 2, then a degree-6 polynomial.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: below it the weight is 0 for all purposes
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + magic) - magic;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-}
 
 // rows x dim block of a (B, H, L, D) operand at (b, h, row0) into dst[r * padded(dim) + d] (fp32);
 // the padding columns are never written, so they keep the zeros the buffer started with.
@@ -173,11 +157,11 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
           float tile_max = -std::numeric_limits<float>::infinity();
           for (int64_t j = 0; j < keys; ++j) tile_max = std::max(tile_max, srow[j] * s.scale);
           const float m_new = std::max(m[r], tile_max);
-          const float alpha = exp_nonpositive(m[r] - m_new);  // exp(-inf) -> 0 on the first tile
+          const float alpha = exp_approx(m[r] - m_new);  // exp(-inf) -> 0 on the first tile
           float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
           for (int64_t j = 0; j < keys; ++j) {
-            srow[j] = exp_nonpositive(srow[j] * s.scale - m_new);
+            srow[j] = exp_approx(srow[j] * s.scale - m_new);
             sum += srow[j];
           }
           l[r] = l[r] * alpha + sum;
@@ -208,7 +192,7 @@ void probabilities_and_score_grads(const float* qb, const float* dob, const floa
     float* dsrow = ds + r * kBlockN;
 #pragma omp simd
     for (int64_t j = 0; j < keys; ++j) {
-      prow[j] = exp_nonpositive(std::min(prow[j] * scale - lse[r], 0.0f));
+      prow[j] = exp_approx(std::min(prow[j] * scale - lse[r], 0.0f));
       dsrow[j] = prow[j] * (dsrow[j] - delta[r]);
     }
   }
