@@ -85,8 +85,14 @@ def speed(args, device, dtype):
     return rows
 
 
+# The high-water mark of this process's resident memory (VmHWM: unlike getrusage's ru_maxrss, it
+# is not inherited from the parent through fork and exec).
 MEMORY_PROBE = """
-import resource, sys, torch, ldmfast.ops as ops
+import sys, torch, ldmfast.ops as ops
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 length, backend, device = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 q, k, v = (torch.randn(1, 1, length, 64, device=device) for _ in range(3))
 with ops.use_backend(backend):  # first-call costs (thread pools, allocator) are not per-L memory
@@ -94,11 +100,11 @@ with ops.use_backend(backend):  # first-call costs (thread pools, allocator) are
 if device == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
 else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = hwm()
 with ops.use_backend(backend):
     ops.attention(q, k, v)
 peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        else hwm())
 print(peak - base)
 """
 
