@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     from ldmfast.data.cli import add_phantom_parser
     add_phantom_parser(sub)
+    from ldmfast.train.cli import add_train_parser
+    add_train_parser(sub)
     return parser
 
 
