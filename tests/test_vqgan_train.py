@@ -14,6 +14,7 @@ from ldmfast.data import make_phantom_dataset
 from ldmfast.models import VQGAN
 from ldmfast.train import ConfigError, VQGANTrainConfig, VQGANTrainer, from_dict, latest_checkpoint, load_config
 from ldmfast.train.checkpoint import checkpoint_paths
+from ldmfast.train.config import read_toml
 
 TINY_TOML = """
 output_dir = "{out}"
@@ -193,16 +194,10 @@ def test_example_configs_load():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     demo = load_config(os.path.join(repo, "configs", "vqgan_demo.toml"), VQGANTrainConfig)
     assert demo.data.phantom is not None and demo.data.size == (64, 64)
-    release = from_dict(VQGANTrainConfig, {**_toml(os.path.join(repo, "configs", "vqgan_release.toml")),
+    release = from_dict(VQGANTrainConfig, {**read_toml(os.path.join(repo, "configs", "vqgan_release.toml")),
                                            "data": {"phantom": {}, "size": [192, 224]}})
     assert release.model.num_codes == 8192 and release.loss.disc_start == 30000
     assert release.optim.lr is None and release.optim.betas == (0.5, 0.9)
-
-
-def _toml(path):
-    import tomllib
-    with open(path, "rb") as f:
-        return tomllib.load(f)
 
 
 def test_two_processes_under_torchrun(tmp_path, phantom_root):

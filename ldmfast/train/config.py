@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
+import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 T = TypeVar("T")
 
