@@ -8,7 +8,7 @@ import torch
 import ldmfast.ops as ops
 from ldmfast.models import (VQGAN, ModelConfigError, PatchDiscriminator, PerceptualLoss, VectorQuantizer,
                             VQGANConfig, adaptive_gan_weight, hinge_d_loss, hinge_g_loss, nearest_codes, norm_act)
-from numerics import rel_err
+from numerics import FP32_TOL, rel_err
 
 
 def tiny(**overrides) -> VQGANConfig:
@@ -307,7 +307,7 @@ def test_from_pretrained_refuses_unknown_config_keys(tmp_path):
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_backend_switch_stays_within_the_numerics_contract(backend):
     """The whole model with fused attention against the float64 reference model: no worse than
-    the fp32 torch reference itself (and under the fp32 tolerance), forward and gradients."""
+    the fp32 torch reference itself and under the fp32 tolerance, output and encoder gradient."""
     torch.manual_seed(0)
     config = tiny(attn_resolutions=[2], attn_heads=2)
     model = VQGAN(config)
@@ -327,4 +327,4 @@ def test_backend_switch_stays_within_the_numerics_contract(backend):
     out, grad = run(model, x, backend)
     for what, fused, ref32, ref64 in (("output", out, out_ref, out64), ("encoder gradient", grad, grad_ref, grad64)):
         err, torch_err = rel_err(fused, ref64), rel_err(ref32, ref64)
-        assert err < 1e-4 and err <= 2 * torch_err + 1e-6, f"{what}: {err:.3g} vs torch fp32 {torch_err:.3g}"
+        assert err < FP32_TOL and err <= 2 * torch_err + 1e-7, f"{what}: {err:.3g} vs torch fp32 {torch_err:.3g}"
