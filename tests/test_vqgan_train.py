@@ -144,10 +144,13 @@ def test_a_killed_checkpoint_write_falls_back_to_the_previous_one(tmp_path, phan
     assert not checkpoint_paths(folder, 1)[1].exists()  # keep_checkpoints = 2
 
 
-def test_resume_refuses_a_different_model(tmp_path, phantom_root):
+def test_resume_refuses_a_different_model_and_takes_a_new_learning_rate(tmp_path, phantom_root):
     path = write_config(tmp_path, phantom_root)
     cfg = load_config(path, VQGANTrainConfig, ["train.steps=1", "train.val_every=0"])
     VQGANTrainer(cfg, progress=False).run()
+    lowered = VQGANTrainer(load_config(path, VQGANTrainConfig, ["optim.lr=2e-4"]), progress=False)
+    assert lowered.step == 1
+    assert all(g["lr"] == 2e-4 for opt in (lowered.opt_g, lowered.opt_d) for g in opt.param_groups)
     with pytest.raises(ConfigError) as info:
         VQGANTrainer(load_config(path, VQGANTrainConfig, ["model.num_codes=64"]), progress=False)
     assert info.value.key == "model.num_codes"

@@ -129,6 +129,11 @@ class VQGANTrainer:
                                                   f"{saved['model'].get(key)!r} in {latest}")
         info = load_checkpoint(latest, modules=self._modules(), optimizers=self._optimizers())
         self.step = info["step"]
+        # The optimizer state brings the saved learning rate; the configured one wins, so that a
+        # resumed run can lower it (unchanged, this is a no-op and resuming stays bit-identical).
+        for optimizer in self._optimizers().values():
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
         if info["meta"]["world_size"] != self.dist.world_size and self.dist.is_main:
             tqdm.write(f"note: resuming a {info['meta']['world_size']}-process run with {self.dist.world_size} "
                        "processes: the batch order differs from an uninterrupted run")
