@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_phantom_parser(sub)
     from ldmfast.metrics.cli import add_evaluate_parser
     add_evaluate_parser(sub)
+    from ldmfast.train.cli import add_train_parser
+    add_train_parser(sub)
     return parser
 
 
