@@ -1,31 +1,18 @@
-"""Greyscale PNG grids of validation slices, written with zlib alone (no imaging library), so a
-run can be looked at while it trains."""
+"""Greyscale PNG grids of validation slices (with ldmfast.metrics' PNG writer: no imaging
+library), so a run can be looked at while it trains."""
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from ldmfast.data.atomic import atomic_path
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+from ldmfast.metrics.png import contour, write_png
 
 
 def write_png_grey(image: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a 2D array in [0, 1] as an 8-bit greyscale PNG, atomically."""
-    pixels = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    h, w = pixels.shape
-    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))  # filter type 0 per row
-    data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b""))
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
+    return write_png(path, (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
 
 
 def reconstruction_grid(targets: np.ndarray, recons: np.ndarray, lesions: np.ndarray, gap: int = 2) -> np.ndarray:
@@ -35,10 +22,7 @@ def reconstruction_grid(targets: np.ndarray, recons: np.ndarray, lesions: np.nda
     tiles_per_row = 5
     grid = np.ones((n * (h + gap) - gap, tiles_per_row * (w + gap) - gap), dtype=np.float32)
     for i in range(n):
-        lesion = lesions[i, 0] > 0.5
-        interior = lesion[1:-1, 1:-1] & lesion[:-2, 1:-1] & lesion[2:, 1:-1] & lesion[1:-1, :-2] & lesion[1:-1, 2:]
-        outline = lesion.copy()
-        outline[1:-1, 1:-1] &= ~interior
+        outline = contour(lesions[i, 0] > 0.5)
         tiles = [targets[i, 0], recons[i, 0], targets[i, 1], recons[i, 1]]
         tiles = [(t + 1.0) / 2.0 for t in tiles] + [np.where(outline, 1.0, (targets[i, 0] + 1.0) / 4.0)]
         for j, tile in enumerate(tiles):
