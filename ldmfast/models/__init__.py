@@ -1,12 +1,15 @@
-"""ldmfast.models: the VQGAN of stage 1 and the blocks the cLDM UNet reuses, built on ldmfast.ops."""
+"""ldmfast.models: the VQGAN of stage 1, the cLDM of stage 2 and their blocks, built on ldmfast.ops."""
+from .cldm import ConditionalLDM, CTPCondition
 from .discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from .layers import AttnBlock, Downsample, ResnetBlock, Upsample, norm_act
 from .perceptual import PerceptualLoss
 from .quantizer import QuantizerOutput, VectorQuantizer, nearest_codes
+from .unet import UNet, UNetConfig, timestep_embedding
 from .vqgan import VQGAN, Decoder, Encoder, ModelConfigError, VQGANConfig
 
 __all__ = [
-    "AttnBlock", "Decoder", "Downsample", "Encoder", "ModelConfigError", "PatchDiscriminator", "PerceptualLoss",
-    "QuantizerOutput", "ResnetBlock", "Upsample", "VQGAN", "VQGANConfig", "VectorQuantizer", "adaptive_gan_weight",
-    "hinge_d_loss", "hinge_g_loss", "nearest_codes", "norm_act",
+    "AttnBlock", "CTPCondition", "ConditionalLDM", "Decoder", "Downsample", "Encoder", "ModelConfigError",
+    "PatchDiscriminator", "PerceptualLoss", "QuantizerOutput", "ResnetBlock", "UNet", "UNetConfig", "Upsample",
+    "VQGAN", "VQGANConfig", "VectorQuantizer", "adaptive_gan_weight", "hinge_d_loss", "hinge_g_loss",
+    "nearest_codes", "norm_act", "timestep_embedding",
 ]
