@@ -46,7 +46,8 @@ class UNetConfig:
                                        f"{self.head_channels} does not divide {width} channels (level {level})")
         bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channel_mult)]
         if bad:
-            raise ModelConfigError("attention_levels", f"{bad} are not levels of channel_mult {list(self.channel_mult)}")
+            raise ModelConfigError("attention_levels",
+                                   f"{bad} are not levels of channel_mult {list(self.channel_mult)}")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
