@@ -184,3 +184,15 @@ def test_preview_png_is_a_valid_greyscale_png(tmp_path):
     idat_len = struct.unpack(">I", data[33:37])[0]
     raw = zlib.decompress(data[41:41 + idat_len])
     assert len(raw) == height * (width + 1)
+
+
+def test_lr_schedule():
+    from ldmfast.train.lr_schedule import lr_at
+    assert lr_at(0, 1e-3, 100) == lr_at(99, 1e-3, 100) == 1e-3
+    assert lr_at(0, 1.0, 100, "cosine", warmup_steps=10) == 0.1
+    assert lr_at(9, 1.0, 100, "cosine", warmup_steps=10) == 1.0
+    assert lr_at(10, 1.0, 100, "cosine", warmup_steps=10) == 1.0
+    assert abs(lr_at(55, 1.0, 100, "cosine", warmup_steps=10) - 0.5) < 1e-12
+    assert abs(lr_at(100, 1.0, 100, "cosine", min_lr_ratio=0.1) - 0.1) < 1e-12
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(5, 1.0, 100, "linear")

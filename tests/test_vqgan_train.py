@@ -168,6 +168,8 @@ def test_resume_refuses_a_different_model_and_takes_a_new_learning_rate(tmp_path
     ("train.amp='fp8'", "train.amp"),
     ("train.steps=0", "train.steps"),
     ("optim.betas=[0.5]", "optim.betas"),
+    ("optim.schedule='linear'", "optim.schedule"),
+    ("optim.min_lr_ratio=2.0", "optim.min_lr_ratio"),
     ("data.val_fraction=1.5", "data.val_fraction"),
     ("data.root='/nonexistent/folder'", "data.root"),
     ("data.phantom={cases=4}", "data.root"),

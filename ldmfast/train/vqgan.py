@@ -28,6 +28,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, wri
 from .config import ConfigError, to_dict
 from .data import TrainBatches, build_datasets, validation_loader
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .lr_schedule import lr_at
 from .metrics_log import MetricsLog
 from .preview import reconstruction_grid, write_png_grey
 from .vqgan_config import VQGANTrainConfig
@@ -131,9 +132,7 @@ class VQGANTrainer:
         self.step = info["step"]
         # The optimizer state brings the saved learning rate; the configured one wins, so that a
         # resumed run can lower it (unchanged, this is a no-op and resuming stays bit-identical).
-        for optimizer in self._optimizers().values():
-            for group in optimizer.param_groups:
-                group["lr"] = self.lr
+        self._apply_lr()
         if info["meta"]["world_size"] != self.dist.world_size and self.dist.is_main:
             tqdm.write(f"note: resuming a {info['meta']['world_size']}-process run with {self.dist.world_size} "
                        "processes: the batch order differs from an uninterrupted run")
@@ -193,9 +192,20 @@ class VQGANTrainer:
         sums["perplexity"] += q.perplexity.item()
         sums["code_usage"] += q.usage.item()
 
+    def current_lr(self) -> float:
+        o = self.config.optim
+        return lr_at(self.step, self.lr, self.config.train.steps, o.schedule, o.warmup_steps, o.min_lr_ratio)
+
+    def _apply_lr(self) -> None:
+        self.last_lr = self.current_lr()
+        for optimizer in self._optimizers().values():
+            for group in optimizer.param_groups:
+                group["lr"] = self.last_lr
+
     def train_step(self, batches) -> dict:
         """One optimizer update over `grad_accum` micro-batches; returns the mean of each loss."""
         t = self.config.train
+        self._apply_lr()
         gan_on = self.step >= self.config.loss.disc_start
         self.model.train()
         self.disc.train()
@@ -280,7 +290,7 @@ class VQGANTrainer:
                     elapsed = time.perf_counter() - window_start
                     losses["sec_per_step"] = elapsed / window_steps
                     losses["samples_per_sec"] = window_steps * self.effective_batch / elapsed
-                    losses["lr"] = self.lr
+                    losses["lr"] = self.last_lr
                     window_start, window_steps = time.perf_counter(), 0
                     if self.log:
                         self.log.write(self.step, "train", losses)

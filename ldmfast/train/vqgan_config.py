@@ -9,6 +9,7 @@ from ldmfast.models import ModelConfigError, VQGANConfig
 
 from .config import ConfigError
 from .data import DataSection
+from .lr_schedule import LR_SCHEDULES
 
 AMP_CHOICES = ("auto", "bf16", "off")
 SWITCH_CHOICES = ("auto", "on", "off")
@@ -50,8 +51,17 @@ class OptimSection:
     lr: float | None = None
     base_lr: float = 4.5e-6
     betas: tuple[float, float] = (0.5, 0.9)
+    schedule: str = "constant"   # or "cosine": decays to min_lr_ratio x lr at train.steps
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
 
     def check(self, prefix: str) -> None:
+        if self.schedule not in LR_SCHEDULES:
+            raise ConfigError(f"{prefix}.schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{prefix}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{prefix}.min_lr_ratio", f"must be within [0, 1], got {self.min_lr_ratio}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"{prefix}.lr", f"must be > 0, got {self.lr}")
         if self.base_lr <= 0:
