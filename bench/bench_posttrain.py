@@ -1,0 +1,282 @@
+"""Peak memory and time of one lesion-aware post-training step (PAPER.md stage 3: forward,
+backward and AdamW step of the UNet and the condition module), four ways, side by side:
+
+  naive             what a direct implementation does: D(x0_hat) and the target D(z0) both decoded
+                    by `vqgan.decode` with the graph recorded (the decoder's parameters still require
+                    gradients; it is "frozen" only by being left out of the optimizer), so the
+                    backward runs through two decoders and computes their weight gradients
+  no_ckpt           ldmfast.train.posttrain_loss without checkpointing: the target decoded without
+                    gradient, D(x0_hat) differentiable in x0_hat only
+  decoder_ckpt      the same with gradient checkpointing of each decoder block (the default)
+  decoder_unet_ckpt and UNet.gradient_checkpointing
+
+    python bench/bench_posttrain.py                              # CPU: --config small
+    python bench/bench_posttrain.py --device cuda                # GPU: --config release, bf16
+    python bench/bench_posttrain.py --device cuda --max-batch    # + the largest batch under 80 GiB
+    python bench/bench_posttrain.py --threads 1 --cpu-time       # CPU time of one thread (shared machines)
+
+Configs: small = VQGANConfig.demo() and UNetConfig.demo() on 96 x 112 slices, batch 6;
+release = PAPER.md's VQGAN and UNet on 192 x 224 slices, batch 6. Encoding z0 is not part of the
+step (the same for all four). Memory: on the CPU, the peak resident memory (VmHWM) of a fresh
+process per variant over its first steps, above its resident memory once models, batch and
+optimizer state exist; on a GPU, torch.cuda.max_memory_allocated over a step, in total and above
+the memory allocated before it (models, optimizer state, batch). Time: the minimum over
+alternating rounds of the four variants in one process (robust to a shared machine).
+Goals on a GPU: decoder checkpointing at most 40% of naive's peak for at most 1.3x its time.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from ldmfast.diffusion import NoiseSchedule  # noqa: E402
+from ldmfast.models import VQGAN, ConditionalLDM, UNetConfig, VQGANConfig, to_latent  # noqa: E402
+from ldmfast.train import PostTrainLossConfig, posttrain_loss  # noqa: E402
+
+VARIANTS = ("naive", "no_ckpt", "decoder_ckpt", "decoder_unet_ckpt")
+CONFIGS = {"small": (96, 112), "release": (192, 224)}
+
+
+class Setup:
+    """Models, optimizer and one batch of a post-training step."""
+
+    def __init__(self, config: str, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
+        torch.manual_seed(seed)
+        size = CONFIGS[config]
+        small = config == "small"
+        vq_config = VQGANConfig.demo() if small else VQGANConfig.release()
+        unet_config = UNetConfig.demo() if small else UNetConfig()
+        unet_config.in_channels, unet_config.out_channels = vq_config.latent_channels + 15, vq_config.latent_channels
+        fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        # Eval mode, parameters left requiring gradients: the naive variant needs them, and
+        # posttrain_loss gives them none whatever their flag.
+        self.vqgan = VQGAN(vq_config).to(device, memory_format=fmt).eval()
+        self.ldm = ConditionalLDM(unet_config, latent_channels=vq_config.latent_channels).to(device, memory_format=fmt)
+        self.ldm.train()
+        self.optimizer = torch.optim.AdamW(self.ldm.parameters(), lr=2e-6 * batch)
+        self.schedule = NoiseSchedule()
+        self.device, self.dtype = device, dtype
+        g = torch.Generator(device=device).manual_seed(seed)
+        h, w = size
+        self.image = (torch.rand(batch, 2, h, w, device=device, generator=g) * 2 - 1).contiguous(memory_format=fmt)
+        self.ctp = (torch.rand(batch, 15, h, w, device=device, generator=g) * 2 - 1).contiguous(memory_format=fmt)
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, h, device=device), torch.linspace(-1, 1, w, device=device),
+                                indexing="ij")
+        self.brain = (yy ** 2 + xx ** 2 < 0.8).float().expand(batch, 1, h, w).contiguous()
+        self.lesion = ((yy - 0.2) ** 2 + (xx + 0.3) ** 2 < 0.02).float().expand(batch, 1, h, w).contiguous()
+        with torch.no_grad(), self.autocast():
+            self.z0 = to_latent(self.vqgan, self.image).float()
+        self.generator = g
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def init_optimizer_state(self) -> None:
+        """AdamW's moments exist from here on, as in a run past its first step (a zero-gradient
+        step allocates them; the update it makes does not matter to a benchmark)."""
+        for p in self.ldm.parameters():
+            p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, variant: str) -> float:
+        self.ldm.unet.gradient_checkpointing = variant == "decoder_unet_ckpt"
+        with self.autocast():
+            if variant == "naive":
+                loss = naive_loss(self)
+            else:
+                config = PostTrainLossConfig(decoder_checkpoint=variant != "no_ckpt")
+                loss = posttrain_loss(self.ldm.denoiser(self.ctp), self.vqgan, self.schedule, self.z0, self.image,
+                                      self.brain, self.lesion, config=config, generator=self.generator).total
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.vqgan.zero_grad(set_to_none=True)  # the naive way leaves weight gradients there
+        return loss.item()
+
+
+def naive_loss(s: Setup) -> torch.Tensor:
+    """PAPER.md's loss as a direct implementation writes it (module docstring: naive)."""
+    n = s.z0.shape[0]
+    t = torch.randint(0, s.schedule.num_steps, (n,), device=s.device, generator=s.generator)
+    noise = torch.randn(s.z0.shape, device=s.device, generator=s.generator)
+    x_t = s.schedule.add_noise(s.z0, noise, t)
+    eps_hat = s.ldm.denoiser(s.ctp)(x_t, t)
+    latent = torch.mean((eps_hat.float() - noise) ** 2)
+    x0_hat = s.schedule.predict_x0(x_t, t, eps_hat.float(), "eps")
+    decoded = s.vqgan.decode(s.vqgan.quantize(x0_hat).z_q)
+    target = s.vqgan.decode(s.vqgan.quantize(s.z0).z_q)
+    error = (decoded.float() - target.float()).square().sum(1, keepdim=True)
+    image = error.sum() / s.brain.sum()
+    lesion = (error * s.lesion).sum() / s.lesion.sum().clamp(min=1)
+    return latent + 0.01 * image + 0.02 * lesion
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+def _status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def probe_cpu_memory(args) -> dict:
+    """Run in a fresh process (cpu_memory sets its malloc up): peak resident memory of steps of
+    `args.probe`, after a warm-up step that pages in code and creates thread pools and caches."""
+    s = Setup(args.config, args.batch, torch.device("cpu"), torch.float32)
+    s.init_optimizer_state()
+    s.step(args.probe)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so the baseline is what is live
+    base = _status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    for _ in range(args.probe_steps):
+        s.step(args.probe)
+    peak = _status_bytes("VmHWM")
+    return {"peak_MiB": peak / 2**20, "extra_MiB": (peak - base) / 2**20}
+
+
+def cpu_memory(args) -> dict[str, dict]:
+    out = {}
+    for variant in VARIANTS:
+        cmd = [sys.executable, __file__, "--probe", variant, "--config", args.config, "--batch", str(args.batch),
+               "--threads", str(torch.get_num_threads())]
+        # A fixed mmap threshold: every tensor of 128 KiB or more is its own mapping, returned to
+        # the system when freed, so resident memory follows live tensors (glibc otherwise raises
+        # the threshold as blocks are freed and keeps them in its heap).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        out[variant] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+def cuda_memory(s: Setup, variant: str) -> dict:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    s.step(variant)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_MiB": peak / 2**20, "extra_MiB": (peak - base) / 2**20}
+
+
+def largest_batch(args, device, dtype, variant: str, limit: int = 1024) -> int:
+    """The largest batch whose step fits (doubling, then bisection), models rebuilt per try."""
+    def fits(batch: int) -> bool:
+        s = None
+        try:
+            s = Setup(args.config, batch, device, dtype)
+            s.init_optimizer_state()
+            s.step(variant)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            del s
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, 1
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# ---- time ------------------------------------------------------------------------------------
+
+def alternating_min_ms(s: Setup, rounds: int, clock=time.perf_counter) -> dict[str, float]:
+    """Milliseconds per step of each variant: the minimum over rounds that run all variants in turn.
+    clock=time.thread_time counts this thread's CPU time only (one thread: the CPU autograd engine
+    runs the backward in the calling thread)."""
+    best = {v: float("inf") for v in VARIANTS}
+    sync = torch.cuda.synchronize if s.device.type == "cuda" else (lambda: None)
+    for v in VARIANTS:  # warm-up: first-call costs are not the steady state
+        s.step(v)
+    for _ in range(rounds):
+        for v in VARIANTS:
+            sync()
+            start = clock()
+            s.step(v)
+            sync()
+            best[v] = min(best[v], (clock() - start) * 1e3)
+    return best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--config", choices=list(CONFIGS), help="default: small on the CPU, release on a GPU")
+    p.add_argument("--batch", type=int, default=6)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast dtype; default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds (each runs every variant once)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--cpu-time", action="store_true", help="time by this thread's CPU time (needs --threads 1)")
+    p.add_argument("--max-batch", action="store_true", help="GPU: search the largest batch per variant")
+    p.add_argument("--memory-cap-gib", type=float, default=80.0, help="GPU memory the batch search may use")
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--probe", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--probe-steps", type=int, default=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    args.config = args.config or ("release" if on_gpu else "small")
+    if args.probe:
+        print(json.dumps(probe_cpu_memory(args)))
+        return 0
+    if args.cpu_time and (on_gpu or torch.get_num_threads() != 1):
+        p.error("--cpu-time measures one CPU thread: use it with --device cpu --threads 1")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+
+    s = Setup(args.config, args.batch, device, dtype)
+    s.init_optimizer_state()
+    memory = {v: cuda_memory(s, v) for v in VARIANTS} if on_gpu else cpu_memory(args)
+    ms = alternating_min_ms(s, args.rounds, time.thread_time if args.cpu_time else time.perf_counter)
+    del s
+    max_batch = {}
+    if on_gpu and args.max_batch:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
+        max_batch = {v: largest_batch(args, device, dtype, v) for v in VARIANTS}
+
+    size = CONFIGS[args.config]
+    rows = []
+    for v in VARIANTS:
+        row = {"variant": v, "config": args.config, "batch": args.batch, "size": f"{size[0]}x{size[1]}",
+               "dtype": str(dtype).replace("torch.", ""), "step_ms": ms[v], "time_vs_naive": ms[v] / ms["naive"],
+               **memory[v], "peak_vs_naive": memory[v]["peak_MiB"] / memory["naive"]["peak_MiB"],
+               "extra_vs_naive": memory[v]["extra_MiB"] / memory["naive"]["extra_MiB"]}
+        if v in max_batch:
+            row["max_batch"] = max_batch[v]
+        rows.append(row)
+    columns = ["variant", "config", "batch", "size", "dtype", "step_ms", "time_vs_naive", "peak_MiB",
+               "peak_vs_naive", "extra_MiB", "extra_vs_naive"] + (["max_batch"] if max_batch else [])
+    print(f"post-training step on {common.device_tag(device)} ({torch.get_num_threads()} threads), "
+          f"{args.config} config; memory: {'max_memory_allocated' if on_gpu else 'VmHWM of a fresh process'}")
+    common.print_table(rows, columns)
+    if not args.no_save:
+        meta = {"config": args.config, "rounds": args.rounds,
+                "clock": "thread_time" if args.cpu_time else "perf_counter",
+                "memory": "max_memory_allocated" if on_gpu else "VmHWM of a fresh process per variant",
+                "memory_cap_GiB": args.memory_cap_gib if max_batch else None}
+        name = "posttrain-cputime" if args.cpu_time else "posttrain"
+        print(f"saved {common.save(name, device, rows, meta)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
