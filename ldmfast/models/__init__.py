@@ -1,5 +1,5 @@
 """ldmfast.models: the VQGAN of stage 1, the cLDM of stage 2 and their blocks, built on ldmfast.ops."""
-from .cldm import ConditionalLDM, CTPCondition
+from .cldm import ConditionalLDM, CTPCondition, DiffusionConfig, load_autoencoder
 from .discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from .layers import AttnBlock, Downsample, ResnetBlock, Upsample, norm_act
 from .perceptual import PerceptualLoss
@@ -8,7 +8,7 @@ from .unet import UNet, UNetConfig, timestep_embedding
 from .vqgan import VQGAN, Decoder, Encoder, ModelConfigError, VQGANConfig
 
 __all__ = [
-    "AttnBlock", "CTPCondition", "ConditionalLDM", "Decoder", "Downsample", "Encoder", "ModelConfigError",
+    "AttnBlock", "CTPCondition", "ConditionalLDM", "Decoder", "DiffusionConfig", "load_autoencoder", "Downsample", "Encoder", "ModelConfigError",
     "PatchDiscriminator", "PerceptualLoss", "QuantizerOutput", "ResnetBlock", "UNet", "UNetConfig", "Upsample",
     "VQGAN", "VQGANConfig", "VectorQuantizer", "adaptive_gan_weight", "hinge_d_loss", "hinge_g_loss",
     "nearest_codes", "norm_act", "timestep_embedding",
