@@ -173,7 +173,7 @@ def test_resume_refuses_a_different_unet(tmp_path, phantom_root, autoencoder_dir
 def test_example_configs_load(autoencoder_dir):
     from ldmfast.train.config import from_dict, read_toml
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    demo = from_dict(LDMTrainConfig, {**read_toml(os.path.join(repo, "configs", "ldm_demo.toml")),
+    demo = from_dict(LDMTrainConfig, {**read_toml(os.path.join(repo, "ldmfast", "configs", "ldm_demo.toml")),
                                       "autoencoder": str(autoencoder_dir)})
     assert demo.data.phantom is not None and demo.train.val_sample_steps > 0
     release = from_dict(LDMTrainConfig, {**read_toml(os.path.join(repo, "configs", "ldm_release.toml")),

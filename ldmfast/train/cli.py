@@ -5,8 +5,8 @@ import argparse
 import sys
 
 _VQGAN_EXAMPLE = """example:
-  ldmfast train vqgan --config configs/vqgan_demo.toml
-  ldmfast train vqgan --config configs/vqgan_demo.toml --set train.steps=3000 --resume
+  ldmfast train vqgan --config ldmfast/configs/vqgan_demo.toml
+  ldmfast train vqgan --config ldmfast/configs/vqgan_demo.toml --set train.steps=3000 --resume
   torchrun --nproc_per_node 4 -m ldmfast train vqgan --config configs/vqgan_release.toml
 
 a configuration (TOML; every key not given keeps its default):
@@ -43,13 +43,13 @@ a configuration (TOML; every key not given keeps its default):
   ckpt_every = 2000
   amp = "auto"                        # bf16 autocast on GPU
 
-See configs/vqgan_demo.toml and configs/vqgan_release.toml for complete files.
+See ldmfast/configs/vqgan_demo.toml and configs/vqgan_release.toml for complete files.
 """
 
 
 _LDM_EXAMPLE = """example:
-  ldmfast train ldm --config configs/ldm_demo.toml
-  ldmfast train ldm --config configs/ldm_demo.toml --set train.steps=2000 --set train.ema_decay=0.999
+  ldmfast train ldm --config ldmfast/configs/ldm_demo.toml
+  ldmfast train ldm --config ldmfast/configs/ldm_demo.toml --set train.steps=2000 --set train.ema_decay=0.999
   torchrun --nproc_per_node 4 -m ldmfast train ldm --config configs/ldm_release.toml
 
 a configuration (TOML; every key not given keeps its default, the paper's release):
@@ -62,7 +62,26 @@ a configuration (TOML; every key not given keeps its default, the paper's releas
   [train]                             # batch_size = 48, steps, ema_decay, latent_cache = true,
                                       # val_sample_steps (DDIM steps of validation syntheses)
 
-See configs/ldm_demo.toml and configs/ldm_release.toml for complete files.
+See ldmfast/configs/ldm_demo.toml and configs/ldm_release.toml for complete files.
+"""
+
+_POSTTRAIN_EXAMPLE = """example:
+  ldmfast train posttrain --config ldmfast/configs/posttrain_demo.toml
+  ldmfast train posttrain --config ldmfast/configs/posttrain_demo.toml --set posttrain.image_loss=l1
+  torchrun --nproc_per_node 4 -m ldmfast train posttrain --config configs/posttrain_release.toml
+
+a configuration (TOML; every key not given keeps its default, the paper's release):
+  output_dir = "runs/posttrain"       # checkpoints, metrics.jsonl, samples/, ldm/ (the model)
+  init = "runs/ldm/ldm"               # the trained cLDM folder (UNet, schedule, autoencoder)
+  [data]                              # as for `train ldm`
+  [posttrain]                         # lambda_img = 0.01, lambda_les = 0.02, image_loss = "l2",
+                                      # image_target = "decoded" (D(z0)), timestep_weighting = "none",
+                                      # decoder_checkpoint = true (per decoder block)
+  [optim]                             # AdamW; lr = base_lr (2e-6) x effective batch (6)
+  [train]                             # batch_size = 6, steps, early_stop_metric = "latent_loss",
+                                      # early_stop_patience (validations; 0 = off), unet_checkpoint
+
+See ldmfast/configs/posttrain_demo.toml and configs/posttrain_release.toml for complete files.
 """
 
 #: stage name -> (help, description, epilog, handler's "module:function config-class" names)
@@ -74,6 +93,10 @@ _STAGES = {
             "Train the cLDM of stage 2 on the latents of a trained, frozen autoencoder (encoded once and "
             "cached), conditioned on CTP.", _LDM_EXAMPLE,
             ("ldm", "train_ldm", "ldm_config", "LDMTrainConfig", "ldm")),
+    "posttrain": ("lesion-aware post-training of a trained cLDM (stage 3)",
+                  "Post-train a cLDM with the latent, image and lesion losses of PAPER.md through the frozen, "
+                  "gradient-checkpointed decoder.", _POSTTRAIN_EXAMPLE,
+                  ("posttrain", "train_posttrain", "posttrain_config", "PostTrainConfig", "ldm")),
 }
 
 
