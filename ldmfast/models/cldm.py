@@ -22,8 +22,9 @@ from torch import nn
 from ldmfast.data.atomic import atomic_path
 from ldmfast.diffusion import PARAMETERIZATIONS, SCHEDULES, SPACINGS, DDIMSampler, NoiseSchedule
 
+from .latent_codec import decode_latent, load_autoencoder, to_latent
 from .unet import UNet, UNetConfig
-from .vqgan import CONFIG_NAME, VQGAN, WEIGHTS_NAME, ModelConfigError
+from .vqgan import CONFIG_NAME, WEIGHTS_NAME, ModelConfigError
 
 AUTOENCODER_DIR = "autoencoder"
 
@@ -70,17 +71,6 @@ class CTPCondition(nn.Module):
         for _ in range(self.halvings):
             ctp = F.interpolate(ctp, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=False)
         return self.proj(ctp)
-
-
-def load_autoencoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """The autoencoder of a `save_pretrained` folder, by the "model" its config.json names."""
-    config = Path(path) / CONFIG_NAME
-    if not config.is_file():
-        raise FileNotFoundError(f"{config}: not found; expected an autoencoder folder (VQGAN.save_pretrained)")
-    kind = json.loads(config.read_text()).get("model")
-    if kind == "VQGAN":
-        return VQGAN.from_pretrained(path, device)
-    raise ValueError(f"{config}: unknown autoencoder model {kind!r}")
 
 
 class ConditionalLDM(nn.Module):
@@ -147,17 +137,14 @@ class ConditionalLDM(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """The diffusion latents z0 of (N, 2, H, W) DWI/ADC images: the autoencoder's continuous
-        latent (before quantization, as the latent-diffusion release trains), scaled."""
-        return self._need_autoencoder().encode(images) * self.diffusion.latent_scale
+        """The diffusion latents z0 of (N, 2, H, W) DWI/ADC images (`latent_codec.to_latent`: the
+        VQGAN's continuous latent before quantization, as the latent-diffusion release trains;
+        a KL autoencoder's posterior mean), scaled."""
+        return to_latent(self._need_autoencoder(), images) * self.diffusion.latent_scale
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images of diffusion latents (quantized first where the autoencoder quantizes)."""
-        ae = self._need_autoencoder()
-        z = z / self.diffusion.latent_scale
-        if hasattr(ae, "quantize"):
-            z = ae.quantize(z).z_q
-        return ae.decode(z)
+        return decode_latent(self._need_autoencoder(), z / self.diffusion.latent_scale, straight_through=True)
 
     @torch.no_grad()
     def generate(self, ctp: torch.Tensor, seeds: Sequence[int], *, steps: int = 50, eta: float = 0.0,

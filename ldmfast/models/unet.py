@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import AttnBlock, Downsample, ResnetBlock, Upsample, norm_act
 from .vqgan import ModelConfigError
@@ -60,10 +61,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class UNet(nn.Module):
+    """gradient_checkpointing: when True, training-mode forwards that record gradients recompute
+    each block (a residual block with its attention, a downsampling, the middle) in the backward
+    instead of keeping its activations (torch.utils.checkpoint, use_reentrant=False: the same
+    gradients for less memory and about one more forward of time)."""
+
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
         self.config = config = config or UNetConfig()
         config.validate()
+        self.gradient_checkpointing = False
         base, groups = config.base_channels, config.norm_groups
         temb = 4 * base
         self.time_embed = nn.Sequential(nn.Linear(base, temb), nn.SiLU(), nn.Linear(temb, temb))
@@ -108,15 +115,26 @@ class UNet(nn.Module):
             h = block(h, emb) if isinstance(block, ResnetBlock) else block(h)
         return h
 
+    @classmethod
+    def _run_up(cls, blocks: nn.ModuleList, h: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # The concatenation is inside, so a checkpointed up block keeps h and skip, not their concat.
+        return cls._run(blocks, torch.cat([h, skip], dim=1), emb)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (N, in_channels, H, W) with H, W divisible by 2^(levels-1); t: (N,) timesteps."""
         emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(x.dtype))
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            def call(fn, *args):
+                return checkpoint(fn, *args, use_reentrant=False)
+        else:
+            def call(fn, *args):
+                return fn(*args)
         h = self.conv_in(x)
         skips = [h]
         for blocks in self.down:
-            h = self._run(blocks, h, emb)
+            h = call(self._run, blocks, h, emb)
             skips.append(h)
-        h = self._run(self.middle, h, emb)
+        h = call(self._run, self.middle, h, emb)
         for blocks in self.up:
-            h = self._run(blocks, torch.cat([h, skips.pop()], dim=1), emb)
+            h = call(self._run_up, blocks, h, skips.pop(), emb)
         return self.conv_out(self.norm_out(h))

@@ -3,10 +3,12 @@ training commands, and the stage 1 (VQGAN) training loop."""
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, from_dict, load_config
 from .distributed import DistInfo, init_distributed, shutdown_distributed
+from .posttrain_loss import PostTrainLoss, PostTrainLossConfig, posttrain_loss
 from .vqgan import VQGANTrainer, train_vqgan
 from .vqgan_config import VQGANTrainConfig
 
 __all__ = [
     "ConfigError", "DistInfo", "VQGANTrainConfig", "VQGANTrainer", "from_dict", "init_distributed",
     "latest_checkpoint", "load_checkpoint", "load_config", "save_checkpoint", "shutdown_distributed", "train_vqgan",
+    "PostTrainLoss", "PostTrainLossConfig", "posttrain_loss",
 ]
