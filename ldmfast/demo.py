@@ -8,7 +8,6 @@ finished stage is not run again.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from importlib import resources
