@@ -73,7 +73,7 @@ def test_cli_post_trains_and_keeps_the_autoencoder(tmp_path, phantom_root, init_
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert all(r["latent"] > 0 and r["image"] > 0 and r["lesion"] >= 0 for r in train)
     val = [r for r in records(run) if r["kind"] == "val"]
-    assert all(v["latent_loss"] > 0 and v["lesion_mae"] is not None for v in val)
+    assert all(v["latent_loss"] > 0 and v["lesion_mae"] is not None and v["x0_lesion_mae"] > 0 for v in val)
     before, after = ConditionalLDM.from_pretrained(init_dir), ConditionalLDM.from_pretrained(run / "ldm")
     for (name, a), b in zip(before.autoencoder.state_dict().items(), after.autoencoder.state_dict().values()):
         assert torch.equal(a, b), f"autoencoder {name} changed"

@@ -158,18 +158,25 @@ class LDMTrainer(StageTrainer):
         return t.to(self.device), noise.to(self.device, z0.dtype)
 
     @torch.no_grad()
-    def _latent_loss_sums(self, batch_index: int, batch: dict) -> torch.Tensor:
-        """(sum of per-slice latent losses, slices) of one validation batch."""
+    def _validation_batch(self, batch_index: int, batch: dict, one_step: ImageErrorSums | None) -> torch.Tensor:
+        """(sum of per-slice latent losses, slices) of one validation batch; with `one_step`, the
+        one-step prediction x0_hat is decoded and its image errors added there."""
         z0 = self._latents(batch)
         ctp = batch["ctp"].to(self.device)
         t, noise = self._val_noise(batch_index, z0)
+        schedule, parameterization = self.model.schedule, self.model.diffusion.parameterization
         with self._autocast():
-            z_t = self.model.schedule.add_noise(z0, noise, t)
+            z_t = schedule.add_noise(z0, noise, t)
             out = self.model(z_t, t, ctp).float()
-        target = self.model.schedule.target(z0, noise, t, self.model.diffusion.parameterization)
-        per_slice = (out - target.float()).square().mean(dim=(1, 2, 3))
+        per_slice = (out - schedule.target(z0, noise, t, parameterization).float()).square().mean(dim=(1, 2, 3))
+        if one_step is not None:
+            x0_hat = schedule.predict_x0(z_t.float(), t, out, parameterization)
+            one_step.add(self.model.decode(x0_hat), batch["target"].to(self.device), batch["lesion"].to(self.device))
         return torch.stack([per_slice.sum().double(), torch.tensor(float(z0.shape[0]), dtype=torch.float64,
                                                                    device=self.device)])
+
+    #: whether validation decodes the one-step x0_hat (post-training's image and lesion terms)
+    validate_one_step = False
 
     def _sample_indices(self) -> list[int]:
         """The held-out slices validation synthesizes: those with the largest lesions first."""
@@ -202,15 +209,22 @@ class LDMTrainer(StageTrainer):
 
     @torch.no_grad()
     def validate(self) -> dict:
+        """Latent loss at fixed timesteps and noise on every held-out slice (and, for
+        post-training, MAE and lesion MAE of the decoded one-step x0_hat: "x0_mae",
+        "x0_lesion_mae"); with train.val_sample_steps, DDIM syntheses' MAE, lesion MAE and PSNR."""
         self.model.eval()
         with self._averaged():
             totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+            one_step = ImageErrorSums(self.device) if self.validate_one_step else None
             loader = validation_loader(self.val_set, self.config.train.batch_size, self.dist,
                                        self.config.data.num_workers)
             for i, batch in enumerate(loader):
-                totals += self._latent_loss_sums(i * self.dist.world_size + self.dist.rank, batch)
+                totals += self._validation_batch(i * self.dist.world_size + self.dist.rank, batch, one_step)
             all_reduce_sum(totals)
             metrics = {"latent_loss": (totals[0] / totals[1].clamp_min(1)).item()}
+            if one_step is not None:
+                m = one_step.reduce()
+                metrics.update(x0_mae=m["mae"], x0_lesion_mae=m["lesion_mae"])
             if self.config.train.val_sample_steps:
                 metrics.update(self._sampled_metrics())
         return metrics

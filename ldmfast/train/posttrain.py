@@ -23,6 +23,7 @@ from .posttrain_loss import NO_BRAIN_WARNING, posttrain_loss
 class PostTrainer(LDMTrainer):
     stage = "posttrain"
     resume_sections = ("init", "posttrain")
+    validate_one_step = True
 
     def __init__(self, config: PostTrainConfig, *, resume: bool | None = None, progress: bool = True,
                  dist_info: DistInfo | None = None):
@@ -42,6 +43,10 @@ class PostTrainer(LDMTrainer):
 
     def _postfix(self, losses: dict) -> dict:
         return {"loss": f"{losses['loss']:.4f}", "les": f"{losses['lesion']:.4f}"}
+
+    def _describe_validation(self, m: dict) -> str:
+        return (super()._describe_validation(m) + f", one-step MAE {m['x0_mae']:.4f}, "
+                f"one-step lesion MAE {m['x0_lesion_mae']:.4f}")
 
     def _batch_loss(self, batch: dict, sums: dict) -> torch.Tensor | None:
         z0 = self._latents(batch).contiguous(memory_format=self.memory_format)

@@ -12,13 +12,14 @@ from .data import DataSection
 from .ldm_config import AdamWSection, LDMTrainSection
 from .posttrain_loss import PostTrainLossConfig
 
-EARLY_STOP_METRICS = ("latent_loss", "mae", "lesion_mae")
+EARLY_STOP_METRICS = ("latent_loss", "x0_mae", "x0_lesion_mae", "mae", "lesion_mae")
 
 
 @dataclass
 class PostTrainSection(LDMTrainSection):
     """As `train ldm`'s, plus early stopping: after `early_stop_patience` validations without a
-    better `early_stop_metric` (lower is better; "mae" and "lesion_mae" need val_sample_steps > 0),
+    better `early_stop_metric` (lower is better; "x0_mae" and "x0_lesion_mae": the decoded one-step
+    prediction's; "mae" and "lesion_mae": DDIM syntheses', which need val_sample_steps > 0),
     training stops; the exported model is then the best one (0 = no early stopping: the latest).
     `unet_checkpoint` checkpoints the UNet's blocks too (memory for compute)."""
 
@@ -32,7 +33,7 @@ class PostTrainSection(LDMTrainSection):
         if self.early_stop_metric not in EARLY_STOP_METRICS:
             raise ConfigError(f"{prefix}.early_stop_metric",
                               f"must be one of {', '.join(EARLY_STOP_METRICS)}, got {self.early_stop_metric!r}")
-        if self.early_stop_metric != "latent_loss" and self.val_sample_steps == 0:
+        if self.early_stop_metric in ("mae", "lesion_mae") and self.val_sample_steps == 0:
             raise ConfigError(f"{prefix}.early_stop_metric", f"{self.early_stop_metric} is measured on syntheses: "
                                                              "set train.val_sample_steps > 0")
         if self.early_stop_patience < 0:
