@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     from ldmfast.train.cli import add_train_parser
     add_train_parser(sub)
+    from ldmfast.demo_cli import add_demo_parser
+    add_demo_parser(sub)
     return parser
 
 

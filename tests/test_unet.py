@@ -38,7 +38,8 @@ def test_samples_do_not_interact_in_a_batch():
     with torch.no_grad():
         batch = model(x, t)
         for i in range(3):
-            torch.testing.assert_close(model(x[i:i + 1], t[i:i + 1]), batch[i:i + 1], rtol=1e-5, atol=1e-6)
+            # Convolution kernels pick their blocking by batch size: fp32 rounding differs at ~1e-6.
+            torch.testing.assert_close(model(x[i:i + 1], t[i:i + 1]), batch[i:i + 1], rtol=1e-4, atol=1e-5)
 
 
 def test_timestep_embedding():

@@ -197,7 +197,7 @@ def test_a_batch_larger_than_the_data_is_refused(tmp_path, phantom_root):
 
 def test_example_configs_load():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    demo = load_config(os.path.join(repo, "configs", "vqgan_demo.toml"), VQGANTrainConfig)
+    demo = load_config(os.path.join(repo, "ldmfast", "configs", "vqgan_demo.toml"), VQGANTrainConfig)
     assert demo.data.phantom is not None and demo.data.size == (64, 64)
     release = from_dict(VQGANTrainConfig, {**read_toml(os.path.join(repo, "configs", "vqgan_release.toml")),
                                            "data": {"phantom": {}, "size": [192, 224]}})

@@ -1,14 +1,62 @@
 """The conditional latent diffusion model of PAPER.md: the CTP condition resized to the latent
-size (bilinear x0.5 per VQGAN downsampling) through a trainable 1x1 convolution, concatenated to the
-noisy latent and denoised by the UNet. The VQGAN is held beside it, frozen, for encoding targets
-and decoding samples."""
+size (bilinear x0.5 per autoencoder downsampling) through a trainable 1x1 convolution,
+concatenated to the noisy latent and denoised by the UNet. The autoencoder (the VQGAN) is held
+beside it, frozen, for encoding targets and decoding samples.
+
+A trained model is a folder (`save_pretrained`): config.json (UNet, condition, diffusion),
+model.safetensors (condition + UNet) and autoencoder/ (the autoencoder's own folder)."""
 from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ldmfast.data.atomic import atomic_path
+from ldmfast.diffusion import PARAMETERIZATIONS, SCHEDULES, SPACINGS, DDIMSampler, NoiseSchedule
+
+from .latent_codec import decode_latent, load_autoencoder, to_latent
 from .unet import UNet, UNetConfig
+from .vqgan import CONFIG_NAME, WEIGHTS_NAME, ModelConfigError
+
+AUTOENCODER_DIR = "autoencoder"
+
+
+@dataclass
+class DiffusionConfig:
+    """The noise schedule and what the UNet predicts; defaults are PAPER.md's release."""
+
+    schedule: str = "linear"
+    num_train_steps: int = 1000
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    parameterization: str = "eps"
+    latent_scale: float = 1.0   # z fed to the UNet = latent_scale x autoencoder latent
+
+    def validate(self) -> "DiffusionConfig":
+        if self.schedule not in SCHEDULES:
+            raise ModelConfigError("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ModelConfigError("parameterization", f"must be one of {', '.join(PARAMETERIZATIONS)}, "
+                                                       f"got {self.parameterization!r}")
+        if self.num_train_steps < 2:
+            raise ModelConfigError("num_train_steps", f"must be >= 2, got {self.num_train_steps}")
+        if not 0 < self.beta_start <= self.beta_end < 1:
+            raise ModelConfigError("beta_start", f"need 0 < beta_start <= beta_end < 1, got {self.beta_start} and "
+                                                 f"{self.beta_end}")
+        if self.latent_scale <= 0:
+            raise ModelConfigError("latent_scale", f"must be > 0, got {self.latent_scale}")
+        return self
+
+    def make_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule(self.schedule, self.num_train_steps, self.beta_start, self.beta_end)
 
 
 class CTPCondition(nn.Module):
@@ -26,26 +74,46 @@ class CTPCondition(nn.Module):
 
 
 class ConditionalLDM(nn.Module):
-    """denoiser(z_t, t, ctp) = UNet(concat(z_t, condition(ctp)), t)."""
+    """denoiser(z_t, t, ctp) = UNet(concat(z_t, condition(ctp)), t), with the autoencoder to go
+    between images and latents and the diffusion configuration to sample with."""
 
     def __init__(self, unet_config: UNetConfig | None = None, frames: int = 15, latent_channels: int = 3,
-                 halvings: int = 2, vqgan: nn.Module | None = None):
+                 halvings: int = 2, vqgan: nn.Module | None = None, *, autoencoder: nn.Module | None = None,
+                 diffusion: DiffusionConfig | None = None):
         super().__init__()
         unet_config = unet_config or UNetConfig(in_channels=latent_channels + frames, out_channels=latent_channels)
         if unet_config.in_channels != latent_channels + frames or unet_config.out_channels != latent_channels:
-            raise ValueError(f"unet in/out channels: need {latent_channels + frames} in (latent + CTP frames) and "
-                             f"{latent_channels} out, got {unet_config.in_channels} and {unet_config.out_channels}")
+            raise ModelConfigError("unet", f"in/out channels: need {latent_channels + frames} in (latent + CTP "
+                                           f"frames) and {latent_channels} out, got {unet_config.in_channels} and "
+                                           f"{unet_config.out_channels}")
+        if vqgan is not None and autoencoder is not None:
+            raise ValueError("autoencoder: give autoencoder or vqgan (its old name), not both")
+        self.frames, self.latent_channels, self.halvings = frames, latent_channels, halvings
+        self.diffusion = (diffusion or DiffusionConfig()).validate()
+        self.schedule = self.diffusion.make_schedule()
         self.condition = CTPCondition(frames, halvings)
         self.unet = UNet(unet_config)
-        self.vqgan = vqgan
-        if vqgan is not None:
-            vqgan.requires_grad_(False).eval()
+        self.autoencoder = autoencoder if autoencoder is not None else vqgan
+        if self.autoencoder is not None:
+            self.autoencoder.requires_grad_(False).eval()
+
+    @property
+    def vqgan(self) -> nn.Module | None:
+        return self.autoencoder
+
+    def train(self, mode: bool = True) -> "ConditionalLDM":
+        super().train(mode)
+        if self.autoencoder is not None:
+            self.autoencoder.eval()  # frozen: its dropout and codebook updates stay off
+        return self
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, ctp: torch.Tensor) -> torch.Tensor:
         return self.denoiser(ctp)(z_t, t)
 
     def denoiser(self, ctp: torch.Tensor):
         """The (z_t, t) -> output closure the DDIM sampler calls, with the condition computed once."""
+        if ctp.dim() != 4 or ctp.shape[1] != self.frames:
+            raise ValueError(f"ctp: expected (N, {self.frames}, H, W), got {tuple(ctp.shape)}")
         cond = self.condition(ctp)
 
         def denoise(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -55,3 +123,95 @@ class ConditionalLDM(nn.Module):
             return self.unet(torch.cat([z_t, cond.to(z_t.dtype)], dim=1), t)
 
         return denoise
+
+    # ---- images <-> latents ---------------------------------------------------------------------
+
+    def _need_autoencoder(self) -> nn.Module:
+        if self.autoencoder is None:
+            raise ValueError("autoencoder: this ConditionalLDM was built without one; pass autoencoder=...")
+        return self.autoencoder
+
+    def latent_size(self, image_size: Sequence[int]) -> tuple[int, int, int]:
+        f = 2 ** self.halvings
+        return (self.latent_channels, image_size[0] // f, image_size[1] // f)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The diffusion latents z0 of (N, 2, H, W) DWI/ADC images (`latent_codec.to_latent`: the
+        VQGAN's continuous latent before quantization, as the latent-diffusion release trains;
+        a KL autoencoder's posterior mean), scaled."""
+        return to_latent(self._need_autoencoder(), images) * self.diffusion.latent_scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images of diffusion latents (quantized first where the autoencoder quantizes)."""
+        return decode_latent(self._need_autoencoder(), z / self.diffusion.latent_scale, straight_through=True)
+
+    @torch.no_grad()
+    def generate(self, ctp: torch.Tensor, seeds: Sequence[int], *, steps: int = 50, eta: float = 0.0,
+                 spacing: str = "uniform", progress: bool = False) -> torch.Tensor:
+        """Synthesized (N, 2, H, W) images in [-1, 1] for N CTP slices, slice i drawn from seeds[i]
+        (DDIM; the result of a slice depends on its CTP and seed only)."""
+        if len(seeds) != ctp.shape[0]:
+            raise ValueError(f"seeds: need one per CTP slice ({ctp.shape[0]}), got {len(seeds)}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing: must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+        sampler = DDIMSampler(self.schedule, steps=steps, eta=eta, spacing=spacing,
+                              parameterization=self.diffusion.parameterization)
+        z = sampler.sample(self.denoiser(ctp), self.latent_size(ctp.shape[-2:]), seeds, device=ctp.device,
+                           dtype=ctp.dtype, progress=progress)
+        return self.decode(z).clamp(-1, 1)
+
+    # ---- files ----------------------------------------------------------------------------------
+
+    def config_dict(self) -> dict:
+        return {"model": "ConditionalLDM", "frames": self.frames, "latent_channels": self.latent_channels,
+                "halvings": self.halvings, "unet": dataclasses.asdict(self.unet.config),
+                "diffusion": dataclasses.asdict(self.diffusion)}
+
+    def denoiser_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained part: condition and UNet (the autoencoder has its own folder)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("autoencoder.")}
+
+    def save_pretrained(self, path: str | os.PathLike, *, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the model folder, each file atomically; `state_dict` (e.g. EMA weights of the
+        condition and UNet) replaces the live weights in the file."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.autoencoder is not None:
+            self.autoencoder.save_pretrained(path / AUTOENCODER_DIR)
+        weights = state_dict if state_dict is not None else self.denoiser_state_dict()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+        with atomic_path(path / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "model": "ldmfast.ConditionalLDM"})
+        with atomic_path(path / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(self.config_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def from_config_dict(cls, data: dict, autoencoder: nn.Module | None = None) -> "ConditionalLDM":
+        unet = data["unet"]
+        unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in unet.items()})
+        return cls(unet, data["frames"], data["latent_channels"], data["halvings"], autoencoder=autoencoder,
+                   diffusion=DiffusionConfig(**data["diffusion"]))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "ConditionalLDM":
+        """A model folder written by `save_pretrained` (or a training run's export)."""
+        path = Path(path)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name}: not found; expected a folder written by "
+                                        "ConditionalLDM.save_pretrained")
+        data = json.loads((path / CONFIG_NAME).read_text())
+        if data.get("model") != "ConditionalLDM":
+            raise ValueError(f"{path / CONFIG_NAME}: not a ConditionalLDM folder (model = {data.get('model')!r})")
+        ae_dir = path / AUTOENCODER_DIR
+        autoencoder = load_autoencoder(ae_dir, device) if ae_dir.exists() else None
+        model = cls.from_config_dict(data, autoencoder)
+        missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device=str(device)),
+                                                    strict=False)
+        missing = [k for k in missing if not k.startswith("autoencoder.")]
+        if missing or unexpected:
+            raise ValueError(f"{path / WEIGHTS_NAME}: weights do not match the config (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        return model.to(device)

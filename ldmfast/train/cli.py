@@ -5,8 +5,8 @@ import argparse
 import sys
 
 _VQGAN_EXAMPLE = """example:
-  ldmfast train vqgan --config configs/vqgan_demo.toml
-  ldmfast train vqgan --config configs/vqgan_demo.toml --set train.steps=3000 --resume
+  ldmfast train vqgan --config ldmfast/configs/vqgan_demo.toml
+  ldmfast train vqgan --config ldmfast/configs/vqgan_demo.toml --set train.steps=3000 --resume
   torchrun --nproc_per_node 4 -m ldmfast train vqgan --config configs/vqgan_release.toml
 
 a configuration (TOML; every key not given keeps its default):
@@ -43,52 +43,122 @@ a configuration (TOML; every key not given keeps its default):
   ckpt_every = 2000
   amp = "auto"                        # bf16 autocast on GPU
 
-See configs/vqgan_demo.toml and configs/vqgan_release.toml for complete files.
+See ldmfast/configs/vqgan_demo.toml and configs/vqgan_release.toml for complete files.
 """
 
 
-def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `train` (with its `vqgan` subcommand) to an argparse subparsers object."""
-    train = subparsers.add_parser("train", help="train a model stage (vqgan)",
-                                  description="Train one stage of the pipeline from a TOML configuration.")
-    stages = train.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    vqgan = stages.add_parser(
-        "vqgan", help="train the VQGAN autoencoder (stage 1)",
-        description="Train the VQGAN of stage 1 on DWI/ADC slices. Resumes from the run folder's latest "
-                    "checkpoint automatically; runs on several processes under torchrun (DDP).",
-        epilog=_VQGAN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    vqgan.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
-    vqgan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                       help="override a configuration key, e.g. --set train.steps=500 (repeatable)")
-    resume = vqgan.add_mutually_exclusive_group()
+_LDM_EXAMPLE = """example:
+  ldmfast train ldm --config ldmfast/configs/ldm_demo.toml
+  ldmfast train ldm --config ldmfast/configs/ldm_demo.toml --set train.steps=2000 --set train.ema_decay=0.999
+  torchrun --nproc_per_node 4 -m ldmfast train ldm --config configs/ldm_release.toml
+
+a configuration (TOML; every key not given keeps its default, the paper's release):
+  output_dir = "runs/ldm"             # checkpoints, metrics.jsonl, samples/, ldm/ (the model)
+  autoencoder = "runs/vqgan/vqgan"    # a trained autoencoder folder (frozen)
+  [data]                              # as for `train vqgan`
+  [unet]                              # base_channels = 224, channel_mult = [1, 4, 8], ...
+  [diffusion]                         # schedule = "linear", parameterization = "eps", ...
+  [optim]                             # AdamW; lr = base_lr (2e-6) x effective batch unless lr is given
+  [train]                             # batch_size = 48, steps, ema_decay, latent_cache = true,
+                                      # val_sample_steps (DDIM steps of validation syntheses)
+
+See ldmfast/configs/ldm_demo.toml and configs/ldm_release.toml for complete files.
+"""
+
+_POSTTRAIN_EXAMPLE = """example:
+  ldmfast train posttrain --config ldmfast/configs/posttrain_demo.toml
+  ldmfast train posttrain --config ldmfast/configs/posttrain_demo.toml --set posttrain.image_loss=l1
+  torchrun --nproc_per_node 4 -m ldmfast train posttrain --config configs/posttrain_release.toml
+
+a configuration (TOML; every key not given keeps its default, the paper's release):
+  output_dir = "runs/posttrain"       # checkpoints, metrics.jsonl, samples/, ldm/ (the model)
+  init = "runs/ldm/ldm"               # the trained cLDM folder (UNet, schedule, autoencoder)
+  [data]                              # as for `train ldm`
+  [posttrain]                         # lambda_img = 0.01, lambda_les = 0.02, image_loss = "l2",
+                                      # image_target = "decoded" (D(z0)), timestep_weighting = "none",
+                                      # decoder_checkpoint = true (per decoder block)
+  [optim]                             # AdamW; lr = base_lr (2e-6) x effective batch (6)
+  [train]                             # batch_size = 6, steps, early_stop_metric = "latent_loss",
+                                      # early_stop_patience (validations; 0 = off), unet_checkpoint
+
+See ldmfast/configs/posttrain_demo.toml and configs/posttrain_release.toml for complete files.
+"""
+
+#: stage name -> (help, description, epilog, handler's "module:function config-class" names)
+_STAGES = {
+    "vqgan": ("train the VQGAN autoencoder (stage 1)",
+              "Train the VQGAN of stage 1 on DWI/ADC slices.", _VQGAN_EXAMPLE,
+              ("vqgan", "train_vqgan", "vqgan_config", "VQGANTrainConfig", "vqgan")),
+    "ldm": ("train the conditional latent diffusion model (stage 2)",
+            "Train the cLDM of stage 2 on the latents of a trained, frozen autoencoder (encoded once and "
+            "cached), conditioned on CTP.", _LDM_EXAMPLE,
+            ("ldm", "train_ldm", "ldm_config", "LDMTrainConfig", "ldm")),
+    "posttrain": ("lesion-aware post-training of a trained cLDM (stage 3)",
+                  "Post-train a cLDM with the latent, image and lesion losses of PAPER.md through the frozen, "
+                  "gradient-checkpointed decoder.", _POSTTRAIN_EXAMPLE,
+                  ("posttrain", "train_posttrain", "posttrain_config", "PostTrainConfig", "ldm")),
+}
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a configuration key, e.g. --set train.steps=500 (repeatable)")
+    resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", default=None,
                         help="require a checkpoint to continue from (default: continue if there is one)")
     resume.add_argument("--no-resume", dest="resume", action="store_false",
                         help="refuse to start if the run folder already holds checkpoints")
-    vqgan.add_argument("--quiet", action="store_true", help="no progress bar")
-    vqgan.set_defaults(func=run_train_vqgan)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `train` (with one subcommand per stage) to an argparse subparsers object."""
+    train = subparsers.add_parser("train", help=f"train a model stage ({', '.join(_STAGES)})",
+                                  description="Train one stage of the pipeline from a TOML configuration.")
+    stages = train.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name, (help_text, description, epilog, handler) in _STAGES.items():
+        parser = stages.add_parser(
+            name, help=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description=description + " Resumes from the run folder's latest checkpoint automatically; runs on "
+                                      "several processes under torchrun (DDP).")
+        _add_common_arguments(parser)
+        parser.set_defaults(func=run_train_stage, stage_handler=(name, *handler))
     return train
 
 
-def run_train_vqgan(args: argparse.Namespace) -> int:
-    """Handler of `ldmfast train vqgan`: 0 on success, 2 on a refused configuration."""
+def run_train_stage(args: argparse.Namespace) -> int:
+    """Handler of `ldmfast train STAGE`: 0 on success, 2 on a refused configuration."""
+    import importlib
+
     from ldmfast.data import DataError
 
     from .config import ConfigError, load_config
     from .distributed import shutdown_distributed
-    from .vqgan import train_vqgan
-    from .vqgan_config import VQGANTrainConfig
 
+    stage, loop_module, loop_name, config_module, config_name, model_dir = args.stage_handler
+    train = getattr(importlib.import_module(f"ldmfast.train.{loop_module}"), loop_name)
+    config_cls = getattr(importlib.import_module(f"ldmfast.train.{config_module}"), config_name)
     try:
-        config = load_config(args.config, VQGANTrainConfig, args.overrides)
-        summary = train_vqgan(config, resume=args.resume, progress=not args.quiet)
+        config = load_config(args.config, config_cls, args.overrides)
+        summary = train(config, resume=args.resume, progress=not args.quiet)
     except (ConfigError, DataError) as err:
-        print(f"ldmfast train vqgan: error: {err}", file=sys.stderr)
+        print(f"ldmfast train {stage}: error: {err}", file=sys.stderr)
         return 2
     finally:
         shutdown_distributed()
     if not args.quiet:
-        psnr = summary.get("val_psnr")
-        print(f"trained to step {summary['step']}" + (f", validation PSNR {psnr:.2f} dB" if psnr is not None else "")
-              + f"; model in {summary['run_dir']}/vqgan")
+        print(f"trained to step {summary['step']}" + _validation_summary(summary)
+              + f"; model in {summary['run_dir']}/{model_dir}")
     return 0
+
+
+def _validation_summary(summary: dict) -> str:
+    parts = []
+    if summary.get("val_psnr") is not None:
+        parts.append(f"PSNR {summary['val_psnr']:.2f} dB")
+    if summary.get("val_latent_loss") is not None:
+        parts.append(f"latent loss {summary['val_latent_loss']:.4f}")
+    if summary.get("val_lesion_mae") is not None:
+        parts.append(f"lesion MAE {summary['val_lesion_mae']:.4f}")
+    return (", validation " + ", ".join(parts)) if parts else ""

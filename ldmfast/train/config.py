@@ -63,6 +63,10 @@ def _convert(value: Any, tp, key: str) -> Any:
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         items = typing.get_args(tp)
+        if len(items) == 2 and items[1] is Ellipsis:  # tuple[X, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(key, f"expected a list, got {value!r}")
+            return tuple(_convert(v, items[0], f"{key}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise ConfigError(key, f"expected a list of {len(items)} values, got {value!r}")
         return tuple(_convert(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items)))

@@ -156,10 +156,10 @@ class EpochAugmented(Dataset):
 
 
 def _collate(samples: list[dict]) -> dict:
-    out = {k: torch.stack([s[k] for s in samples]) for k in ("ctp", "target", "mask", "lesion")}
-    out["case_id"] = [s["case_id"] for s in samples]
-    out["slice_index"] = [s["slice_index"] for s in samples]
-    return out
+    """Tensors (ctp, target, mask, lesion and e.g. a cached latent) stacked; case ids and slice
+    indices as lists."""
+    return {k: torch.stack([s[k] for s in samples]) if isinstance(v, torch.Tensor) else [s[k] for s in samples]
+            for k, v in samples[0].items()}
 
 
 class TrainBatches:

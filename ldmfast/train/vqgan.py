@@ -8,39 +8,25 @@ for phantom data, phantom/.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import random
-import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from ldmfast.models import (VQGAN, PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, hinge_d_loss,
                             hinge_g_loss)
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
-from .config import ConfigError, to_dict
 from .data import TrainBatches, build_datasets, validation_loader
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from .lr_schedule import lr_at
-from .metrics_log import MetricsLog
+from .distributed import DistInfo, all_reduce_sum
 from .preview import reconstruction_grid, write_png_grey
+from .stage import StageTrainer
 from .vqgan_config import VQGANTrainConfig
 
 #: Images are in [-1, 1]: PSNR's peak-to-peak range is 2.
 DATA_RANGE = 2.0
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _set_requires_grad(module: nn.Module, flag: bool) -> None:
@@ -58,27 +44,16 @@ def _average_gradients(module: nn.Module, world_size: int) -> None:
             all_reduce_sum(p.grad).div_(world_size)
 
 
-class VQGANTrainer:
+class VQGANTrainer(StageTrainer):
     """One training run; `run()` trains to `train.steps`, resuming from the run folder's latest
     checkpoint when `resume` is None (auto) or True (required)."""
 
+    stage = "vqgan"
+
     def __init__(self, config: VQGANTrainConfig, *, resume: bool | None = None, progress: bool = True,
                  dist_info: DistInfo | None = None):
-        self.config = config
-        self.dist = dist_info or init_distributed(config.device)
-        self.device = self.dist.device
-        self.progress = progress and self.dist.is_main
-        self.run_dir = Path(config.output_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(config, progress=progress, dist_info=dist_info)
         t, c = config.train, config
-        on_gpu = self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if (t.amp == "bf16" or (t.amp == "auto" and on_gpu)) else None
-        self.memory_format = (torch.channels_last if (t.channels_last == "on" or (t.channels_last == "auto" and on_gpu))
-                              else torch.contiguous_format)
-        if on_gpu:
-            torch.backends.cudnn.benchmark = True
-
-        seed_everything(c.seed)
         self.train_set, self.val_set = build_datasets(c.data, self.run_dir, c.seed, self.dist)
         self.batches = TrainBatches(self.train_set, batch_size=t.batch_size, seed=c.seed, dist_info=self.dist,
                                     augment=c.data.augment.to_augment_config(), num_workers=c.data.num_workers)
@@ -88,24 +63,14 @@ class VQGANTrainer:
             self.device, memory_format=self.memory_format)
         self.perceptual = (PerceptualLoss(c.loss.perceptual_weights).to(self.device)
                            if c.loss.perceptual_weight > 0 else None)
-        self.effective_batch = t.batch_size * t.grad_accum * self.dist.world_size
         self.lr = c.optim.lr if c.optim.lr is not None else c.optim.base_lr * self.effective_batch
         self.opt_g = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=self.lr,
                                       betas=c.optim.betas)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.lr, betas=c.optim.betas)
-        self.step = 0
-        self._resume(resume)
-        self.generator = (DistributedDataParallel(self.model, device_ids=[self.device.index] if on_gpu else None)
+        self._finish_setup(resume)
+        self.generator = (DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                  if self.device.type == "cuda" else None)
                           if self.dist.distributed else self.model)
-        if self.dist.is_main:
-            write_json_atomic(to_dict(c), self.run_dir / "config.json")
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step) if self.dist.is_main else None
-
-    # ---- checkpoints ------------------------------------------------------------------------
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
 
     def _modules(self) -> dict[str, nn.Module]:
         return {"vqgan": self.model, "disc": self.disc}
@@ -113,46 +78,19 @@ class VQGANTrainer:
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"vqgan": self.opt_g, "disc": self.opt_d}
 
-    def _resume(self, resume: bool | None) -> None:
-        latest = latest_checkpoint(self.checkpoint_dir)
-        if latest is None:
-            if resume:
-                raise ConfigError("output_dir", f"--resume: no checkpoint in {self.checkpoint_dir}")
-            return
-        if resume is False:
-            raise ConfigError("output_dir", f"{self.run_dir} already holds checkpoints; resume it or choose a new "
-                                            "output_dir")
-        saved = json.loads(latest.read_text())["meta"]["config"]
-        mine = to_dict(self.config)
-        for key in sorted(set(saved["model"]) | set(mine["model"])):
-            if saved["model"].get(key) != mine["model"].get(key):
-                raise ConfigError(f"model.{key}", f"{mine['model'].get(key)!r} differs from the checkpoint's "
-                                                  f"{saved['model'].get(key)!r} in {latest}")
-        info = load_checkpoint(latest, modules=self._modules(), optimizers=self._optimizers())
-        self.step = info["step"]
-        # The optimizer state brings the saved learning rate; the configured one wins, so that a
-        # resumed run can lower it (unchanged, this is a no-op and resuming stays bit-identical).
-        self._apply_lr()
-        if info["meta"]["world_size"] != self.dist.world_size and self.dist.is_main:
-            tqdm.write(f"note: resuming a {info['meta']['world_size']}-process run with {self.dist.world_size} "
-                       "processes: the batch order differs from an uninterrupted run")
-        if self.progress:
-            tqdm.write(f"resumed from {latest} at step {self.step}")
+    def export(self) -> None:
+        self.model.save_pretrained(self.run_dir / "vqgan")
 
-    def save(self) -> None:
-        if self.dist.is_main:
-            meta = {"config": to_dict(self.config), "world_size": self.dist.world_size}
-            save_checkpoint(self.checkpoint_dir, self.step, modules=self._modules(), optimizers=self._optimizers(),
-                            meta=meta, keep_last=self.config.train.keep_checkpoints)
-            self.model.save_pretrained(self.run_dir / "vqgan")
-        barrier()
+    def batch_iterator(self):
+        return self.batches.iterate(self.step * self.config.train.grad_accum)
+
+    def _postfix(self, losses: dict) -> dict:
+        return {"rec": f"{losses['rec_loss']:.4f}", "ppl": f"{losses['perplexity']:.0f}"}
+
+    def _describe_validation(self, m: dict) -> str:
+        return f"PSNR {m['psnr']:.2f} dB, MAE {m['mae']:.4f}, lesion MAE {m['lesion_mae']:.4f}"
 
     # ---- one optimizer step -----------------------------------------------------------------
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _micro_step(self, x: torch.Tensor, gan_on: bool, scale: float, sync: bool, sums: dict) -> None:
         loss_cfg = self.config.loss
@@ -191,16 +129,6 @@ class VQGANTrainer:
         sums["commitment"] += q.commitment_loss.item()
         sums["perplexity"] += q.perplexity.item()
         sums["code_usage"] += q.usage.item()
-
-    def current_lr(self) -> float:
-        o = self.config.optim
-        return lr_at(self.step, self.lr, self.config.train.steps, o.schedule, o.warmup_steps, o.min_lr_ratio)
-
-    def _apply_lr(self) -> None:
-        self.last_lr = self.current_lr()
-        for optimizer in self._optimizers().values():
-            for group in optimizer.param_groups:
-                group["lr"] = self.last_lr
 
     def train_step(self, batches) -> dict:
         """One optimizer update over `grad_accum` micro-batches; returns the mean of each loss."""
@@ -262,53 +190,6 @@ class VQGANTrainer:
                                        np.stack([k[3] for k in keep]))
             write_png_grey(grid, self.run_dir / "samples" / f"step-{self.step:08d}.png")
         return metrics
-
-    # ---- the run ----------------------------------------------------------------------------
-
-    def _reduce_for_log(self, values: dict) -> dict:
-        if not self.dist.distributed:
-            return values
-        keys = sorted(values)
-        vec = all_reduce_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device))
-        return dict(zip(keys, (vec / self.dist.world_size).tolist()))
-
-    def run(self) -> dict:
-        t = self.config.train
-        batches = self.batches.iterate(self.step * t.grad_accum)
-        val_metrics: dict = {}
-        bar = tqdm(total=t.steps, initial=self.step, desc="vqgan", unit="step", disable=not self.progress,
-                   dynamic_ncols=True)
-        window_start, window_steps = time.perf_counter(), 0
-        try:
-            while self.step < t.steps:
-                losses = self.train_step(batches)
-                window_steps += 1
-                bar.update(1)
-                last = self.step == t.steps
-                if t.log_every and (self.step % t.log_every == 0 or last):
-                    losses = self._reduce_for_log(losses)
-                    elapsed = time.perf_counter() - window_start
-                    losses["sec_per_step"] = elapsed / window_steps
-                    losses["samples_per_sec"] = window_steps * self.effective_batch / elapsed
-                    losses["lr"] = self.last_lr
-                    window_start, window_steps = time.perf_counter(), 0
-                    if self.log:
-                        self.log.write(self.step, "train", losses)
-                    bar.set_postfix(rec=f"{losses['rec_loss']:.4f}", ppl=f"{losses['perplexity']:.0f}")
-                if (t.val_every and self.step % t.val_every == 0) or last:
-                    val_metrics = self.validate()
-                    if self.log:
-                        self.log.write(self.step, "val", val_metrics)
-                    if self.progress:
-                        bar.write(f"step {self.step}: validation PSNR {val_metrics['psnr']:.2f} dB, "
-                                  f"MAE {val_metrics['mae']:.4f}, lesion MAE {val_metrics['lesion_mae']:.4f}")
-                if (t.ckpt_every and self.step % t.ckpt_every == 0) or last:
-                    self.save()
-        finally:
-            bar.close()
-            if self.log:
-                self.log.close()
-        return {"step": self.step, "run_dir": str(self.run_dir), **{f"val_{k}": v for k, v in val_metrics.items()}}
 
 
 def train_vqgan(config: VQGANTrainConfig, *, resume: bool | None = None, progress: bool = True) -> dict:

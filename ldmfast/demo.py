@@ -1,0 +1,225 @@
+"""`ldmfast demo`: the whole method on built-in synthetic data, on this machine, in minutes.
+
+phantom data set -> VQGAN -> cLDM -> lesion-aware post-training -> synthesis of the held-out
+cases with the base and the post-trained model -> evaluation of both -> report and a summary
+table. Each stage is the real command's code with the demo configuration shipped in
+ldmfast/configs/*_demo.toml; every stage resumes where an interrupted demo stopped, and a
+finished stage is not run again.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ldmfast.train.config import from_dict, read_toml, set_dotted
+
+STAGES = ("vqgan", "ldm", "posttrain")
+SUMMARY_METRICS = (("mae", "MAE", "lower"), ("psnr", "PSNR (dB)", "higher"), ("ms_ssim", "MS-SSIM", "higher"),
+                   ("lesion_mae", "lesion MAE", "lower"))
+
+
+@dataclass
+class DemoSettings:
+    """What `ldmfast demo` runs; `steps` overrides the demo configurations' train.steps per stage
+    (e.g. {"ldm": 50} for a quick look)."""
+
+    output_dir: Path = Path("ldmfast-demo")
+    device: str = "auto"
+    cases: int = 12
+    shape: tuple[int, int, int] = (64, 64, 8)
+    seed: int = 0
+    sample_steps: int = 10
+    steps: dict[str, int] = field(default_factory=dict)
+    progress: bool = True
+
+
+def demo_config(stage: str) -> dict:
+    """The shipped demo configuration of a stage, as a TOML dict."""
+    with resources.as_file(resources.files("ldmfast") / "configs" / f"{stage}_demo.toml") as path:
+        return read_toml(path)
+
+
+def stage_config(stage: str, settings: DemoSettings, **paths) -> dict:
+    out = settings.output_dir
+    data = demo_config(stage)
+    data["output_dir"] = str(out / stage)
+    data["device"] = settings.device
+    data["seed"] = settings.seed
+    data["data"].pop("phantom", None)
+    data["data"].update(root=str(out / "phantom"), cache_dir=str(out / "cache"), size=list(settings.shape[:2]))
+    data.update({k: str(v) for k, v in paths.items()})
+    if stage in settings.steps:
+        set_dotted(data, f"train.steps={settings.steps[stage]}")
+    return data
+
+
+def _say(settings: DemoSettings, text: str) -> None:
+    if settings.progress:
+        print(text, flush=True)
+
+
+def run_stage(stage: str, settings: DemoSettings, **paths) -> dict:
+    """Train one stage with its demo configuration (resuming an interrupted run)."""
+    from ldmfast.train.distributed import DistInfo, resolve_device
+
+    if stage == "vqgan":
+        from ldmfast.train.vqgan import VQGANTrainer as trainer_cls
+        from ldmfast.train.vqgan_config import VQGANTrainConfig as config_cls
+    elif stage == "ldm":
+        from ldmfast.train.ldm import LDMTrainer as trainer_cls
+        from ldmfast.train.ldm_config import LDMTrainConfig as config_cls
+    else:
+        from ldmfast.train.posttrain import PostTrainer as trainer_cls
+        from ldmfast.train.posttrain_config import PostTrainConfig as config_cls
+    config = from_dict(config_cls, stage_config(stage, settings, **paths))
+    # One process: the demo is a single-machine walk-through (the stages' own commands run DDP).
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=resolve_device(config.device))
+    trainer = trainer_cls(config, progress=settings.progress, dist_info=dist)
+    if trainer.step >= config.train.steps:
+        _say(settings, f"{stage}: already trained ({trainer.step} steps)")
+    return trainer.run()
+
+
+def held_out_cases(settings: DemoSettings) -> list:
+    """The validation cases of the demo's split (every stage splits the same way)."""
+    from ldmfast.data import TRAINING_MODALITIES, find_cases
+    from ldmfast.train.data import split_cases
+
+    val_fraction = demo_config("vqgan")["data"]["val_fraction"]
+    cases = sorted(find_cases(settings.output_dir / "phantom", require=TRAINING_MODALITIES), key=lambda c: c.case_id)
+    return split_cases(cases, val_fraction, settings.seed)[1]
+
+
+def summary_rows(evaluation) -> list[tuple[str, list[float | None]]]:
+    """(metric label, [value per run]) in the normalized scale, each the mean over volumes of
+    the DWI and ADC values averaged."""
+    from ldmfast.metrics.evaluate import dataset_summary
+
+    summaries = [dataset_summary(run)["normalized"] for run in evaluation.runs]
+    rows = []
+    for key, label, _ in SUMMARY_METRICS:
+        values = []
+        for s in summaries:
+            means = [s[ch][key]["mean"] for ch in ("dwi", "adc")]
+            values.append(None if any(m is None for m in means) else sum(means) / len(means))
+        rows.append((label, values))
+    return rows
+
+
+def format_table(labels: list[str], rows: list[tuple[str, list[float | None]]]) -> str:
+    """A plain-text table: one row per metric, one column per run, and the change base -> last."""
+    header = ["metric", *labels, "change"]
+    body = []
+    for (label, values), (_, _, better) in zip(rows, SUMMARY_METRICS):
+        cells = [label] + ["n/a" if v is None else f"{v:.4f}" for v in values]
+        a, b = values[0], values[-1]
+        if a is None or b is None:
+            cells.append("n/a")
+        else:
+            improved = (b < a) if better == "lower" else (b > a)
+            cells.append(f"{b - a:+.4f} ({'better' if improved else 'worse'})")
+        body.append(cells)
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def write_manifest(cases, path: Path) -> Path:
+    """A CSV manifest of `cases` (the held-out ones), so synthesis and evaluation see only them."""
+    import csv
+
+    from ldmfast.data.atomic import atomic_path
+
+    columns = ("case_id", "ctp", "mask", "dwi", "adc", "lesion")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for case in cases:
+            writer.writerow([case.case_id] + [str(Path(getattr(case, c)).resolve()) for c in columns[1:]])
+    return path
+
+
+def synthesize_held_out(model_dir: Path, manifest: Path, out_dir: Path, settings: DemoSettings):
+    from ldmfast.synthesis import SynthesisConfig, synthesize
+
+    config = SynthesisConfig(model=str(model_dir), input=str(manifest), output=str(out_dir),
+                             steps=settings.sample_steps, seed=settings.seed, device=settings.device)
+    config.check()
+    summary = synthesize(config, progress=settings.progress)
+    if summary.failed:
+        raise RuntimeError(f"synthesis with {model_dir} failed for {len(summary.failed)} case(s): {summary.failed}")
+    return summary
+
+
+def run_demo(settings: DemoSettings) -> dict:
+    """The whole demo (module docstring); returns the summary written to OUT/summary.json."""
+    import torch
+
+    from ldmfast.data import make_phantom_dataset
+    from ldmfast.metrics.evaluate import EvaluateOptions, evaluate
+    from ldmfast.metrics.report import write_report
+    from ldmfast.metrics.results import write_csv, write_summary
+    from ldmfast.train.checkpoint import write_json_atomic
+
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        return result
+
+    _say(settings, f"[1/6] phantom data set: {settings.cases} cases of {settings.shape} in {out / 'phantom'}")
+    phantom = out / "phantom"
+    if len(list(phantom.glob("phantom_*"))) != settings.cases:
+        timed("phantom", make_phantom_dataset, phantom, n_cases=settings.cases, shape=settings.shape,
+              seed=settings.seed, lesion_fraction=0.75, progress=settings.progress)
+    _say(settings, "[2/6] VQGAN (stage 1)")
+    results = {"vqgan": timed("vqgan", run_stage, "vqgan", settings)}
+    _say(settings, "[3/6] conditional LDM (stage 2)")
+    results["ldm"] = timed("ldm", run_stage, "ldm", settings, autoencoder=out / "vqgan" / "vqgan")
+    _say(settings, "[4/6] lesion-aware post-training (stage 3)")
+    results["posttrain"] = timed("posttrain", run_stage, "posttrain", settings, init=out / "ldm" / "ldm")
+
+    held_out = held_out_cases(settings)
+    manifest = write_manifest(held_out, out / "held_out.csv")
+    models = {"base": out / "ldm" / "ldm", "post-trained": out / "posttrain" / "ldm"}
+    _say(settings, f"[5/6] synthesis of the {len(held_out)} held-out cases with both models "
+                   f"({settings.sample_steps} DDIM steps)")
+    for label, model_dir in models.items():
+        timed(f"synthesize {label}", synthesize_held_out, model_dir, manifest, out / "synthesis" / label, settings)
+
+    _say(settings, "[6/6] evaluation")
+    device = "cuda" if settings.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    # 64 x 64 slices are too small for the 5-scale MS-SSIM: 3 scales need 44 pixels.
+    options = EvaluateOptions(ms_ssim_scales=3, device=device)
+    evaluation = timed("evaluate", evaluate, manifest, [(k, out / "synthesis" / k) for k in models], options,
+                       progress=settings.progress)
+    report_dir = out / "report"
+    write_csv(report_dir / "cases.csv", evaluation, "cases")
+    write_csv(report_dir / "slices.csv", evaluation, "slices")
+    write_summary(report_dir / "summary.json", evaluation)
+    report = write_report(report_dir, evaluation)
+
+    rows = summary_rows(evaluation)
+    table = format_table(list(models), rows)
+    lesion = dict(rows)["lesion MAE"]
+    summary = {
+        "output_dir": str(out), "report": str(report), "held_out_cases": [c.case_id for c in held_out],
+        "metrics": {label: dict(zip(models, values)) for label, values in rows},
+        "lesion_mae_improved": None if None in lesion else lesion[1] < lesion[0],
+        "seconds": {**timings, "total": round(time.perf_counter() - started, 1)},
+        "training": {k: {m: v for m, v in r.items() if isinstance(v, (int, float))} for k, r in results.items()},
+    }
+    write_json_atomic(summary, out / "summary.json")
+    (out / "summary.txt").write_text(table + "\n")
+    _say(settings, "\nheld-out cases, normalized scale, mean of DWI and ADC over volumes:\n" + table)
+    _say(settings, f"\nreport: {report}\nsummary: {out / 'summary.json'}  "
+                   f"({summary['seconds']['total']:.0f} s in all)")
+    return summary

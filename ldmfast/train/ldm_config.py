@@ -1,0 +1,79 @@
+"""The configuration of `ldmfast train ldm`: top-level `output_dir`, `autoencoder` (a trained
+autoencoder folder, e.g. runs/vqgan_demo/vqgan), `seed`, `device`, and tables [data], [unet],
+[diffusion], [optim], [train]. Checked as a whole before training."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ldmfast.models import DiffusionConfig, ModelConfigError, UNetConfig
+
+from .config import ConfigError
+from .data import DataSection
+from .vqgan_config import OptimSection, TrainSection
+
+
+@dataclass
+class AdamWSection(OptimSection):
+    """AdamW for the UNet and the condition; `lr` defaults to base_lr x effective batch
+    (PAPER.md: 2e-6 x 48 in the release)."""
+
+    base_lr: float = 2e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        if self.weight_decay < 0:
+            raise ConfigError(f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class LDMTrainSection(TrainSection):
+    """As the VQGAN's, plus: `ema_decay` (0 = no EMA; the exported model is the EMA one when on),
+    `latent_cache` (encode the targets once; image augmentation is then off, since an augmented
+    image has no cached latent), and validation by sampling: `val_sample_steps` DDIM steps on up
+    to `val_sample_slices` held-out slices (0 = latent loss only)."""
+
+    batch_size: int = 48
+    ema_decay: float = 0.0
+    latent_cache: bool = True
+    val_sample_steps: int = 0
+    val_sample_slices: int = 16
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        if not (self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0):
+            raise ConfigError(f"{prefix}.ema_decay", f"must be 0 (off) or within (0, 1), got {self.ema_decay}")
+        for key in ("val_sample_steps", "val_sample_slices"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}.{key}", f"must be >= 0, got {getattr(self, key)}")
+
+
+def check_model_section(section: str, validate) -> None:
+    try:
+        validate()
+    except ModelConfigError as err:
+        raise ConfigError(f"{section}.{err.key}", str(err).split(": ", 1)[1]) from None
+
+
+@dataclass
+class LDMTrainConfig:
+    output_dir: str
+    autoencoder: str
+    data: DataSection
+    seed: int = 0
+    device: str = "auto"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: AdamWSection = field(default_factory=AdamWSection)
+    train: LDMTrainSection = field(default_factory=LDMTrainSection)
+
+    def check(self, prefix: str = "") -> None:
+        if not (Path(self.autoencoder) / "config.json").is_file():
+            raise ConfigError("autoencoder", f"{self.autoencoder} is not an autoencoder folder (no config.json); "
+                                             "train one with `ldmfast train vqgan`")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_model_section("unet", self.unet.validate)
+        check_model_section("diffusion", self.diffusion.validate)

@@ -1,0 +1,213 @@
+"""What every training stage shares: devices and processes, AMP and memory format, the run
+folder, exact-resume checkpoints, the learning-rate schedule, metrics logging and the loop with
+its progress bar, validation and checkpoint cadence. A stage (VQGAN, cLDM, post-training)
+subclasses `StageTrainer` and supplies its modules, optimizers, one step and its validation."""
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from .config import ConfigError, to_dict
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .lr_schedule import lr_at
+from .metrics_log import MetricsLog
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class StageTrainer:
+    """Subclasses set `stage` (the progress-bar name), build their data, modules and optimizers
+    in `__init__` after `super().__init__`, then call `self._finish_setup(resume)`; they implement
+    `_modules`, `_optimizers`, `train_step`, `validate`, `export` and may override
+    `_after_validation` (return True to stop early) and `_postfix`."""
+
+    stage = "train"
+    #: configuration sections a resumed run must share with its checkpoint
+    resume_sections: tuple[str, ...] = ("model",)
+
+    def __init__(self, config, *, progress: bool = True, dist_info: DistInfo | None = None):
+        self.config = config
+        self.dist = dist_info or init_distributed(config.device)
+        self.device = self.dist.device
+        self.progress = progress and self.dist.is_main
+        self.run_dir = Path(config.output_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        t = config.train
+        on_gpu = self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if (t.amp == "bf16" or (t.amp == "auto" and on_gpu)) else None
+        self.memory_format = (torch.channels_last if (t.channels_last == "on" or (t.channels_last == "auto" and on_gpu))
+                              else torch.contiguous_format)
+        if on_gpu:
+            torch.backends.cudnn.benchmark = True
+        seed_everything(config.seed)
+        self.effective_batch = t.batch_size * t.grad_accum * self.dist.world_size
+        self.step = 0
+        self.log: MetricsLog | None = None
+
+    def _finish_setup(self, resume: bool | None) -> None:
+        self._resume(resume)
+        if self.dist.is_main:
+            write_json_atomic(to_dict(self.config), self.run_dir / "config.json")
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step) if self.dist.is_main else None
+
+    # ---- what a stage supplies --------------------------------------------------------------
+
+    def _modules(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def train_step(self, batches) -> dict:
+        raise NotImplementedError
+
+    def validate(self) -> dict:
+        raise NotImplementedError
+
+    def export(self) -> None:
+        """Write the model in its `from_pretrained` form (main process only)."""
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict:
+        """JSON-able state beyond modules and optimizers to carry through a checkpoint."""
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def _after_validation(self, metrics: dict) -> bool:
+        return False
+
+    def _postfix(self, losses: dict) -> dict:
+        return {}
+
+    def _describe_validation(self, metrics: dict) -> str:
+        return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+
+    def batch_iterator(self):
+        raise NotImplementedError
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _resume(self, resume: bool | None) -> None:
+        latest = latest_checkpoint(self.checkpoint_dir)
+        if latest is None:
+            if resume:
+                raise ConfigError("output_dir", f"--resume: no checkpoint in {self.checkpoint_dir}")
+            return
+        if resume is False:
+            raise ConfigError("output_dir", f"{self.run_dir} already holds checkpoints; resume it or choose a new "
+                                            "output_dir")
+        saved = json.loads(latest.read_text())["meta"]["config"]
+        mine = to_dict(self.config)
+        for section in self.resume_sections:
+            theirs, ours = saved.get(section) or {}, mine.get(section) or {}
+            if not isinstance(ours, dict):
+                theirs, ours = {"": theirs}, {"": ours}
+            for key in sorted(set(theirs) | set(ours)):
+                if theirs.get(key) != ours.get(key):
+                    dotted = f"{section}.{key}" if key else section
+                    raise ConfigError(dotted, f"{ours.get(key)!r} differs from the checkpoint's {theirs.get(key)!r} "
+                                              f"in {latest}")
+        info = load_checkpoint(latest, modules=self._modules(), optimizers=self._optimizers())
+        self.step = info["step"]
+        self._load_extra_state(info["meta"].get("extra", {}))
+        # The optimizer state brings the saved learning rate; the configured one wins, so that a
+        # resumed run can lower it (unchanged, this is a no-op and resuming stays bit-identical).
+        self._apply_lr()
+        if info["meta"]["world_size"] != self.dist.world_size and self.dist.is_main:
+            tqdm.write(f"note: resuming a {info['meta']['world_size']}-process run with {self.dist.world_size} "
+                       "processes: the batch order differs from an uninterrupted run")
+        if self.progress:
+            tqdm.write(f"resumed from {latest} at step {self.step}")
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            meta = {"config": to_dict(self.config), "world_size": self.dist.world_size, "extra": self._extra_state()}
+            save_checkpoint(self.checkpoint_dir, self.step, modules=self._modules(), optimizers=self._optimizers(),
+                            meta=meta, keep_last=self.config.train.keep_checkpoints)
+            self.export()
+        barrier()
+
+    # ---- shared step machinery ----------------------------------------------------------------
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def current_lr(self) -> float:
+        o = self.config.optim
+        return lr_at(self.step, self.lr, self.config.train.steps, o.schedule, o.warmup_steps, o.min_lr_ratio)
+
+    def _apply_lr(self) -> None:
+        self.last_lr = self.current_lr()
+        for optimizer in self._optimizers().values():
+            for group in optimizer.param_groups:
+                group["lr"] = self.last_lr
+
+    def _reduce_for_log(self, values: dict) -> dict:
+        if not self.dist.distributed:
+            return values
+        keys = sorted(values)
+        vec = all_reduce_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device))
+        return dict(zip(keys, (vec / self.dist.world_size).tolist()))
+
+    # ---- the run ----------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        t = self.config.train
+        batches = self.batch_iterator()
+        val_metrics: dict = {}
+        bar = tqdm(total=t.steps, initial=self.step, desc=self.stage, unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        window_start, window_steps = time.perf_counter(), 0
+        stopped_early = False
+        try:
+            while self.step < t.steps and not stopped_early:
+                losses = self.train_step(batches)
+                window_steps += 1
+                bar.update(1)
+                last = self.step == t.steps
+                if t.log_every and (self.step % t.log_every == 0 or last):
+                    losses = self._reduce_for_log(losses)
+                    elapsed = time.perf_counter() - window_start
+                    losses["sec_per_step"] = elapsed / window_steps
+                    losses["samples_per_sec"] = window_steps * self.effective_batch / elapsed
+                    losses["lr"] = self.last_lr
+                    window_start, window_steps = time.perf_counter(), 0
+                    if self.log:
+                        self.log.write(self.step, "train", losses)
+                    bar.set_postfix(**self._postfix(losses))
+                if (t.val_every and self.step % t.val_every == 0) or last:
+                    val_metrics = self.validate()
+                    if self.log:
+                        self.log.write(self.step, "val", val_metrics)
+                    if self.progress:
+                        bar.write(f"step {self.step}: validation {self._describe_validation(val_metrics)}")
+                    stopped_early = self._after_validation(val_metrics)
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or last or stopped_early:
+                    self.save()
+        finally:
+            bar.close()
+            if self.log:
+                self.log.close()
+        return {"step": self.step, "run_dir": str(self.run_dir), "stopped_early": stopped_early,
+                **{f"val_{k}": v for k, v in val_metrics.items()}}

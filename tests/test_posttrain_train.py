@@ -1,0 +1,105 @@
+"""`ldmfast train posttrain`: starts from a cLDM folder, trains with the lesion-aware loss, keeps
+the autoencoder frozen, stops early on its metric and resumes exactly."""
+import json
+
+import pytest
+import torch
+
+from ldmfast.cli import main
+from ldmfast.data import make_phantom_dataset
+from ldmfast.models import VQGAN, ConditionalLDM, UNetConfig, VQGANConfig
+from ldmfast.train import ConfigError, load_config
+from ldmfast.train.posttrain import PostTrainer
+from ldmfast.train.posttrain_config import PostTrainConfig
+
+TINY_TOML = """
+output_dir = "{out}"
+init = "{init}"
+seed = 3
+device = "cpu"
+
+[data]
+root = "{root}"
+size = [32, 32]
+val_fraction = 0.34
+
+[optim]
+lr = 1e-3
+
+[train]
+batch_size = 4
+steps = 4
+log_every = 1
+val_every = 2
+ckpt_every = 0
+preview_slices = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    make_phantom_dataset(root, n_cases=3, shape=(32, 32, 4), seed=5, lesion_fraction=1.0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    vqgan = VQGAN(VQGANConfig(base_channels=16, channel_mult=[1, 2, 2], num_res_blocks=1, norm_groups=8,
+                              num_codes=32))
+    unet = UNetConfig(in_channels=18, out_channels=3, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_levels=(1,), head_channels=16, norm_groups=8)
+    path = tmp_path_factory.mktemp("cldm")
+    ConditionalLDM(unet, autoencoder=vqgan).save_pretrained(path)
+    return path
+
+
+def write_config(tmp_path, phantom_root, init_dir, name="run"):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(TINY_TOML.format(out=tmp_path / name, root=phantom_root, init=init_dir))
+    return path
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_post_trains_and_keeps_the_autoencoder(tmp_path, phantom_root, init_dir):
+    config = write_config(tmp_path, phantom_root, init_dir)
+    assert main(["train", "posttrain", "--config", str(config), "--quiet", "--set", "train.val_sample_steps=2"]) == 0
+    run = tmp_path / "run"
+    train = [r for r in records(run) if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(r["latent"] > 0 and r["image"] > 0 and r["lesion"] >= 0 for r in train)
+    val = [r for r in records(run) if r["kind"] == "val"]
+    assert all(v["latent_loss"] > 0 and v["lesion_mae"] is not None and v["x0_lesion_mae"] > 0 for v in val)
+    before, after = ConditionalLDM.from_pretrained(init_dir), ConditionalLDM.from_pretrained(run / "ldm")
+    for (name, a), b in zip(before.autoencoder.state_dict().items(), after.autoencoder.state_dict().values()):
+        assert torch.equal(a, b), f"autoencoder {name} changed"
+    changed = [k for k, v in before.denoiser_state_dict().items() if not torch.equal(v, after.denoiser_state_dict()[k])]
+    assert changed, "the UNet and condition module are trained"
+
+
+def test_early_stopping_exports_the_best_model_and_resumes(tmp_path, phantom_root, init_dir):
+    path = write_config(tmp_path, phantom_root, init_dir)
+    # lr so large the latent loss can only get worse after the first validation: stops at the 2nd.
+    overrides = ["train.steps=12", "train.val_every=1", "train.early_stop_patience=2", "optim.lr=0.5",
+                 "train.ckpt_every=1"]
+    summary = PostTrainer(load_config(path, PostTrainConfig, overrides), progress=False).run()
+    val = [r for r in records(tmp_path / "run") if r["kind"] == "val"]
+    assert summary["stopped_early"] and summary["step"] < 12
+    best = min(range(len(val)), key=lambda i: val[i]["latent_loss"])
+    assert summary["best_step"] == val[best]["step"]
+    resumed = PostTrainer(load_config(path, PostTrainConfig, overrides), progress=False)
+    assert resumed.best == summary["best"] and resumed.best_step == summary["best_step"]
+
+
+def test_bad_configs_are_refused_naming_the_key(tmp_path, phantom_root, init_dir):
+    path = write_config(tmp_path, phantom_root, init_dir)
+    for override, key in [("posttrain.image_loss=\"l3\"", "posttrain.image_loss"),
+                          ("train.early_stop_metric=\"lesion_mae\"", "train.early_stop_metric"),
+                          (f"init=\"{tmp_path}\"", "init")]:
+        with pytest.raises(ConfigError) as err:
+            load_config(path, PostTrainConfig, [override])
+        assert err.value.key == key
