@@ -66,18 +66,21 @@ class Setup:
         self.ldm.train()
         self.optimizer = torch.optim.AdamW(self.ldm.parameters(), lr=2e-6 * batch)
         self.schedule = NoiseSchedule()
-        self.device, self.dtype = device, dtype
-        g = torch.Generator(device=device).manual_seed(seed)
-        h, w = size
-        self.image = (torch.rand(batch, 2, h, w, device=device, generator=g) * 2 - 1).contiguous(memory_format=fmt)
-        self.ctp = (torch.rand(batch, 15, h, w, device=device, generator=g) * 2 - 1).contiguous(memory_format=fmt)
+        self.device, self.dtype, self.size, self.fmt = device, dtype, size, fmt
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.set_batch(batch)
+
+    def set_batch(self, batch: int) -> None:
+        """A random batch: images and CTP in [-1, 1], a disc of brain with a small lesion in it."""
+        device, g, (h, w) = self.device, self.generator, self.size
+        self.image = (torch.rand(batch, 2, h, w, device=device, generator=g) * 2 - 1).contiguous(memory_format=self.fmt)
+        self.ctp = (torch.rand(batch, 15, h, w, device=device, generator=g) * 2 - 1).contiguous(memory_format=self.fmt)
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, h, device=device), torch.linspace(-1, 1, w, device=device),
                                 indexing="ij")
         self.brain = (yy ** 2 + xx ** 2 < 0.8).float().expand(batch, 1, h, w).contiguous()
         self.lesion = ((yy - 0.2) ** 2 + (xx + 0.3) ** 2 < 0.02).float().expand(batch, 1, h, w).contiguous()
         with torch.no_grad(), self.autocast():
             self.z0 = to_latent(self.vqgan, self.image).float()
-        self.generator = g
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -171,19 +174,20 @@ def cuda_memory(s: Setup, variant: str) -> dict:
     return {"peak_MiB": peak / 2**20, "extra_MiB": (peak - base) / 2**20}
 
 
-def largest_batch(args, device, dtype, variant: str, limit: int = 1024) -> int:
-    """The largest batch whose step fits (doubling, then bisection), models rebuilt per try."""
+def largest_batch(s: Setup, variant: str, limit: int = 1024) -> int:
+    """The largest batch whose step fits (doubling, then bisection) beside the models and the
+    optimizer state of `s`."""
     def fits(batch: int) -> bool:
-        s = None
         try:
-            s = Setup(args.config, batch, device, dtype)
-            s.init_optimizer_state()
+            s.set_batch(batch)
             s.step(variant)
             return True
         except torch.OutOfMemoryError:
             return False
         finally:
-            del s
+            s.image = s.ctp = s.brain = s.lesion = s.z0 = None
+            s.optimizer.zero_grad(set_to_none=True)
+            s.vqgan.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
 
     lo, hi = 0, 1
@@ -246,12 +250,12 @@ def main(argv=None) -> int:
     s.init_optimizer_state()
     memory = {v: cuda_memory(s, v) for v in VARIANTS} if on_gpu else cpu_memory(args)
     ms = alternating_min_ms(s, args.rounds, time.thread_time if args.cpu_time else time.perf_counter)
-    del s
     max_batch = {}
     if on_gpu and args.max_batch:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
-        max_batch = {v: largest_batch(args, device, dtype, v) for v in VARIANTS}
+        max_batch = {v: largest_batch(s, v) for v in VARIANTS}
+    del s
 
     size = CONFIGS[args.config]
     rows = []
