@@ -137,7 +137,9 @@ class DDIMSampler:
         denoiser(x_t, t, condition) instead. With cuda_graph, a graph is kept per denoiser and
         batch shape, reading the condition from a static buffer: pass one persistent denoiser
         and the batch's condition to reuse it across batches (a new closure per batch is
-        captured anew, as the graph would otherwise read the old closure's tensors).
+        captured anew, as the graph would otherwise read the old closure's tensors). A graph reads
+        the weights where they were at capture: after moving, converting or reloading the model
+        in place, call clear_graphs().
         """
         device = torch.device(device or "cpu")
         shape = tuple(int(d) for d in shape)
