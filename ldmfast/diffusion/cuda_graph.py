@@ -26,6 +26,7 @@ class GraphedStep:
                  warmup: int = 2):
         if x.device.type != "cuda":
             raise ValueError(f"cuda_graph: CUDA-graph capture needs CUDA tensors, got a {x.device.type} tensor")
+        self.step_fn = step  # held: keeps the denoiser and its tensors alive while the graph lives
         self.static = {name: (None if v is None else _static_like(v)) for name, v in (
             ("x", x), ("t", t), ("abar_t", abar_t), ("abar_prev", abar_prev), ("noise", noise),
             ("condition", condition))}

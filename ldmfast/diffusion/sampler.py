@@ -162,7 +162,8 @@ class DDIMSampler:
                 x = update(x, t_rows[i], abar_t_rows[i], abar_prev_rows[i], step_noise(), condition)
             return x.contiguous()
         noise = step_noise()
-        key = (denoiser, n, shape, dtype, device, None if condition is None else (condition.shape, condition.dtype),
+        # id(): any callable will do; the graph holds the denoiser, so its id stays unique meanwhile.
+        key = (id(denoiser), n, shape, dtype, device, None if condition is None else (condition.shape, condition.dtype),
                noise is not None, self.autocast, self.channels_last, self.eta, self.parameterization, self.clip_x0)
         graph = self._graphs.get(key, lambda: GraphedStep(
             update, x, t_rows[0], abar_t_rows[0], abar_prev_rows[0], noise, condition))
