@@ -94,6 +94,8 @@ class ConditionalLDM(nn.Module):
         self.condition = CTPCondition(frames, halvings)
         self.unet = UNet(unet_config)
         self.autoencoder = autoencoder if autoencoder is not None else vqgan
+        # One persistent callable: the sampler keys its CUDA graphs by the denoiser's identity.
+        self._denoise_fn = self._denoise_with_condition
         if self.autoencoder is not None:
             self.autoencoder.requires_grad_(False).eval()
 
@@ -146,19 +148,46 @@ class ConditionalLDM(nn.Module):
         """Images of diffusion latents (quantized first where the autoencoder quantizes)."""
         return decode_latent(self._need_autoencoder(), z / self.diffusion.latent_scale, straight_through=True)
 
-    @torch.no_grad()
-    def generate(self, ctp: torch.Tensor, seeds: Sequence[int], *, steps: int = 50, eta: float = 0.0,
-                 spacing: str = "uniform", progress: bool = False) -> torch.Tensor:
-        """Synthesized (N, 2, H, W) images in [-1, 1] for N CTP slices, slice i drawn from seeds[i]
-        (DDIM; the result of a slice depends on its CTP and seed only)."""
-        if len(seeds) != ctp.shape[0]:
-            raise ValueError(f"seeds: need one per CTP slice ({ctp.shape[0]}), got {len(seeds)}")
+    def _denoise_with_condition(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.unet(torch.cat([z_t, cond.to(z_t.dtype)], dim=1), t)
+
+    def sampler(self, *, steps: int = 50, eta: float = 0.0, spacing: str = "uniform", samples_per_input: int = 1,
+                autocast: torch.dtype | None = None, channels_last: bool = False,
+                cuda_graph: bool = False) -> DDIMSampler:
+        """The DDIM sampler of these settings, kept per setting so that its CUDA graphs are
+        reused from batch to batch (call `clear_samplers()` after moving the model)."""
         if spacing not in SPACINGS:
             raise ValueError(f"spacing: must be one of {', '.join(SPACINGS)}, got {spacing!r}")
-        sampler = DDIMSampler(self.schedule, steps=steps, eta=eta, spacing=spacing,
-                              parameterization=self.diffusion.parameterization)
-        z = sampler.sample(self.denoiser(ctp), self.latent_size(ctp.shape[-2:]), seeds, device=ctp.device,
-                           dtype=ctp.dtype, progress=progress)
+        key = (steps, float(eta), spacing, samples_per_input, autocast, channels_last, cuda_graph)
+        cache = self.__dict__.setdefault("_samplers", {})
+        if key not in cache:
+            cache[key] = DDIMSampler(self.schedule, steps=steps, eta=eta, spacing=spacing,
+                                     parameterization=self.diffusion.parameterization,
+                                     samples_per_input=samples_per_input, autocast=autocast,
+                                     channels_last=channels_last, cuda_graph=cuda_graph)
+        return cache[key]
+
+    def clear_samplers(self) -> None:
+        """Drop the kept samplers and their CUDA graphs (which read the weights where they were)."""
+        self.__dict__.pop("_samplers", None)
+
+    @torch.no_grad()
+    def generate(self, ctp: torch.Tensor, seeds: Sequence[int], *, steps: int = 50, eta: float = 0.0,
+                 spacing: str = "uniform", samples_per_input: int = 1, autocast: torch.dtype | None = None,
+                 channels_last: bool = False, cuda_graph: bool = False, progress: bool = False) -> torch.Tensor:
+        """Synthesized images in [-1, 1] for N CTP slices, slice i drawn from seeds[i] (DDIM; the
+        result of a slice depends on its CTP and seed only): (N * samples_per_input, 2, H, W),
+        the samples of an input next to each other. autocast (e.g. torch.bfloat16), channels_last
+        and cuda_graph (CUDA only) are the sampler's speed options."""
+        if len(seeds) != ctp.shape[0]:
+            raise ValueError(f"seeds: need one per CTP slice ({ctp.shape[0]}), got {len(seeds)}")
+        sampler = self.sampler(steps=steps, eta=eta, spacing=spacing, samples_per_input=samples_per_input,
+                               autocast=autocast, channels_last=channels_last, cuda_graph=cuda_graph)
+        if ctp.dim() != 4 or ctp.shape[1] != self.frames:
+            raise ValueError(f"ctp: expected (N, {self.frames}, H, W), got {tuple(ctp.shape)}")
+        cond = self.condition(ctp)
+        z = sampler.sample(self._denoise_fn, self.latent_size(ctp.shape[-2:]), seeds, device=ctp.device,
+                           dtype=ctp.dtype, progress=progress, condition=cond)
         return self.decode(z).clamp(-1, 1)
 
     # ---- files ----------------------------------------------------------------------------------

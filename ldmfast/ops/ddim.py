@@ -8,6 +8,13 @@
 `ddim_step_reference` is the definition. The kernels read x_t, the model output and the noise once
 and write x_prev (and x0_hat) once, with per-sample coefficients computed here in float64.
 eps_hat comes from the unclamped model output, as in diffusers' DDIMScheduler by default.
+
+Two entry points share one op. `ddim_step` takes abar as floats or tensors anywhere, checks their
+values and builds the coefficient table on the host (numpy, then one small copy to the device).
+`ddim_step_capturable` takes abar as tensors already on x_t's device and builds the table there
+with torch ops: no host sync, no numpy, no host-to-device copy, so a whole sampling step (denoiser
+and update) can be captured in a CUDA graph and replayed with new abar values copied into static
+buffers.
 """
 from __future__ import annotations
 
@@ -105,8 +112,15 @@ def ddim_coefficients(abar_t: torch.Tensor, abar_prev: torch.Tensor, eta: float,
     return torch.from_numpy(rows)
 
 
+def ddim_coefficients_on_device(abar_t: torch.Tensor, abar_prev: torch.Tensor, eta: float,
+                                parameterization: str) -> torch.Tensor:
+    """The rows of ddim_coefficients, (N, 8) float64, computed with torch ops on abar's device: a
+    dozen tiny kernels and no synchronization, which a CUDA graph can capture."""
+    return _coefficient_rows(abar_t.double(), abar_prev.double(), eta, parameterization, torch)
+
+
 def _run_kernel(backend, x_t, model_output, abar_t, abar_prev, eta, noise, parameterization, clip_x0,
-                return_x0):
+                return_x0, coefficients_on_device=False):
     y = _native.batch_major_output(x_t)
     x0 = _native.empty_like_dense(y) if return_x0 else None
     x = _native.in_layout_of(x_t, y)
@@ -114,8 +128,11 @@ def _run_kernel(backend, x_t, model_output, abar_t, abar_prev, eta, noise, param
     nz = _native.in_layout_of(noise, y) if noise is not None else None
     n = x_t.shape[0]
     m = x_t.numel() // n if n else 0
-    coef = ddim_coefficients(abar_t, abar_prev, eta, parameterization).to(
-        device=x_t.device, dtype=torch.float32).contiguous()
+    if coefficients_on_device:
+        coef = ddim_coefficients_on_device(abar_t, abar_prev, eta, parameterization)
+    else:
+        coef = ddim_coefficients(abar_t, abar_prev, eta, parameterization)
+    coef = coef.to(device=x_t.device, dtype=torch.float32).contiguous()
     clip = clip_x0 is not None
     x0_out = x0 if x0 is not None else x_t.new_empty((0,))  # the op always returns two tensors
     if n * m == 0:
@@ -141,21 +158,25 @@ def _run_kernel(backend, x_t, model_output, abar_t, abar_prev, eta, noise, param
 @torch.library.custom_op("ldmfast::ddim_step", mutates_args=())
 def _ddim_step_op(x_t: torch.Tensor, model_output: torch.Tensor, abar_t: torch.Tensor, abar_prev: torch.Tensor,
                   eta: float, noise: Optional[torch.Tensor], parameterization: str, clip_x0: Optional[float],
-                  return_x0: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  return_x0: bool, backend: str, coefficients_on_device: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    # coefficients_on_device: abar lives on x_t's device and the kernels' table is built there
+    # (ddim_step_capturable); otherwise abar is a float64 CPU tensor and the table is built in numpy.
     if backend == "reference":
         y, x0 = ddim_step_reference(x_t, model_output, abar_t, abar_prev, eta, noise, parameterization, clip_x0)
         return y, (x0 if return_x0 else x_t.new_empty((0,)))
     return _run_kernel(backend, x_t, model_output, abar_t, abar_prev, eta, noise, parameterization, clip_x0,
-                       return_x0)
+                       return_x0, coefficients_on_device)
 
 
 @_ddim_step_op.register_fake
-def _(x_t, model_output, abar_t, abar_prev, eta, noise, parameterization, clip_x0, return_x0, backend):
+def _(x_t, model_output, abar_t, abar_prev, eta, noise, parameterization, clip_x0, return_x0, backend,
+      coefficients_on_device=False):
     return torch.empty_like(x_t), (torch.empty_like(x_t) if return_x0 else x_t.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    x_t, model_output, abar_t, abar_prev, eta, noise, parameterization, clip_x0, _, _ = inputs
+    x_t, model_output, abar_t, abar_prev, eta, noise, parameterization, clip_x0 = inputs[:8]
     ctx.save_for_backward(x_t, model_output, abar_t, abar_prev)
     ctx.eta, ctx.parameterization, ctx.clip_x0 = eta, parameterization, clip_x0
     ctx.has_noise = noise is not None
@@ -180,7 +201,7 @@ def _backward(ctx, grad_prev, grad_x0):
     g_x = (c[0] * g_x0 + c[2] * c[5] * g).to(x_t.dtype)
     g_out = (c[1] * g_x0 + c[3] * c[5] * g).to(model_output.dtype)
     g_noise = (c[6] * g).to(x_t.dtype) if ctx.has_noise else None
-    return g_x, g_out, None, None, None, g_noise, None, None, None, None
+    return g_x, g_out, None, None, None, g_noise, None, None, None, None, None
 
 
 _ddim_step_op.register_autograd(_backward, setup_context=_setup_context)
@@ -245,6 +266,30 @@ def ddim_step(x_t: torch.Tensor, model_output: torch.Tensor, abar_t: Abar, abar_
     clip_x0: clamp x0_hat to [-clip_x0, clip_x0]. return_x0: also return x0_hat.
     Returns x_prev, or (x_prev, x0_hat). Differentiable in x_t, model_output and noise.
     """
+    _check_options(x_t, model_output, noise, eta, parameterization, clip_x0)
+    a_t = _check_abar(abar_t, "abar_t", x_t)
+    a_prev = _check_abar(abar_prev, "abar_prev", x_t)
+    return _step(x_t, model_output, a_t, a_prev, eta, noise, parameterization, clip_x0, return_x0, generator,
+                 coefficients_on_device=False)
+
+
+def ddim_step_capturable(x_t: torch.Tensor, model_output: torch.Tensor, abar_t: torch.Tensor,
+                         abar_prev: torch.Tensor, eta: float = 0.0, noise: Optional[torch.Tensor] = None,
+                         parameterization: str = "eps", clip_x0: Optional[float] = None, return_x0: bool = False,
+                         generator: Optional[torch.Generator] = None):
+    """ddim_step with abar_t and abar_prev as floating-point tensors on x_t's device (1 or N values),
+    whose coefficient table is computed on that device: no host synchronization, numpy or
+    host-to-device copy, so the call can be captured in a CUDA graph (the abar tensors then act
+    as static inputs). Their values are not checked, as that would need a sync: they must lie in
+    (0, 1], as ddim_step requires. Same outputs and gradients as ddim_step otherwise."""
+    _check_options(x_t, model_output, noise, eta, parameterization, clip_x0)
+    a_t = _check_device_abar(abar_t, "abar_t", x_t)
+    a_prev = _check_device_abar(abar_prev, "abar_prev", x_t)
+    return _step(x_t, model_output, a_t, a_prev, eta, noise, parameterization, clip_x0, return_x0, generator,
+                 coefficients_on_device=True)
+
+
+def _check_options(x_t, model_output, noise, eta, parameterization, clip_x0) -> None:
     _check_tensors(x_t, model_output, noise)
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"parameterization: must be one of {', '.join(PARAMETERIZATIONS)}, got {parameterization!r}")
@@ -252,13 +297,33 @@ def ddim_step(x_t: torch.Tensor, model_output: torch.Tensor, abar_t: Abar, abar_
         raise ValueError(f"eta: must be a finite number >= 0, got {eta!r}")
     if clip_x0 is not None and (not isinstance(clip_x0, (int, float)) or not clip_x0 > 0):
         raise ValueError(f"clip_x0: must be None or a number > 0, got {clip_x0!r}")
-    a_t = _check_abar(abar_t, "abar_t", x_t)
-    a_prev = _check_abar(abar_prev, "abar_prev", x_t)
+
+
+def _check_device_abar(value, name: str, x_t: torch.Tensor) -> torch.Tensor:
+    """abar as an (N,) tensor on x_t's device; checks only what needs no look at the values."""
+    n = x_t.shape[0]
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: must be a tensor on x_t's device ({x_t.device}), got {type(value).__name__}; "
+                         "ddim_step takes floats")
+    if value.is_complex() or not value.is_floating_point():
+        raise ValueError(f"{name}: must be a floating-point tensor, got {value.dtype}")
+    if value.device != x_t.device:
+        raise ValueError(f"{name}: must be on x_t's device {x_t.device}, got {value.device}")
+    if value.numel() == 1:
+        return value.reshape(1).expand(n)
+    if value.dim() >= 1 and value.shape[0] == n and value.numel() == n:
+        return value.reshape(n)
+    raise ValueError(f"{name}: must hold 1 or N={n} values (one per sample), got shape {tuple(value.shape)}")
+
+
+def _step(x_t, model_output, a_t, a_prev, eta, noise, parameterization, clip_x0, return_x0, generator,
+          coefficients_on_device):
     backend = _backends.resolve(OP, x_t)
     if eta == 0:
         noise = None  # sigma is 0: skip reading it
     elif noise is None:
         noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
     x_prev, x0 = _ddim_step_op(x_t, model_output, a_t, a_prev, float(eta), noise, parameterization,
-                               None if clip_x0 is None else float(clip_x0), bool(return_x0), backend)
+                               None if clip_x0 is None else float(clip_x0), bool(return_x0), backend,
+                               coefficients_on_device)
     return (x_prev, x0) if return_x0 else x_prev

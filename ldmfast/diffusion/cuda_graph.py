@@ -1,0 +1,97 @@
+"""One sampling step (denoiser call + DDIM update) captured as a CUDA graph and replayed.
+
+A DDIM step of the cLDM launches hundreds of small kernels; at small batches and in few-step
+sampling the host cannot launch them as fast as the GPU runs them. A CUDA graph records the
+launches once for a static batch shape and replays them with one call. Everything a step reads
+(the state x, the timestep, abar_t, abar_prev, the step's noise, the condition) lives in static
+buffers that the caller fills before each replay; the captured step writes the next state back
+into the static x, so the state never leaves the graph's memory between steps.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+Step = Callable[..., torch.Tensor]
+
+
+class GraphedStep:
+    """`step(x, t, abar_t, abar_prev, noise, condition) -> x_next` captured for the shapes, dtypes,
+    devices and memory formats of the example tensors (None stays None: no noise at eta 0, no
+    condition for a closure denoiser)."""
+
+    def __init__(self, step: Step, x: torch.Tensor, t: torch.Tensor, abar_t: torch.Tensor,
+                 abar_prev: torch.Tensor, noise: Optional[torch.Tensor], condition: Optional[torch.Tensor],
+                 warmup: int = 2):
+        if x.device.type != "cuda":
+            raise ValueError(f"cuda_graph: CUDA-graph capture needs CUDA tensors, got a {x.device.type} tensor")
+        self.step_fn = step  # held: keeps the denoiser and its tensors alive while the graph lives
+        self.static = {name: (None if v is None else _static_like(v)) for name, v in (
+            ("x", x), ("t", t), ("abar_t", abar_t), ("abar_prev", abar_prev), ("noise", noise),
+            ("condition", condition))}
+        device = x.device
+        # Warm-up outside capture, on a side stream as torch.cuda.graph requires: first calls
+        # compile Triton kernels, pick cuDNN algorithms and grow the allocator, none of which a
+        # capture may do. The results are discarded; the buffers hold the examples' values.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step(**self.static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static["x"].copy_(step(**self.static))
+
+    def set_state(self, x: torch.Tensor, condition: Optional[torch.Tensor] = None) -> None:
+        """Start a new batch: copy its starting state (and condition) into the static buffers."""
+        self.static["x"].copy_(x)
+        if condition is not None:
+            self.static["condition"].copy_(condition)
+
+    def step(self, t: torch.Tensor, abar_t: torch.Tensor, abar_prev: torch.Tensor,
+             noise: Optional[torch.Tensor] = None) -> None:
+        """One replay: device-to-device copies of this step's inputs, then the captured kernels."""
+        self.static["t"].copy_(t)
+        self.static["abar_t"].copy_(abar_t)
+        self.static["abar_prev"].copy_(abar_prev)
+        if noise is not None:
+            self.static["noise"].copy_(noise)
+        self.graph.replay()
+
+    @property
+    def state(self) -> torch.Tensor:
+        """The static x: after step(), the state after that step (overwritten by the next replay)."""
+        return self.static["x"]
+
+
+def _static_like(t: torch.Tensor) -> torch.Tensor:
+    """A buffer of t's shape, dtype, device and memory format holding t's values."""
+    buf = torch.empty_like(t, memory_format=torch.preserve_format)
+    buf.copy_(t)
+    return buf
+
+
+class GraphCache:
+    """The most recently used graphs by key (denoiser, shapes, options). Each graph keeps its
+    activations in a private memory pool, so only a few are kept."""
+
+    def __init__(self, max_graphs: int = 2):
+        self.max_graphs = max_graphs
+        self._graphs: dict = {}
+
+    def get(self, key, build: Callable[[], GraphedStep]) -> GraphedStep:
+        graph = self._graphs.pop(key, None)
+        if graph is None:
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.pop(next(iter(self._graphs)))  # the least recently used
+            graph = build()
+        self._graphs[key] = graph
+        return graph
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
