@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     from ldmfast.train.cli import add_train_parser
     add_train_parser(sub)
+    from ldmfast.synthesis.cli import add_synthesize_parser
+    add_synthesize_parser(sub)
     return parser
 
 
