@@ -121,11 +121,22 @@ def check_paths(config: SynthesisConfig) -> None:
     source, out = Path(config.input).resolve(), Path(config.output).resolve()
     if not source.exists():
         raise ConfigError("input", f"{config.input} not found")
-    data_root = source.parent if source.is_file() else source
-    if out == data_root or data_root in out.parents:
-        raise ConfigError("output", f"{config.output} is (inside) the input folder {data_root}; choose another folder")
+    # A manifest names its files; a data folder's every subfolder is a case, so an output inside
+    # it would be read as one. (Overlap with a manifest's files: check_output_overlap.)
+    if source.is_dir() and (out == source or source in out.parents):
+        raise ConfigError("output", f"{config.output} is (inside) the input folder {source}; choose another folder")
     if out.exists() and not out.is_dir():
         raise ConfigError("output", f"{config.output} exists and is not a folder")
+
+
+def check_output_overlap(config: SynthesisConfig, cases) -> None:
+    """No case's output folder may hold its input files (its dwi.nii.gz would be replaced)."""
+    out = Path(config.output).resolve()
+    for case in cases:
+        folders = {p.resolve().parent for p in case.files().values()}
+        if (out / case.case_id) in folders:
+            raise ConfigError("output", f"{config.output}: case {case.case_id!r} would be written into the folder of "
+                                        "its input files; choose another folder")
 
 
 def read_intensity_stats(model_dir: str | os.PathLike) -> dict[str, tuple[float, float]] | None:

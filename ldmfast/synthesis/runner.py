@@ -26,8 +26,8 @@ from ldmfast.train.distributed import DistInfo
 
 from .batching import Batch, CaseJob, SliceBatcher, scatter
 from .cases import SynthesisCase, prepare_case
-from .config import (SynthesisConfig, check_against_model, check_paths, model_multiple, read_intensity_stats,
-                     read_model_config)
+from .config import (SynthesisConfig, check_against_model, check_output_overlap, check_paths, model_multiple,
+                     read_intensity_stats, read_model_config)
 from .outputs import case_complete, write_case
 from .seeds import slice_seed
 
@@ -209,6 +209,7 @@ def synthesize(config: SynthesisConfig, *, dist: DistInfo | None = None, progres
         log = lambda message: tqdm.write(prefix + message, file=sys.stderr)  # noqa: E731
 
     listed = find_cases(config.input, layout=config.layout, skip_bad=True)
+    check_output_overlap(config, listed)
     mine = list(listed)[dist.rank::dist.world_size]
     model = ConditionalLDM.from_pretrained(config.model, dist.device).eval()
     bar = tqdm(total=0, unit=" slices", desc="synthesize", disable=not (progress and dist.is_main), dynamic_ncols=True)
