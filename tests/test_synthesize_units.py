@@ -120,6 +120,8 @@ def test_prepare_case_chooses_the_scale_and_fits_the_size(data):
     with pytest.raises(DataError, match="not divisible by 64"):
         prepare_case(case, frames=15, multiple=64)
     assert prepare_case(case, frames=7, multiple=8).ctp.shape[1] == 7  # frames resampled to the model's
+    with pytest.raises(DataError, match="path separator"):
+        prepare_case(type(case)(case_id="../escape", ctp=case.ctp), frames=15, multiple=8)
 
 
 def test_write_case_maps_back_to_the_volume_and_marks_the_case_finished(data, tmp_path):
@@ -188,3 +190,37 @@ def test_generate_options_pass_dtype_and_graphs_only_where_generate_takes_them()
         assert err.value.key == key
     with pytest.raises(ConfigError, match="CUDA device"):
         generate_options(fast, SynthesisConfig(model="m", input="i", output="o", cuda_graph=True), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("failure", ["nan", "raise"])
+def test_a_case_the_model_fails_on_is_reported_and_the_others_are_written(data, tmp_path, monkeypatch, failure):
+    from ldmfast.models import ConditionalLDM
+    from ldmfast.synthesis import synthesize
+    from synthesize_helpers import make_model_dir
+
+    cases = find_cases(data)
+    victim = cases[0].case_id
+    victim_seeds = {slice_seed(0, victim, s, 0) for s in range(64)}
+    real_generate = ConditionalLDM.generate
+
+    def flaky_generate(self, ctp, seeds, **kwargs):
+        hit = [i for i, s in enumerate(seeds) if s in victim_seeds]
+        if hit and failure == "raise":
+            raise RuntimeError("device lost")
+        out = real_generate(self, ctp, seeds, **kwargs)
+        out[hit] = float("nan")
+        return out
+
+    monkeypatch.setattr(ConditionalLDM, "generate", flaky_generate)
+    config = SynthesisConfig(model=str(make_model_dir(tmp_path / "model", 1)), input=str(data),
+                             output=str(tmp_path / "out"), steps=1, batch_size=3, device="cpu")
+    messages = []
+    summary = synthesize(config, progress=False, log=messages.append)
+    assert victim in summary.failed and any(victim in m for m in messages)
+    assert sorted(summary.written + list(summary.failed)) == sorted(c.case_id for c in cases)
+    if failure == "nan":
+        assert summary.failed == {victim: "the model produced non-finite values"}
+    else:
+        assert "device lost" in summary.failed[victim]
+    for case in cases:
+        assert case_complete(config.output, case.case_id, 1) == (case.case_id in summary.written)

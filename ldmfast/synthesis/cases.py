@@ -47,6 +47,9 @@ def prepare_case(files: CaseFiles, *, frames: int, multiple: int, size: tuple[in
     """Load and preprocess a case for synthesis. Slices are chosen where the CTP is usable
     (DWI/ADC, when present, serve only for the output scale, so a whole volume is synthesized).
     Raises DataError naming the case and file for anything that stops it."""
+    if files.case_id in (".", "..") or "/" in files.case_id or "\\" in files.case_id:
+        raise DataError("the case id names the output folder: it may not contain a path separator or be . or ..",
+                        case=files.case_id, path=files.ctp)
     has_targets = files.dwi is not None and files.adc is not None
     if scale == "case" and not has_targets:
         raise DataError("scale = 'case' needs the case's DWI and ADC files (use scale = 'auto' or 'unit')",

@@ -70,7 +70,8 @@ def add_synthesize_parser(subparsers) -> argparse.ArgumentParser:
     graph.add_argument("--cuda-graph", dest="cuda_graph", action="store_true", default=None,
                        help="replay the denoiser as a CUDA graph (default: on a GPU where supported)")
     graph.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
-    add("--prefetch", type=int, metavar="N", help="cases read ahead in a background thread (default: 2)")
+    add("--prefetch", type=int, metavar="N", help="cases read ahead in a background thread (default: 2 on a GPU, "
+        "0 on the CPU, where reading would compete with the model for cores)")
     add("--overwrite", action="store_true", default=None, help="redo cases whose outputs are complete")
     add("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_synthesize)

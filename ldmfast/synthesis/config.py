@@ -46,7 +46,8 @@ class SynthesisConfig:
     dtype: str = "auto"             # sampling precision; auto: bfloat16 on GPU when supported
     cuda_graph: bool | None = None  # None: on for GPU runs when the sampler supports it
     overwrite: bool = False         # redo cases whose outputs are already complete
-    prefetch: int = 2               # cases read ahead in a background thread
+    prefetch: int | None = None     # cases read ahead in a background thread; None: 2 on a GPU, 0 on
+    #                                 the CPU (where the reader would compete with the model for cores)
 
     def check(self, prefix: str = "") -> None:
         for key in ("model", "input", "output"):
@@ -58,7 +59,7 @@ class SynthesisConfig:
         for key in ("batch_size", "steps", "samples"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.prefetch < 0:
+        if self.prefetch is not None and self.prefetch < 0:
             raise ConfigError("prefetch", f"must be >= 0, got {self.prefetch}")
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise ConfigError("eta", f"must be a finite number >= 0, got {self.eta}")

@@ -113,6 +113,12 @@ class _Run:
         self.summary.failed[case_id] = reason
         self.log(f"case {case_id!r} failed and is skipped: {reason}")
 
+    def fail_job(self, job: CaseJob, err: BaseException | str) -> None:
+        if not job.failed:
+            job.failed = True
+            self.batcher.drop(job)
+            self.fail(job.case_id, err)
+
     def add_case(self, case: SynthesisCase) -> None:
         seeds = np.array([[slice_seed(self.config.seed, case.case_id, int(i), k) for i in case.prepared.slice_index]
                           for k in range(self.config.samples)], dtype=np.int64)
@@ -126,15 +132,14 @@ class _Run:
         try:
             ctp = torch.from_numpy(batch.ctp).to(self.dist.device)
             images = self.model.generate(ctp, batch.seeds, **self.options).float().cpu().numpy()
-            if not np.isfinite(images[:batch.real]).all():
-                raise FloatingPointError("the model produced non-finite values")
         except Exception as err:  # the cases of this batch fail; the others go on
-            for job in {id(j): j for j, _, _ in batch.entries}.values():
-                if not job.failed:
-                    job.failed = True
-                    self.batcher.drop(job)
-                    self.fail(job.case_id, err)
+            for job, _, _ in batch.entries:
+                self.fail_job(job, err)
             return
+        finite = np.isfinite(images[:batch.real]).reshape(batch.real, -1).all(axis=1)
+        for (job, _, _), ok in zip(batch.entries, finite):
+            if not ok:
+                self.fail_job(job, "the model produced non-finite values")
         self.summary.slices += batch.real
         self.bar.update(batch.real)
         for job in scatter(batch, images):
@@ -230,7 +235,8 @@ def synthesize(config: SynthesisConfig, *, dist: DistInfo | None = None, progres
                             scale=config.scale, reference_stats=reference_stats)
 
     start = time.perf_counter()
-    reader = _prepared_cases(todo, prepare, config.prefetch)
+    prefetch = config.prefetch if config.prefetch is not None else (2 if dist.device.type == "cuda" else 0)
+    reader = _prepared_cases(todo, prepare, prefetch)
     try:
         for files, prepared in reader:
             if isinstance(prepared, Exception):
