@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     from ldmfast.demo_cli import add_demo_parser
     add_demo_parser(sub)
+    from ldmfast.synthesis.cli import add_synthesize_parser
+    add_synthesize_parser(sub)
     return parser
 
 

@@ -1,0 +1,91 @@
+"""A case's output files: where they go, whether they are complete, and writing them.
+
+Layout: `OUT/<case>/dwi.nii.gz` and `adc.nii.gz` (sample 0, the release layout that
+`ldmfast evaluate` reads), `dwi_s<k>.nii.gz` and `adc_s<k>.nii.gz` for further samples k, and
+`synthesis.json` (settings, scale, slices), written last. Every file is written under a
+temporary name and renamed, and the record is removed before a case is (re)written, so a case
+is finished exactly when its record exists and names its files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+from ldmfast.data import assemble_volume, fit_to_size, output_paths, save_nifti_atomic
+from ldmfast.data.atomic import atomic_path
+from ldmfast.data.preprocess import denormalize_mri
+from ldmfast.data.writer import OUTPUT_CHANNELS
+
+from .cases import SynthesisCase
+
+RECORD_NAME = "synthesis.json"
+_TEMP_PREFIX = ".tmp-"  # ldmfast.data.atomic's temporary names
+
+
+def sample_paths(out_dir: str | os.PathLike, case_id: str, sample: int) -> dict[str, Path]:
+    """{"dwi": path, "adc": path} of one sample of a case."""
+    if sample == 0:
+        return output_paths(out_dir, case_id)
+    return {name: Path(out_dir) / case_id / f"{name}_s{sample}.nii.gz" for name in OUTPUT_CHANNELS}
+
+
+def case_complete(out_dir: str | os.PathLike, case_id: str, samples: int) -> bool:
+    """Whether the case's record exists and every file of `samples` samples has a readable header."""
+    record = Path(out_dir) / case_id / RECORD_NAME
+    try:
+        json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    for sample in range(samples):
+        for path in sample_paths(out_dir, case_id, sample).values():
+            try:
+                nib.load(path)
+            except (OSError, ImageFileError, EOFError, ValueError):
+                return False
+    return True
+
+
+def remove_stale_temporaries(case_dir: Path) -> None:
+    """Delete temporary files a killed run left in a case folder. Only one process writes a
+    case, so any temporary there at the start of its writing is a dead run's."""
+    if case_dir.is_dir():
+        for path in case_dir.iterdir():
+            if path.name.startswith(_TEMP_PREFIX) and path.is_file():
+                path.unlink(missing_ok=True)
+
+
+def write_case(out_dir: str | os.PathLike, case: SynthesisCase, images: np.ndarray, record: dict) -> list[Path]:
+    """Write a case's synthesized volumes, then its record.
+
+    images: samples x S x 2 x H x W in the model's [-1, 1], one slice per entry of the case's
+    slice_index, H x W the model slice size (fitted back to the case's in-plane size here).
+    Voxels outside the brain mask and slices not synthesized are 0; intensities follow
+    case.stats (its scale). The NIfTI files carry the CTP's affine and header."""
+    prepared = case.prepared
+    expected = (len(prepared.slice_index), len(OUTPUT_CHANNELS))
+    if images.ndim != 5 or images.shape[1:3] != expected:
+        raise ValueError(f"images: expected samples x {expected[0]} x 2 x H x W for case {case.case_id!r}, "
+                         f"got {images.shape}")
+    case_dir = Path(out_dir) / case.case_id
+    (case_dir / RECORD_NAME).unlink(missing_ok=True)  # unfinished until the record is back
+    remove_stale_temporaries(case_dir)
+    written = []
+    for sample in range(images.shape[0]):
+        paths = sample_paths(out_dir, case.case_id, sample)
+        for channel, name in enumerate(OUTPUT_CHANNELS):
+            slices = fit_to_size(images[sample, :, channel], prepared.spatial_shape[:2], fill=-1.0)
+            values = denormalize_mri(slices, case.stats[name]) * prepared.mask
+            volume = assemble_volume(values, prepared.slice_index, prepared.spatial_shape)
+            written.append(save_nifti_atomic(volume, prepared.affine, prepared.header, paths[name]))
+    record = {**record, "case_id": case.case_id, "scale": case.scale,
+              "stats": {name: [s.low, s.high] for name, s in case.stats.items()},
+              "slice_index": [int(i) for i in prepared.slice_index],
+              "files": [p.name for p in written]}
+    with atomic_path(case_dir / RECORD_NAME) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    return written
