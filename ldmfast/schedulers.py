@@ -55,15 +55,17 @@ def _config(scheduler, family: str):
 
 # Host float64 copies of alphas_cumprod, refreshed when the tensor changes: MONAI's add_noise moves
 # it to the sample's device, and reading a GPU value each step would synchronize the stream.
-_HOST: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, np.ndarray]]" = weakref.WeakKeyDictionary()
+_HOST: dict[int, tuple[weakref.ref, int, np.ndarray]] = {}  # by id: tensors' == is elementwise
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
-    cached = _HOST.get(t)
-    if cached is None or cached[0] != t._version:
-        cached = (t._version, t.detach().to("cpu", torch.float64).numpy().reshape(-1))
-        _HOST[t] = cached
-    return cached[1]
+    cached = _HOST.get(id(t))
+    if cached is None or cached[0]() is not t or cached[1] != t._version:
+        key = id(t)
+        ref = weakref.ref(t, lambda _, key=key: _HOST.pop(key, None))
+        cached = (ref, t._version, t.detach().to("cpu", torch.float64).numpy().reshape(-1))
+        _HOST[key] = cached
+    return cached[2]
 
 
 def _alphas(scheduler, timestep: int, num_train: int) -> tuple[float, float]:
