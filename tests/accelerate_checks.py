@@ -134,3 +134,24 @@ def check_accelerate(model: nn.Module, make_inputs, forward=None, monkeypatch=No
     assert not any("forward" in m.__dict__ for m in fused32.modules())
     torch.testing.assert_close(forward(fused32, *inputs32), forward(plain32, *inputs32), rtol=0, atol=0)
     return report
+
+
+def check_low_precision_on_cuda(model: nn.Module, make_inputs, forward=None, dtype=torch.bfloat16, device="cuda",
+                                autocast: bool = False):
+    """The accelerated model in `dtype` on the GPU against the float64 model on the CPU: no worse
+    than twice the error of the plain model in the same dtype (the numerics contract's rule for
+    low precision; a whole network's error can exceed the per-op 1e-2 for plain torch too).
+    autocast: keep float32 weights and run under torch.autocast (as the reference release does,
+    whose GroupNorm32 needs float32 weights), instead of casting the weights to `dtype`."""
+    forward = forward or (lambda m, *a: m(*a))
+    randomize(model)
+    inputs64 = make_inputs(torch.float64)
+    with torch.no_grad():
+        want = forward(copy.deepcopy(model).double(), *inputs64)
+        low = [t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in inputs64]
+        plain = copy.deepcopy(model).to(device, torch.float32 if autocast else dtype)
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=autocast):
+            torch_err = rel_err(forward(plain, *low).cpu(), want)
+            ldmfast.accelerate(plain)
+            err = rel_err(forward(plain, *low).cpu(), want)
+    assert math.isfinite(err) and err <= 2 * torch_err + 1e-4, f"{dtype}: {err:.3g} vs plain torch {torch_err:.3g}"

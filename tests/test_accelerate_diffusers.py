@@ -5,7 +5,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import ldmfast  # noqa: E402
-from accelerate_checks import check_accelerate, fresh_seed  # noqa: E402
+from accelerate_checks import check_accelerate, check_low_precision_on_cuda, fresh_seed  # noqa: E402
 from ldmfast.acceleration import LdmfastAttnProcessor  # noqa: E402
 
 _AE = dict(in_channels=2, out_channels=2, block_out_channels=(16, 32), norm_num_groups=8,
@@ -98,3 +98,17 @@ def test_unknown_processor_left_alone_and_processors_restored():
     assert "CustomProcessor" in report.left_alone[0].reason
     ldmfast.restore(blocks)
     assert [b.processor for b in blocks] == before
+
+
+@pytest.mark.cuda
+def test_unet2d_and_autoencoder_bf16_on_cuda():
+    fresh_seed()
+    unet = diffusers.UNet2DModel(in_channels=18, out_channels=3, block_out_channels=(32, 64, 128), layers_per_block=2,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                                 attention_head_dim=32, norm_num_groups=32)
+    check_low_precision_on_cuda(unet, lambda dtype: [torch.randn(4, 18, 48, 56, dtype=dtype),
+                                                     torch.randint(0, 1000, (4,))],
+                                lambda m, x, t: m(x, t.to(x.device)).sample)
+    vae = diffusers.AutoencoderKL(**{**_AE, "norm_num_groups": 16}, latent_channels=3)
+    check_low_precision_on_cuda(vae, _image((2, 2, 96, 112)), lambda m, x: m(x).sample)

@@ -5,7 +5,7 @@ import torch
 pytest.importorskip("einops")  # MONAI's attention blocks need it
 monai_nets = pytest.importorskip("monai.networks.nets")
 
-from accelerate_checks import check_accelerate, fresh_seed  # noqa: E402
+from accelerate_checks import check_accelerate, check_low_precision_on_cuda, fresh_seed  # noqa: E402
 
 
 def _unet_inputs(shape, context=None):
@@ -116,3 +116,12 @@ def test_attention_mask_and_training_dropout_fall_back_to_monai():
     got = block(x)
     torch.manual_seed(3)
     torch.testing.assert_close(got, SABlock.forward(block, x), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_diffusion_unet_bf16_on_cuda():
+    fresh_seed()
+    model = monai_nets.DiffusionModelUNet(spatial_dims=2, in_channels=18, out_channels=3, channels=(32, 64, 128),
+                                          attention_levels=(False, True, True), num_res_blocks=2,
+                                          num_head_channels=32, norm_num_groups=32)
+    check_low_precision_on_cuda(model, _unet_inputs((4, 18, 48, 56)))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from accelerate_checks import check_accelerate, fresh_seed
+from accelerate_checks import check_accelerate, check_low_precision_on_cuda, fresh_seed
 from openaimodel_style import UNetModel
 
 
@@ -27,3 +27,14 @@ def test_unet(options, monkeypatch):
     n_resblocks = sum(type(m).__name__ == "ResBlock" for m in model.modules())
     assert counts["group_norm+silu"] == 2 * n_resblocks + 1
     assert report.left_alone == []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("new_order", [False, True])
+def test_unet_bf16_on_cuda(new_order):
+    fresh_seed()
+    model = UNetModel(in_channels=18, out_channels=3, model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=2,
+                      attention_resolutions=(2, 4), num_head_channels=32, use_new_attention_order=new_order)
+    check_low_precision_on_cuda(model, lambda dtype: [torch.randn(4, 18, 48, 56, dtype=dtype),
+                                                      torch.randint(0, 1000, (4,))],
+                                lambda m, x, t: m(x, t.to(x.device)), autocast=True)
