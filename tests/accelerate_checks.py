@@ -3,8 +3,9 @@ the accelerated model agrees with the untouched one, forward and backward, and `
 
 - float64 (the reference backend): the accelerated model computes the same function, to rounding
   (this is where a wrong scale, head split, residual or rescale would show);
-- float32 (the CPU kernels): within the numerics contract's fp32 tolerance of the float64 model,
-  and torch's own GroupNorm / SDPA are not called any more;
+- float32 (the CPU kernels): output within the numerics contract's fp32 tolerance of the float64
+  model, gradients too (or within twice plain torch's float32 error, where a deep network's exceeds
+  it), and torch's own GroupNorm / SDPA are not called any more;
 - the state_dict keeps its keys and tensors, and undo gives back the original modules.
 """
 from __future__ import annotations
@@ -79,18 +80,30 @@ def _run(model, forward, inputs, weight):
     return out.detach(), [t.grad for t in leaves if t.requires_grad], grads
 
 
-def _assert_grads(got, want, tol, what):
+def _grad_errors(got, want):
+    """Relative error of each input grad and each parameter grad: {name: error}."""
     in_got, par_got = got
     in_want, par_want = want
-    for i, (g, w) in enumerate(zip(in_got, in_want)):
-        assert rel_err(g, w) < tol, f"{what}: input {i} grad relative error {rel_err(g, w):.3g}"
-    assert set(par_got) == set(par_want), f"{what}: parameters with grads differ"
+    assert set(par_got) == set(par_want), "parameters with grads differ"
+    errors = {f"input {i}": rel_err(g, w) for i, (g, w) in enumerate(zip(in_got, in_want))}
     # Some gradients are zero up to rounding (a key bias shifts every score of a row equally):
     # gradients under 1% of the largest are measured against that 1% instead of their own norm.
     floor = 1e-2 * max(w.double().norm().item() for w in par_want.values())
     for name, w in par_want.items():
-        err = (par_got[name].double() - w.double()).norm().item() / max(w.double().norm().item(), floor)
-        assert err < tol, f"{what}: grad of {name} relative error {err:.3g}"
+        errors[name] = (par_got[name].double() - w.double()).norm().item() / max(w.double().norm().item(), floor)
+    return errors
+
+
+def _assert_grads(got, want, tol, what, baseline=None):
+    """Every gradient within tol of the float64 one; with `baseline` (plain torch's gradients in
+    the same precision), within twice torch's own error where that is larger: a whole network's
+    float32 gradients can exceed the per-op 1e-5 for plain torch too."""
+    errors = _grad_errors(got, want)
+    allowed = dict.fromkeys(errors, tol)
+    if baseline is not None:
+        allowed = {k: max(tol, 2 * e) for k, e in _grad_errors(baseline, want).items()}
+    for name, err in errors.items():
+        assert err < allowed[name], f"{what}: grad of {name} relative error {err:.3g} (allowed {allowed[name]:.3g})"
 
 
 def check_accelerate(model: nn.Module, make_inputs, forward=None, monkeypatch=None, **accelerate_kwargs):
@@ -121,8 +134,9 @@ def check_accelerate(model: nn.Module, make_inputs, forward=None, monkeypatch=No
     inputs32 = [t.float() if t.is_floating_point() else t for t in inputs64]
     with counting_calls(monkeypatch) as calls:
         got_out, *got_grads = _run(fused32, forward, inputs32, weight)
+    _, *torch_grads = _run(plain32, forward, inputs32, weight)
     assert rel_err(got_out, want_out) < FP32_TOL, f"float32 output: {rel_err(got_out, want_out):.3g} (seed {seed})"
-    _assert_grads(got_grads, want_grads, FP32_TOL, f"float32 (seed {seed})")
+    _assert_grads(got_grads, want_grads, FP32_TOL, f"float32 (seed {seed})", baseline=torch_grads)
     counts = report32.counts()
     if accelerate_kwargs.get("group_norm", True):
         assert calls["group_norm"] == n_group_norms and calls["torch_group_norm"] == 0, calls

@@ -112,3 +112,16 @@ def test_unet2d_and_autoencoder_bf16_on_cuda():
                                 lambda m, x, t: m(x, t.to(x.device)).sample)
     vae = diffusers.AutoencoderKL(**{**_AE, "norm_num_groups": 16}, latent_channels=3)
     check_low_precision_on_cuda(vae, _image((2, 2, 96, 112)), lambda m, x: m(x).sample)
+
+
+def test_attention_switched_off_lists_each_attention_once():
+    fresh_seed()
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                  layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
+                                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    report = ldmfast.accelerate(model, attention=False)
+    assert "attention" not in report.counts()
+    assert sorted(s.path for s in report.left_alone) == sorted(
+        path for path, m in model.named_modules() if type(m).__name__ == "Attention")
+    assert {s.reason for s in report.left_alone} == {"attention=False"}

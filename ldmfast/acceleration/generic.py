@@ -96,10 +96,11 @@ def _looks_like_attention(module: nn.Module) -> bool:
 
 
 def list_left_alone(model: nn.Module, report: AccelerationReport, attention: bool) -> None:
-    """Normalization layers ldmfast has no op for, and attention-like modules no rule took (an
-    attention container is not listed when an attention inside it was accelerated)."""
+    """Normalization layers ldmfast has no op for, and attention-like modules no rule took. An
+    attention container (a down block, a transformer) is not listed when something inside it was
+    already accelerated or listed: the entry for that inner module says what happened."""
     noted = {s.path for s in report.left_alone}
-    attention_paths = [c.path for c in report.replaced if c.kind == "attention"]
+    accounted = noted | {c.path for c in report.replaced if c.kind == "attention"}
     for path, module in model.named_modules():
         if path in noted or isinstance(module, AcceleratedGroupNorm) or has_fused_forward(module):
             continue
@@ -108,7 +109,7 @@ def list_left_alone(model: nn.Module, report: AccelerationReport, attention: boo
             report.leave(path, module, f"ldmfast has no fused {type(module).__name__}")
         elif _looks_like_attention(module):
             prefix = f"{path}." if path else ""
-            if any(p == path or p.startswith(prefix) for p in attention_paths):
+            if path in accounted or any(p.startswith(prefix) for p in accounted):
                 continue
             report.leave(path, module, "no ldmfast rule for this attention module" if attention
                          else "attention=False")
