@@ -57,7 +57,7 @@ def accelerated_group_norm(module: nn.GroupNorm, activation: str | None = None) 
     return new
 
 
-def _fusable_norm(norm: nn.Module):
+def fusable_norm_params(norm: nn.Module):
     """(num_groups, weight, bias, eps) of a norm the fused op computes, else None."""
     if has_any_hooks(norm):
         return None
@@ -71,7 +71,7 @@ def _fusable_norm(norm: nn.Module):
 def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """silu(norm(x)), as one fused op where `norm` is a GroupNorm ldmfast runs; otherwise exactly
     the two calls (so a norm swapped for something else after `accelerate` still works)."""
-    params = _fusable_norm(norm) if 3 <= x.dim() <= 5 else None
+    params = fusable_norm_params(norm) if 3 <= x.dim() <= 5 else None
     if params is None:
         return F.silu(norm(x))
     groups, weight, bias, eps = params

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .fused import AcceleratedGroupNorm, _fusable_norm, accelerated_group_norm, is_plain_silu, norm_silu, \
-    why_not_group_norm
+from .fused import (AcceleratedGroupNorm, accelerated_group_norm, fusable_norm_params, is_plain_silu, norm_silu,
+                    why_not_group_norm)
 from .patcher import forward_patched_elsewhere, fused_forward, has_fused_forward, override_forward, swap_child
 from .report import AccelerationReport, Change
 
@@ -42,7 +42,7 @@ def swap_group_norms(model: nn.Module, report: AccelerationReport) -> None:
 # ---- GroupNorm then SiLU inside an nn.Sequential ----------------------------------------------
 
 def _is_group_norm_like(module: nn.Module) -> bool:
-    return _fusable_norm(module) is not None or (isinstance(module, AcceleratedGroupNorm) and not module.activation)
+    return fusable_norm_params(module) is not None  # an nn.GroupNorm or an unfused GroupNormAct
 
 
 def _fusable_pairs(seq: nn.Sequential) -> list[int]:

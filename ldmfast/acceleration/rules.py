@@ -10,9 +10,6 @@ from torch import nn
 from .patcher import forward_patched_elsewhere
 from .report import AccelerationReport
 
-KINDS = ("group_norm+silu", "attention")
-
-
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """`matches(module)` says the rule is about this module; `why_not(module)` gives the reason to
