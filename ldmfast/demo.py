@@ -23,7 +23,8 @@ SUMMARY_METRICS = (("mae", "MAE", "lower"), ("psnr", "PSNR (dB)", "higher"), ("m
 @dataclass
 class DemoSettings:
     """What `ldmfast demo` runs; `steps` overrides the demo configurations' train.steps per stage
-    (e.g. {"ldm": 50} for a quick look)."""
+    (e.g. {"ldm": 50} for a quick look), `overrides` any key, as `--set` does (e.g.
+    {"ldm": ["train.batch_size=4"]})."""
 
     output_dir: Path = Path("ldmfast-demo")
     device: str = "auto"
@@ -32,6 +33,7 @@ class DemoSettings:
     seed: int = 0
     sample_steps: int = 10
     steps: dict[str, int] = field(default_factory=dict)
+    overrides: dict[str, list[str]] = field(default_factory=dict)
     progress: bool = True
 
 
@@ -52,6 +54,8 @@ def stage_config(stage: str, settings: DemoSettings, **paths) -> dict:
     data.update({k: str(v) for k, v in paths.items()})
     if stage in settings.steps:
         set_dotted(data, f"train.steps={settings.steps[stage]}")
+    for assignment in settings.overrides.get(stage, []):
+        set_dotted(data, assignment)
     return data
 
 
@@ -197,8 +201,10 @@ def run_demo(settings: DemoSettings) -> dict:
 
     _say(settings, "[6/6] evaluation")
     device = "cuda" if settings.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    # 64 x 64 slices are too small for the 5-scale MS-SSIM: 3 scales need 44 pixels.
-    options = EvaluateOptions(ms_ssim_scales=3, device=device)
+    # Small phantom slices are too small for the 5-scale MS-SSIM (161 pixels): as many scales as fit.
+    from ldmfast.metrics.image import _min_size
+    scales = max([k for k in range(1, 6) if _min_size(k) <= min(settings.shape[:2])], default=1)
+    options = EvaluateOptions(ms_ssim_scales=scales, device=device)
     evaluation = timed("evaluate", evaluate, manifest, [(k, out / "synthesis" / k) for k in models], options,
                        progress=settings.progress)
     report_dir = out / "report"

@@ -12,7 +12,8 @@ from ldmfast.demo import DemoSettings, format_table, run_demo
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     settings = DemoSettings(output_dir=out, device="cpu", cases=4, shape=(32, 32, 3),
-                            steps={"vqgan": 2, "ldm": 2, "posttrain": 2}, sample_steps=1, progress=False)
+                            steps={"vqgan": 2, "ldm": 2, "posttrain": 2}, sample_steps=1, progress=False,
+                            overrides={stage: ["train.batch_size=2"] for stage in ("vqgan", "ldm", "posttrain")})
     return settings, run_demo(settings)
 
 
