@@ -22,3 +22,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory):
+    """Three small phantom cases, all with a lesion: the training-loop tests' data set."""
+    from ldmfast.data import make_phantom_dataset
+
+    root = tmp_path_factory.mktemp("phantom")
+    make_phantom_dataset(root, n_cases=3, shape=(32, 32, 4), seed=5, lesion_fraction=1.0, progress=False)
+    return root

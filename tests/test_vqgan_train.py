@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ldmfast.cli import main
-from ldmfast.data import make_phantom_dataset
 from ldmfast.models import VQGAN
 from ldmfast.train import ConfigError, VQGANTrainConfig, VQGANTrainer, from_dict, latest_checkpoint, load_config
 from ldmfast.train.checkpoint import checkpoint_paths
@@ -52,13 +51,6 @@ val_every = 2
 ckpt_every = 0
 preview_slices = 2
 """
-
-
-@pytest.fixture(scope="module")
-def phantom_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    make_phantom_dataset(root, n_cases=3, shape=(32, 32, 4), seed=5, lesion_fraction=1.0, progress=False)
-    return root
 
 
 def write_config(tmp_path, phantom_root, name="run", extra=""):

@@ -32,6 +32,24 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def check_device(device: str, key: str = "device") -> None:
+    """A training or synthesis device: auto, cpu, cuda or cuda:N."""
+    if device != "auto" and device.split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(key, f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def check_model_section(section: str, validate) -> None:
+    """Run a model config's `validate()`, turning its ModelConfigError (key, message) into a
+    ConfigError naming `section.key`."""
+    try:
+        validate()
+    except ValueError as err:
+        key = getattr(err, "key", None)
+        if key is None:
+            raise
+        raise ConfigError(f"{section}.{key}", str(err).split(": ", 1)[1]) from None
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 

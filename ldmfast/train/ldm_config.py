@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ldmfast.models import DiffusionConfig, ModelConfigError, UNetConfig
+from ldmfast.models import DiffusionConfig, UNetConfig
 
-from .config import ConfigError
+from .config import ConfigError, check_device, check_model_section
 from .data import DataSection
 from .vqgan_config import OptimSection, TrainSection
 
@@ -50,13 +50,6 @@ class LDMTrainSection(TrainSection):
                 raise ConfigError(f"{prefix}.{key}", f"must be >= 0, got {getattr(self, key)}")
 
 
-def check_model_section(section: str, validate) -> None:
-    try:
-        validate()
-    except ModelConfigError as err:
-        raise ConfigError(f"{section}.{err.key}", str(err).split(": ", 1)[1]) from None
-
-
 @dataclass
 class LDMTrainConfig:
     output_dir: str
@@ -73,7 +66,6 @@ class LDMTrainConfig:
         if not (Path(self.autoencoder) / "config.json").is_file():
             raise ConfigError("autoencoder", f"{self.autoencoder} is not an autoencoder folder (no config.json); "
                                              "train one with `ldmfast train vqgan`")
-        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device(self.device)
         check_model_section("unet", self.unet.validate)
         check_model_section("diffusion", self.diffusion.validate)

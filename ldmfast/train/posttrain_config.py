@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, check_device
 from .data import DataSection
 from .ldm_config import AdamWSection, LDMTrainSection
 from .posttrain_loss import PostTrainLossConfig
@@ -58,5 +58,4 @@ class PostTrainConfig:
                                       "with `ldmfast train ldm`")
         if not (Path(self.init) / "autoencoder" / "config.json").is_file():
             raise ConfigError("init", f"{self.init} has no autoencoder/ folder: post-training decodes through it")
-        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device(self.device)

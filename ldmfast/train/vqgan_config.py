@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ldmfast.models import ModelConfigError, VQGANConfig
+from ldmfast.models import VQGANConfig
 
-from .config import ConfigError
+from .config import ConfigError, check_device, check_model_section
 from .data import DataSection
 from .lr_schedule import LR_SCHEDULES
 
@@ -111,12 +111,8 @@ class VQGANTrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def check(self, prefix: str = "") -> None:
-        try:
-            self.model.validate()
-        except ModelConfigError as err:
-            raise ConfigError(f"model.{err.key}", str(err).split(": ", 1)[1]) from None
-        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_model_section("model", self.model.validate)
+        check_device(self.device)
         m = self.model
         if m.in_channels != 2 or m.out_channels != 2:
             key = "model.in_channels" if m.in_channels != 2 else "model.out_channels"
