@@ -9,6 +9,7 @@ the process's CPU time (all threads), which on a shared machine says more than w
 Prints a table and writes bench/results/synthesize-<device>-<YYYY-MM-DD>.json.
 
     python bench/bench_synthesize.py                         # demo UNet, 8 cases of 64 x 64 x 8, CPU
+    python bench/bench_synthesize.py --threads 1             # on a shared machine: compare cpu_seconds
     python bench/bench_synthesize.py --device cuda --cases 32 --shape 192 224 32 --batch-size 64 --steps 50
 """
 from __future__ import annotations
@@ -71,11 +72,15 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps (default: 10)")
     parser.add_argument("--batch-size", type=int, default=32, help="slices per call, batched run (default: 32)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 makes the CPU-time column "
+                        "robust to other load on a shared machine (no spinning OpenMP threads)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each (default: 3)")
     parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="ldmfast-bench-synth-") as tmp:
         tmp = Path(tmp)
         make_phantom_dataset(tmp / "data", n_cases=args.cases, shape=tuple(args.shape), progress=False)
