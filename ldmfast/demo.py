@@ -28,7 +28,7 @@ class DemoSettings:
 
     output_dir: Path = Path("ldmfast-demo")
     device: str = "auto"
-    cases: int = 12
+    cases: int = 16
     shape: tuple[int, int, int] = (64, 64, 8)
     seed: int = 0
     sample_steps: int = 10
