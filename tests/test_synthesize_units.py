@@ -172,24 +172,22 @@ def test_configuration_overrides_and_checks(tmp_path):
         assert err.value.key == key
 
 
-def test_generate_options_pass_dtype_and_graphs_only_where_generate_takes_them():
-    def plain(ctp, seeds, *, steps=50, eta=0.0, spacing="uniform", progress=False):
-        pass
+def test_generate_options_map_dtype_and_graphs_onto_the_sampler():
+    import inspect
 
-    def fast(ctp, seeds, *, steps=50, eta=0.0, spacing="uniform", dtype=torch.float32, cuda_graph=False):
-        pass
+    from ldmfast.models import ConditionalLDM
 
     config = SynthesisConfig(model="m", input="i", output="o", steps=4)
-    assert generate_options(plain, config, torch.device("cpu")) == {"steps": 4, "eta": 0.0, "spacing": "uniform"}
-    assert generate_options(fast, config, torch.device("cuda"))["dtype"] is torch.bfloat16
-    assert generate_options(fast, config, torch.device("cuda"))["cuda_graph"] is True
-    assert generate_options(fast, config, torch.device("cpu"))["dtype"] is torch.float32
-    for change, key in (({"dtype": "bfloat16"}, "dtype"), ({"cuda_graph": True}, "cuda_graph")):
-        with pytest.raises(ConfigError) as err:
-            generate_options(plain, SynthesisConfig(model="m", input="i", output="o", **change), torch.device("cpu"))
-        assert err.value.key == key
+    cpu = generate_options(config, torch.device("cpu"))
+    assert cpu == {"steps": 4, "eta": 0.0, "spacing": "uniform", "autocast": None, "channels_last": False,
+                   "cuda_graph": False}
+    gpu = generate_options(config, torch.device("cuda"))
+    assert gpu["autocast"] is torch.bfloat16 and gpu["cuda_graph"] is True and gpu["channels_last"] is True
+    fp16 = generate_options(SynthesisConfig(model="m", input="i", output="o", dtype="float16"), torch.device("cpu"))
+    assert fp16["autocast"] is torch.float16
+    assert set(cpu) <= set(inspect.signature(ConditionalLDM.generate).parameters)
     with pytest.raises(ConfigError, match="CUDA device"):
-        generate_options(fast, SynthesisConfig(model="m", input="i", output="o", cuda_graph=True), torch.device("cpu"))
+        generate_options(SynthesisConfig(model="m", input="i", output="o", cuda_graph=True), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("failure", ["nan", "raise"])

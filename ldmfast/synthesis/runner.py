@@ -6,7 +6,6 @@ is written by one process); the summary is gathered so that every process return
 run's (and the command exits the same way on all of them)."""
 from __future__ import annotations
 
-import inspect
 import sys
 import time
 from collections import deque
@@ -67,23 +66,15 @@ class SynthesisSummary:
         return out
 
 
-def generate_options(generate: Callable, config: SynthesisConfig, device: torch.device) -> dict:
-    """Keyword arguments for ConditionalLDM.generate. `dtype` and `cuda_graph` are passed only
-    where this ldmfast's generate takes them; asking for them otherwise is a ConfigError."""
-    params = inspect.signature(generate).parameters
+def generate_options(config: SynthesisConfig, device: torch.device) -> dict:
+    """Keyword arguments for ConditionalLDM.generate: DDIM settings, and on a GPU the sampler's
+    speed options (bf16 autocast by default, channels-last, CUDA graphs)."""
     options = {"steps": config.steps, "eta": config.eta, "spacing": config.spacing}
-    if "dtype" in params:
-        name = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-        options["dtype"] = getattr(torch, name)
-    elif config.dtype not in ("auto", "float32"):
-        raise ConfigError("dtype", f"{config.dtype} sampling needs a ConditionalLDM.generate with a dtype option, "
-                                   "which this ldmfast lacks; use float32")
-    if "cuda_graph" in params:
-        options["cuda_graph"] = config.cuda_graph if config.cuda_graph is not None else device.type == "cuda"
-    elif config.cuda_graph:
-        raise ConfigError("cuda_graph", "needs a ConditionalLDM.generate with a cuda_graph option, which this "
-                                        "ldmfast lacks")
-    if options.get("cuda_graph") and device.type != "cuda":
+    name = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    options["autocast"] = None if name == "float32" else getattr(torch, name)
+    options["channels_last"] = device.type == "cuda"
+    options["cuda_graph"] = config.cuda_graph if config.cuda_graph is not None else device.type == "cuda"
+    if options["cuda_graph"] and device.type != "cuda":
         raise ConfigError("cuda_graph", f"CUDA graphs need a CUDA device, not {device}")
     return options
 
@@ -99,7 +90,7 @@ class _Run:
     def __init__(self, config: SynthesisConfig, dist: DistInfo, model, bar: tqdm, log: Callable[[str], None]):
         self.config, self.dist, self.model, self.bar, self.log = config, dist, model, bar, log
         self.summary = SynthesisSummary()
-        self.options = generate_options(model.generate, config, dist.device)
+        self.options = generate_options(config, dist.device)
         self.batcher = SliceBatcher(config.batch_size)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="ldmfast-write")
         self.writes: dict[str, Future] = {}
