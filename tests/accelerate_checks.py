@@ -27,6 +27,11 @@ from numerics import FP32_TOL, rel_err
 # through attention are float64 only up to ~1e-7 (key-bias gradients, zero up to rounding, to ~1e-6).
 FP64_TOL = 1e-10
 FP64_GRAD_TOL = 1e-5
+# A whole network's float32 gradients carry the rounding of every op on their path (dozens, in
+# the autoencoders' encoders): seen up to 1.3e-5 for the fused model over 30+ seeds, with plain
+# torch's own error on the same parameter sometimes far lower. 5x the per-op bound, or twice plain
+# torch's error where that is larger; a wrong kernel is off by orders of magnitude more.
+FP32_NET_GRAD_TOL = 5e-5
 _NORMS = (nn.GroupNorm, nn.LayerNorm)
 
 
@@ -136,7 +141,7 @@ def check_accelerate(model: nn.Module, make_inputs, forward=None, monkeypatch=No
         got_out, *got_grads = _run(fused32, forward, inputs32, weight)
     _, *torch_grads = _run(plain32, forward, inputs32, weight)
     assert rel_err(got_out, want_out) < FP32_TOL, f"float32 output: {rel_err(got_out, want_out):.3g} (seed {seed})"
-    _assert_grads(got_grads, want_grads, FP32_TOL, f"float32 (seed {seed})", baseline=torch_grads)
+    _assert_grads(got_grads, want_grads, FP32_NET_GRAD_TOL, f"float32 (seed {seed})", baseline=torch_grads)
     counts = report32.counts()
     if accelerate_kwargs.get("group_norm", True):
         assert calls["group_norm"] == n_group_norms and calls["torch_group_norm"] == 0, calls
