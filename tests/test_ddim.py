@@ -15,8 +15,8 @@ def scheduler_chain(x_t, out, a_t, a_prev, eta, noise, parameterization, clip_x0
     """The op chain schedulers run today (diffusers' DDIMScheduler.step), written independently of
     ldmfast's reference, computing in the tensors' own dtype. a_t, a_prev: (N,) tensors."""
     shape = (-1,) + (1,) * (x_t.dim() - 1)
-    a_t = a_t.to(x_t.dtype).reshape(shape)
-    a_prev = a_prev.to(x_t.dtype).reshape(shape)
+    a_t = a_t.to(x_t.device, x_t.dtype).reshape(shape)
+    a_prev = a_prev.to(x_t.device, x_t.dtype).reshape(shape)
     b_t = 1 - a_t
     if parameterization == "eps":
         x0 = (x_t - b_t ** 0.5 * out) / a_t ** 0.5

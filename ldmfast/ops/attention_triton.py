@@ -17,6 +17,13 @@ def _upcast(t: torch.Tensor) -> bool:
     return _TRITON_INTERPRET and t.dtype == torch.bfloat16
 
 
+def _precision(t: torch.Tensor) -> str:
+    """float32 dots in three tf32 passes (the split-operand trick): tensor cores at about fp32
+    accuracy, where plain tf32 misses the numerics contract (relative error ~1.5e-3 measured on an
+    H200). 16-bit operands ignore it."""
+    return "tf32x3" if t.dtype == torch.float32 else "tf32"
+
+
 def _blocks(d: int, lq: int, lk: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D): tiles shrink as the head dim grows so that they fit on chip."""
     block_d = max(16, triton.next_power_of_2(d))
@@ -24,6 +31,26 @@ def _blocks(d: int, lq: int, lk: int) -> tuple[int, int, int]:
     block_n = 64 if block_d <= 64 else 32 if block_d <= 256 else 16
     return (min(block_m, max(16, triton.next_power_of_2(lq))),
             min(block_n, max(16, triton.next_power_of_2(lk))), block_d)
+
+
+def _warps(block_d: int) -> int:
+    return 4 if block_d <= 64 else 8
+
+
+# Launch settings that replace the defaults, keyed "forward" / "backward": dicts of BLOCK_M,
+# BLOCK_N, num_warps, num_stages. For tuning sweeps (bench/sweep_attention_triton.py) only.
+OVERRIDES: dict[str, dict] = {}
+
+
+def _launch(which: str, d: int, lq: int, lk: int) -> tuple[int, int, int, dict]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, launch kwargs) of one pass."""
+    bm, bn, bd = _blocks(d, lq, lk)
+    kwargs = {"num_warps": _warps(bd)}
+    o = OVERRIDES.get(which)
+    if o:
+        bm, bn = o.get("BLOCK_M", bm), o.get("BLOCK_N", bn)
+        kwargs.update({k: o[k] for k in ("num_warps", "num_stages") if k in o})
+    return bm, bn, bd, kwargs
 
 
 @triton.jit
@@ -46,7 +73,7 @@ def _batch_head(H):
 def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                 sob, soh, sol, sod, H, LQ, LK, D, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr):
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     bh, b, h = _batch_head(H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -60,13 +87,13 @@ def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, sv
         k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D, UPCAST)
         v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D, UPCAST)
         # Scores in base 2 (qk_scale includes log2 e): exp2 is the fast path on GPUs.
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(keys[None, :] < LK, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
     mask = (rows[:, None] < LQ) & (cols[None, :] < D)
@@ -92,7 +119,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
                      sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, H, LQ, LK, D, scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     bh, b, h = _batch_head(H)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,13 +134,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D, UPCAST)
         lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
         delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         p = tl.exp(s - lse[:, None])
         p = tl.where((rows[:, None] < LQ) & (keys[None, :] < LK), p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     mask = (keys[:, None] < LK) & (cols[None, :] < D)
     tl.store(DK + b * sdkb + h * sdkh + keys[:, None] * sdkl + cols[None, :] * sdkd,
              (dk * scale).to(DK.dtype.element_ty), mask=mask)
@@ -126,7 +153,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
                    sdqb, sdqh, sdql, sdqd, H, LQ, LK, D, scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr):
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     bh, b, h = _batch_head(H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -140,41 +167,38 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         keys = start + tl.arange(0, BLOCK_N)
         k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D, UPCAST)
         v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D, UPCAST)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         p = tl.exp(s - lse[:, None])
         p = tl.where(keys[None, :] < LK, p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     mask = (rows[:, None] < LQ) & (cols[None, :] < D)
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdql + cols[None, :] * sdqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
-def _warps(block_d: int) -> int:
-    return 4 if block_d <= 64 else 8
-
-
 def forward(q, k, v, out, lse, scale: float) -> None:
     b, h, lq, d = q.shape
     lk = k.shape[2]
-    bm, bn, bd = _blocks(d, lq, lk)
+    bm, bn, bd, launch = _launch("forward", d, lq, lk)
     _fwd_kernel[(triton.cdiv(lq, bm), b * h)](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), h, lq, lk, d, scale * LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=_warps(bd))
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=_upcast(q), PRECISION=_precision(q), **launch)
 
 
 def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
     b, h, lq, d = q.shape
     lk = k.shape[2]
-    bm, bn, bd = _blocks(d, lq, lk)
+    bm, bn, bd, launch = _launch("backward", d, lq, lk)
+    kernel_args = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=_upcast(q), PRECISION=_precision(q), **launch)
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     _bwd_delta_kernel[(triton.cdiv(lq, bm), b * h)](
-        out, dout, delta, *out.stride(), *dout.stride(), h, lq, d, BLOCK_M=bm, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=_warps(bd))
+        out, dout, delta, *out.stride(), *dout.stride(), h, lq, d,
+        BLOCK_M=bm, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=launch["num_warps"])
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
         q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), h, lq, lk, d, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=_warps(bd))
+        **kernel_args)
     _bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
-        q, k, v, dout, lse, delta, dq, *strides, *dq.stride(), h, lq, lk, d, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=_warps(bd))
+        q, k, v, dout, lse, delta, dq, *strides, *dq.stride(), h, lq, lk, d, scale, **kernel_args)
