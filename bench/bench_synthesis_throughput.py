@@ -181,11 +181,16 @@ def main(argv=None) -> int:
         variants = {k: v for k, v in variants.items() if k not in skip}
         # First calls apart (Triton compilation, cuDNN choice, graph capture), then alternating
         # rounds, so that a slow spell of a shared machine spreads over every variant.
-        first = {v: timed_call(fn, device, clock) for v, fn in variants.items()}
+        # Progress on stderr as it goes: a run cut short by a lease's time limit still leaves numbers.
+        first = {}
+        for v, fn in variants.items():
+            first[v] = timed_call(fn, device, clock)
+            print(f"  {steps} steps, {v}: first call {first[v][0]:.3g} s", file=sys.stderr, flush=True)
         times = {v: [] for v in variants}
         for _ in range(args.repeats):
             for v, fn in variants.items():
                 times[v].append(timed_call(fn, device, clock)[0])
+                print(f"  {steps} steps, {v}: {times[v][-1]:.3g} s", file=sys.stderr, flush=True)
         reference_out = first["reference fp32 eager"][1] if "reference fp32 eager" in first else None
         results = {}
         for variant, (first_s, out) in first.items():

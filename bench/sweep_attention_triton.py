@@ -4,7 +4,7 @@ the best torch path measured in the same run, and print the fastest setting of e
 
     python bench/sweep_attention_triton.py [--dtype bfloat16] [--out FILE.json]
 
-The winners become the defaults in ldmfast/ops/attention_triton.py (_blocks, _warps, _stages);
+The winners become the defaults in ldmfast/ops/attention_triton.py (_blocks, _launch_kwargs);
 this script is how they were chosen.
 """
 from __future__ import annotations
