@@ -165,26 +165,31 @@ def test_feature_map_attention_rejects_bad_heads():
         ops.feature_map_attention(x, x, x, 4)
 
 
-def test_cpu_baseline_variant_matches_the_reference():
-    """The CPU kernel is built per instruction set; the tests above run the one this CPU picks, this
-    one forces the portable variant in a fresh process."""
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+@pytest.mark.parametrize("d", [40, 160])  # 128-key tiles up to head dim 128, 64-key tiles above
+def test_cpu_kernel_variants_for_other_cpus(isa, d):
+    """The CPU kernel is built per instruction set (baseline, AVX2, AVX-512); the tests above run the
+    one this CPU picks, this one caps the choice (LDMFAST_CPU_ISA) in a fresh process."""
     import os
     import subprocess
     import sys
     code = (
         "import torch, ldmfast.ops as ops\n"
-        "q, k, v = (torch.randn(2, 3, 45, 40, dtype=torch.float64) for _ in range(3))\n"
-        "ref, _ = ops.attention_reference(q, k, v, 40 ** -0.5)\n"
+        f"d = {d}\n"
+        "g = torch.Generator().manual_seed(torch.seed() % 2**31)\n"
+        "q, k, v = (torch.randn(2, 3, n, d, dtype=torch.float64, generator=g) for n in (45, 139, 139))\n"
+        "ref, _ = ops.attention_reference(q, k, v, d ** -0.5)\n"
         "leaves = [t.float().requires_grad_() for t in (q, k, v)]\n"
         "with ops.use_backend('cpu'):\n"
         "    out = ops.attention(*leaves)\n"
-        "out.backward(torch.ones_like(out))\n"
+        "dout = torch.randn(out.shape, dtype=torch.float64, generator=g)\n"
+        "out.backward(dout.float())\n"
         "r64 = [t.clone().requires_grad_() for t in (q, k, v)]\n"
-        "torch.softmax(r64[0] @ r64[1].transpose(-1, -2) * 40 ** -0.5, -1).matmul(r64[2]).sum().backward()\n"
+        "torch.softmax(r64[0] @ r64[1].transpose(-1, -2) * d ** -0.5, -1).matmul(r64[2]).backward(dout)\n"
         "errs = [((out.double() - ref).norm() / ref.norm()).item()]\n"
         "errs += [((a.grad.double() - b.grad).norm() / b.grad.norm()).item() for a, b in zip(leaves, r64)]\n"
         "print(max(errs))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "LDMFAST_CPU_ISA": "base"})
+                            env={**os.environ, "LDMFAST_CPU_ISA": isa})
     assert result.returncode == 0, result.stderr
     assert float(result.stdout) < 1e-5

@@ -1,8 +1,9 @@
-// Flash-style attention on the CPU. Tiles are converted to fp32 buffers once per tile (rows padded
-// to a multiple of 16 floats; k and v also kept transposed); the tile products run in register-
-// blocked micro-kernels written with GCC vector types, 4 rows x 16 columns of accumulators.
-// This file is compiled twice (see CMakeLists.txt): for the baseline ISA and for AVX2+FMA, and
-// attention_dispatch.cpp picks one at run time; LDMFAST_ISA names the variant's namespace.
+// Flash-style attention on the CPU. Tiles are converted to fp32 buffers (rows padded to whole
+// micro-kernel columns; k, and v in the backward, also kept transposed; keys and values once per
+// head); the tile products run in register-blocked micro-kernels written with GCC vector types.
+// This file is compiled three times (see CMakeLists.txt): for the baseline ISA, AVX2+FMA and
+// AVX-512, and attention_dispatch.cpp picks one at run time; LDMFAST_ISA names the variant's
+// namespace and LDMFAST_ISA_LEVEL sizes the micro-kernel.
 #include "cpu/attention.h"
 
 #include <algorithm>
@@ -18,17 +19,36 @@
 #ifndef LDMFAST_ISA
 #define LDMFAST_ISA baseline
 #endif
+#ifndef LDMFAST_ISA_LEVEL
+#define LDMFAST_ISA_LEVEL 0
+#endif
 
 namespace ldmfast::cpu::LDMFAST_ISA {
 namespace {
 
-constexpr int64_t kBlockM = 32;  // query rows per tile
-constexpr int64_t kBlockN = 64;  // keys per tile
-constexpr int kRows = 4;         // micro-kernel rows
-constexpr int kLanes = 8;        // floats per vector
-constexpr int kCols = 2 * kLanes;  // micro-kernel columns: two vectors
+// Micro-kernel: kRows x (2 vectors) of accumulators, as many as the ISA's registers hold beside the
+// two loaded vectors and a broadcast (16 registers on AVX2: 12 accumulators; 32 on AVX-512: 16).
+#if LDMFAST_ISA_LEVEL >= 2
+constexpr int kLanes = 16;       // floats per vector
+constexpr int kRows = 8;         // micro-kernel rows
+#elif LDMFAST_ISA_LEVEL == 1
+constexpr int kLanes = 8;
+constexpr int kRows = 6;
+#else
+constexpr int kLanes = 8;        // two SSE registers per vector: fewer rows fit
+constexpr int kRows = 4;
+#endif
+constexpr int kCols = 2 * kLanes;             // micro-kernel columns: two vectors
+constexpr int64_t kBlockM = 8 * kRows;        // query rows per tile (a multiple of kRows)
+// Keys per tile: a template parameter (kBlockN) of everything below. 128 at head dims up to 128,
+// 64 above, where 128-key tiles of k and v outgrow the L2 cache (measured on a 2-core Zen 4,
+// one thread: 128 against 64 keys, 1.07-1.15x faster at D=32 and D=64, 1.4x slower at D=512).
+constexpr int64_t key_tile(int64_t dim) { return dim <= 128 ? 128 : 64; }
+// Score tiles get kRows * kBlockN floats of slack: the transposed-weight sums read up to kRows - 1
+// keys past the last (stale, finite, never stored).
+constexpr int64_t score_tile(int64_t block_n) { return (kBlockM + kRows) * block_n; }
 
-typedef float vec8 __attribute__((vector_size(32)));
+typedef float vec8 __attribute__((vector_size(4 * kLanes)));
 
 inline vec8 load8(const float* p) { vec8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
 inline void store8(float* p, vec8 v) { __builtin_memcpy(p, &v, sizeof v); }
@@ -53,7 +73,7 @@ void load_rows(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t 
 }
 
 // The same block transposed: dst[d * kBlockN + r].
-template <typename T>
+template <typename T, int64_t kBlockN>
 void load_rows_transposed(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t dim,
                           float* dst) {
   const T* base = static_cast<const T*>(t.ptr) + b * t.stride[0] + h * t.stride[1];
@@ -77,7 +97,9 @@ void store_rows(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t
 
 // s[r * kBlockN + j] = sum_d a[r * ld + d] * bt[d * kBlockN + j] for r < rows, j < keys. Rows past
 // `rows` and columns past `keys` are computed from stale buffer contents and not stored.
+template <int64_t kBlockN>
 void rows_times_transposed(const float* a, const float* bt, float* s, int64_t rows, int64_t keys, int64_t dim) {
+  static_assert(kBlockN % kCols == 0, "key tiles hold whole micro-kernel columns");
   const int64_t ld = padded(dim);
   for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
     for (int64_t j0 = 0; j0 < keys; j0 += kCols) {
@@ -92,10 +114,16 @@ void rows_times_transposed(const float* a, const float* bt, float* s, int64_t ro
       }
       const int64_t rn = std::min<int64_t>(kRows, rows - r0), jn = std::min<int64_t>(kCols, keys - j0);
       for (int64_t r = 0; r < rn; ++r) {
-        float row[kCols];
-        store8(row, acc[r][0]);
-        store8(row + kLanes, acc[r][1]);
-        std::copy(row, row + jn, s + (r0 + r) * kBlockN + j0);
+        float* dst = s + (r0 + r) * kBlockN + j0;
+        if (jn == kCols) {  // std::copy of a few floats became `rep movs`: 7% of the forward
+          store8(dst, acc[r][0]);
+          store8(dst + kLanes, acc[r][1]);
+        } else {
+          float row[kCols];
+          store8(row, acc[r][0]);
+          store8(row + kLanes, acc[r][1]);
+          std::copy(row, row + jn, dst);
+        }
       }
     }
   }
@@ -129,7 +157,43 @@ void accumulate(const float* w, int64_t w_outer, int64_t w_inner, const float* m
   }
 }
 
-template <typename T>
+// One head's keys and values in fp32, converted once per head rather than once per query tile
+// (the conversion, a transposing scatter for k, cost as much as the products at small head dims):
+// k transposed per key tile (kt(key0)[d * kBlockN + j]), v (or k) as padded rows. Memory grows
+// linearly with Lk, per thread.
+template <int64_t kBlockN>
+class HeadKeys {
+ public:
+  HeadKeys(int64_t lk, int64_t dim, bool with_k_rows)
+      : lk_(lk), dim_(dim), ld_(padded(dim)), tiles_((lk + kBlockN - 1) / kBlockN),
+        kt_(tiles_ * dim * kBlockN), v_(tiles_ * kBlockN * ld_), k_(with_k_rows ? tiles_ * kBlockN * ld_ : 0) {}
+
+  // Converts head (b, h) unless it is the one held; `id` names it (b * heads + h).
+  template <typename T>
+  void load(const TensorRef4& k, const TensorRef4& v, int64_t b, int64_t h, int64_t id, bool v_transposed = false) {
+    if (id == held_) return;
+    for (int64_t key0 = 0; key0 < lk_; key0 += kBlockN) {
+      const int64_t keys = std::min(kBlockN, lk_ - key0);
+      load_rows_transposed<T, kBlockN>(k, b, h, key0, keys, dim_, kt_.data() + key0 * dim_);
+      if (v_transposed) {
+        load_rows_transposed<T, kBlockN>(v, b, h, key0, keys, dim_, v_.data() + key0 * ld_);
+      } else {
+        load_rows<T>(v, b, h, key0, keys, dim_, v_.data() + key0 * ld_);
+      }
+      if (!k_.empty()) load_rows<T>(k, b, h, key0, keys, dim_, k_.data() + key0 * ld_);
+    }
+    held_ = id;
+  }
+  const float* kt(int64_t key0) const { return kt_.data() + key0 * dim_; }
+  const float* v(int64_t key0) const { return v_.data() + key0 * ld_; }  // v rows, or v^T per tile
+  const float* k(int64_t key0) const { return k_.data() + key0 * ld_; }
+
+ private:
+  int64_t lk_, dim_, ld_, tiles_, held_ = -1;
+  std::vector<float> kt_, v_, k_;
+};
+
+template <typename T, int64_t kBlockN>
 void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v, const TensorRef4& out, float* lse,
                    const AttentionShape& s, int num_threads) {
   const int64_t dim = s.dim, q_blocks = (s.lq + kBlockM - 1) / kBlockM;
@@ -137,24 +201,29 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
 #pragma omp parallel num_threads(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)))
   {
     const int64_t ld = padded(dim);
-    std::vector<float> qb(kBlockM * ld), kt(dim * kBlockN), vb(kBlockN * ld), acc(kBlockM * ld);
-    std::vector<float> sc(kBlockM * kBlockN), m(kBlockM), l(kBlockM);
+    std::vector<float> qb(kBlockM * ld), acc(kBlockM * ld);
+    std::vector<float> sc(score_tile(kBlockN)), m(kBlockM), l(kBlockM);
+    HeadKeys<kBlockN> head(s.lk, dim, false);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t bh = item / q_blocks, b = bh / s.heads, h = bh % s.heads;
       const int64_t row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
+      head.template load<T>(k, v, b, h, bh);
       load_rows<T>(q, b, h, row0, rows, dim, qb.data());
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
       for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
         const int64_t keys = std::min(kBlockN, s.lk - key0);
-        load_rows_transposed<T>(k, b, h, key0, keys, dim, kt.data());
-        load_rows<T>(v, b, h, key0, keys, dim, vb.data());
-        rows_times_transposed(qb.data(), kt.data(), sc.data(), rows, keys, dim);
+        const float* kt = head.kt(key0);
+        const float* vb = head.v(key0);
+        rows_times_transposed<kBlockN>(qb.data(), kt, sc.data(), rows, keys, dim);
         for (int64_t r = 0; r < rows; ++r) {
           float* srow = sc.data() + r * kBlockN;
           float tile_max = -std::numeric_limits<float>::infinity();
+          // reduction(max) lets the compiler vectorize it (a plain float max loop stays scalar
+          // without -ffast-math: 8% of the forward at head dim 32).
+#pragma omp simd reduction(max : tile_max)
           for (int64_t j = 0; j < keys; ++j) tile_max = std::max(tile_max, srow[j] * s.scale);
           const float m_new = std::max(m[r], tile_max);
           const float alpha = exp_approx(m[r] - m_new);  // exp(-inf) -> 0 on the first tile
@@ -170,7 +239,7 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
 #pragma omp simd
           for (int64_t d = 0; d < ld; ++d) arow[d] *= alpha;
         }
-        accumulate(sc.data(), kBlockN, 1, vb.data(), acc.data(), rows, keys, dim);
+        accumulate(sc.data(), kBlockN, 1, vb, acc.data(), rows, keys, dim);
       }
       for (int64_t r = 0; r < rows; ++r) {
         lse[bh * s.lq + row0 + r] = m[r] + std::log(l[r]);
@@ -182,11 +251,12 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
 }
 
 // Per query tile: p = exp(scale q.k - lse) and ds = p * (do.v - delta), for one key tile.
+template <int64_t kBlockN>
 void probabilities_and_score_grads(const float* qb, const float* dob, const float* kt, const float* vt,
                                    const float* lse, const float* delta, float* p, float* ds, int64_t rows,
                                    int64_t keys, int64_t dim, float scale) {
-  rows_times_transposed(qb, kt, p, rows, keys, dim);
-  rows_times_transposed(dob, vt, ds, rows, keys, dim);
+  rows_times_transposed<kBlockN>(qb, kt, p, rows, keys, dim);
+  rows_times_transposed<kBlockN>(dob, vt, ds, rows, keys, dim);
   for (int64_t r = 0; r < rows; ++r) {
     float* prow = p + r * kBlockN;
     float* dsrow = ds + r * kBlockN;
@@ -198,7 +268,7 @@ void probabilities_and_score_grads(const float* qb, const float* dob, const floa
   }
 }
 
-template <typename T>
+template <typename T, int64_t kBlockN>
 void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v, const TensorRef4& out,
                     const TensorRef4& dout, const float* lse, const TensorRef4& dq, const TensorRef4& dk,
                     const TensorRef4& dv, const AttentionShape& s, int num_threads) {
@@ -210,8 +280,8 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
 #pragma omp parallel num_threads(threads)
   {
     const int64_t ld = padded(dim);
-    std::vector<float> ob(kBlockM * ld), dob(kBlockM * ld), qb(kBlockM * ld), kb(kBlockN * ld);
-    std::vector<float> kt(dim * kBlockN), vt(dim * kBlockN), p(kBlockM * kBlockN), ds(kBlockM * kBlockN);
+    std::vector<float> ob(kBlockM * ld), dob(kBlockM * ld), qb(kBlockM * ld);
+    std::vector<float> kt(dim * kBlockN), vt(dim * kBlockN), p(score_tile(kBlockN)), ds(score_tile(kBlockN));
     std::vector<float> acc_a(std::max(kBlockM, kBlockN) * ld), acc_b(kBlockN * ld);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < bhs * q_blocks; ++item) {
@@ -230,15 +300,15 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
     for (int64_t item = 0; item < bhs * k_blocks; ++item) {
       const int64_t bh = item / k_blocks, b = bh / s.heads, h = bh % s.heads;
       const int64_t key0 = (item % k_blocks) * kBlockN, keys = std::min(kBlockN, s.lk - key0);
-      load_rows_transposed<T>(k, b, h, key0, keys, dim, kt.data());
-      load_rows_transposed<T>(v, b, h, key0, keys, dim, vt.data());
+      load_rows_transposed<T, kBlockN>(k, b, h, key0, keys, dim, kt.data());
+      load_rows_transposed<T, kBlockN>(v, b, h, key0, keys, dim, vt.data());
       std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dk
       std::fill(acc_b.begin(), acc_b.end(), 0.0f);  // dv
       for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
         const int64_t rows = std::min(kBlockM, s.lq - row0);
         load_rows<T>(q, b, h, row0, rows, dim, qb.data());
         load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
-        probabilities_and_score_grads(qb.data(), dob.data(), kt.data(), vt.data(), lse + bh * s.lq + row0,
+        probabilities_and_score_grads<kBlockN>(qb.data(), dob.data(), kt.data(), vt.data(), lse + bh * s.lq + row0,
                                       delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
                                       s.scale);
         accumulate(p.data(), 1, kBlockN, dob.data(), acc_b.data(), keys, rows, dim);   // dv += p^T do
@@ -248,26 +318,40 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
       store_rows<T>(dv, b, h, key0, keys, dim, acc_b.data(), nullptr, 1.0f);
     }
     // dq: one query tile per work item, looping over all key tiles.
+    HeadKeys<kBlockN> head(s.lk, dim, true);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < bhs * q_blocks; ++item) {
       const int64_t bh = item / q_blocks, b = bh / s.heads, h = bh % s.heads;
       const int64_t row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
+      head.template load<T>(k, v, b, h, bh, /*v_transposed=*/true);
       load_rows<T>(q, b, h, row0, rows, dim, qb.data());
       load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
       std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dq
       for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
         const int64_t keys = std::min(kBlockN, s.lk - key0);
-        load_rows_transposed<T>(k, b, h, key0, keys, dim, kt.data());
-        load_rows_transposed<T>(v, b, h, key0, keys, dim, vt.data());
-        load_rows<T>(k, b, h, key0, keys, dim, kb.data());
-        probabilities_and_score_grads(qb.data(), dob.data(), kt.data(), vt.data(), lse + bh * s.lq + row0,
+        probabilities_and_score_grads<kBlockN>(qb.data(), dob.data(), head.kt(key0), head.v(key0), lse + bh * s.lq + row0,
                                       delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
                                       s.scale);
-        accumulate(ds.data(), kBlockN, 1, kb.data(), acc_a.data(), rows, keys, dim);  // dq += ds k
+        accumulate(ds.data(), kBlockN, 1, head.k(key0), acc_a.data(), rows, keys, dim);  // dq += ds k
       }
       store_rows<T>(dq, b, h, row0, rows, dim, acc_a.data(), nullptr, s.scale);
     }
   }
+}
+
+template <typename T>
+void forward_any_tile(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v, const TensorRef4& out,
+                      float* lse, const AttentionShape& s, int num_threads) {
+  if (key_tile(s.dim) == 128) return forward_typed<T, 128>(q, k, v, out, lse, s, num_threads);
+  forward_typed<T, 64>(q, k, v, out, lse, s, num_threads);
+}
+
+template <typename T>
+void backward_any_tile(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v, const TensorRef4& out,
+                       const TensorRef4& dout, const float* lse, const TensorRef4& dq, const TensorRef4& dk,
+                       const TensorRef4& dv, const AttentionShape& s, int num_threads) {
+  if (key_tile(s.dim) == 128) return backward_typed<T, 128>(q, k, v, out, dout, lse, dq, dk, dv, s, num_threads);
+  backward_typed<T, 64>(q, k, v, out, dout, lse, dq, dk, dv, s, num_threads);
 }
 
 }  // namespace
@@ -275,9 +359,9 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
 void attention_forward(DType dtype, const TensorRef4& q, const TensorRef4& k, const TensorRef4& v,
                        const TensorRef4& out, float* lse, const AttentionShape& shape, int num_threads) {
   switch (dtype) {
-    case DType::Float32: return forward_typed<float>(q, k, v, out, lse, shape, num_threads);
-    case DType::Float16: return forward_typed<half_t>(q, k, v, out, lse, shape, num_threads);
-    case DType::BFloat16: return forward_typed<bfloat16_t>(q, k, v, out, lse, shape, num_threads);
+    case DType::Float32: return forward_any_tile<float>(q, k, v, out, lse, shape, num_threads);
+    case DType::Float16: return forward_any_tile<half_t>(q, k, v, out, lse, shape, num_threads);
+    case DType::BFloat16: return forward_any_tile<bfloat16_t>(q, k, v, out, lse, shape, num_threads);
   }
 }
 
@@ -285,9 +369,9 @@ void attention_backward(DType dtype, const TensorRef4& q, const TensorRef4& k, c
                         const TensorRef4& out, const TensorRef4& dout, const float* lse, const TensorRef4& dq,
                         const TensorRef4& dk, const TensorRef4& dv, const AttentionShape& shape, int num_threads) {
   switch (dtype) {
-    case DType::Float32: return backward_typed<float>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
-    case DType::Float16: return backward_typed<half_t>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
-    case DType::BFloat16: return backward_typed<bfloat16_t>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
+    case DType::Float32: return backward_any_tile<float>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
+    case DType::Float16: return backward_any_tile<half_t>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
+    case DType::BFloat16: return backward_any_tile<bfloat16_t>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
   }
 }
 

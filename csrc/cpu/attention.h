@@ -19,7 +19,7 @@ void attention_backward(DType dtype, const TensorRef4& q, const TensorRef4& k, c
                         const TensorRef4& out, const TensorRef4& dout, const float* lse, const TensorRef4& dq,
                         const TensorRef4& dk, const TensorRef4& dv, const AttentionShape& shape, int num_threads);
 
-// The variants: attention.cpp compiled for the baseline ISA, and for AVX2+FMA on x86-64.
+// The variants: attention.cpp compiled for the baseline ISA, and for AVX2+FMA and AVX-512 on x86-64.
 #define LDMFAST_ATTENTION_VARIANT(isa)                                                                 \
   namespace isa {                                                                                      \
   void attention_forward(DType, const TensorRef4&, const TensorRef4&, const TensorRef4&, const TensorRef4&, \
@@ -31,6 +31,7 @@ void attention_backward(DType dtype, const TensorRef4& q, const TensorRef4& k, c
 LDMFAST_ATTENTION_VARIANT(baseline)
 #if defined(__x86_64__)
 LDMFAST_ATTENTION_VARIANT(avx2)
+LDMFAST_ATTENTION_VARIANT(avx512)
 #endif
 #undef LDMFAST_ATTENTION_VARIANT
 
