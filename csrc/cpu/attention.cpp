@@ -295,46 +295,85 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
         delta[bh * s.lq + row0 + r] = sum;
       }
     }
-    // dk, dv: one key tile per work item, looping over all query tiles (no write conflicts).
+    if (bhs >= threads) {
+      // Whole heads per thread: dq accumulates over the key tiles in thread memory (Lq rows), so one
+      // pass over (query tile, key tile) pairs makes dk, dv and dq from one p and ds: five tile
+      // products per pair where the split passes below take seven.
+      const int64_t rows_alloc = q_blocks * kBlockM;
+      std::vector<float> q_head(rows_alloc * ld), do_head(rows_alloc * ld), dq_head(rows_alloc * ld),
+          kb(kBlockN * ld);
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < bhs * k_blocks; ++item) {
-      const int64_t bh = item / k_blocks, b = bh / s.heads, h = bh % s.heads;
-      const int64_t key0 = (item % k_blocks) * kBlockN, keys = std::min(kBlockN, s.lk - key0);
-      load_rows_transposed<T, kBlockN>(k, b, h, key0, keys, dim, kt.data());
-      load_rows_transposed<T, kBlockN>(v, b, h, key0, keys, dim, vt.data());
-      std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dk
-      std::fill(acc_b.begin(), acc_b.end(), 0.0f);  // dv
-      for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
-        const int64_t rows = std::min(kBlockM, s.lq - row0);
+      for (int64_t bh = 0; bh < bhs; ++bh) {
+        const int64_t b = bh / s.heads, h = bh % s.heads;
+        load_rows<T>(q, b, h, 0, s.lq, dim, q_head.data());
+        load_rows<T>(dout, b, h, 0, s.lq, dim, do_head.data());
+        std::fill(dq_head.begin(), dq_head.end(), 0.0f);
+        for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
+          const int64_t keys = std::min(kBlockN, s.lk - key0);
+          load_rows_transposed<T, kBlockN>(k, b, h, key0, keys, dim, kt.data());
+          load_rows_transposed<T, kBlockN>(v, b, h, key0, keys, dim, vt.data());
+          load_rows<T>(k, b, h, key0, keys, dim, kb.data());
+          std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dk
+          std::fill(acc_b.begin(), acc_b.end(), 0.0f);  // dv
+          for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
+            const int64_t rows = std::min(kBlockM, s.lq - row0);
+            const float* qb_r = q_head.data() + row0 * ld;
+            const float* dob_r = do_head.data() + row0 * ld;
+            probabilities_and_score_grads<kBlockN>(qb_r, dob_r, kt.data(), vt.data(), lse + bh * s.lq + row0,
+                                                   delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows,
+                                                   keys, dim, s.scale);
+            accumulate(p.data(), 1, kBlockN, dob_r, acc_b.data(), keys, rows, dim);    // dv += p^T do
+            accumulate(ds.data(), 1, kBlockN, qb_r, acc_a.data(), keys, rows, dim);    // dk += ds^T q
+            accumulate(ds.data(), kBlockN, 1, kb.data(), dq_head.data() + row0 * ld, rows, keys, dim);  // dq += ds k
+          }
+          store_rows<T>(dk, b, h, key0, keys, dim, acc_a.data(), nullptr, s.scale);
+          store_rows<T>(dv, b, h, key0, keys, dim, acc_b.data(), nullptr, 1.0f);
+        }
+        store_rows<T>(dq, b, h, 0, s.lq, dim, dq_head.data(), nullptr, s.scale);
+      }
+    } else {
+      // Fewer heads than threads: split passes, parallel over key tiles (dk, dv), then over query tiles
+      // (dq), with no write conflicts.
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < bhs * k_blocks; ++item) {
+        const int64_t bh = item / k_blocks, b = bh / s.heads, h = bh % s.heads;
+        const int64_t key0 = (item % k_blocks) * kBlockN, keys = std::min(kBlockN, s.lk - key0);
+        load_rows_transposed<T, kBlockN>(k, b, h, key0, keys, dim, kt.data());
+        load_rows_transposed<T, kBlockN>(v, b, h, key0, keys, dim, vt.data());
+        std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dk
+        std::fill(acc_b.begin(), acc_b.end(), 0.0f);  // dv
+        for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
+          const int64_t rows = std::min(kBlockM, s.lq - row0);
+          load_rows<T>(q, b, h, row0, rows, dim, qb.data());
+          load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
+          probabilities_and_score_grads<kBlockN>(qb.data(), dob.data(), kt.data(), vt.data(), lse + bh * s.lq + row0,
+                                        delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
+                                        s.scale);
+          accumulate(p.data(), 1, kBlockN, dob.data(), acc_b.data(), keys, rows, dim);   // dv += p^T do
+          accumulate(ds.data(), 1, kBlockN, qb.data(), acc_a.data(), keys, rows, dim);   // dk += ds^T q
+        }
+        store_rows<T>(dk, b, h, key0, keys, dim, acc_a.data(), nullptr, s.scale);
+        store_rows<T>(dv, b, h, key0, keys, dim, acc_b.data(), nullptr, 1.0f);
+      }
+      // dq: one query tile per work item, looping over all key tiles.
+      HeadKeys<kBlockN> head(s.lk, dim, true);
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < bhs * q_blocks; ++item) {
+        const int64_t bh = item / q_blocks, b = bh / s.heads, h = bh % s.heads;
+        const int64_t row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
+        head.template load<T>(k, v, b, h, bh, /*v_transposed=*/true);
         load_rows<T>(q, b, h, row0, rows, dim, qb.data());
         load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
-        probabilities_and_score_grads<kBlockN>(qb.data(), dob.data(), kt.data(), vt.data(), lse + bh * s.lq + row0,
-                                      delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
-                                      s.scale);
-        accumulate(p.data(), 1, kBlockN, dob.data(), acc_b.data(), keys, rows, dim);   // dv += p^T do
-        accumulate(ds.data(), 1, kBlockN, qb.data(), acc_a.data(), keys, rows, dim);   // dk += ds^T q
+        std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dq
+        for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
+          const int64_t keys = std::min(kBlockN, s.lk - key0);
+          probabilities_and_score_grads<kBlockN>(qb.data(), dob.data(), head.kt(key0), head.v(key0), lse + bh * s.lq + row0,
+                                        delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
+                                        s.scale);
+          accumulate(ds.data(), kBlockN, 1, head.k(key0), acc_a.data(), rows, keys, dim);  // dq += ds k
+        }
+        store_rows<T>(dq, b, h, row0, rows, dim, acc_a.data(), nullptr, s.scale);
       }
-      store_rows<T>(dk, b, h, key0, keys, dim, acc_a.data(), nullptr, s.scale);
-      store_rows<T>(dv, b, h, key0, keys, dim, acc_b.data(), nullptr, 1.0f);
-    }
-    // dq: one query tile per work item, looping over all key tiles.
-    HeadKeys<kBlockN> head(s.lk, dim, true);
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < bhs * q_blocks; ++item) {
-      const int64_t bh = item / q_blocks, b = bh / s.heads, h = bh % s.heads;
-      const int64_t row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
-      head.template load<T>(k, v, b, h, bh, /*v_transposed=*/true);
-      load_rows<T>(q, b, h, row0, rows, dim, qb.data());
-      load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
-      std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dq
-      for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
-        const int64_t keys = std::min(kBlockN, s.lk - key0);
-        probabilities_and_score_grads<kBlockN>(qb.data(), dob.data(), head.kt(key0), head.v(key0), lse + bh * s.lq + row0,
-                                      delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
-                                      s.scale);
-        accumulate(ds.data(), kBlockN, 1, head.k(key0), acc_a.data(), rows, keys, dim);  // dq += ds k
-      }
-      store_rows<T>(dq, b, h, row0, rows, dim, acc_a.data(), nullptr, s.scale);
     }
   }
 }
