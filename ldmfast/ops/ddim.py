@@ -132,7 +132,15 @@ def _run_kernel(backend, x_t, model_output, abar_t, abar_prev, eta, noise, param
         coef = ddim_coefficients_on_device(abar_t, abar_prev, eta, parameterization)
     else:
         coef = ddim_coefficients(abar_t, abar_prev, eta, parameterization)
-    coef = coef.to(device=x_t.device, dtype=torch.float32).contiguous()
+    coef = coef.to(dtype=torch.float32).contiguous()
+    if coef.device != x_t.device:
+        # A plain copy from pageable host memory synchronizes the stream: every step would wait for
+        # the GPU to drain, and a sampling loop could no longer queue the next denoiser call
+        # meanwhile (seen on an H200: fused DDIM 0.15 ms per call at any size, and MONAI's 50-step
+        # loop slower with the fused ops than without). Pinned + non_blocking queues the copy.
+        if x_t.device.type == "cuda":
+            coef = coef.pin_memory()
+        coef = coef.to(device=x_t.device, non_blocking=True)
     clip = clip_x0 is not None
     x0_out = x0 if x0 is not None else x_t.new_empty((0,))  # the op always returns two tensors
     if n * m == 0:
