@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import _backends, _native
+from . import _backends, _eager, _native
 
 OP = "attention"
 MAX_HEAD_DIM = 512
@@ -92,14 +92,26 @@ def _backward_kernel(backend, q, k, v, out, lse, dout, scale):
 
 # ---- torch.library registration ---------------------------------------------------------------
 
-@torch.library.custom_op("ldmfast::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, scale, backend):
+    """The op's forward on any backend (the custom op's body, and the eager fast path's)."""
     if backend == "reference":
         out, lse = attention_reference(q, k, v, scale)
         layout = _native.empty_in_stride_order_of(q)  # same layout as every other backend
         return layout.copy_(out), lse
     return _forward_kernel(backend, q, k, v, scale)
+
+
+def _backward_kernels(q, k, v, out, lse, dout, scale, backend):
+    if backend == "reference":
+        grads = _attention_backward_reference(q, k, v, lse, dout, scale)
+        return tuple(_native.empty_in_stride_order_of(t).copy_(g) for t, g in zip((q, k, v), grads))
+    return _backward_kernel(backend, q, k, v, out, lse, dout, scale)
+
+
+@torch.library.custom_op("ldmfast::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, scale, backend)
 
 
 @_attention_op.register_fake
@@ -112,10 +124,7 @@ def _(q, k, v, scale, backend):
 def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                            lse: torch.Tensor, dout: torch.Tensor, scale: float, backend: str
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "reference":
-        grads = _attention_backward_reference(q, k, v, lse, dout, scale)
-        return tuple(_native.empty_in_stride_order_of(t).copy_(g) for t, g in zip((q, k, v), grads))
-    return _backward_kernel(backend, q, k, v, out, lse, dout, scale)
+    return _backward_kernels(q, k, v, out, lse, dout, scale, backend)
 
 
 @_attention_backward_op.register_fake
@@ -132,11 +141,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(q, k, v, out, lse, dout, ctx.scale, ctx.backend)
+    kernels = _backward_kernels if getattr(ctx, "eager", False) else _attention_backward_op
+    dq, dk, dv = kernels(q, k, v, out, lse, dout, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
+_AttentionEager = _eager.function("_AttentionEager", _forward, _setup_context, _backward)
 
 
 # ---- the public functions ---------------------------------------------------------------------
@@ -178,7 +189,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         reason = _backends.unavailable_reason("triton", q.device)
         if reason is not None:
             raise _backends.BackendUnavailableError(f"{OP}: the cuda backend's backward needs Triton: {reason}")
-    return _attention_op(q, k, v, float(scale), backend)[0]
+    op = _AttentionEager.apply if _eager.applies(q, k, v) else _attention_op
+    return op(q, k, v, float(scale), backend)[0]
 
 
 def _heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:

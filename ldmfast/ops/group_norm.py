@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _backends, _native
+from . import _backends, _eager, _native
 
 ACTIVATIONS = (None, "silu")
 OP = "group_norm"
@@ -207,14 +207,26 @@ def _run_backward(backend, dy, x, weight, bias, mean, rstd, num_groups, activati
 
 # ---- torch.library registration ---------------------------------------------------------------
 
-@torch.library.custom_op("ldmfast::group_norm", mutates_args=())
-def _group_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
-                   eps: float, activation: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(x, weight, bias, num_groups, eps, activation, backend):
+    """The op's forward on any backend (the custom op's body, and the eager fast path's)."""
     act = activation or None
     if backend == "reference":
         mean, rstd = _reference_stats(x, num_groups, eps)
         return group_norm_reference(x, num_groups, weight, bias, eps, act), mean, rstd
     return _run_forward(backend, x, weight, bias, num_groups, eps, act)
+
+
+def _backward_kernels(grad_out, x, weight, bias, mean, rstd, num_groups, activation, backend):
+    act = activation or None
+    if backend == "reference":
+        return _reference_backward(grad_out, x, weight, bias, mean, rstd, num_groups, act)
+    return _run_backward(backend, grad_out, x, weight, bias, mean, rstd, num_groups, act)
+
+
+@torch.library.custom_op("ldmfast::group_norm", mutates_args=())
+def _group_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
+                   eps: float, activation: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, num_groups, eps, activation, backend)
 
 
 @_group_norm_op.register_fake
@@ -230,10 +242,7 @@ def _group_norm_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: Opt
                             activation: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx in x's dtype and the output's memory format, dweight, dbias in float32 (float64 for
     float64 x on the reference backend))."""
-    act = activation or None
-    if backend == "reference":
-        return _reference_backward(grad_out, x, weight, bias, mean, rstd, num_groups, act)
-    return _run_backward(backend, grad_out, x, weight, bias, mean, rstd, num_groups, act)
+    return _backward_kernels(grad_out, x, weight, bias, mean, rstd, num_groups, activation, backend)
 
 
 @_group_norm_backward_op.register_fake
@@ -253,14 +262,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_mean, grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _group_norm_backward_op(grad_y, x, weight, bias, mean, rstd, ctx.num_groups,
-                                                 ctx.activation, ctx.backend)
+    kernels = _backward_kernels if getattr(ctx, "eager", False) else _group_norm_backward_op
+    dx, dweight, dbias = kernels(grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation, ctx.backend)
     dw = dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
     db = dbias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
     return (dx if ctx.needs_input_grad[0] else None), dw, db, None, None, None, None
 
 
 _group_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_GroupNormEager = _eager.function("_GroupNormEager", _forward, _setup_context, _backward)
 
 
 # ---- the public function ----------------------------------------------------------------------
@@ -307,5 +317,6 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: must be None or 'silu', got {activation!r}")
     backend = _backends.resolve(OP, x)
-    y, _, _ = _group_norm_op(x, weight, bias, int(num_groups), float(eps), activation or "", backend)
+    op = _GroupNormEager.apply if _eager.applies(x, weight, bias) else _group_norm_op
+    y, _, _ = op(x, weight, bias, int(num_groups), float(eps), activation or "", backend)
     return y

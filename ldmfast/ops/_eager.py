@@ -1,0 +1,53 @@
+"""The eager fast path of the ops that have autograd.
+
+Every op is a `torch.library.custom_op` with its fake and autograd registrations, which is what
+torch.compile, export, vmap and the dispatch modes see. In plain eager mode the same kernels are
+reached through a `torch.autograd.Function` instead: the custom op's round trip (dispatcher,
+Python autograd kernel, redispatch, refilling default arguments for setup_context) cost about
+100 us of host time per call on a CPU core, more than the kernel itself at the UNet's small feature
+maps on a GPU. Both paths run the same forward, setup_context and backward functions.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+
+def applies(*tensors) -> bool:
+    """Whether the fast path computes exactly what the custom op would: plain tensors (or
+    parameters), eager mode, no compile or trace, no functorch transform, no torch-function or
+    dispatch mode."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._are_functorch_transforms_active() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if _get_current_dispatch_mode() is not None:
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+# Parameters are plain tensors to the dispatcher (their __torch_function__ is disabled).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def function(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> type:
+    """An autograd.Function running `forward(*inputs)`, then the op's registered
+    `setup_context(ctx, inputs, output)` and `backward(ctx, *grads)`; ctx.eager tells the backward
+    to call its kernels directly rather than through the backward custom op."""
+
+    def fwd(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        ctx.eager = True
+        return output
+
+    def bwd(ctx, *grads):
+        return backward(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(fwd),
+        "backward": staticmethod(once_differentiable(bwd)),
+    })
