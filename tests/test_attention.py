@@ -166,7 +166,7 @@ def test_feature_map_attention_rejects_bad_heads():
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2"])
-@pytest.mark.parametrize("d", [40, 160])  # 128-key tiles up to head dim 128, 64-key tiles above
+@pytest.mark.parametrize("d", [40, 160])  # padded to whole micro-kernel columns on every ISA
 def test_cpu_kernel_variants_for_other_cpus(isa, d):
     """The CPU kernel is built per instruction set (baseline, AVX2, AVX-512); the tests above run the
     one this CPU picks, this one caps the choice (LDMFAST_CPU_ISA) in a fresh process."""

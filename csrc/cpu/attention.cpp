@@ -40,13 +40,13 @@ constexpr int kRows = 4;
 #endif
 constexpr int kCols = 2 * kLanes;             // micro-kernel columns: two vectors
 constexpr int64_t kBlockM = 8 * kRows;        // query rows per tile (a multiple of kRows)
-// Keys per tile: a template parameter (kBlockN) of everything below. 128 at head dims up to 128,
-// 64 above, where 128-key tiles of k and v outgrow the L2 cache (measured on a 2-core Zen 4,
-// one thread: 128 against 64 keys, 1.07-1.15x faster at D=32 and D=64, 1.4x slower at D=512).
-constexpr int64_t key_tile(int64_t dim) { return dim <= 128 ? 128 : 64; }
+// Keys per tile. 128 against 64 (one thread of a Zen 4 core): 1.08-1.12x faster forward at head
+// dims 32 and 64 and 1.06x faster backward at 512, the same forward at 512.
+constexpr int64_t kBlockN = 128;
+static_assert(kBlockN % (2 * kLanes) == 0, "key tiles hold whole micro-kernel columns");
 // Score tiles get kRows * kBlockN floats of slack: the transposed-weight sums read up to kRows - 1
 // keys past the last (stale, finite, never stored).
-constexpr int64_t score_tile(int64_t block_n) { return (kBlockM + kRows) * block_n; }
+constexpr int64_t kScoreTile = (kBlockM + kRows) * kBlockN;
 
 typedef float vec8 __attribute__((vector_size(4 * kLanes)));
 
@@ -73,7 +73,7 @@ void load_rows(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t 
 }
 
 // The same block transposed: dst[d * kBlockN + r].
-template <typename T, int64_t kBlockN>
+template <typename T>
 void load_rows_transposed(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t dim,
                           float* dst) {
   const T* base = static_cast<const T*>(t.ptr) + b * t.stride[0] + h * t.stride[1];
@@ -97,9 +97,7 @@ void store_rows(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t
 
 // s[r * kBlockN + j] = sum_d a[r * ld + d] * bt[d * kBlockN + j] for r < rows, j < keys. Rows past
 // `rows` and columns past `keys` are computed from stale buffer contents and not stored.
-template <int64_t kBlockN>
 void rows_times_transposed(const float* a, const float* bt, float* s, int64_t rows, int64_t keys, int64_t dim) {
-  static_assert(kBlockN % kCols == 0, "key tiles hold whole micro-kernel columns");
   const int64_t ld = padded(dim);
   for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
     for (int64_t j0 = 0; j0 < keys; j0 += kCols) {
@@ -161,7 +159,6 @@ void accumulate(const float* w, int64_t w_outer, int64_t w_inner, const float* m
 // (the conversion, a transposing scatter for k, cost as much as the products at small head dims):
 // k transposed per key tile (kt(key0)[d * kBlockN + j]), v (or k) as padded rows. Memory grows
 // linearly with Lk, per thread.
-template <int64_t kBlockN>
 class HeadKeys {
  public:
   HeadKeys(int64_t lk, int64_t dim, bool with_k_rows)
@@ -174,9 +171,9 @@ class HeadKeys {
     if (id == held_) return;
     for (int64_t key0 = 0; key0 < lk_; key0 += kBlockN) {
       const int64_t keys = std::min(kBlockN, lk_ - key0);
-      load_rows_transposed<T, kBlockN>(k, b, h, key0, keys, dim_, kt_.data() + key0 * dim_);
+      load_rows_transposed<T>(k, b, h, key0, keys, dim_, kt_.data() + key0 * dim_);
       if (v_transposed) {
-        load_rows_transposed<T, kBlockN>(v, b, h, key0, keys, dim_, v_.data() + key0 * ld_);
+        load_rows_transposed<T>(v, b, h, key0, keys, dim_, v_.data() + key0 * ld_);
       } else {
         load_rows<T>(v, b, h, key0, keys, dim_, v_.data() + key0 * ld_);
       }
@@ -193,7 +190,7 @@ class HeadKeys {
   std::vector<float> kt_, v_, k_;
 };
 
-template <typename T, int64_t kBlockN>
+template <typename T>
 void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v, const TensorRef4& out, float* lse,
                    const AttentionShape& s, int num_threads) {
   const int64_t dim = s.dim, q_blocks = (s.lq + kBlockM - 1) / kBlockM;
@@ -202,13 +199,13 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
   {
     const int64_t ld = padded(dim);
     std::vector<float> qb(kBlockM * ld), acc(kBlockM * ld);
-    std::vector<float> sc(score_tile(kBlockN)), m(kBlockM), l(kBlockM);
-    HeadKeys<kBlockN> head(s.lk, dim, false);
+    std::vector<float> sc(kScoreTile), m(kBlockM), l(kBlockM);
+    HeadKeys head(s.lk, dim, false);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t bh = item / q_blocks, b = bh / s.heads, h = bh % s.heads;
       const int64_t row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
-      head.template load<T>(k, v, b, h, bh);
+      head.load<T>(k, v, b, h, bh);
       load_rows<T>(q, b, h, row0, rows, dim, qb.data());
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
@@ -217,7 +214,7 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
         const int64_t keys = std::min(kBlockN, s.lk - key0);
         const float* kt = head.kt(key0);
         const float* vb = head.v(key0);
-        rows_times_transposed<kBlockN>(qb.data(), kt, sc.data(), rows, keys, dim);
+        rows_times_transposed(qb.data(), kt, sc.data(), rows, keys, dim);
         for (int64_t r = 0; r < rows; ++r) {
           float* srow = sc.data() + r * kBlockN;
           float tile_max = -std::numeric_limits<float>::infinity();
@@ -251,12 +248,11 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
 }
 
 // Per query tile: p = exp(scale q.k - lse) and ds = p * (do.v - delta), for one key tile.
-template <int64_t kBlockN>
 void probabilities_and_score_grads(const float* qb, const float* dob, const float* kt, const float* vt,
                                    const float* lse, const float* delta, float* p, float* ds, int64_t rows,
                                    int64_t keys, int64_t dim, float scale) {
-  rows_times_transposed<kBlockN>(qb, kt, p, rows, keys, dim);
-  rows_times_transposed<kBlockN>(dob, vt, ds, rows, keys, dim);
+  rows_times_transposed(qb, kt, p, rows, keys, dim);
+  rows_times_transposed(dob, vt, ds, rows, keys, dim);
   for (int64_t r = 0; r < rows; ++r) {
     float* prow = p + r * kBlockN;
     float* dsrow = ds + r * kBlockN;
@@ -268,7 +264,7 @@ void probabilities_and_score_grads(const float* qb, const float* dob, const floa
   }
 }
 
-template <typename T, int64_t kBlockN>
+template <typename T>
 void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v, const TensorRef4& out,
                     const TensorRef4& dout, const float* lse, const TensorRef4& dq, const TensorRef4& dk,
                     const TensorRef4& dv, const AttentionShape& s, int num_threads) {
@@ -281,7 +277,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
   {
     const int64_t ld = padded(dim);
     std::vector<float> ob(kBlockM * ld), dob(kBlockM * ld), qb(kBlockM * ld);
-    std::vector<float> kt(dim * kBlockN), vt(dim * kBlockN), p(score_tile(kBlockN)), ds(score_tile(kBlockN));
+    std::vector<float> kt(dim * kBlockN), vt(dim * kBlockN), p(kScoreTile), ds(kScoreTile);
     std::vector<float> acc_a(std::max(kBlockM, kBlockN) * ld), acc_b(kBlockN * ld);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < bhs * q_blocks; ++item) {
@@ -310,8 +306,8 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
         std::fill(dq_head.begin(), dq_head.end(), 0.0f);
         for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
           const int64_t keys = std::min(kBlockN, s.lk - key0);
-          load_rows_transposed<T, kBlockN>(k, b, h, key0, keys, dim, kt.data());
-          load_rows_transposed<T, kBlockN>(v, b, h, key0, keys, dim, vt.data());
+          load_rows_transposed<T>(k, b, h, key0, keys, dim, kt.data());
+          load_rows_transposed<T>(v, b, h, key0, keys, dim, vt.data());
           load_rows<T>(k, b, h, key0, keys, dim, kb.data());
           std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dk
           std::fill(acc_b.begin(), acc_b.end(), 0.0f);  // dv
@@ -319,7 +315,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
             const int64_t rows = std::min(kBlockM, s.lq - row0);
             const float* qb_r = q_head.data() + row0 * ld;
             const float* dob_r = do_head.data() + row0 * ld;
-            probabilities_and_score_grads<kBlockN>(qb_r, dob_r, kt.data(), vt.data(), lse + bh * s.lq + row0,
+            probabilities_and_score_grads(qb_r, dob_r, kt.data(), vt.data(), lse + bh * s.lq + row0,
                                                    delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows,
                                                    keys, dim, s.scale);
             accumulate(p.data(), 1, kBlockN, dob_r, acc_b.data(), keys, rows, dim);    // dv += p^T do
@@ -338,15 +334,15 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
       for (int64_t item = 0; item < bhs * k_blocks; ++item) {
         const int64_t bh = item / k_blocks, b = bh / s.heads, h = bh % s.heads;
         const int64_t key0 = (item % k_blocks) * kBlockN, keys = std::min(kBlockN, s.lk - key0);
-        load_rows_transposed<T, kBlockN>(k, b, h, key0, keys, dim, kt.data());
-        load_rows_transposed<T, kBlockN>(v, b, h, key0, keys, dim, vt.data());
+        load_rows_transposed<T>(k, b, h, key0, keys, dim, kt.data());
+        load_rows_transposed<T>(v, b, h, key0, keys, dim, vt.data());
         std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dk
         std::fill(acc_b.begin(), acc_b.end(), 0.0f);  // dv
         for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
           const int64_t rows = std::min(kBlockM, s.lq - row0);
           load_rows<T>(q, b, h, row0, rows, dim, qb.data());
           load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
-          probabilities_and_score_grads<kBlockN>(qb.data(), dob.data(), kt.data(), vt.data(), lse + bh * s.lq + row0,
+          probabilities_and_score_grads(qb.data(), dob.data(), kt.data(), vt.data(), lse + bh * s.lq + row0,
                                         delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
                                         s.scale);
           accumulate(p.data(), 1, kBlockN, dob.data(), acc_b.data(), keys, rows, dim);   // dv += p^T do
@@ -356,18 +352,18 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
         store_rows<T>(dv, b, h, key0, keys, dim, acc_b.data(), nullptr, 1.0f);
       }
       // dq: one query tile per work item, looping over all key tiles.
-      HeadKeys<kBlockN> head(s.lk, dim, true);
+      HeadKeys head(s.lk, dim, true);
 #pragma omp for schedule(static)
       for (int64_t item = 0; item < bhs * q_blocks; ++item) {
         const int64_t bh = item / q_blocks, b = bh / s.heads, h = bh % s.heads;
         const int64_t row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
-        head.template load<T>(k, v, b, h, bh, /*v_transposed=*/true);
+        head.load<T>(k, v, b, h, bh, /*v_transposed=*/true);
         load_rows<T>(q, b, h, row0, rows, dim, qb.data());
         load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
         std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dq
         for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
           const int64_t keys = std::min(kBlockN, s.lk - key0);
-          probabilities_and_score_grads<kBlockN>(qb.data(), dob.data(), head.kt(key0), head.v(key0), lse + bh * s.lq + row0,
+          probabilities_and_score_grads(qb.data(), dob.data(), head.kt(key0), head.v(key0), lse + bh * s.lq + row0,
                                         delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
                                         s.scale);
           accumulate(ds.data(), kBlockN, 1, head.k(key0), acc_a.data(), rows, keys, dim);  // dq += ds k
@@ -378,29 +374,14 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
   }
 }
 
-template <typename T>
-void forward_any_tile(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v, const TensorRef4& out,
-                      float* lse, const AttentionShape& s, int num_threads) {
-  if (key_tile(s.dim) == 128) return forward_typed<T, 128>(q, k, v, out, lse, s, num_threads);
-  forward_typed<T, 64>(q, k, v, out, lse, s, num_threads);
-}
-
-template <typename T>
-void backward_any_tile(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v, const TensorRef4& out,
-                       const TensorRef4& dout, const float* lse, const TensorRef4& dq, const TensorRef4& dk,
-                       const TensorRef4& dv, const AttentionShape& s, int num_threads) {
-  if (key_tile(s.dim) == 128) return backward_typed<T, 128>(q, k, v, out, dout, lse, dq, dk, dv, s, num_threads);
-  backward_typed<T, 64>(q, k, v, out, dout, lse, dq, dk, dv, s, num_threads);
-}
-
 }  // namespace
 
 void attention_forward(DType dtype, const TensorRef4& q, const TensorRef4& k, const TensorRef4& v,
                        const TensorRef4& out, float* lse, const AttentionShape& shape, int num_threads) {
   switch (dtype) {
-    case DType::Float32: return forward_any_tile<float>(q, k, v, out, lse, shape, num_threads);
-    case DType::Float16: return forward_any_tile<half_t>(q, k, v, out, lse, shape, num_threads);
-    case DType::BFloat16: return forward_any_tile<bfloat16_t>(q, k, v, out, lse, shape, num_threads);
+    case DType::Float32: return forward_typed<float>(q, k, v, out, lse, shape, num_threads);
+    case DType::Float16: return forward_typed<half_t>(q, k, v, out, lse, shape, num_threads);
+    case DType::BFloat16: return forward_typed<bfloat16_t>(q, k, v, out, lse, shape, num_threads);
   }
 }
 
@@ -408,9 +389,9 @@ void attention_backward(DType dtype, const TensorRef4& q, const TensorRef4& k, c
                         const TensorRef4& out, const TensorRef4& dout, const float* lse, const TensorRef4& dq,
                         const TensorRef4& dk, const TensorRef4& dv, const AttentionShape& shape, int num_threads) {
   switch (dtype) {
-    case DType::Float32: return backward_any_tile<float>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
-    case DType::Float16: return backward_any_tile<half_t>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
-    case DType::BFloat16: return backward_any_tile<bfloat16_t>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
+    case DType::Float32: return backward_typed<float>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
+    case DType::Float16: return backward_typed<half_t>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
+    case DType::BFloat16: return backward_typed<bfloat16_t>(q, k, v, out, dout, lse, dq, dk, dv, shape, num_threads);
   }
 }
 
