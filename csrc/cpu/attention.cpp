@@ -273,6 +273,9 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
   // delta = rowsum(dout * out): the softmax's backward correction, once per query row.
   std::vector<float> delta(bhs * s.lq);
   const int threads = std::max(1, num_threads);
+  // Fewer heads than threads: each thread's partial dk and dv over the whole key range.
+  const int parts_threads = bhs < threads ? threads : 0;
+  std::vector<float> dkdv_parts(static_cast<size_t>(parts_threads) * 2 * k_blocks * kBlockN * padded(s.dim));
 #pragma omp parallel num_threads(threads)
   {
     const int64_t ld = padded(dim);
@@ -291,7 +294,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
         delta[bh * s.lq + row0 + r] = sum;
       }
     }
-    if (bhs >= threads) {
+    if (parts_threads == 0) {
       // Whole heads per thread: dq accumulates over the key tiles in thread memory (Lq rows), so one
       // pass over (query tile, key tile) pairs makes dk, dv and dq from one p and ds: five tile
       // products per pair where the split passes below take seven.
@@ -328,47 +331,54 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
         store_rows<T>(dq, b, h, 0, s.lq, dim, dq_head.data(), nullptr, s.scale);
       }
     } else {
-      // Fewer heads than threads: split passes, parallel over key tiles (dk, dv), then over query tiles
-      // (dq), with no write conflicts.
+      // Fewer heads than threads (the VQGAN's one-head middle block): one head at a time, its query
+      // tiles split among the threads. A thread's dq rows are its own; dk and dv go to its partial
+      // sums over all keys (thread memory, Lk rows each), added up once the head is done. One pass:
+      // five tile products per tile pair.
+      float* part = dkdv_parts.data() + omp_get_thread_num() * 2 * k_blocks * kBlockN * ld;
+      float* dk_part = part;
+      float* dv_part = part + k_blocks * kBlockN * ld;
+      HeadKeys head(s.lk, dim, true);
+      for (int64_t bh = 0; bh < bhs; ++bh) {
+        const int64_t b = bh / s.heads, h = bh % s.heads;
+        head.load<T>(k, v, b, h, bh, /*v_transposed=*/true);
+        std::fill(part, part + 2 * k_blocks * kBlockN * ld, 0.0f);
 #pragma omp for schedule(static)
-      for (int64_t item = 0; item < bhs * k_blocks; ++item) {
-        const int64_t bh = item / k_blocks, b = bh / s.heads, h = bh % s.heads;
-        const int64_t key0 = (item % k_blocks) * kBlockN, keys = std::min(kBlockN, s.lk - key0);
-        load_rows_transposed<T>(k, b, h, key0, keys, dim, kt.data());
-        load_rows_transposed<T>(v, b, h, key0, keys, dim, vt.data());
-        std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dk
-        std::fill(acc_b.begin(), acc_b.end(), 0.0f);  // dv
         for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
           const int64_t rows = std::min(kBlockM, s.lq - row0);
           load_rows<T>(q, b, h, row0, rows, dim, qb.data());
           load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
-          probabilities_and_score_grads(qb.data(), dob.data(), kt.data(), vt.data(), lse + bh * s.lq + row0,
-                                        delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
-                                        s.scale);
-          accumulate(p.data(), 1, kBlockN, dob.data(), acc_b.data(), keys, rows, dim);   // dv += p^T do
-          accumulate(ds.data(), 1, kBlockN, qb.data(), acc_a.data(), keys, rows, dim);   // dk += ds^T q
+          std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dq
+          for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
+            const int64_t keys = std::min(kBlockN, s.lk - key0);
+            probabilities_and_score_grads(qb.data(), dob.data(), head.kt(key0), head.v(key0),
+                                          lse + bh * s.lq + row0, delta.data() + bh * s.lq + row0, p.data(),
+                                          ds.data(), rows, keys, dim, s.scale);
+            accumulate(p.data(), 1, kBlockN, dob.data(), dv_part + key0 * ld, keys, rows, dim);   // dv += p^T do
+            accumulate(ds.data(), 1, kBlockN, qb.data(), dk_part + key0 * ld, keys, rows, dim);   // dk += ds^T q
+            accumulate(ds.data(), kBlockN, 1, head.k(key0), acc_a.data(), rows, keys, dim);      // dq += ds k
+          }
+          store_rows<T>(dq, b, h, row0, rows, dim, acc_a.data(), nullptr, s.scale);
         }
-        store_rows<T>(dk, b, h, key0, keys, dim, acc_a.data(), nullptr, s.scale);
-        store_rows<T>(dv, b, h, key0, keys, dim, acc_b.data(), nullptr, 1.0f);
-      }
-      // dq: one query tile per work item, looping over all key tiles.
-      HeadKeys head(s.lk, dim, true);
+        // (the barrier above: every partial is complete) dk, dv = the sums of the threads' partials.
 #pragma omp for schedule(static)
-      for (int64_t item = 0; item < bhs * q_blocks; ++item) {
-        const int64_t bh = item / q_blocks, b = bh / s.heads, h = bh % s.heads;
-        const int64_t row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
-        head.load<T>(k, v, b, h, bh, /*v_transposed=*/true);
-        load_rows<T>(q, b, h, row0, rows, dim, qb.data());
-        load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
-        std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dq
         for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
           const int64_t keys = std::min(kBlockN, s.lk - key0);
-          probabilities_and_score_grads(qb.data(), dob.data(), head.kt(key0), head.v(key0), lse + bh * s.lq + row0,
-                                        delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows, keys, dim,
-                                        s.scale);
-          accumulate(ds.data(), kBlockN, 1, head.k(key0), acc_a.data(), rows, keys, dim);  // dq += ds k
+          std::fill(acc_a.begin(), acc_a.end(), 0.0f);
+          std::fill(acc_b.begin(), acc_b.end(), 0.0f);
+          for (int t = 0; t < parts_threads; ++t) {
+            const float* src = dkdv_parts.data() + t * 2 * k_blocks * kBlockN * ld + key0 * ld;
+            const float* src_v = src + k_blocks * kBlockN * ld;
+#pragma omp simd
+            for (int64_t i = 0; i < keys * ld; ++i) {
+              acc_a[i] += src[i];
+              acc_b[i] += src_v[i];
+            }
+          }
+          store_rows<T>(dk, b, h, key0, keys, dim, acc_a.data(), nullptr, s.scale);
+          store_rows<T>(dv, b, h, key0, keys, dim, acc_b.data(), nullptr, 1.0f);
         }
-        store_rows<T>(dq, b, h, row0, rows, dim, acc_a.data(), nullptr, s.scale);
+        // (the barrier above: no thread refills its partials while another still reads them)
       }
     }
   }
