@@ -247,10 +247,12 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
   }
 }
 
-// Per query tile: p = exp(scale q.k - lse) and ds = p * (do.v - delta), for one key tile.
-void probabilities_and_score_grads(const float* qb, const float* dob, const float* kt, const float* vt,
-                                   const float* lse, const float* delta, float* p, float* ds, int64_t rows,
-                                   int64_t keys, int64_t dim, float scale) {
+// One (query tile, key tile) pair of the backward: p = exp(scale q.k - lse), ds = p * (do.v - delta),
+// then dv += p^T do, dk += ds^T q (key rows of dk_acc, dv_acc) and dq += ds k (query rows of dq_acc).
+// kt, vt: the key tile's k and v transposed; kb: its k rows.
+void tile_pair_backward(const float* qb, const float* dob, const float* kt, const float* vt, const float* kb,
+                        const float* lse, const float* delta, float* p, float* ds, float* dk_acc, float* dv_acc,
+                        float* dq_acc, int64_t rows, int64_t keys, int64_t dim, float scale) {
   rows_times_transposed(qb, kt, p, rows, keys, dim);
   rows_times_transposed(dob, vt, ds, rows, keys, dim);
   for (int64_t r = 0; r < rows; ++r) {
@@ -262,6 +264,9 @@ void probabilities_and_score_grads(const float* qb, const float* dob, const floa
       dsrow[j] = prow[j] * (dsrow[j] - delta[r]);
     }
   }
+  accumulate(p, 1, kBlockN, dob, dv_acc, keys, rows, dim);    // dv += p^T do
+  accumulate(ds, 1, kBlockN, qb, dk_acc, keys, rows, dim);    // dk += ds^T q
+  accumulate(ds, kBlockN, 1, kb, dq_acc, rows, keys, dim);    // dq += ds k
 }
 
 template <typename T>
@@ -275,12 +280,13 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
   const int threads = std::max(1, num_threads);
   // Fewer heads than threads: each thread's partial dk and dv over the whole key range.
   const int parts_threads = bhs < threads ? threads : 0;
-  std::vector<float> dkdv_parts(static_cast<size_t>(parts_threads) * 2 * k_blocks * kBlockN * padded(s.dim));
+  const int64_t part_len = k_blocks * kBlockN * padded(dim);  // floats of one partial (dk or dv)
+  std::vector<float> dkdv_parts(static_cast<size_t>(parts_threads) * 2 * part_len);
 #pragma omp parallel num_threads(threads)
   {
     const int64_t ld = padded(dim);
     std::vector<float> ob(kBlockM * ld), dob(kBlockM * ld), qb(kBlockM * ld);
-    std::vector<float> kt(dim * kBlockN), vt(dim * kBlockN), p(kScoreTile), ds(kScoreTile);
+    std::vector<float> p(kScoreTile), ds(kScoreTile);
     std::vector<float> acc_a(std::max(kBlockM, kBlockN) * ld), acc_b(kBlockN * ld);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < bhs * q_blocks; ++item) {
@@ -297,10 +303,10 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
     if (parts_threads == 0) {
       // Whole heads per thread: dq accumulates over the key tiles in thread memory (Lq rows), so one
       // pass over (query tile, key tile) pairs makes dk, dv and dq from one p and ds: five tile
-      // products per pair where the split passes below take seven.
+      // products per pair, where separate dk/dv and dq passes would take seven.
       const int64_t rows_alloc = q_blocks * kBlockM;
       std::vector<float> q_head(rows_alloc * ld), do_head(rows_alloc * ld), dq_head(rows_alloc * ld),
-          kb(kBlockN * ld);
+          kt(dim * kBlockN), vt(dim * kBlockN), kb(kBlockN * ld);
 #pragma omp for schedule(static)
       for (int64_t bh = 0; bh < bhs; ++bh) {
         const int64_t b = bh / s.heads, h = bh % s.heads;
@@ -316,14 +322,10 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
           std::fill(acc_b.begin(), acc_b.end(), 0.0f);  // dv
           for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
             const int64_t rows = std::min(kBlockM, s.lq - row0);
-            const float* qb_r = q_head.data() + row0 * ld;
-            const float* dob_r = do_head.data() + row0 * ld;
-            probabilities_and_score_grads(qb_r, dob_r, kt.data(), vt.data(), lse + bh * s.lq + row0,
-                                                   delta.data() + bh * s.lq + row0, p.data(), ds.data(), rows,
-                                                   keys, dim, s.scale);
-            accumulate(p.data(), 1, kBlockN, dob_r, acc_b.data(), keys, rows, dim);    // dv += p^T do
-            accumulate(ds.data(), 1, kBlockN, qb_r, acc_a.data(), keys, rows, dim);    // dk += ds^T q
-            accumulate(ds.data(), kBlockN, 1, kb.data(), dq_head.data() + row0 * ld, rows, keys, dim);  // dq += ds k
+            tile_pair_backward(q_head.data() + row0 * ld, do_head.data() + row0 * ld, kt.data(), vt.data(),
+                               kb.data(), lse + bh * s.lq + row0, delta.data() + bh * s.lq + row0, p.data(),
+                               ds.data(), acc_a.data(), acc_b.data(), dq_head.data() + row0 * ld, rows, keys,
+                               dim, s.scale);
           }
           store_rows<T>(dk, b, h, key0, keys, dim, acc_a.data(), nullptr, s.scale);
           store_rows<T>(dv, b, h, key0, keys, dim, acc_b.data(), nullptr, 1.0f);
@@ -335,14 +337,13 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
       // tiles split among the threads. A thread's dq rows are its own; dk and dv go to its partial
       // sums over all keys (thread memory, Lk rows each), added up once the head is done. One pass:
       // five tile products per tile pair.
-      float* part = dkdv_parts.data() + omp_get_thread_num() * 2 * k_blocks * kBlockN * ld;
-      float* dk_part = part;
-      float* dv_part = part + k_blocks * kBlockN * ld;
+      float* dk_part = dkdv_parts.data() + omp_get_thread_num() * 2 * part_len;
+      float* dv_part = dk_part + part_len;
       HeadKeys head(s.lk, dim, true);
       for (int64_t bh = 0; bh < bhs; ++bh) {
         const int64_t b = bh / s.heads, h = bh % s.heads;
         head.load<T>(k, v, b, h, bh, /*v_transposed=*/true);
-        std::fill(part, part + 2 * k_blocks * kBlockN * ld, 0.0f);
+        std::fill(dk_part, dk_part + 2 * part_len, 0.0f);
 #pragma omp for schedule(static)
         for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
           const int64_t rows = std::min(kBlockM, s.lq - row0);
@@ -351,12 +352,9 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
           std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dq
           for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
             const int64_t keys = std::min(kBlockN, s.lk - key0);
-            probabilities_and_score_grads(qb.data(), dob.data(), head.kt(key0), head.v(key0),
-                                          lse + bh * s.lq + row0, delta.data() + bh * s.lq + row0, p.data(),
-                                          ds.data(), rows, keys, dim, s.scale);
-            accumulate(p.data(), 1, kBlockN, dob.data(), dv_part + key0 * ld, keys, rows, dim);   // dv += p^T do
-            accumulate(ds.data(), 1, kBlockN, qb.data(), dk_part + key0 * ld, keys, rows, dim);   // dk += ds^T q
-            accumulate(ds.data(), kBlockN, 1, head.k(key0), acc_a.data(), rows, keys, dim);      // dq += ds k
+            tile_pair_backward(qb.data(), dob.data(), head.kt(key0), head.v(key0), head.k(key0),
+                               lse + bh * s.lq + row0, delta.data() + bh * s.lq + row0, p.data(), ds.data(),
+                               dk_part + key0 * ld, dv_part + key0 * ld, acc_a.data(), rows, keys, dim, s.scale);
           }
           store_rows<T>(dq, b, h, row0, rows, dim, acc_a.data(), nullptr, s.scale);
         }
@@ -367,8 +365,8 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
           std::fill(acc_a.begin(), acc_a.end(), 0.0f);
           std::fill(acc_b.begin(), acc_b.end(), 0.0f);
           for (int t = 0; t < parts_threads; ++t) {
-            const float* src = dkdv_parts.data() + t * 2 * k_blocks * kBlockN * ld + key0 * ld;
-            const float* src_v = src + k_blocks * kBlockN * ld;
+            const float* src = dkdv_parts.data() + t * 2 * part_len + key0 * ld;
+            const float* src_v = src + part_len;
 #pragma omp simd
             for (int64_t i = 0; i < keys * ld; ++i) {
               acc_a[i] += src[i];

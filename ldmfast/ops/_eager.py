@@ -44,10 +44,7 @@ def function(name: str, forward: Callable, setup_context: Callable, backward: Ca
         ctx.eager = True
         return output
 
-    def bwd(ctx, *grads):
-        return backward(ctx, *grads)
-
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(fwd),
-        "backward": staticmethod(once_differentiable(bwd)),
+        "backward": staticmethod(once_differentiable(backward)),
     })

@@ -24,12 +24,16 @@ def _precision(t: torch.Tensor) -> str:
     return "tf32x3" if t.dtype == torch.float32 else "tf32"
 
 
+def _wide_16bit(block_d: int, dtype: torch.dtype) -> bool:
+    """Head dim 512 in 16 bits (the VQGAN's middle block): its own measured launch settings."""
+    return block_d > 256 and dtype != torch.float32
+
+
 def _blocks(d: int, lq: int, lk: int, dtype: torch.dtype, which: str) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D): tiles shrink as the head dim grows so that they fit on chip."""
     block_d = max(16, triton.next_power_of_2(d))
-    if block_d > 256 and dtype != torch.float32:
-        # Head dim 512 in 16 bits (the VQGAN's middle block), from bench/sweep_attention_triton.py on
-        # an H200 at B=6 L=2688 bf16: 64x64 tiles run the forward 3.5x faster than 16x16 (0.48 against
+    if _wide_16bit(block_d, dtype):
+        # From bench/sweep_attention_triton.py on an H200 at B=6 L=2688 bf16: 64x64 tiles run the forward 3.5x faster than 16x16 (0.48 against
         # 1.69 ms), 32x32 the backward 1.5x (4.9 against 7.4 ms; larger tiles run out of resources).
         block_m, block_n = (64, 64) if which == "forward" else (32, 32)
     else:
@@ -41,7 +45,7 @@ def _blocks(d: int, lq: int, lk: int, dtype: torch.dtype, which: str) -> tuple[i
 
 def _launch_kwargs(block_d: int, dtype: torch.dtype) -> dict:
     kwargs = {"num_warps": 4 if block_d <= 64 else 8}
-    if block_d > 256 and dtype != torch.float32:
+    if _wide_16bit(block_d, dtype):
         kwargs["num_stages"] = 1  # two stages of 512-wide K and V tiles do not fit in shared memory
     return kwargs
 
