@@ -16,7 +16,10 @@ Models (each skipped with a note where its library is missing):
 GPU ("release") sizes follow PAPER.md: UNet width 224, multipliers 1, 4, 8, 2 residual blocks per
 level, 32 channels per attention head at the two lower levels and the middle, batch 16 latents of
 48 x 56; autoencoders of width 128, multipliers 1, 2, 4 on 192 x 224 slices. Weights are cast to
-the dtype (as `torch_dtype=` pipelines do); the models run in their default contiguous format.
+the dtype (as `torch_dtype=` pipelines do); the models run in their default contiguous format,
+and with --channels-last (default on GPU) also with channels-last convolution weights, with and
+without the fused ops (speedup_cl: over the model as built; speedup_cl_vs_torch_cl: over torch
+with the same memory format).
 """
 from __future__ import annotations
 
@@ -158,34 +161,47 @@ def sampling_loop(name, model, sched, z_T, cond):
 # ---- the run ----------------------------------------------------------------------------------
 
 class Acceleration:
-    """Switch the model (and the scheduler) between torch and ldmfast between timing rounds."""
+    """Switch the model (and the scheduler) between the timed states between rounds:
+    torch: as built; ldmfast: accelerate(model) and the fused DDIM step; with --channels-last also
+    ldmfast+cl: accelerate(model, channels_last=True), and torch+cl: only the convolution weights
+    channels-last (accelerate with the fused ops switched off), to tell what the memory format
+    alone gives."""
+
+    KWARGS = {"torch": None, "ldmfast": {}, "ldmfast+cl": {"channels_last": True},
+              "torch+cl": {"group_norm": False, "attention": False, "channels_last": True}}
 
     def __init__(self, model, sched):
-        self.model, self.sched, self.report = model, sched, None
+        self.model, self.sched, self.report, self.sched_on = model, sched, None, False
 
-    def on(self):
-        self.report = ldmfast.accelerate(self.model)
-        if self.sched is not None:
+    def set(self, state):
+        self.off()
+        kwargs = self.KWARGS[state]
+        if kwargs is None:
+            return
+        self.report = ldmfast.accelerate(self.model, **kwargs)
+        if self.sched is not None and state.startswith("ldmfast"):
             ldmfast.schedulers.accelerate(self.sched)
+            self.sched_on = True
 
     def off(self):
         if self.report is not None and self.report.active:
             ldmfast.restore(self.model)
-            if self.sched is not None:
-                ldmfast.schedulers.restore(self.sched)
+        if self.sched_on:
+            ldmfast.schedulers.restore(self.sched)
+            self.sched_on = False
 
 
-def paired_min_ms(fn, switch, min_run_time, sync, clock):
-    """Milliseconds per call of fn with torch and with ldmfast, timed in alternating rounds, each
-    the minimum over rounds: robust to other processes sharing the machine."""
-    best = {"torch": float("inf"), "ldmfast": float("inf")}
-    deadline = time.perf_counter() + 2 * min_run_time
+def paired_min_ms(fn, switch, states, min_run_time, sync, clock):
+    """Milliseconds per call of fn in each state, timed in alternating rounds, each the minimum
+    over rounds: robust to other processes sharing the machine."""
+    best = dict.fromkeys(states, float("inf"))
+    deadline = time.perf_counter() + len(states) * min_run_time
     rounds = 0
     while rounds < 3 or time.perf_counter() < deadline:
-        for state in ("torch", "ldmfast"):
-            switch.on() if state == "ldmfast" else switch.off()
+        for state in states:
+            switch.set(state)
             if rounds == 0:
-                fn()  # warm up: Triton compilation, allocator
+                fn()  # warm up: Triton compilation, allocator, cuDNN's choice for the layout
             sync()
             t0 = clock()
             fn()
@@ -193,7 +209,7 @@ def paired_min_ms(fn, switch, min_run_time, sync, clock):
             best[state] = min(best[state], (clock() - t0) * 1e3)
         rounds += 1
     switch.off()
-    return best["torch"], best["ldmfast"]
+    return best
 
 
 def peak_GiB(fn, device):
@@ -230,16 +246,20 @@ def bench_model(name, build, kind, s, args, device, dtype):
     gpu = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if gpu else (lambda: None)
     clock = time.thread_time if args.cpu_time else time.perf_counter
+    states = ["torch", "ldmfast"] + (["ldmfast+cl", "torch+cl"] if args.channels_last else [])
     rows = []
     with torch.no_grad():
         for what, fn in cases:
-            t_ms, f_ms = paired_min_ms(fn, switch, args.min_run_time, sync, clock)
-            switch.on()
+            ms = paired_min_ms(fn, switch, states, args.min_run_time, sync, clock)
+            switch.set("ldmfast")
             report = switch.report
             row = {"model": name, "what": what, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
-                   "torch_ms": t_ms, "ldmfast_ms": f_ms, "speedup": t_ms / f_ms,
+                   "torch_ms": ms["torch"], "ldmfast_ms": ms["ldmfast"], "speedup": ms["torch"] / ms["ldmfast"],
                    "replaced": ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items())),
                    "left_alone": len(report.left_alone)}
+            if args.channels_last:
+                row.update({"ldmfast_cl_ms": ms["ldmfast+cl"], "speedup_cl": ms["torch"] / ms["ldmfast+cl"],
+                            "torch_cl_ms": ms["torch+cl"], "speedup_cl_vs_torch_cl": ms["torch+cl"] / ms["ldmfast+cl"]})
             if gpu:
                 row["ldmfast_peak_GiB"] = peak_GiB(fn, device)
                 switch.off()
@@ -263,6 +283,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (CPU; default: torch's)")
     p.add_argument("--cpu-time", action="store_true",
                    help="CPU: time with this thread's CPU time (needs --threads 1): immune to other processes")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time accelerate(model, channels_last=True), and torch with only its convolution "
+                        "weights channels-last (default: on GPU)")
     p.add_argument("--no-save", action="store_true", help="print only; write nothing under bench/results")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -275,6 +298,8 @@ def main(argv=None) -> int:
     size = args.size or ("release" if on_gpu else "small")
     args.batch = args.batch or (16 if on_gpu else 2)
     args.steps = args.steps or (50 if on_gpu else 5)
+    if args.channels_last is None:
+        args.channels_last = on_gpu
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -292,6 +317,8 @@ def main(argv=None) -> int:
     print(f"Peer models before/after ldmfast.accelerate on {common.device_tag(device)} "
           f"({torch.get_num_threads()} threads), size {size}, {dtype}")
     columns = ["model", "what", "batch", "dtype", "torch_ms", "ldmfast_ms", "speedup", "replaced", "left_alone"]
+    if args.channels_last:
+        columns[7:7] = ["torch_cl_ms", "ldmfast_cl_ms", "speedup_cl", "speedup_cl_vs_torch_cl"]
     if on_gpu:
         columns += ["torch_peak_GiB", "ldmfast_peak_GiB"]
     common.print_table(rows, columns)

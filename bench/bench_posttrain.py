@@ -1,5 +1,6 @@
 """Peak memory and time of one lesion-aware post-training step (PAPER.md stage 3: forward,
-backward and AdamW step of the UNet and the condition module), four ways, side by side:
+backward and AdamW step (the trainers': fused on CUDA) of the UNet and the condition module),
+four ways, side by side:
 
   naive             what a direct implementation does: D(x0_hat) and the target D(z0) both decoded
                     by `vqgan.decode` with the graph recorded (the decoder's parameters still require
@@ -42,7 +43,7 @@ import common  # noqa: E402
 
 from ldmfast.diffusion import NoiseSchedule  # noqa: E402
 from ldmfast.models import VQGAN, ConditionalLDM, UNetConfig, VQGANConfig, to_latent  # noqa: E402
-from ldmfast.train import PostTrainLossConfig, posttrain_loss  # noqa: E402
+from ldmfast.train import PostTrainLossConfig, optim, posttrain_loss  # noqa: E402
 
 VARIANTS = ("naive", "no_ckpt", "decoder_ckpt", "decoder_unet_ckpt")
 CONFIGS = {"small": (96, 112), "release": (192, 224)}
@@ -64,7 +65,7 @@ class Setup:
         self.vqgan = VQGAN(vq_config).to(device, memory_format=fmt).eval()
         self.ldm = ConditionalLDM(unet_config, latent_channels=vq_config.latent_channels).to(device, memory_format=fmt)
         self.ldm.train()
-        self.optimizer = torch.optim.AdamW(self.ldm.parameters(), lr=2e-6 * batch)
+        self.optimizer = optim.adamw(self.ldm.parameters(), lr=2e-6 * batch)  # the trainer's (fused on CUDA)
         self.schedule = NoiseSchedule()
         self.device, self.dtype, self.size, self.fmt = device, dtype, size, fmt
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -170,8 +171,9 @@ def cuda_memory(s: Setup, variant: str) -> dict:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    # The optimizer's step allocates the same for every variant (gradients and its foreach
-    # temporaries, UNet-sized; on an H200 it set the step's peak whatever the checkpointing):
+    # The optimizer's step allocates the same for every variant (the foreach implementation's
+    # UNet-sized temporaries set the step's peak on an H200, whatever the checkpointing; the
+    # trainers' fused AdamW, used here, has none):
     # the forward+backward peak is also reported, the part the variants differ in.
     grad_peak = []
     s.step(variant, after_backward=lambda: grad_peak.append(torch.cuda.max_memory_allocated()))

@@ -29,6 +29,44 @@ def time_ms(fn, min_run_time: float = 0.5) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def graph_ms(fns, reps: int = 20, rounds: int = 5) -> list[float | None]:
+    """Device milliseconds per call of each fn: `reps` calls captured in one CUDA graph, replayed
+    in alternating rounds, the minimum over rounds, timed with CUDA events. A graph replays the
+    kernels without the host work around them (Python, dispatch, autograd, launches), so this is
+    the kernels' own time: what a bandwidth figure is about, and what a model sees whenever its
+    host runs ahead of the GPU. None for a fn that cannot be captured (the reason is printed)."""
+    graphs = []
+    for fn in fns:
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up off the capture stream, as torch.cuda.graph asks
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(reps):
+                    fn()
+            graphs.append(graph)
+        except RuntimeError as err:
+            print(f"graph capture failed: {str(err).splitlines()[0]}", flush=True)
+            graphs.append(None)
+    best = [float("inf")] * len(fns)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(rounds):
+        for i, graph in enumerate(graphs):
+            if graph is None:
+                continue
+            graph.replay()  # the first replay of a round pays for nothing the others do not
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            best[i] = min(best[i], start.elapsed_time(end) / reps)
+    return [None if g is None else b for g, b in zip(graphs, best)]
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     text = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(columns)]

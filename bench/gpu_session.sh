@@ -47,20 +47,26 @@ stage build 240 python3 -m pip install --no-build-isolation --no-deps -e .
 python3 -c "import ldmfast._cuda as m; print('ldmfast._cuda', m.__file__)" 2>&1 | tee -a "$OUT/summary.txt"
 
 # STAGES picks and orders what runs after the build (default: all, in this order).
-STAGES=${STAGES:-"pytest_cuda bench_group_norm bench_attention sweep_attention bench_vqgan bench_synthesis bench_posttrain bench_accelerate bench_ddim bench_metrics bench_synthesize"}
+STAGES=${STAGES:-"pytest_cuda profile_group_norm bench_group_norm bench_attention sweep_attention bench_vqgan bench_synthesis bench_posttrain bench_accelerate bench_ddim bench_metrics bench_synthesize"}
 for s in $STAGES; do
   case $s in
-    pytest_cuda) stage pytest_cuda 170 python3 -m pytest -m cuda -q -n 16 -p no:cacheprovider --maxfail=30 tests
+    # PYTEST_K="group_norm or accelerate" runs a subset.
+    pytest_cuda) stage pytest_cuda 170 python3 -m pytest -m cuda -q -n 16 -p no:cacheprovider --maxfail=30 \
+                   ${PYTEST_K:+-k "$PYTEST_K"} tests
                  tail -n 40 "$LOGS/pytest_cuda.log" >> "$OUT/summary.txt" ;;
-    bench_group_norm) stage $s 45 python3 bench/bench_group_norm.py --device cuda --min-run-time 0.1 ;;
+    profile_group_norm) stage $s 40 python3 bench/profile_group_norm.py
+                        cat "$LOGS/profile_group_norm.log" >> "$OUT/summary.txt" ;;
+    bench_group_norm) stage $s 80 python3 bench/bench_group_norm.py --device cuda --min-run-time 0.1 ;;
     bench_attention) stage $s 90 python3 bench/bench_attention.py --device cuda --min-run-time 0.1 ;;
     sweep_attention) stage $s 150 python3 bench/sweep_attention_triton.py --out "$LOGS/sweep_attention.json"
                      grep -v "^    " "$LOGS/sweep_attention.log" >> "$OUT/summary.txt" ;;
     bench_vqgan) stage $s 40 python3 bench/bench_vqgan.py --device cuda --min-run-time 0.3 ;;
     # 18 sampling calls of 50 steps at batch 48 (fp32 eager among them): it ran past 150 s on an H200.
     bench_synthesis) stage $s 300 python3 bench/bench_synthesis_throughput.py --device cuda --repeats 1 ;;
-    bench_posttrain) stage $s 60 python3 bench/bench_posttrain.py --device cuda --rounds 2 ;;
-    bench_accelerate) stage $s 90 python3 bench/bench_accelerate.py --device cuda --dtype bfloat16 --min-run-time 0.3 ;;
+    # POSTTRAIN_ARGS="--max-batch" adds the largest-batch search; ACCEL_MODELS="monai-unet,..." a subset.
+    bench_posttrain) stage $s 150 python3 bench/bench_posttrain.py --device cuda --rounds 2 ${POSTTRAIN_ARGS:-} ;;
+    bench_accelerate) stage $s 170 python3 bench/bench_accelerate.py --device cuda --dtype bfloat16 --min-run-time 0.3 \
+                        ${ACCEL_MODELS:+--models "$ACCEL_MODELS"} ;;
     bench_ddim) stage $s 25 python3 bench/bench_ddim.py --device cuda --min-run-time 0.1 ;;
     bench_metrics) stage $s 25 python3 bench/bench_metrics.py --device cuda --min-run-time 0.3 ;;
     bench_synthesize) stage $s 40 python3 bench/bench_synthesize.py --device cuda --repeats 2 ;;

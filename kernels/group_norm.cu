@@ -8,7 +8,8 @@
 // Otherwise (large groups, channels-last): partial shifted sums per block (per (sample, group,
 // part) for contiguous, per (sample, row chunk, channel) for channels-last), a combine kernel per
 // (sample, group) in double, and an elementwise normalize kernel.
-// Backward: per-(sample, part, channel) partial sums of g and g * xhat, a combine kernel per
+// Backward: per-(sample, part, channel) partial sums of g and g * xhat (a warp each when
+// contiguous, a block per (sample, row chunk) when channels-last), a combine kernel per
 // (sample, group) that also forms the dx coefficients, a per-channel reduction over samples for
 // dweight and dbias (fixed order: deterministic), and an elementwise dx kernel.
 #include <algorithm>
@@ -25,6 +26,8 @@ constexpr int kFusedThreads = 512;
 constexpr int64_t kTargetBlocks = 1024;  // enough blocks to fill an H100 several times
 constexpr int64_t kMinPerBlock = 4096;   // elements per partial-sum block, at least
 constexpr int64_t kMinRows = 32;         // channels-last rows per partial-sum block, at least
+constexpr int kWarps = kThreads / 32;    // warps per block of the contiguous backward's partial sums
+constexpr int64_t kMinPerWarp = 1024;    // elements per partial-sum warp (contiguous backward), at least
 
 // ---- plan (shared by the workspace query and the launches) ---------------------------------------
 
@@ -49,13 +52,18 @@ Plan make_plan(DType dtype, int64_t n, int64_t c, int64_t s, int64_t groups, boo
     p.len = ceil_div(s, p.parts);
     p.parts = ceil_div(s, p.len);
     p.k = c;
+  } else if (backward) {
+    // One warp per (sample, channel, part): a channel's run is often short (168 elements at the
+    // UNet's 12x14 level), too short to keep a block of 256 threads busy.
+    p.parts = std::clamp<int64_t>(ceil_div(kTargetBlocks * kWarps, n * c), 1, std::max<int64_t>(1, s / kMinPerWarp));
+    p.len = ceil_div(ceil_div(s, p.parts), p.vec) * p.vec;
+    p.parts = ceil_div(s, p.len);
+    p.k = c;
   } else {
-    const int64_t run = backward ? s : p.m;           // elements summed per (sample, group or channel)
-    const int64_t owners = backward ? n * c : n * groups;
-    p.parts = std::clamp<int64_t>(ceil_div(kTargetBlocks, owners), 1, std::max<int64_t>(1, run / kMinPerBlock));
-    p.len = ceil_div(ceil_div(run, p.parts), p.vec) * p.vec;
-    p.parts = ceil_div(run, p.len);
-    p.k = backward ? c : groups;
+    p.parts = std::clamp<int64_t>(ceil_div(kTargetBlocks, n * groups), 1, std::max<int64_t>(1, p.m / kMinPerBlock));
+    p.len = ceil_div(ceil_div(p.m, p.parts), p.vec) * p.vec;
+    p.parts = ceil_div(p.m, p.len);
+    p.k = groups;
   }
   return p;
 }
@@ -391,14 +399,16 @@ __global__ void __launch_bounds__(kThreads) bwd_dx_kernel(
 
 // ---- backward: partial sums per (sample, part, channel) --------------------------------------------
 
-// Contiguous: block (sample, channel, part) over its part of the channel's run of S elements.
+// Contiguous: warp (sample, channel, part) over its part of the channel's run of S elements.
 template <typename T, bool kSilu, int V>
 __global__ void __launch_bounds__(kThreads) bwd_partial_contig_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ weight,
     const float* __restrict__ bias, const float* __restrict__ mean, const float* __restrict__ rstd, float* part_a,
     float* part_b, Plan p) {
-  __shared__ double scratch[32];
-  const int64_t nc = blockIdx.x / p.parts, q = blockIdx.x % p.parts;
+  const int64_t row = blockIdx.x * static_cast<int64_t>(kWarps) + (threadIdx.x >> 5);
+  if (row >= p.n * p.c * p.parts) return;  // whole warps: no block-wide synchronization follows
+  const int lane = threadIdx.x & 31;
+  const int64_t nc = row / p.parts, q = row % p.parts;
   const int64_t n = nc / p.c, c = nc % p.c;
   const int64_t ng = n * p.groups + c / p.cg;
   const float mu = mean[ng], rs = rstd[ng];
@@ -409,7 +419,7 @@ __global__ void __launch_bounds__(kThreads) bwd_partial_contig_kernel(
   const int64_t begin = q * p.len, end = min64(p.s, begin + p.len);
   float xb[V], db[V];
   float a1 = 0.0f, a2 = 0.0f;
-  for (int64_t vi = begin / V + threadIdx.x; vi < end / V; vi += blockDim.x) {
+  for (int64_t vi = begin / V + lane; vi < end / V; vi += 32) {
     Loader<T, V>::load(xc, vi, xb);
     Loader<T, V>::load(dyc, vi, db);
 #pragma unroll
@@ -419,9 +429,13 @@ __global__ void __launch_bounds__(kThreads) bwd_partial_contig_kernel(
       a2 += gv * ((xb[k] - mu) * rs);
     }
   }
-  const double s1 = block_sum<double>(a1, scratch);
-  const double s2 = block_sum<double>(a2, scratch);
-  if (threadIdx.x == 0) {
+  double s1 = a1, s2 = a2;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+    s2 += __shfl_xor_sync(0xffffffffu, s2, o);
+  }
+  if (lane == 0) {
     const int64_t idx = (n * p.parts + q) * p.c + c;
     part_a[idx] = static_cast<float>(s1);
     part_b[idx] = static_cast<float>(s2);
@@ -597,7 +611,7 @@ cudaError_t backward_launch(const T* dy, const T* x, const float* w, const float
     bwd_partial_cl_kernel<T, kSilu, V><<<static_cast<unsigned>(p.n * p.parts), kThreads, 0, stream>>>(
         dy, x, w, b, mean, rstd, ws.part_a, ws.part_b, p);
   } else {
-    bwd_partial_contig_kernel<T, kSilu, V><<<static_cast<unsigned>(p.n * p.c * p.parts), kThreads, 0, stream>>>(
+    bwd_partial_contig_kernel<T, kSilu, V><<<blocks_for(p.n * p.c * p.parts, kWarps), kThreads, 0, stream>>>(
         dy, x, w, b, mean, rstd, ws.part_a, ws.part_b, p);
   }
   bwd_combine_kernel<<<static_cast<unsigned>(p.n * p.groups), kThreads, 0, stream>>>(ws.part_a, ws.part_b, w, mean,

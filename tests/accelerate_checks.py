@@ -125,10 +125,17 @@ def check_accelerate(model: nn.Module, make_inputs, forward=None, monkeypatch=No
     n_group_norms = sum(isinstance(m, nn.GroupNorm) for m in model.modules())
 
     fused64 = copy.deepcopy(model).double()
-    before = {k: v.data_ptr() for k, v in fused64.state_dict().items()}
+    before = fused64.state_dict()
+    params = list(fused64.parameters())
     report = ldmfast.accelerate(fused64, **accelerate_kwargs)
-    after = {k: v.data_ptr() for k, v in fused64.state_dict().items()}
-    assert after == before, f"state_dict keys or tensors changed (seed {seed})"
+    after = fused64.state_dict()
+    assert list(fused64.parameters()) == params, f"parameters replaced (seed {seed})"
+    if accelerate_kwargs.get("channels_last"):  # conv weights re-stored: same values, new storage order
+        assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+        assert report.counts()["channels_last"] == sum(isinstance(m, nn.Conv2d) for m in fused64.modules())
+    else:
+        assert {k: v.data_ptr() for k, v in after.items()} == {k: v.data_ptr() for k, v in before.items()}, \
+            f"state_dict keys or tensors changed (seed {seed})"
     got_out, *got_grads = _run(fused64, forward, inputs64, weight)
     assert rel_err(got_out, want_out) < FP64_TOL, f"float64 output: {rel_err(got_out, want_out):.3g} (seed {seed})"
     _assert_grads(got_grads, want_grads, FP64_GRAD_TOL, f"float64 (seed {seed})")
@@ -149,6 +156,7 @@ def check_accelerate(model: nn.Module, make_inputs, forward=None, monkeypatch=No
         assert calls["attention"] == counts.get("attention", 0) and calls["torch_sdpa"] == 0, calls
 
     report32.undo()
+    assert all(p.is_contiguous() for p in fused32.parameters())
     assert [type(m) for m in fused32.modules()] == [type(m) for m in plain32.modules()]
     assert not any("forward" in m.__dict__ for m in fused32.modules())
     torch.testing.assert_close(forward(fused32, *inputs32), forward(plain32, *inputs32), rtol=0, atol=0)
@@ -156,7 +164,7 @@ def check_accelerate(model: nn.Module, make_inputs, forward=None, monkeypatch=No
 
 
 def check_low_precision_on_cuda(model: nn.Module, make_inputs, forward=None, dtype=torch.bfloat16, device="cuda",
-                                autocast: bool = False):
+                                autocast: bool = False, **accelerate_kwargs):
     """The accelerated model in `dtype` on the GPU against the float64 model on the CPU: no worse
     than twice the error of the plain model in the same dtype (the numerics contract's rule for
     low precision; a whole network's error can exceed the per-op 1e-2 for plain torch too).
@@ -171,6 +179,6 @@ def check_low_precision_on_cuda(model: nn.Module, make_inputs, forward=None, dty
         plain = copy.deepcopy(model).to(device, torch.float32 if autocast else dtype)
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=autocast):
             torch_err = rel_err(forward(plain, *low).cpu(), want)
-            ldmfast.accelerate(plain)
+            ldmfast.accelerate(plain, **accelerate_kwargs)
             err = rel_err(forward(plain, *low).cpu(), want)
     assert math.isfinite(err) and err <= 2 * torch_err + 1e-4, f"{dtype}: {err:.3g} vs plain torch {torch_err:.3g}"

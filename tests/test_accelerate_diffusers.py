@@ -20,8 +20,9 @@ def _processors(model):
     return [type(m.processor) for m in model.modules() if hasattr(m, "set_processor")]
 
 
-@pytest.mark.parametrize("time_scale_shift", ["default", "scale_shift"])
-def test_unet2d(time_scale_shift, monkeypatch):
+@pytest.mark.parametrize("time_scale_shift,channels_last", [("default", False), ("scale_shift", False),
+                                                            ("default", True)])
+def test_unet2d(time_scale_shift, channels_last, monkeypatch):
     fresh_seed()
     model = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32),
                                   layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
@@ -36,7 +37,7 @@ def test_unet2d(time_scale_shift, monkeypatch):
     def inputs(dtype):
         return [torch.randn(2, 3, 12, 8, dtype=dtype), torch.randint(0, 1000, (2,))]
 
-    report = check_accelerate(model, inputs, forward, monkeypatch=monkeypatch)
+    report = check_accelerate(model, inputs, forward, monkeypatch=monkeypatch, channels_last=channels_last)
     counts = report.counts()
     assert counts["attention"] == 4
     n_resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in model.modules())

@@ -17,12 +17,14 @@ def _unet_inputs(shape, context=None):
     return make
 
 
-def test_diffusion_unet_2d(monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_diffusion_unet_2d(channels_last, monkeypatch):
     fresh_seed()
     model = monai_nets.DiffusionModelUNet(spatial_dims=2, in_channels=3, out_channels=3, channels=(16, 32),
                                           attention_levels=(False, True), num_res_blocks=1, num_head_channels=8,
                                           norm_num_groups=8)
-    report = check_accelerate(model, _unet_inputs((2, 3, 12, 10)), monkeypatch=monkeypatch)
+    report = check_accelerate(model, _unet_inputs((2, 3, 12, 10)), monkeypatch=monkeypatch,
+                              channels_last=channels_last)
     counts = report.counts()
     n_resnets = sum(type(m).__name__ == "DiffusionUNetResnetBlock" for m in model.modules())
     n_attention = sum(type(m).__name__ == "SABlock" for m in model.modules())
@@ -119,9 +121,10 @@ def test_attention_mask_and_training_dropout_fall_back_to_monai():
 
 
 @pytest.mark.cuda
-def test_diffusion_unet_bf16_on_cuda():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_diffusion_unet_bf16_on_cuda(channels_last):
     fresh_seed()
     model = monai_nets.DiffusionModelUNet(spatial_dims=2, in_channels=18, out_channels=3, channels=(32, 64, 128),
                                           attention_levels=(False, True, True), num_res_blocks=2,
                                           num_head_channels=32, norm_num_groups=32)
-    check_low_precision_on_cuda(model, _unet_inputs((4, 18, 48, 56)))
+    check_low_precision_on_cuda(model, _unet_inputs((4, 18, 48, 56)), channels_last=channels_last)

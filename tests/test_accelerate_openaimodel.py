@@ -6,11 +6,12 @@ from accelerate_checks import check_accelerate, check_low_precision_on_cuda, fre
 from openaimodel_style import UNetModel
 
 
-@pytest.mark.parametrize("options", [
-    dict(),
-    dict(use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True),
-], ids=["legacy-attention", "scale-shift-updown-new-attention"])
-def test_unet(options, monkeypatch):
+@pytest.mark.parametrize("options,channels_last", [
+    (dict(), False),
+    (dict(use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True), False),
+    (dict(), True),
+], ids=["legacy-attention", "scale-shift-updown-new-attention", "legacy-attention-channels-last"])
+def test_unet(options, channels_last, monkeypatch):
     fresh_seed()
     model = UNetModel(in_channels=5, out_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                       attention_resolutions=(2,), num_head_channels=8, groups=8, **options)
@@ -18,7 +19,7 @@ def test_unet(options, monkeypatch):
     def inputs(dtype):
         return [torch.randn(2, 5, 8, 12, dtype=dtype), torch.randint(0, 1000, (2,))]
 
-    report = check_accelerate(model, inputs, monkeypatch=monkeypatch)
+    report = check_accelerate(model, inputs, monkeypatch=monkeypatch, channels_last=channels_last)
     counts = report.counts()
     assert counts["attention"] == sum(type(m).__name__.startswith("QKVAttention") for m in model.modules()) == 4
     assert counts["group_norm"] == sum(type(m).__name__ == "GroupNorm32" for m in model.modules())

@@ -196,3 +196,17 @@ def test_lr_schedule():
     assert abs(lr_at(100, 1.0, 100, "cosine", min_lr_ratio=0.1) - 0.1) < 1e-12
     with pytest.raises(ValueError, match="schedule"):
         lr_at(5, 1.0, 100, "linear")
+
+
+def test_optimizers_fuse_on_cuda_only_and_a_resume_keeps_its_own_implementation(tmp_path):
+    from ldmfast.train import optim
+    model = torch.nn.Linear(4, 3)
+    assert optim.adamw(model.parameters()).param_groups[0]["fused"] is None  # CPU: torch's default
+    fused = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)  # as a GPU run saves it
+    model(torch.randn(5, 4)).sum().backward()
+    fused.step()
+    save_checkpoint(tmp_path, 1, modules={"m": model}, optimizers={"m": fused}, meta={})
+    plain = optim.adamw(model.parameters(), lr=1e-3)
+    load_checkpoint(checkpoint_paths(tmp_path, 1)[1], modules={"m": model}, optimizers={"m": plain})
+    assert plain.param_groups[0]["fused"] is None and plain.param_groups[0]["lr"] == 1e-2
+    assert torch.equal(plain.state[model.weight]["exp_avg"], fused.state[model.weight]["exp_avg"])

@@ -5,7 +5,7 @@ import weakref
 
 from torch import nn
 
-from . import diffusers, generic, monai, openaimodel
+from . import diffusers, generic, memory_format, monai, openaimodel
 from .fused import AcceleratedGroupNorm
 from .patcher import has_fused_forward
 from .report import AccelerationReport
@@ -20,7 +20,8 @@ def _rules():
     return monai.rules() + diffusers.rules() + openaimodel.rules()
 
 
-def accelerate(model: nn.Module, *, group_norm: bool = True, attention: bool = True) -> AccelerationReport:
+def accelerate(model: nn.Module, *, group_norm: bool = True, attention: bool = True,
+               channels_last: bool = False) -> AccelerationReport:
     """Make `model` run ldmfast's fused ops, in place and reversibly.
 
     - every nn.GroupNorm becomes the fused GroupNorm, sharing its parameters (state_dict keys and
@@ -31,6 +32,10 @@ def accelerate(model: nn.Module, *, group_norm: bool = True, attention: bool = T
       default processor) and openaimodel-style UNets (QKVAttention, QKVAttentionLegacy) run
       ldmfast's fused attention, with the block's exact scale, heads, residual and rescaling.
 
+    - channels_last=True also stores the weights of 2-D convolutions channels-last, so that the
+      convolutions run in NHWC (faster in 16-bit on NVIDIA GPUs) and the activations stay
+      channels-last through the fused ops; inputs may stay contiguous.
+
     group_norm / attention: False leaves that kind alone. Returns an AccelerationReport listing what
     was replaced and what was left alone and why; `report.undo()` or `ldmfast.restore(model)`
     reverts it. Parameters are shared throughout, so an optimizer built before or after works.
@@ -38,7 +43,7 @@ def accelerate(model: nn.Module, *, group_norm: bool = True, attention: bool = T
     if not isinstance(model, nn.Module):
         hint = " (for a DDIM scheduler use ldmfast.schedulers.accelerate)" if hasattr(model, "step") else ""
         raise ValueError(f"model: must be a torch.nn.Module, got {type(model).__name__}{hint}")
-    for name, flag in (("group_norm", group_norm), ("attention", attention)):
+    for name, flag in (("group_norm", group_norm), ("attention", attention), ("channels_last", channels_last)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name}: must be True or False, got {flag!r}")
     previous = _REPORTS.get(model)
@@ -66,6 +71,8 @@ def accelerate(model: nn.Module, *, group_norm: bool = True, attention: bool = T
     if group_norm:
         generic.fuse_sequentials(modules, report)
         generic.swap_group_norms(model, report)
+    if channels_last:
+        memory_format.convs_to_channels_last(model, report)
     generic.list_left_alone(model, report, attention)
     _REPORTS[model] = report
     return report

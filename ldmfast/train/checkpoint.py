@@ -20,6 +20,8 @@ from torch import nn
 
 from ldmfast.data.atomic import atomic_path
 
+from .optim import IMPLEMENTATION_KEYS
+
 _NAME = re.compile(r"^step-(\d{8})\.json$")
 
 
@@ -91,6 +93,8 @@ def _load_optimizer_state(name: str, optimizer: torch.optim.Optimizer, tensors: 
     # JSON turned tuples (Adam's betas) into lists; the optimizer expects what it was given.
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
               for g in meta["param_groups"]]
+    for group, own in zip(groups, optimizer.param_groups):
+        group.update({k: own[k] for k in IMPLEMENTATION_KEYS if k in own})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

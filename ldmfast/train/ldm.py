@@ -23,6 +23,7 @@ from ldmfast.models import ConditionalLDM, load_autoencoder
 from .config import ConfigError
 from .data import TrainBatches, build_datasets, validation_loader
 from .distributed import DistInfo, all_reduce_sum
+from . import optim
 from .ema import EMA
 from .latent_cache import WithLatents, cached_latents
 from .ldm_config import LDMTrainConfig
@@ -61,8 +62,7 @@ class LDMTrainer(StageTrainer):
                                     augment=augment, num_workers=c.data.num_workers)
         self.lr = c.optim.lr if c.optim.lr is not None else c.optim.base_lr * self.effective_batch
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.trainable, lr=self.lr, betas=c.optim.betas,
-                                     weight_decay=c.optim.weight_decay)
+        self.opt = optim.adamw(self.trainable, lr=self.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
         self.ema = EMA(self.model, t.ema_decay).to(self.device) if t.ema_decay > 0 else None
         self._finish_setup(resume)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index]

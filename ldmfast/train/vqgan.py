@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ldmfast.models import (VQGAN, PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, hinge_d_loss,
                             hinge_g_loss)
 
+from . import optim
 from .data import TrainBatches, build_datasets, validation_loader
 from .distributed import DistInfo, all_reduce_sum
 from .preview import reconstruction_grid, write_png_grey
@@ -64,9 +65,9 @@ class VQGANTrainer(StageTrainer):
         self.perceptual = (PerceptualLoss(c.loss.perceptual_weights).to(self.device)
                            if c.loss.perceptual_weight > 0 else None)
         self.lr = c.optim.lr if c.optim.lr is not None else c.optim.base_lr * self.effective_batch
-        self.opt_g = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=self.lr,
-                                      betas=c.optim.betas)
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.lr, betas=c.optim.betas)
+        self.opt_g = optim.adam([p for p in self.model.parameters() if p.requires_grad], lr=self.lr,
+                                betas=c.optim.betas)
+        self.opt_d = optim.adam(self.disc.parameters(), lr=self.lr, betas=c.optim.betas)
         self._finish_setup(resume)
         self.generator = (DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                   if self.device.type == "cuda" else None)
