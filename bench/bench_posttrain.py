@@ -12,7 +12,7 @@ four ways, side by side:
   decoder_unet_ckpt and UNet.gradient_checkpointing
 
     python bench/bench_posttrain.py                              # CPU: --config small
-    python bench/bench_posttrain.py --device cuda                # GPU: --config release, bf16
+    python bench/bench_posttrain.py --device cuda                # GPU: --config release, bf16, + batch 24 peaks
     python bench/bench_posttrain.py --device cuda --max-batch    # + the largest batch under 80 GiB
     python bench/bench_posttrain.py --threads 1 --cpu-time       # CPU time of one thread (shared machines)
 
@@ -210,6 +210,21 @@ def largest_batch(s: Setup, variant: str, limit: int = 1024) -> int:
 
 # ---- time ------------------------------------------------------------------------------------
 
+def linear_memory_model(at_b1: dict, at_b2: dict, b1: int, b2: int, cap_gib: float) -> dict:
+    """Peak memory is fixed (models, optimizer state, gradients) plus per-sample activations:
+    the slope between two batches gives the per-sample memory (whose ratio to naive's is the peak
+    ratio at large batches) and an estimate of the largest batch under the cap, without the
+    search's many steps at large batches."""
+    out = {}
+    for v in at_b1:
+        per_sample = (at_b2[v]["peak_MiB"] - at_b1[v]["peak_MiB"]) / (b2 - b1)
+        fixed = at_b1[v]["peak_MiB"] - b1 * per_sample
+        out[v] = {"per_sample_MiB": per_sample, "est_max_batch": int((cap_gib * 1024 - fixed) // per_sample)}
+    for v in out:
+        out[v]["per_sample_vs_naive"] = out[v]["per_sample_MiB"] / out["naive"]["per_sample_MiB"]
+    return out
+
+
 def alternating_min_ms(s: Setup, rounds: int, clock=time.perf_counter) -> dict[str, float]:
     """Milliseconds per step of each variant: the minimum over rounds that run all variants in turn.
     clock=time.thread_time counts this thread's CPU time only (one thread: the CPU autograd engine
@@ -238,6 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--cpu-time", action="store_true", help="time by this thread's CPU time (needs --threads 1)")
     p.add_argument("--max-batch", action="store_true", help="GPU: search the largest batch per variant")
+    p.add_argument("--scaling-batch", type=int, default=None,
+                   help="GPU: also measure peaks at this batch; per-sample memory and an estimated largest "
+                        "batch under --memory-cap-gib from the two (default: 4x --batch on GPU; 0: off)")
     p.add_argument("--memory-cap-gib", type=float, default=80.0, help="GPU memory the batch search may use")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--probe", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -254,11 +272,18 @@ def main(argv=None) -> int:
     if args.cpu_time and (on_gpu or torch.get_num_threads() != 1):
         p.error("--cpu-time measures one CPU thread: use it with --device cpu --threads 1")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    if args.scaling_batch is None:
+        args.scaling_batch = 4 * args.batch if on_gpu else 0
 
     s = Setup(args.config, args.batch, device, dtype)
     s.init_optimizer_state()
     memory = {v: cuda_memory(s, v) for v in VARIANTS} if on_gpu else cpu_memory(args)
     ms = alternating_min_ms(s, args.rounds, time.thread_time if args.cpu_time else time.perf_counter)
+    scaling = {}
+    if on_gpu and args.scaling_batch:
+        s.set_batch(args.scaling_batch)
+        scaling = linear_memory_model(memory, {v: cuda_memory(s, v) for v in VARIANTS}, args.batch,
+                                      args.scaling_batch, args.memory_cap_gib)
     max_batch = {}
     if on_gpu and args.max_batch:
         total = torch.cuda.get_device_properties(device).total_memory
@@ -275,12 +300,15 @@ def main(argv=None) -> int:
                "extra_vs_naive": memory[v]["extra_MiB"] / memory["naive"]["extra_MiB"]}
         if "fwdbwd_extra_MiB" in memory[v]:
             row["fwdbwd_extra_vs_naive"] = memory[v]["fwdbwd_extra_MiB"] / memory["naive"]["fwdbwd_extra_MiB"]
+        row.update(scaling.get(v, {}))
         if v in max_batch:
             row["max_batch"] = max_batch[v]
         rows.append(row)
     columns = ["variant", "config", "batch", "size", "dtype", "step_ms", "time_vs_naive", "peak_MiB",
                "peak_vs_naive", "extra_MiB", "extra_vs_naive"] + \
-        (["fwdbwd_extra_MiB", "fwdbwd_extra_vs_naive"] if on_gpu else []) + (["max_batch"] if max_batch else [])
+        (["fwdbwd_extra_MiB", "fwdbwd_extra_vs_naive"] if on_gpu else []) + \
+        (["per_sample_MiB", "per_sample_vs_naive", "est_max_batch"] if scaling else []) + \
+        (["max_batch"] if max_batch else [])
     print(f"post-training step on {common.device_tag(device)} ({torch.get_num_threads()} threads), "
           f"{args.config} config; memory: {'max_memory_allocated' if on_gpu else 'VmHWM of a fresh process'}")
     common.print_table(rows, columns)

@@ -37,10 +37,42 @@ def kernel_table(fn, reps: int) -> list[tuple[str, float, int]]:
     return sorted(rows, key=lambda r: -r[1])
 
 
+def host_overhead(reps: int = 2000) -> None:
+    """Microseconds per call on a tiny CUDA tensor (the GPU idles: this is host time), ours and
+    torch's, then where ours goes (cProfile, by own time)."""
+    import cProfile
+    import pstats
+    import time
+    x = torch.randn(2, 64, 4, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    wt = torch.randn(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    cases = {"ours fwd": lambda: ops.group_norm(x.detach(), 32, wt.detach(), b.detach(), 1e-5, "silu"),
+             "torch fwd": lambda: F.silu(F.group_norm(x.detach(), 32, wt.detach(), b.detach(), 1e-5)),
+             "ours fwd+bwd": lambda: torch.autograd.grad(ops.group_norm(x, 32, wt, b, 1e-5, "silu"), (x, wt, b), dy),
+             "torch fwd+bwd": lambda: torch.autograd.grad(F.silu(F.group_norm(x, 32, wt, b, 1e-5)), (x, wt, b), dy)}
+    for name, fn in cases.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        print(f"host: {name:>14}: {(time.perf_counter() - t0) / reps * 1e6:7.1f} us per call", flush=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        cases["ours fwd+bwd"]()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args()
+    host_overhead()
     for name, n, c, h, w, dtype, cl in CASES:
         fmt = torch.channels_last if cl else torch.contiguous_format
         x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).to(memory_format=fmt).requires_grad_()

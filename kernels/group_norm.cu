@@ -392,7 +392,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dx_kernel(
     const float sc = rstd[ng] * weight[c];
     const float sh = bias[c] - mean[ng] * sc;
     const float gv = db[k] * act_grad<kSilu>(xb[k] * sc + sh);
-    xb[k] = sc * gv + coef_b[ng] * xb[k] + coef_d[ng];
+    // (x - mean) before scaling: coef_b * x - coef_b * mean cancels when |mean| >> std.
+    xb[k] = sc * gv + coef_b[ng] * (xb[k] - mean[ng]) + coef_d[ng];
   }
   Loader<T, V>::store(dx, vi, xb);
 }
@@ -531,10 +532,10 @@ __global__ void __launch_bounds__(kThreads) bwd_combine_kernel(const float* part
   ga = block_sum<double>(ga, scratch);
   gb = block_sum<double>(gb, scratch);
   if (threadIdx.x == 0) {
-    const double rs = rstd[ng], mu = mean[ng], inv_m = 1.0 / static_cast<double>(p.m);
+    const double rs = rstd[ng], inv_m = 1.0 / static_cast<double>(p.m);
     const double cb = -rs * rs * gb * inv_m;
     ws.coef_b[ng] = static_cast<float>(cb);
-    ws.coef_d[ng] = static_cast<float>(-rs * ga * inv_m - mu * cb);
+    ws.coef_d[ng] = static_cast<float>(-rs * ga * inv_m);
   }
 }
 
@@ -555,13 +556,37 @@ __global__ void __launch_bounds__(kThreads) bwd_weight_grads_kernel(Workspace ws
 
 unsigned blocks_for(int64_t work, int threads) { return static_cast<unsigned>(ceil_div(work, threads)); }
 
+constexpr int kMaxDevices = 64;
+
+int current_device() {
+  int device = 0;
+  return cudaGetDevice(&device) == cudaSuccess && device >= 0 && device < kMaxDevices ? device : -1;
+}
+
+// Per device, asked once (a driver query on every launch cost host time at small sizes).
 int max_dynamic_smem() {
-  int device = 0, bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+  static int cached[kMaxDevices] = {};
+  const int device = current_device();
+  if (device >= 0 && cached[device] > 0) return cached[device];
+  int bytes = 0;
+  if (device < 0 || cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
     return 48 * 1024;
   }
-  return bytes - 1024;  // room for the kernels' static shared memory
+  cached[device] = bytes - 1024;  // room for the kernels' static shared memory
+  return cached[device];
+}
+
+// Lets `kernel` use all of the device's dynamic shared memory, once per device: `done` is the
+// caller's per-kernel record (a static of the launcher's instantiation; several kernels share a
+// function-pointer type, so it cannot live here).
+template <typename Kernel>
+cudaError_t allow_max_dynamic_smem(Kernel kernel, bool (&done)[kMaxDevices]) {
+  const int device = current_device();
+  if (device >= 0 && done[device]) return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem());
+  if (err == cudaSuccess && device >= 0) done[device] = true;
+  return err;
 }
 
 // Whether 16-byte vectors can be used: sizes let no vector straddle a channel (contiguous) or a
@@ -579,8 +604,8 @@ cudaError_t forward_launch(const T* x, const float* w, const float* b, T* y, flo
   const size_t group_bytes = static_cast<size_t>(p.m) * sizeof(T);
   if (!p.cl && group_bytes <= static_cast<size_t>(max_dynamic_smem())) {
     auto kernel = fwd_fused_kernel<T, kSilu, V>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(group_bytes));
+    static bool allowed[kMaxDevices] = {};
+    const cudaError_t err = allow_max_dynamic_smem(kernel, allowed);
     if (err != cudaSuccess) return err;
     kernel<<<static_cast<unsigned>(p.n * p.groups), kFusedThreads, group_bytes, stream>>>(
         x, w, b, y, mean, rstd, p.m, p.s, p.cg, p.groups, eps);

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import ldmfast.ops as ops
-from numerics import BACKEND_CASES, assert_matches, split_case
+from numerics import BACKEND_CASES, FP32_TOL, assert_matches, split_case
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -66,6 +66,27 @@ def float64_reference(x, num_groups, w, b, dy, activation, eps=1e-5):
     return y.detach(), [None if t is None else t.grad for t in leaves]
 
 
+def dx_conditioning(x, num_groups, w, b, dy, activation, dx_ref, eps=1e-5) -> float:
+    """How much dx cancels: ||rstd * w * dL/dz|| (the size of the terms the backward combines)
+    over ||dx||. dx is dL/dz projected off each group's mean and xhat; on a group of 3 elements
+    that projection can leave a small remainder, whose float32 relative error is then large for
+    plain torch too (both exceed 1e-5 on ~1% of random inputs); relative to the terms, ours stays
+    under 4e-6 (3000 draws)."""
+    x64 = x.detach().double()
+    ones = torch.ones(x.shape[1], dtype=torch.float64, device=x.device)
+    w64 = ones if w is None else w.detach().double()
+    z = F.group_norm(x64, num_groups, w64, None if b is None else b.detach().double(), eps)
+    g = dy.double()
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        g = g * s * (1 + z * (1 - s))
+    xg = x64.reshape(x.shape[0], num_groups, -1)
+    rstd = (xg.var(-1, unbiased=False) + eps).rsqrt()
+    rstd = rstd.repeat_interleave(x.shape[1] // num_groups, dim=1).reshape((x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2))
+    terms = (rstd * g * w64.reshape((1, -1) + (1,) * (x.dim() - 2))).norm().item()
+    return max(1.0, terms / max(dx_ref.norm().item(), 1e-300))
+
+
 def run_op(backend, x, num_groups, w, b, dy, activation, eps=1e-5):
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b)]
     with ops.use_backend(backend), ops.poison_outputs():
@@ -92,7 +113,8 @@ def check_all(backend, x, num_groups, w, b, dy, activation, eps=1e-5):
         if t is None:
             continue
         assert got is not None and got.dtype == t.dtype, f"{name}: missing or wrong dtype"
-        assert_matches(got, want, dtype, name)
+        cond = dx_conditioning(x, num_groups, w, b, dy, activation, want, eps) if name == "dx" else 1.0
+        assert_matches(got, want, dtype, name, fp32_tol=FP32_TOL * cond)
     return y, grads
 
 

@@ -166,9 +166,10 @@ struct BwdArgs {
   double* partial;  // [n][chunks][2][c]
   float* scale;     // [n][c] forward affine: z = x * scale + shift
   float* shift;
-  float* ca;        // [n][c] dx = ca * g + cb * x + cd
+  float* ca;        // [n][c] dx = ca * g + cb * (x - mu) + cd
   float* cb;
   float* cd;
+  float* mu;        // [n][c] the mean of the channel's group
 };
 
 void finish_stats(double s1, double s2, double count, float k, float eps, float* mean, float* rstd) {
@@ -340,8 +341,9 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
   }
   const double inv_m = 1.0 / static_cast<double>(m);
   const float cb = static_cast<float>(-static_cast<double>(rstd) * rstd * gb * inv_m);
-  const float cd = static_cast<float>(-static_cast<double>(rstd) * ga * inv_m -
-                                      static_cast<double>(mean) * cb);
+  // dx = ca * g + cb * (x - mean) + cd: x - mean first, as cb * x - cb * mean cancels when
+  // |mean| >> std.
+  const float cd = static_cast<float>(-static_cast<double>(rstd) * ga * inv_m);
   for (int64_t j = 0; j < z.cg; ++j) {
     const int64_t c = g * z.cg + j;
     const float sc = rstd * a.weight[c];
@@ -354,13 +356,13 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
       if (gbuf) {
         const float* __restrict gin = gbuf + j * z.s + off;
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) ov[i] = from_float<Stage<T>>(ca * gin[i] + cb * to_float(xv[i]) + cd);
+        for (int64_t i = 0; i < len; ++i) ov[i] = from_float<Stage<T>>(ca * gin[i] + cb * (to_float(xv[i]) - mean) + cd);
       } else {
         const auto* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
           const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
-          ov[i] = from_float<Stage<T>>(ca * gv + cb * to_float(xv[i]) + cd);
+          ov[i] = from_float<Stage<T>>(ca * gv + cb * (to_float(xv[i]) - mean) + cd);
         }
       }
       flush_out<T, kAvx2>(xb, dxg + j * z.s + off, len);
@@ -425,6 +427,7 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
   const float* __restrict ca = a.ca + n * z.c;
   const float* __restrict cb = a.cb + n * z.c;
   const float* __restrict cd = a.cd + n * z.c;
+  const float* __restrict mu = a.mu + n * z.c;
   std::vector<float> xbuf(z.c), dbuf(z.c);
   float* __restrict xb = xbuf.data();
   float* __restrict db = dbuf.data();
@@ -435,7 +438,7 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
 #pragma omp simd
     for (int64_t c = 0; c < z.c; ++c) {
       const float gv = to_float(dv[c]) * act_grad<kSilu>(to_float(xv[c]) * sc[c] + sh[c]);
-      ov[c] = from_float<Stage<T>>(ca[c] * gv + cb[c] * to_float(xv[c]) + cd[c]);
+      ov[c] = from_float<Stage<T>>(ca[c] * gv + cb[c] * (to_float(xv[c]) - mu[c]) + cd[c]);
     }
     flush_out<T, kAvx2>(xb, dxn + r * z.c, z.c);
   }
@@ -553,13 +556,14 @@ void backward_typed(BwdArgs& a, float* dweight, float* dbias, bool channels_last
     split_rows(z, num_threads, &a.chunks, &a.rows_per_chunk);
     const size_t nc = static_cast<size_t>(z.n * z.c);
     std::vector<double> partial(static_cast<size_t>(z.n * a.chunks * 2 * z.c));
-    std::vector<float> scale(nc), shift(nc), ca(nc), cb(nc), cd(nc);
+    std::vector<float> scale(nc), shift(nc), ca(nc), cb(nc), cd(nc), mu(nc);
     a.partial = partial.data();
     a.scale = scale.data();
     a.shift = shift.data();
     a.ca = ca.data();
     a.cb = cb.data();
     a.cd = cd.data();
+    a.mu = mu.data();
     for (int64_t n = 0; n < z.n; ++n) {
       for (int64_t c = 0; c < z.c; ++c) {
         const int64_t ng = n * z.groups + c / z.cg;
@@ -592,12 +596,13 @@ void backward_typed(BwdArgs& a, float* dweight, float* dbias, bool channels_last
         }
         const double rstd = a.rstd[n * z.groups + g], mean = a.mean[n * z.groups + g];
         const float cbv = static_cast<float>(-rstd * rstd * gb * inv_m);
-        const float cdv = static_cast<float>(-rstd * ga * inv_m - mean * cbv);
+        const float cdv = static_cast<float>(-rstd * ga * inv_m);
         for (int64_t j = 0; j < z.cg; ++j) {
           const int64_t c = g * z.cg + j;
           a.ca[n * z.c + c] = static_cast<float>(rstd * a.weight[c]);
           a.cb[n * z.c + c] = cbv;
           a.cd[n * z.c + c] = cdv;
+          a.mu[n * z.c + c] = static_cast<float>(mean);
         }
       }
     }

@@ -53,7 +53,9 @@ def ptr(t: torch.Tensor | None) -> int:
 
 
 def cuda_stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+    """The raw handle of the current CUDA stream of t's device (the call Triton's launcher makes:
+    no Stream object is built, a few microseconds less per launch)."""
+    return torch._C._cuda_getCurrentRawStream(t.device.index)
 
 
 # ---- output allocation and layouts ------------------------------------------------------------

@@ -137,6 +137,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale, ctx.backend = scale, backend
+    ctx.set_materialize_grads(False)  # lse's gradient is never used: no zero-filled tensor for it
 
 
 def _backward(ctx, dout, _dlse):

@@ -258,6 +258,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.num_groups, ctx.activation, ctx.backend = num_groups, activation, backend
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of mean and rstd (two launches)
 
 
 def _backward(ctx, grad_y, grad_mean, grad_rstd):

@@ -147,7 +147,7 @@ def _bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, gsum
     ga = tl.load(gsum_ptr + (n * 2) * G + g)      # sum over the group of weight * g
     gb = tl.load(gsum_ptr + (n * 2 + 1) * G + g)  # sum over the group of weight * g * xhat
     cb = -rstd * rstd * gb / count
-    cd = -rstd * ga / count - mean * cb
+    cd = -rstd * ga / count  # dx = sc * g + cb * (x - mean) + cd: cb * x - cb * mean would cancel
     s_begin = q * rows_per_chunk
     s_end = tl.minimum(s_begin + rows_per_chunk, S)
     for c0 in range(0, CG, BLOCK_C):
@@ -164,7 +164,7 @@ def _bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, gsum
             v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             gv = _act_grad(dy, v * sc[:, None] + sh[:, None], SILU)
-            dx = sc[:, None] * gv + cb * v + cd
+            dx = sc[:, None] * gv + cb * (v - mean) + cd
             tl.store(dx_ptr + idx, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
