@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include <omp.h>
@@ -72,15 +73,60 @@ void load_rows(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t 
   }
 }
 
-// The same block transposed: dst[d * kBlockN + r].
+// The strip layout of accumulate's m operand, for a block of `rows` rows in a buffer of `height`
+// rows: dst[(d / kCols) * height * kCols + r * kCols + d % kCols]. The micro-kernel then reads the
+// kCols values of one row as one contiguous run and the next row's right after (in [r][ld] rows
+// they sat padded(dim) floats apart: at head dim 512, a new 2 KB-strided pair of lines per step).
+template <typename T>
+void load_rows_packed(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t dim,
+                      float* dst, int64_t height) {
+  const T* base = static_cast<const T*>(t.ptr) + b * t.stride[0] + h * t.stride[1];
+  for (int64_t d0 = 0; d0 < dim; d0 += kCols) {
+    const int64_t dn = std::min<int64_t>(kCols, dim - d0);
+    float* strip = dst + d0 * height;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* src = base + (row0 + r) * t.stride[2] + d0 * t.stride[3];
+      float* out = strip + r * kCols;
+      for (int64_t j = 0; j < dn; ++j) out[j] = to_float(src[j * t.stride[3]]);
+    }
+  }
+}
+
+// The same layout from fp32 rows [r][padded(dim)] (a query tile also used row by row).
+void pack_strips(const float* src, int64_t rows, int64_t dim, float* dst, int64_t height) {
+  const int64_t ld = padded(dim);
+  for (int64_t d0 = 0; d0 < ld; d0 += kCols) {
+    float* strip = dst + d0 * height;
+    for (int64_t r = 0; r < rows; ++r) {
+      store8(strip + r * kCols, load8(src + r * ld + d0));
+      store8(strip + r * kCols + kLanes, load8(src + r * ld + d0 + kLanes));
+    }
+  }
+}
+
+// The same block transposed, in strips of kCols rows (the micro-kernel's columns):
+// dst[(r / kCols) * dim * kCols + d * kCols + r % kCols]. The micro-kernel then reads the kCols
+// values of one d as one contiguous run (a plain [d][kBlockN] transpose made it stride through a
+// 512-byte row per d: at head dim 512 the loads waited on L2), and this loop writes whole runs
+// (a scatter of single floats 512 bytes apart cost 8 ms per head of 2688 x 512).
 template <typename T>
 void load_rows_transposed(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t dim,
                           float* dst) {
   const T* base = static_cast<const T*>(t.ptr) + b * t.stride[0] + h * t.stride[1];
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* src = base + (row0 + r) * t.stride[2];
-    for (int64_t d = 0; d < dim; ++d) dst[d * kBlockN + r] = to_float(src[d * t.stride[3]]);
+  for (int64_t r0 = 0; r0 < rows; r0 += kCols) {
+    const int64_t rn = std::min<int64_t>(kCols, rows - r0);
+    const T* src = base + (row0 + r0) * t.stride[2];
+    float* strip = dst + r0 * dim;
+    for (int64_t d = 0; d < dim; ++d) {
+      float* out = strip + d * kCols;
+      for (int64_t j = 0; j < rn; ++j) out[j] = to_float(src[j * t.stride[2] + d * t.stride[3]]);
+    }
   }
+}
+
+// Start of the kCols values of column block j0 (a multiple of kCols) at depth d in such a strip.
+inline const float* strip_at(const float* bt, int64_t j0, int64_t d, int64_t dim) {
+  return bt + j0 * dim + d * kCols;
 }
 
 template <typename T>
@@ -95,15 +141,17 @@ void store_rows(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t
   }
 }
 
-// s[r * kBlockN + j] = sum_d a[r * ld + d] * bt[d * kBlockN + j] for r < rows, j < keys. Rows past
-// `rows` and columns past `keys` are computed from stale buffer contents and not stored.
+// s[r * kBlockN + j] = sum_d a[r * ld + d] * bt(d, j) for r < rows, j < keys, bt in the strips of
+// load_rows_transposed. Rows past `rows` and columns past `keys` are computed from stale buffer
+// contents and not stored.
 void rows_times_transposed(const float* a, const float* bt, float* s, int64_t rows, int64_t keys, int64_t dim) {
   const int64_t ld = padded(dim);
   for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
     for (int64_t j0 = 0; j0 < keys; j0 += kCols) {
       vec8 acc[kRows][2] = {};
       for (int64_t d = 0; d < dim; ++d) {
-        const vec8 lo = load8(bt + d * kBlockN + j0), hi = load8(bt + d * kBlockN + j0 + kLanes);
+        const float* col = strip_at(bt, j0, d, dim);
+        const vec8 lo = load8(col), hi = load8(col + kLanes);
         for (int r = 0; r < kRows; ++r) {
           const float ad = a[(r0 + r) * ld + d];
           acc[r][0] += ad * lo;
@@ -127,18 +175,20 @@ void rows_times_transposed(const float* a, const float* bt, float* s, int64_t ro
   }
 }
 
-// acc[o * ld + d] += sum_i w[o * w_outer + i * w_inner] * m[i * ld + d] for o < outer, i < inner,
-// over all padded columns d (padding stays 0 + 0 * 0). The four weighted sums of attention:
+// acc[o * ld + d] += sum_i w[o * w_outer + i * w_inner] * m(i, d) for o < outer, i < inner, over
+// all padded columns d, m in the strips of load_rows_packed (m_height rows). Padding columns of acc
+// get whatever the padding of m holds and are never stored. The four weighted sums of attention:
 // out += p v, dq += ds k (w row-major), dv += p^T do, dk += ds^T q (w transposed).
-void accumulate(const float* w, int64_t w_outer, int64_t w_inner, const float* m, float* acc, int64_t outer,
-                int64_t inner, int64_t dim) {
+void accumulate(const float* w, int64_t w_outer, int64_t w_inner, const float* m, int64_t m_height, float* acc,
+                int64_t outer, int64_t inner, int64_t dim) {
   const int64_t ld = padded(dim);
   for (int64_t o0 = 0; o0 < outer; o0 += kRows) {
     const int64_t on = std::min<int64_t>(kRows, outer - o0);
     for (int64_t d0 = 0; d0 < ld; d0 += kCols) {
       vec8 c[kRows][2] = {};
+      const float* strip = m + d0 * m_height;
       for (int64_t i = 0; i < inner; ++i) {
-        const vec8 lo = load8(m + i * ld + d0), hi = load8(m + i * ld + d0 + kLanes);
+        const vec8 lo = load8(strip + i * kCols), hi = load8(strip + i * kCols + kLanes);
         for (int o = 0; o < kRows; ++o) {
           // Weights past `outer` are stale but finite, and their rows are not stored.
           const float wv = w[(o0 + o) * w_outer + i * w_inner];
@@ -155,104 +205,168 @@ void accumulate(const float* w, int64_t w_outer, int64_t w_inner, const float* m
   }
 }
 
+// At least n floats of this thread's buffer `pool`, kept from call to call: a fresh allocation per
+// call (11 MB per thread for 2688 keys at head dim 512) paid its page faults and zeroing each time,
+// 4-7 ms of a 12 ms call with one query tile. Stale contents are finite values of earlier calls;
+// every product reads only the elements it writes for (padding and rows past the last key feed
+// only outputs that are not stored).
+float* thread_pool(std::vector<float>& pool, int64_t n) {
+  if (static_cast<int64_t>(pool.size()) < n) pool.resize(static_cast<size_t>(n));
+  return pool.data();
+}
+
+thread_local std::vector<float> tls_kt, tls_v, tls_k, tls_parts;
+
 // One head's keys and values in fp32, converted once per head rather than once per query tile
 // (the conversion, a transposing scatter for k, cost as much as the products at small head dims):
-// k transposed per key tile (kt(key0)[d * kBlockN + j]), v (or k) as padded rows. Memory grows
-// linearly with Lk, per thread.
+// k transposed per key tile (strips, as load_rows_transposed writes them), v (or k) in the strips
+// of load_rows_packed.
+// Memory grows linearly with Lk, per thread, and stays with the thread (one HeadKeys per thread at
+// a time: it uses the thread's buffers).
 class HeadKeys {
  public:
-  HeadKeys(int64_t lk, int64_t dim, bool with_k_rows)
-      : lk_(lk), dim_(dim), ld_(padded(dim)), tiles_((lk + kBlockN - 1) / kBlockN),
-        kt_(tiles_ * dim * kBlockN), v_(tiles_ * kBlockN * ld_), k_(with_k_rows ? tiles_ * kBlockN * ld_ : 0) {}
+  // In this thread's buffers.
+  HeadKeys(int64_t lk, int64_t dim, bool with_k_rows) : HeadKeys(lk, dim) {
+    kt_ = thread_pool(tls_kt, tiles_ * dim * kBlockN);
+    v_ = thread_pool(tls_v, tiles_ * kBlockN * ld_);
+    k_ = with_k_rows ? thread_pool(tls_k, tiles_ * kBlockN * ld_) : nullptr;
+  }
+  // In the calling thread's buffers, for a team of threads to fill together (load_tile) and share:
+  // where there are fewer heads than threads, each head is converted once instead of once per thread.
+  static HeadKeys shared(int64_t lk, int64_t dim, bool with_k_rows) { return HeadKeys(lk, dim, with_k_rows); }
+
+  int64_t tiles() const { return tiles_; }
+
+  // Converts key tile `tile` of head (b, h).
+  template <typename T>
+  void load_tile(const TensorRef4& k, const TensorRef4& v, int64_t b, int64_t h, int64_t tile, bool v_transposed) {
+    const int64_t key0 = tile * kBlockN, keys = std::min(kBlockN, lk_ - key0);
+    load_rows_transposed<T>(k, b, h, key0, keys, dim_, kt_ + key0 * dim_);
+    if (v_transposed) {
+      load_rows_transposed<T>(v, b, h, key0, keys, dim_, v_ + key0 * ld_);
+    } else {
+      load_rows_packed<T>(v, b, h, key0, keys, dim_, v_ + key0 * ld_, kBlockN);
+    }
+    if (k_ != nullptr) load_rows_packed<T>(k, b, h, key0, keys, dim_, k_ + key0 * ld_, kBlockN);
+  }
 
   // Converts head (b, h) unless it is the one held; `id` names it (b * heads + h).
   template <typename T>
   void load(const TensorRef4& k, const TensorRef4& v, int64_t b, int64_t h, int64_t id, bool v_transposed = false) {
     if (id == held_) return;
-    for (int64_t key0 = 0; key0 < lk_; key0 += kBlockN) {
-      const int64_t keys = std::min(kBlockN, lk_ - key0);
-      load_rows_transposed<T>(k, b, h, key0, keys, dim_, kt_.data() + key0 * dim_);
-      if (v_transposed) {
-        load_rows_transposed<T>(v, b, h, key0, keys, dim_, v_.data() + key0 * ld_);
-      } else {
-        load_rows<T>(v, b, h, key0, keys, dim_, v_.data() + key0 * ld_);
-      }
-      if (!k_.empty()) load_rows<T>(k, b, h, key0, keys, dim_, k_.data() + key0 * ld_);
-    }
+    for (int64_t tile = 0; tile < tiles_; ++tile) load_tile<T>(k, v, b, h, tile, v_transposed);
     held_ = id;
   }
-  const float* kt(int64_t key0) const { return kt_.data() + key0 * dim_; }
-  const float* v(int64_t key0) const { return v_.data() + key0 * ld_; }  // v rows, or v^T per tile
-  const float* k(int64_t key0) const { return k_.data() + key0 * ld_; }
+  const float* kt(int64_t key0) const { return kt_ + key0 * dim_; }
+  const float* v(int64_t key0) const { return v_ + key0 * ld_; }  // v packed, or v^T, per tile
+  const float* k(int64_t key0) const { return k_ + key0 * ld_; }  // k packed per tile
 
  private:
+  HeadKeys(int64_t lk, int64_t dim) : lk_(lk), dim_(dim), ld_(padded(dim)), tiles_((lk + kBlockN - 1) / kBlockN) {}
+
   int64_t lk_, dim_, ld_, tiles_, held_ = -1;
-  std::vector<float> kt_, v_, k_;
+  float *kt_, *v_, *k_;
 };
+
+// A thread's buffers for the forward's query tiles.
+struct ForwardScratch {
+  explicit ForwardScratch(int64_t dim)
+      : ld(padded(dim)), qb(kBlockM * ld), acc(kBlockM * ld), sc(kScoreTile), m(kBlockM), l(kBlockM) {}
+  int64_t ld;
+  std::vector<float> qb, acc, sc, m, l;
+};
+
+// Rows row0.. of head bh's output and log-sum-exp: online softmax over the key tiles of `head`.
+template <typename T>
+void forward_query_tile(const TensorRef4& q, const TensorRef4& out, float* lse, const AttentionShape& s,
+                        int64_t bh, int64_t row0, const HeadKeys& head, ForwardScratch& w) {
+  const int64_t dim = s.dim, ld = w.ld, b = bh / s.heads, h = bh % s.heads;
+  const int64_t rows = std::min(kBlockM, s.lq - row0);
+  load_rows<T>(q, b, h, row0, rows, dim, w.qb.data());
+  std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+  std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
+  std::fill(w.l.begin(), w.l.end(), 0.0f);
+  float* m = w.m.data();
+  float* l = w.l.data();
+  for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
+    const int64_t keys = std::min(kBlockN, s.lk - key0);
+    rows_times_transposed(w.qb.data(), head.kt(key0), w.sc.data(), rows, keys, dim);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* srow = w.sc.data() + r * kBlockN;
+      float tile_max = -std::numeric_limits<float>::infinity();
+      // reduction(max) lets the compiler vectorize it (a plain float max loop stays scalar
+      // without -ffast-math: 8% of the forward at head dim 32).
+#pragma omp simd reduction(max : tile_max)
+      for (int64_t j = 0; j < keys; ++j) tile_max = std::max(tile_max, srow[j] * s.scale);
+      const float m_new = std::max(m[r], tile_max);
+      const float alpha = exp_approx(m[r] - m_new);  // exp(-inf) -> 0 on the first tile
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < keys; ++j) {
+        srow[j] = exp_approx(srow[j] * s.scale - m_new);
+        sum += srow[j];
+      }
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+      float* arow = w.acc.data() + r * ld;
+#pragma omp simd
+      for (int64_t d = 0; d < ld; ++d) arow[d] *= alpha;
+    }
+    accumulate(w.sc.data(), kBlockN, 1, head.v(key0), kBlockN, w.acc.data(), rows, keys, dim);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    lse[bh * s.lq + row0 + r] = m[r] + std::log(l[r]);
+    l[r] = 1.0f / l[r];
+  }
+  store_rows<T>(out, b, h, row0, rows, dim, w.acc.data(), l, 1.0f);
+}
 
 template <typename T>
 void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v, const TensorRef4& out, float* lse,
                    const AttentionShape& s, int num_threads) {
-  const int64_t dim = s.dim, q_blocks = (s.lq + kBlockM - 1) / kBlockM;
-  const int64_t items = s.batch * s.heads * q_blocks;
-#pragma omp parallel num_threads(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)))
-  {
-    const int64_t ld = padded(dim);
-    std::vector<float> qb(kBlockM * ld), acc(kBlockM * ld);
-    std::vector<float> sc(kScoreTile), m(kBlockM), l(kBlockM);
-    HeadKeys head(s.lk, dim, false);
+  const int64_t bhs = s.batch * s.heads, q_blocks = (s.lq + kBlockM - 1) / kBlockM;
+  const int64_t items = bhs * q_blocks;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
+  if (bhs >= threads) {
+    // Many heads: each thread converts the heads of its own query tiles (consecutive tiles share one).
+#pragma omp parallel num_threads(threads)
+    {
+      ForwardScratch w(s.dim);
+      HeadKeys head(s.lk, s.dim, false);
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t bh = item / q_blocks, b = bh / s.heads, h = bh % s.heads;
-      const int64_t row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
-      head.load<T>(k, v, b, h, bh);
-      load_rows<T>(q, b, h, row0, rows, dim, qb.data());
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.0f);
-      for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
-        const int64_t keys = std::min(kBlockN, s.lk - key0);
-        const float* kt = head.kt(key0);
-        const float* vb = head.v(key0);
-        rows_times_transposed(qb.data(), kt, sc.data(), rows, keys, dim);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* srow = sc.data() + r * kBlockN;
-          float tile_max = -std::numeric_limits<float>::infinity();
-          // reduction(max) lets the compiler vectorize it (a plain float max loop stays scalar
-          // without -ffast-math: 8% of the forward at head dim 32).
-#pragma omp simd reduction(max : tile_max)
-          for (int64_t j = 0; j < keys; ++j) tile_max = std::max(tile_max, srow[j] * s.scale);
-          const float m_new = std::max(m[r], tile_max);
-          const float alpha = exp_approx(m[r] - m_new);  // exp(-inf) -> 0 on the first tile
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < keys; ++j) {
-            srow[j] = exp_approx(srow[j] * s.scale - m_new);
-            sum += srow[j];
-          }
-          l[r] = l[r] * alpha + sum;
-          m[r] = m_new;
-          float* arow = acc.data() + r * ld;
-#pragma omp simd
-          for (int64_t d = 0; d < ld; ++d) arow[d] *= alpha;
-        }
-        accumulate(sc.data(), kBlockN, 1, vb, acc.data(), rows, keys, dim);
+      for (int64_t item = 0; item < items; ++item) {
+        const int64_t bh = item / q_blocks;
+        head.load<T>(k, v, bh / s.heads, bh % s.heads, bh);
+        forward_query_tile<T>(q, out, lse, s, bh, (item % q_blocks) * kBlockM, head, w);
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        lse[bh * s.lq + row0 + r] = m[r] + std::log(l[r]);
-        l[r] = 1.0f / l[r];
-      }
-      store_rows<T>(out, b, h, row0, rows, dim, acc.data(), l.data(), 1.0f);
+    }
+    return;
+  }
+  // Fewer heads than threads (the VQGAN's one-head middle block): one head at a time, its keys
+  // converted by the team together, its query tiles split among the threads.
+  HeadKeys head = HeadKeys::shared(s.lk, s.dim, false);
+#pragma omp parallel num_threads(threads)
+  {
+    ForwardScratch w(s.dim);
+    for (int64_t bh = 0; bh < bhs; ++bh) {
+#pragma omp for schedule(static)
+      for (int64_t tile = 0; tile < head.tiles(); ++tile) head.load_tile<T>(k, v, bh / s.heads, bh % s.heads, tile, false);
+      // (barrier: the keys are complete)
+#pragma omp for schedule(static)
+      for (int64_t qt = 0; qt < q_blocks; ++qt) forward_query_tile<T>(q, out, lse, s, bh, qt * kBlockM, head, w);
+      // (barrier: nobody reads this head's keys once the next head's conversion starts)
     }
   }
 }
 
 // One (query tile, key tile) pair of the backward: p = exp(scale q.k - lse), ds = p * (do.v - delta),
 // then dv += p^T do, dk += ds^T q (key rows of dk_acc, dv_acc) and dq += ds k (query rows of dq_acc).
-// kt, vt: the key tile's k and v transposed; kb: its k rows.
-void tile_pair_backward(const float* qb, const float* dob, const float* kt, const float* vt, const float* kb,
-                        const float* lse, const float* delta, float* p, float* ds, float* dk_acc, float* dv_acc,
-                        float* dq_acc, int64_t rows, int64_t keys, int64_t dim, float scale) {
+// qb, dob: the query tile's q and do rows, qp, dop: the same packed (kBlockM high); kt, vt: the key
+// tile's k and v transposed; kp: its k packed.
+void tile_pair_backward(const float* qb, const float* dob, const float* qp, const float* dop, const float* kt,
+                        const float* vt, const float* kp, const float* lse, const float* delta, float* p, float* ds,
+                        float* dk_acc, float* dv_acc, float* dq_acc, int64_t rows, int64_t keys, int64_t dim,
+                        float scale) {
   rows_times_transposed(qb, kt, p, rows, keys, dim);
   rows_times_transposed(dob, vt, ds, rows, keys, dim);
   for (int64_t r = 0; r < rows; ++r) {
@@ -264,9 +378,9 @@ void tile_pair_backward(const float* qb, const float* dob, const float* kt, cons
       dsrow[j] = prow[j] * (dsrow[j] - delta[r]);
     }
   }
-  accumulate(p, 1, kBlockN, dob, dv_acc, keys, rows, dim);    // dv += p^T do
-  accumulate(ds, 1, kBlockN, qb, dk_acc, keys, rows, dim);    // dk += ds^T q
-  accumulate(ds, kBlockN, 1, kb, dq_acc, rows, keys, dim);    // dq += ds k
+  accumulate(p, 1, kBlockN, dop, kBlockM, dv_acc, keys, rows, dim);  // dv += p^T do
+  accumulate(ds, 1, kBlockN, qp, kBlockM, dk_acc, keys, rows, dim);  // dk += ds^T q
+  accumulate(ds, kBlockN, 1, kp, kBlockN, dq_acc, rows, keys, dim);  // dq += ds k
 }
 
 template <typename T>
@@ -281,11 +395,14 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
   // Fewer heads than threads: each thread's partial dk and dv over the whole key range.
   const int parts_threads = bhs < threads ? threads : 0;
   const int64_t part_len = k_blocks * kBlockN * padded(dim);  // floats of one partial (dk or dv)
-  std::vector<float> dkdv_parts(static_cast<size_t>(parts_threads) * 2 * part_len);
+  // The calling thread's buffers (see thread_pool): the partials, and the keys the team shares.
+  float* dkdv_parts = parts_threads ? thread_pool(tls_parts, parts_threads * 2 * part_len) : nullptr;
+  std::optional<HeadKeys> shared_head;
+  if (parts_threads) shared_head.emplace(HeadKeys::shared(s.lk, dim, true));
 #pragma omp parallel num_threads(threads)
   {
     const int64_t ld = padded(dim);
-    std::vector<float> ob(kBlockM * ld), dob(kBlockM * ld), qb(kBlockM * ld);
+    std::vector<float> ob(kBlockM * ld), dob(kBlockM * ld), qb(kBlockM * ld), dop(kBlockM * ld), qp(kBlockM * ld);
     std::vector<float> p(kScoreTile), ds(kScoreTile);
     std::vector<float> acc_a(std::max(kBlockM, kBlockN) * ld), acc_b(kBlockN * ld);
 #pragma omp for schedule(static)
@@ -306,26 +423,32 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
       // products per pair, where separate dk/dv and dq passes would take seven.
       const int64_t rows_alloc = q_blocks * kBlockM;
       std::vector<float> q_head(rows_alloc * ld), do_head(rows_alloc * ld), dq_head(rows_alloc * ld),
-          kt(dim * kBlockN), vt(dim * kBlockN), kb(kBlockN * ld);
+          q_packed(rows_alloc * ld), do_packed(rows_alloc * ld), kt(dim * kBlockN), vt(dim * kBlockN),
+          kp(kBlockN * ld);
 #pragma omp for schedule(static)
       for (int64_t bh = 0; bh < bhs; ++bh) {
         const int64_t b = bh / s.heads, h = bh % s.heads;
         load_rows<T>(q, b, h, 0, s.lq, dim, q_head.data());
         load_rows<T>(dout, b, h, 0, s.lq, dim, do_head.data());
+        for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {  // packed per query tile
+          const int64_t rows = std::min(kBlockM, s.lq - row0);
+          pack_strips(q_head.data() + row0 * ld, rows, dim, q_packed.data() + row0 * ld, kBlockM);
+          pack_strips(do_head.data() + row0 * ld, rows, dim, do_packed.data() + row0 * ld, kBlockM);
+        }
         std::fill(dq_head.begin(), dq_head.end(), 0.0f);
         for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
           const int64_t keys = std::min(kBlockN, s.lk - key0);
           load_rows_transposed<T>(k, b, h, key0, keys, dim, kt.data());
           load_rows_transposed<T>(v, b, h, key0, keys, dim, vt.data());
-          load_rows<T>(k, b, h, key0, keys, dim, kb.data());
+          load_rows_packed<T>(k, b, h, key0, keys, dim, kp.data(), kBlockN);
           std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dk
           std::fill(acc_b.begin(), acc_b.end(), 0.0f);  // dv
           for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
             const int64_t rows = std::min(kBlockM, s.lq - row0);
-            tile_pair_backward(q_head.data() + row0 * ld, do_head.data() + row0 * ld, kt.data(), vt.data(),
-                               kb.data(), lse + bh * s.lq + row0, delta.data() + bh * s.lq + row0, p.data(),
-                               ds.data(), acc_a.data(), acc_b.data(), dq_head.data() + row0 * ld, rows, keys,
-                               dim, s.scale);
+            tile_pair_backward(q_head.data() + row0 * ld, do_head.data() + row0 * ld, q_packed.data() + row0 * ld,
+                               do_packed.data() + row0 * ld, kt.data(), vt.data(), kp.data(),
+                               lse + bh * s.lq + row0, delta.data() + bh * s.lq + row0, p.data(), ds.data(),
+                               acc_a.data(), acc_b.data(), dq_head.data() + row0 * ld, rows, keys, dim, s.scale);
           }
           store_rows<T>(dk, b, h, key0, keys, dim, acc_a.data(), nullptr, s.scale);
           store_rows<T>(dv, b, h, key0, keys, dim, acc_b.data(), nullptr, 1.0f);
@@ -337,22 +460,26 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
       // tiles split among the threads. A thread's dq rows are its own; dk and dv go to its partial
       // sums over all keys (thread memory, Lk rows each), added up once the head is done. One pass:
       // five tile products per tile pair.
-      float* dk_part = dkdv_parts.data() + omp_get_thread_num() * 2 * part_len;
+      float* dk_part = dkdv_parts + omp_get_thread_num() * 2 * part_len;
       float* dv_part = dk_part + part_len;
-      HeadKeys head(s.lk, dim, true);
+      HeadKeys& head = *shared_head;
       for (int64_t bh = 0; bh < bhs; ++bh) {
         const int64_t b = bh / s.heads, h = bh % s.heads;
-        head.load<T>(k, v, b, h, bh, /*v_transposed=*/true);
+#pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < head.tiles(); ++tile) head.load_tile<T>(k, v, b, h, tile, /*v_transposed=*/true);
+        // (barrier: the keys are complete)
         std::fill(dk_part, dk_part + 2 * part_len, 0.0f);
 #pragma omp for schedule(static)
         for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
           const int64_t rows = std::min(kBlockM, s.lq - row0);
           load_rows<T>(q, b, h, row0, rows, dim, qb.data());
           load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
+          pack_strips(qb.data(), rows, dim, qp.data(), kBlockM);
+          pack_strips(dob.data(), rows, dim, dop.data(), kBlockM);
           std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dq
           for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
             const int64_t keys = std::min(kBlockN, s.lk - key0);
-            tile_pair_backward(qb.data(), dob.data(), head.kt(key0), head.v(key0), head.k(key0),
+            tile_pair_backward(qb.data(), dob.data(), qp.data(), dop.data(), head.kt(key0), head.v(key0), head.k(key0),
                                lse + bh * s.lq + row0, delta.data() + bh * s.lq + row0, p.data(), ds.data(),
                                dk_part + key0 * ld, dv_part + key0 * ld, acc_a.data(), rows, keys, dim, s.scale);
           }
@@ -365,7 +492,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
           std::fill(acc_a.begin(), acc_a.end(), 0.0f);
           std::fill(acc_b.begin(), acc_b.end(), 0.0f);
           for (int t = 0; t < parts_threads; ++t) {
-            const float* src = dkdv_parts.data() + t * 2 * part_len + key0 * ld;
+            const float* src = dkdv_parts + t * 2 * part_len + key0 * ld;
             const float* src_v = src + part_len;
 #pragma omp simd
             for (int64_t i = 0; i < keys * ld; ++i) {
@@ -376,7 +503,8 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
           store_rows<T>(dk, b, h, key0, keys, dim, acc_a.data(), nullptr, s.scale);
           store_rows<T>(dv, b, h, key0, keys, dim, acc_b.data(), nullptr, 1.0f);
         }
-        // (the barrier above: no thread refills its partials while another still reads them)
+        // (the barrier above: no thread refills its partials, or the shared keys, while another
+        // still reads them)
       }
     }
   }
