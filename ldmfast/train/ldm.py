@@ -20,10 +20,10 @@ from torch.utils.data import Subset
 from ldmfast.diffusion import diffusion_loss
 from ldmfast.models import ConditionalLDM, load_autoencoder
 
+from . import optim
 from .config import ConfigError
 from .data import TrainBatches, build_datasets, validation_loader
 from .distributed import DistInfo, all_reduce_sum
-from . import optim
 from .ema import EMA
 from .latent_cache import WithLatents, cached_latents
 from .ldm_config import LDMTrainConfig
