@@ -57,6 +57,8 @@ for s in $STAGES; do
     profile_group_norm) stage $s 40 python3 bench/profile_group_norm.py
                         cat "$LOGS/profile_group_norm.log" >> "$OUT/summary.txt" ;;
     bench_group_norm) stage $s 80 python3 bench/bench_group_norm.py --device cuda --min-run-time 0.1 ;;
+    sweep_group_norm) stage $s 120 python3 bench/sweep_group_norm_cuda.py --out "$LOGS/sweep_group_norm.json"
+                      grep -a "^setting\|^    {" "$LOGS/sweep_group_norm.log" >> "$OUT/summary.txt" ;;
     bench_attention) stage $s 120 python3 bench/bench_attention.py --device cuda --min-run-time 0.1 ;;
     sweep_attention) stage $s 150 python3 bench/sweep_attention_triton.py --out "$LOGS/sweep_attention.json"
                      grep -v "^    " "$LOGS/sweep_attention.log" >> "$OUT/summary.txt" ;;

@@ -73,6 +73,14 @@ void group_norm_backward(int device, uintptr_t stream, int dtype, uintptr_t dy, 
         "group_norm_backward");
 }
 
+void group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min_per_block, int64_t min_rows,
+                           int64_t min_per_warp, bool fused) {
+  if (!cuda::group_norm_set_tuning(fused_threads, target_blocks, min_per_block, min_rows, min_per_warp, fused)) {
+    throw py::value_error("group_norm_set_tuning: fused_threads must be a multiple of 32 in [0, 512] and the "
+                          "other sizes >= 0");
+  }
+}
+
 py::dict build_info() {
   py::dict info;
   info["architectures"] = std::string(LDMFAST_CUDA_ARCHS);
@@ -98,5 +106,9 @@ PYBIND11_MODULE(_cuda, mod) {
           "GroupNorm (+ SiLU) forward on the given stream; writes y, mean, rstd.");
   mod.def("group_norm_backward", &group_norm_backward, py::call_guard<py::gil_scoped_release>(),
           "GroupNorm (+ SiLU) backward on the given stream; writes dx, dweight, dbias (float32).");
+  mod.def("group_norm_set_tuning", &group_norm_set_tuning, py::arg("fused_threads") = 0,
+          py::arg("target_blocks") = 0, py::arg("min_per_block") = 0, py::arg("min_rows") = 0,
+          py::arg("min_per_warp") = 0, py::arg("fused") = true,
+          "GroupNorm launch settings for later calls (0: default); for bench/sweep_group_norm_cuda.py.");
   mod.def("build_info", &build_info, "Compiled architectures and CUDA runtime/driver versions");
 }

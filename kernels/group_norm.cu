@@ -22,12 +22,24 @@ namespace ldmfast::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kFusedThreads = 512;
-constexpr int64_t kTargetBlocks = 1024;  // enough blocks to fill an H100 several times
-constexpr int64_t kMinPerBlock = 4096;   // elements per partial-sum block, at least
-constexpr int64_t kMinRows = 32;         // channels-last rows per partial-sum block, at least
+constexpr int kFusedThreads = 512;      // the fused forward's block, at most (launch bounds)
 constexpr int kWarps = kThreads / 32;    // warps per block of the contiguous backward's partial sums
-constexpr int64_t kMinPerWarp = 1024;    // elements per partial-sum warp (contiguous backward), at least
+
+// Launch settings; the defaults, or what group_norm_set_tuning set (bench/sweep_group_norm_cuda.py
+// times alternatives in one process; 0 in a field restores its default).
+struct Tuning {
+  int fused_threads = 512;        // threads of the fused forward (a multiple of 32, at most 512)
+  int64_t target_blocks = 1024;   // partial-sum blocks (warps / 8 in the contiguous backward) to aim for
+  int64_t min_per_block = 4096;   // elements per partial-sum block, at least
+  int64_t min_rows = 32;          // channels-last rows per partial-sum block, at least
+  int64_t min_per_warp = 1024;    // elements per partial-sum warp (contiguous backward), at least
+  bool fused = true;              // the fused forward where the group fits in shared memory
+};
+
+Tuning& tuning() {
+  static Tuning t;
+  return t;
+}
 
 // ---- plan (shared by the workspace query and the launches) ---------------------------------------
 
@@ -48,19 +60,21 @@ int elem_size(DType d) { return d == DType::Float32 ? 4 : 2; }
 Plan make_plan(DType dtype, int64_t n, int64_t c, int64_t s, int64_t groups, bool cl, bool backward) {
   Plan p{n, c, s, groups, c / groups, (c / groups) * s, cl, 16 / elem_size(dtype), 1, 1, 1};
   if (cl) {
-    p.parts = std::clamp<int64_t>(ceil_div(kTargetBlocks, n), 1, std::max<int64_t>(1, s / kMinRows));
+    p.parts = std::clamp<int64_t>(ceil_div(tuning().target_blocks, n), 1, std::max<int64_t>(1, s / tuning().min_rows));
     p.len = ceil_div(s, p.parts);
     p.parts = ceil_div(s, p.len);
     p.k = c;
   } else if (backward) {
     // One warp per (sample, channel, part): a channel's run is often short (168 elements at the
     // UNet's 12x14 level), too short to keep a block of 256 threads busy.
-    p.parts = std::clamp<int64_t>(ceil_div(kTargetBlocks * kWarps, n * c), 1, std::max<int64_t>(1, s / kMinPerWarp));
+    p.parts = std::clamp<int64_t>(ceil_div(tuning().target_blocks * kWarps, n * c), 1,
+                                  std::max<int64_t>(1, s / tuning().min_per_warp));
     p.len = ceil_div(ceil_div(s, p.parts), p.vec) * p.vec;
     p.parts = ceil_div(s, p.len);
     p.k = c;
   } else {
-    p.parts = std::clamp<int64_t>(ceil_div(kTargetBlocks, n * groups), 1, std::max<int64_t>(1, p.m / kMinPerBlock));
+    p.parts = std::clamp<int64_t>(ceil_div(tuning().target_blocks, n * groups), 1,
+                                  std::max<int64_t>(1, p.m / tuning().min_per_block));
     p.len = ceil_div(ceil_div(p.m, p.parts), p.vec) * p.vec;
     p.parts = ceil_div(p.m, p.len);
     p.k = groups;
@@ -602,12 +616,12 @@ template <typename T, bool kSilu, int V>
 cudaError_t forward_launch(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
                            float* workspace, const Plan& p, float eps, cudaStream_t stream) {
   const size_t group_bytes = static_cast<size_t>(p.m) * sizeof(T);
-  if (!p.cl && group_bytes <= static_cast<size_t>(max_dynamic_smem())) {
+  if (!p.cl && tuning().fused && group_bytes <= static_cast<size_t>(max_dynamic_smem())) {
     auto kernel = fwd_fused_kernel<T, kSilu, V>;
     static bool allowed[kMaxDevices] = {};
     const cudaError_t err = allow_max_dynamic_smem(kernel, allowed);
     if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(p.n * p.groups), kFusedThreads, group_bytes, stream>>>(
+    kernel<<<static_cast<unsigned>(p.n * p.groups), tuning().fused_threads, group_bytes, stream>>>(
         x, w, b, y, mean, rstd, p.m, p.s, p.cg, p.groups, eps);
     return cudaGetLastError();
   }
@@ -655,7 +669,8 @@ cudaError_t forward_typed(const void* x, const float* w, const float* b, void* y
   auto* yt = static_cast<T*>(y);
   // The fused kernel's vectors stay inside the group's run when m % V == 0 (not S % V).
   const bool fused_vec = !p.cl && p.m % Vec16<T>::kSize == 0 && aligned16(x) && aligned16(y);
-  const bool vec = can_vectorize(p, {x, y}) || (fused_vec && p.m * sizeof(T) <= static_cast<size_t>(max_dynamic_smem()));
+  const bool vec = can_vectorize(p, {x, y}) ||
+                   (tuning().fused && fused_vec && p.m * sizeof(T) <= static_cast<size_t>(max_dynamic_smem()));
   if (vec) {
     p.vec = Vec16<T>::kSize;
     return forward_launch<T, kSilu, Vec16<T>::kSize>(xt, w, b, yt, mean, rstd, workspace, p, eps, stream);
@@ -680,6 +695,23 @@ cudaError_t backward_typed(const void* dy, const void* x, const float* w, const 
 }
 
 }  // namespace
+
+bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min_per_block, int64_t min_rows,
+                           int64_t min_per_warp, bool fused) {
+  if (fused_threads < 0 || fused_threads > kFusedThreads || fused_threads % 32 != 0 || target_blocks < 0 ||
+      min_per_block < 0 || min_rows < 0 || min_per_warp < 0) {
+    return false;
+  }
+  const Tuning defaults;
+  Tuning& t = tuning();
+  t.fused_threads = fused_threads ? fused_threads : defaults.fused_threads;
+  t.target_blocks = target_blocks ? target_blocks : defaults.target_blocks;
+  t.min_per_block = min_per_block ? min_per_block : defaults.min_per_block;
+  t.min_rows = min_rows ? min_rows : defaults.min_rows;
+  t.min_per_warp = min_per_warp ? min_per_warp : defaults.min_per_warp;
+  t.fused = fused;
+  return true;
+}
 
 size_t group_norm_workspace_floats(DType dtype, int64_t n, int64_t c, int64_t s, int64_t groups, bool channels_last,
                                    bool backward) {

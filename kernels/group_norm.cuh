@@ -10,6 +10,11 @@
 
 namespace ldmfast::cuda {
 
+// Launch settings for all later calls (0: the default of that field); false for invalid values.
+// For tuning sweeps: not to be changed while another thread launches these kernels.
+bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min_per_block, int64_t min_rows,
+                           int64_t min_per_warp, bool fused);
+
 size_t group_norm_workspace_floats(DType dtype, int64_t n, int64_t c, int64_t s, int64_t groups, bool channels_last,
                                    bool backward);
 

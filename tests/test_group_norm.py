@@ -330,3 +330,18 @@ def test_cpu_backward_of_a_group_too_large_for_its_scratch_buffer(request):
     """Groups over 4M elements recompute the SiLU derivative instead of buffering it."""
     x, w, b, dy = make_inputs((1, 2, 1500, 1400), torch.float32, "cpu", fresh_seed(request))
     check_all("cpu", x, 1, w, b, dy, "silu")
+
+
+def test_cuda_tuning_setter_checks_its_values():
+    """The sweep's launch-setting hook (host side only: runs wherever the CUDA module was built)."""
+    from ldmfast.ops import _native
+    mod = _native.cuda_module()
+    if mod is None:
+        pytest.skip(f"ldmfast._cuda not built: {_native.import_error('_cuda')}")
+    try:
+        for bad in ({"fused_threads": 100}, {"fused_threads": 1024}, {"target_blocks": -1}):
+            with pytest.raises(ValueError, match="fused_threads must be a multiple of 32"):
+                mod.group_norm_set_tuning(**bad)
+        mod.group_norm_set_tuning(fused_threads=128, target_blocks=4096, fused=False)
+    finally:
+        mod.group_norm_set_tuning()  # the defaults again
