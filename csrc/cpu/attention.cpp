@@ -217,6 +217,15 @@ float* thread_pool(std::vector<float>& pool, int64_t n) {
 
 thread_local std::vector<float> tls_kt, tls_v, tls_k, tls_parts;
 
+// After a call, this thread gives back buffers over 32 MB (a process that once ran a long sequence
+// does not keep that memory); smaller ones stay for the next call.
+void trim_thread_pools() {
+  constexpr size_t kKeepFloats = size_t{8} << 20;
+  for (std::vector<float>* pool : {&tls_kt, &tls_v, &tls_k, &tls_parts}) {
+    if (pool->size() > kKeepFloats) std::vector<float>().swap(*pool);
+  }
+}
+
 // One head's keys and values in fp32, converted once per head rather than once per query tile
 // (the conversion, a transposing scatter for k, cost as much as the products at small head dims):
 // k transposed per key tile (strips, as load_rows_transposed writes them), v (or k) in the strips
@@ -339,6 +348,7 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
         head.load<T>(k, v, bh / s.heads, bh % s.heads, bh);
         forward_query_tile<T>(q, out, lse, s, bh, (item % q_blocks) * kBlockM, head, w);
       }
+      trim_thread_pools();  // (after the loop's barrier: no thread reads another's buffers anyway)
     }
     return;
   }
@@ -357,6 +367,7 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
       // (barrier: nobody reads this head's keys once the next head's conversion starts)
     }
   }
+  trim_thread_pools();
 }
 
 // One (query tile, key tile) pair of the backward: p = exp(scale q.k - lse), ds = p * (do.v - delta),
@@ -508,6 +519,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
       }
     }
   }
+  trim_thread_pools();  // the shared keys and the partials are this (calling) thread's
 }
 
 }  // namespace
