@@ -217,10 +217,11 @@ float* thread_pool(std::vector<float>& pool, int64_t n) {
 
 thread_local std::vector<float> tls_kt, tls_v, tls_k, tls_parts;
 
-// After a call, this thread gives back buffers over 32 MB (a process that once ran a long sequence
-// does not keep that memory); smaller ones stay for the next call.
+// After a call, this thread gives back buffers over 8 MB (a process that once ran a long sequence
+// does not keep that memory, nor many threads a large head each); smaller ones stay for the next
+// call (the VQGAN middle block's 2688 x 512 keys take 5.5 MB per buffer).
 void trim_thread_pools() {
-  constexpr size_t kKeepFloats = size_t{8} << 20;
+  constexpr size_t kKeepFloats = size_t{2} << 20;
   for (std::vector<float>* pool : {&tls_kt, &tls_v, &tls_k, &tls_parts}) {
     if (pool->size() > kKeepFloats) std::vector<float>().swap(*pool);
   }
