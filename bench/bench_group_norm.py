@@ -43,6 +43,14 @@ CPU_SUBSET = [0, 2, 3, 5]
 GROUPS = 32
 
 
+def make_inputs(n, c, h, w, dtype, device, fmt):
+    """x, weight, bias and an output gradient of one benchmark shape, x and dy in `fmt`."""
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    x = torch.randn(n, c, h, w, device=device, dtype=dtype).to(memory_format=mf)
+    return (x, torch.randn(c, device=device, dtype=dtype), torch.randn(c, device=device, dtype=dtype),
+            torch.randn_like(x))
+
+
 def torch_chain(x, w, b):
     return F.silu(F.group_norm(x, GROUPS, w, b, 1e-5))
 
@@ -125,11 +133,7 @@ def main(argv=None) -> int:
         for model, c, (h, w_), batch_gpu, batch_cpu in shapes:
             n = args.batch or (batch_gpu if gpu else batch_cpu)
             for fmt in ("contiguous", "channels_last"):
-                mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-                x = torch.randn(n, c, h, w_, device=device, dtype=dtype).to(memory_format=mf)
-                w = torch.randn(c, device=device, dtype=dtype)
-                b = torch.randn(c, device=device, dtype=dtype)
-                dy = torch.randn_like(x)
+                x, w, b, dy = make_inputs(n, c, h, w_, dtype, device, fmt)
                 xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
                 backend = ops.resolve("group_norm", x)
                 for pass_name in ("fwd", "fwd+bwd"):

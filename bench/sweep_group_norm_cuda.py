@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_group_norm import GROUPS, SHAPES, fused  # noqa: E402
+from bench_group_norm import GROUPS, SHAPES, fused, make_inputs  # noqa: E402
 
 from ldmfast.ops import _native  # noqa: E402
 
@@ -66,11 +66,7 @@ def main(argv=None) -> int:
         for dtype in (torch.bfloat16, torch.float32):
             for model, c, (h, w_), n, _ in SHAPES:
                 for fmt in ("contiguous", "channels_last"):
-                    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-                    x = torch.randn(n, c, h, w_, device=device, dtype=dtype).to(memory_format=mf)
-                    w = torch.randn(c, device=device, dtype=dtype)
-                    b = torch.randn(c, device=device, dtype=dtype)
-                    dy = torch.randn_like(x)
+                    x, w, b, dy = make_inputs(n, c, h, w_, dtype, device, fmt)
                     for pass_name in ("fwd", "fwd+bwd"):
                         fn = run_case(x, w, b, dy, pass_name)
                         mod.group_norm_set_tuning()
