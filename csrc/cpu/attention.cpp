@@ -235,15 +235,13 @@ void trim_thread_pools() {
 // a time: it uses the thread's buffers).
 class HeadKeys {
  public:
-  // In this thread's buffers.
-  HeadKeys(int64_t lk, int64_t dim, bool with_k_rows) : HeadKeys(lk, dim) {
-    kt_ = thread_pool(tls_kt, tiles_ * dim * kBlockN);
-    v_ = thread_pool(tls_v, tiles_ * kBlockN * ld_);
-    k_ = with_k_rows ? thread_pool(tls_k, tiles_ * kBlockN * ld_) : nullptr;
-  }
-  // In the calling thread's buffers, for a team of threads to fill together (load_tile) and share:
-  // where there are fewer heads than threads, each head is converted once instead of once per thread.
-  static HeadKeys shared(int64_t lk, int64_t dim, bool with_k_rows) { return HeadKeys(lk, dim, with_k_rows); }
+  // In the constructing thread's buffers. A HeadKeys built before a parallel region can be filled
+  // by the team together (load_tile) and shared: where there are fewer heads than threads, each
+  // head is then converted once instead of once per thread.
+  HeadKeys(int64_t lk, int64_t dim, bool with_k_rows)
+      : lk_(lk), dim_(dim), ld_(padded(dim)), tiles_((lk + kBlockN - 1) / kBlockN),
+        kt_(thread_pool(tls_kt, tiles_ * dim * kBlockN)), v_(thread_pool(tls_v, tiles_ * kBlockN * ld_)),
+        k_(with_k_rows ? thread_pool(tls_k, tiles_ * kBlockN * ld_) : nullptr) {}
 
   int64_t tiles() const { return tiles_; }
 
@@ -272,8 +270,6 @@ class HeadKeys {
   const float* k(int64_t key0) const { return k_ + key0 * ld_; }  // k packed per tile
 
  private:
-  HeadKeys(int64_t lk, int64_t dim) : lk_(lk), dim_(dim), ld_(padded(dim)), tiles_((lk + kBlockN - 1) / kBlockN) {}
-
   int64_t lk_, dim_, ld_, tiles_, held_ = -1;
   float *kt_, *v_, *k_;
 };
@@ -355,7 +351,7 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
   }
   // Fewer heads than threads (the VQGAN's one-head middle block): one head at a time, its keys
   // converted by the team together, its query tiles split among the threads.
-  HeadKeys head = HeadKeys::shared(s.lk, s.dim, false);
+  HeadKeys head(s.lk, s.dim, false);  // the calling thread's buffers, shared by the team
 #pragma omp parallel num_threads(threads)
   {
     ForwardScratch w(s.dim);
@@ -410,7 +406,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
   // The calling thread's buffers (see thread_pool): the partials, and the keys the team shares.
   float* dkdv_parts = parts_threads ? thread_pool(tls_parts, parts_threads * 2 * part_len) : nullptr;
   std::optional<HeadKeys> shared_head;
-  if (parts_threads) shared_head.emplace(HeadKeys::shared(s.lk, dim, true));
+  if (parts_threads) shared_head.emplace(s.lk, dim, true);
 #pragma omp parallel num_threads(threads)
   {
     const int64_t ld = padded(dim);
@@ -435,11 +431,12 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
       // products per pair, where separate dk/dv and dq passes would take seven.
       const int64_t rows_alloc = q_blocks * kBlockM;
       std::vector<float> q_head(rows_alloc * ld), do_head(rows_alloc * ld), dq_head(rows_alloc * ld),
-          q_packed(rows_alloc * ld), do_packed(rows_alloc * ld), kt(dim * kBlockN), vt(dim * kBlockN),
-          kp(kBlockN * ld);
+          q_packed(rows_alloc * ld), do_packed(rows_alloc * ld);
+      HeadKeys head(s.lk, dim, true);
 #pragma omp for schedule(static)
       for (int64_t bh = 0; bh < bhs; ++bh) {
         const int64_t b = bh / s.heads, h = bh % s.heads;
+        head.load<T>(k, v, b, h, bh, /*v_transposed=*/true);
         load_rows<T>(q, b, h, 0, s.lq, dim, q_head.data());
         load_rows<T>(dout, b, h, 0, s.lq, dim, do_head.data());
         for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {  // packed per query tile
@@ -450,15 +447,12 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
         std::fill(dq_head.begin(), dq_head.end(), 0.0f);
         for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
           const int64_t keys = std::min(kBlockN, s.lk - key0);
-          load_rows_transposed<T>(k, b, h, key0, keys, dim, kt.data());
-          load_rows_transposed<T>(v, b, h, key0, keys, dim, vt.data());
-          load_rows_packed<T>(k, b, h, key0, keys, dim, kp.data(), kBlockN);
           std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dk
           std::fill(acc_b.begin(), acc_b.end(), 0.0f);  // dv
           for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
             const int64_t rows = std::min(kBlockM, s.lq - row0);
             tile_pair_backward(q_head.data() + row0 * ld, do_head.data() + row0 * ld, q_packed.data() + row0 * ld,
-                               do_packed.data() + row0 * ld, kt.data(), vt.data(), kp.data(),
+                               do_packed.data() + row0 * ld, head.kt(key0), head.v(key0), head.k(key0),
                                lse + bh * s.lq + row0, delta.data() + bh * s.lq + row0, p.data(), ds.data(),
                                acc_a.data(), acc_b.data(), dq_head.data() + row0 * ld, rows, keys, dim, s.scale);
           }
@@ -467,6 +461,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
         }
         store_rows<T>(dq, b, h, 0, s.lq, dim, dq_head.data(), nullptr, s.scale);
       }
+      trim_thread_pools();  // (this thread's head buffers)
     } else {
       // Fewer heads than threads (the VQGAN's one-head middle block): one head at a time, its query
       // tiles split among the threads. A thread's dq rows are its own; dk and dv go to its partial
