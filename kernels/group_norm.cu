@@ -28,7 +28,7 @@ constexpr int kWarps = kThreads / 32;    // warps per block of the contiguous ba
 // Launch settings; the defaults, or what group_norm_set_tuning set (bench/sweep_group_norm_cuda.py
 // times alternatives in one process; 0 in a field restores its default).
 struct Tuning {
-  int fused_threads = 512;        // threads of the fused forward (a multiple of 32, at most 512)
+  int fused_threads = kFusedThreads;  // threads of the fused forward (a multiple of 32, at most 512)
   int64_t target_blocks = 1024;   // partial-sum blocks (warps / 8 in the contiguous backward) to aim for
   int64_t min_per_block = 4096;   // elements per partial-sum block, at least
   int64_t min_rows = 32;          // channels-last rows per partial-sum block, at least
@@ -612,11 +612,16 @@ bool can_vectorize(const Plan& p, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
+// Whether the forward takes the fused kernel: contiguous, and the group fits in shared memory.
+bool fused_forward(const Plan& p, size_t elem_bytes) {
+  return !p.cl && tuning().fused && static_cast<size_t>(p.m) * elem_bytes <= static_cast<size_t>(max_dynamic_smem());
+}
+
 template <typename T, bool kSilu, int V>
 cudaError_t forward_launch(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
                            float* workspace, const Plan& p, float eps, cudaStream_t stream) {
   const size_t group_bytes = static_cast<size_t>(p.m) * sizeof(T);
-  if (!p.cl && tuning().fused && group_bytes <= static_cast<size_t>(max_dynamic_smem())) {
+  if (fused_forward(p, sizeof(T))) {
     auto kernel = fwd_fused_kernel<T, kSilu, V>;
     static bool allowed[kMaxDevices] = {};
     const cudaError_t err = allow_max_dynamic_smem(kernel, allowed);
@@ -668,9 +673,8 @@ cudaError_t forward_typed(const void* x, const float* w, const float* b, void* y
   const auto* xt = static_cast<const T*>(x);
   auto* yt = static_cast<T*>(y);
   // The fused kernel's vectors stay inside the group's run when m % V == 0 (not S % V).
-  const bool fused_vec = !p.cl && p.m % Vec16<T>::kSize == 0 && aligned16(x) && aligned16(y);
-  const bool vec = can_vectorize(p, {x, y}) ||
-                   (tuning().fused && fused_vec && p.m * sizeof(T) <= static_cast<size_t>(max_dynamic_smem()));
+  const bool fused_vec = fused_forward(p, sizeof(T)) && p.m % Vec16<T>::kSize == 0 && aligned16(x) && aligned16(y);
+  const bool vec = can_vectorize(p, {x, y}) || fused_vec;
   if (vec) {
     p.vec = Vec16<T>::kSize;
     return forward_launch<T, kSilu, Vec16<T>::kSize>(xt, w, b, yt, mean, rstd, workspace, p, eps, stream);
