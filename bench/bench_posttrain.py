@@ -171,10 +171,10 @@ def cuda_memory(s: Setup, variant: str) -> dict:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    # The optimizer's step allocates the same for every variant (the foreach implementation's
-    # UNet-sized temporaries set the step's peak on an H200, whatever the checkpointing; the
-    # trainers' fused AdamW, used here, has none):
-    # the forward+backward peak is also reported, the part the variants differ in.
+    # The forward+backward peak is also reported, the part the variants differ in: the optimizer's
+    # step allocates the same for every variant (the foreach AdamW's UNet-sized temporaries set the
+    # step's peak on an H200 whatever the checkpointing; the trainers' fused AdamW, used here, has
+    # none).
     grad_peak = []
     s.step(variant, after_backward=lambda: grad_peak.append(torch.cuda.max_memory_allocated()))
     torch.cuda.synchronize()
@@ -208,8 +208,6 @@ def largest_batch(s: Setup, variant: str, limit: int = 1024) -> int:
     return lo
 
 
-# ---- time ------------------------------------------------------------------------------------
-
 def linear_memory_model(at_b1: dict, at_b2: dict, b1: int, b2: int, cap_gib: float) -> dict:
     """Peak memory is fixed (models, optimizer state, gradients) plus per-sample activations:
     the slope between two batches gives the per-sample memory (whose ratio to naive's is the peak
@@ -224,6 +222,8 @@ def linear_memory_model(at_b1: dict, at_b2: dict, b1: int, b2: int, cap_gib: flo
         out[v]["per_sample_vs_naive"] = out[v]["per_sample_MiB"] / out["naive"]["per_sample_MiB"]
     return out
 
+
+# ---- time ------------------------------------------------------------------------------------
 
 def alternating_min_ms(s: Setup, rounds: int, clock=time.perf_counter) -> dict[str, float]:
     """Milliseconds per step of each variant: the minimum over rounds that run all variants in turn.

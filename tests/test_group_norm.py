@@ -82,8 +82,9 @@ def dx_conditioning(x, num_groups, w, b, dy, activation, dx_ref, eps=1e-5) -> fl
         g = g * s * (1 + z * (1 - s))
     xg = x64.reshape(x.shape[0], num_groups, -1)
     rstd = (xg.var(-1, unbiased=False) + eps).rsqrt()
-    rstd = rstd.repeat_interleave(x.shape[1] // num_groups, dim=1).reshape((x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2))
-    terms = (rstd * g * w64.reshape((1, -1) + (1,) * (x.dim() - 2))).norm().item()
+    per_channel = (1, -1) + (1,) * (x.dim() - 2)
+    rstd = rstd.repeat_interleave(x.shape[1] // num_groups, dim=1).reshape(x.shape[0], *per_channel[1:])
+    terms = (rstd * g * w64.reshape(per_channel)).norm().item()
     return max(1.0, terms / max(dx_ref.norm().item(), 1e-300))
 
 
@@ -332,16 +333,24 @@ def test_cpu_backward_of_a_group_too_large_for_its_scratch_buffer(request):
     check_all("cpu", x, 1, w, b, dy, "silu")
 
 
-def test_cuda_tuning_setter_checks_its_values():
-    """The sweep's launch-setting hook (host side only: runs wherever the CUDA module was built)."""
+def test_cuda_tuning_setter_checks_its_values_and_changes_the_plan():
+    """The sweep's launch-setting hook, host side only (no GPU needed: CI builds the CUDA module
+    and runs this). The plan shows in the workspace size: fewer elements per partial-sum warp, more
+    partial sums; 0 restores the default."""
     from ldmfast.ops import _native
     mod = _native.cuda_module()
     if mod is None:
         pytest.skip(f"ldmfast._cuda not built: {_native.import_error('_cuda')}")
+    # float32, one sample, one channel of 2^16 elements in one group, contiguous, backward
+    args = (_native.dtype_code(torch.empty(0)), 1, 1, 1 << 16, 1, False, True)
     try:
+        default = mod.group_norm_workspace(*args)
         for bad in ({"fused_threads": 100}, {"fused_threads": 1024}, {"target_blocks": -1}):
             with pytest.raises(ValueError, match="fused_threads must be a multiple of 32"):
                 mod.group_norm_set_tuning(**bad)
-        mod.group_norm_set_tuning(fused_threads=128, target_blocks=4096, fused=False)
+        mod.group_norm_set_tuning(fused_threads=128, min_per_warp=256, fused=False)
+        assert mod.group_norm_workspace(*args) > default
+        mod.group_norm_set_tuning(min_per_warp=0)
+        assert mod.group_norm_workspace(*args) == default
     finally:
         mod.group_norm_set_tuning()  # the defaults again

@@ -33,8 +33,9 @@ def _blocks(d: int, lq: int, lk: int, dtype: torch.dtype, which: str) -> tuple[i
     """(BLOCK_M, BLOCK_N, BLOCK_D): tiles shrink as the head dim grows so that they fit on chip."""
     block_d = max(16, triton.next_power_of_2(d))
     if _wide_16bit(block_d, dtype):
-        # From bench/sweep_attention_triton.py on an H200 at B=6 L=2688 bf16: 64x64 tiles run the forward 3.5x faster than 16x16 (0.48 against
-        # 1.69 ms), 32x32 the backward 1.5x (4.9 against 7.4 ms; larger tiles run out of resources).
+        # From bench/sweep_attention_triton.py on an H200 at B=6 L=2688 bf16: 64x64 tiles run the
+        # forward 3.5x faster than 16x16 (0.48 against 1.69 ms), 32x32 the backward 1.5x (4.9
+        # against 7.4 ms; larger tiles run out of resources).
         block_m, block_n = (64, 64) if which == "forward" else (32, 32)
     else:
         block_m = 64 if block_d <= 64 else 32 if block_d <= 128 else 16
