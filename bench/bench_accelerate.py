@@ -220,14 +220,20 @@ def peak_GiB(fn, device):
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def bench_model(name, build, kind, s, args, device, dtype):
+def build_model(name, s, device, dtype):
+    """MODELS[name] at size s, in eval mode, on device in dtype (seeded weights)."""
     torch.manual_seed(0)
-    model = build(s).to(device=device, dtype=dtype).eval()
+    model = MODELS[name][1](s).to(device=device, dtype=dtype).eval()
     if name == "openai-unet":
         # The release's convert_to_fp16 leaves its GroupNorm32 layers in float32.
         for m in model.modules():
             if isinstance(m, torch.nn.GroupNorm):
                 m.float()
+    return model
+
+
+def bench_model(name, kind, s, args, device, dtype):
+    model = build_model(name, s, device, dtype)
     batch = args.batch
     sched = None
     if kind == "unet":
@@ -306,11 +312,11 @@ def main(argv=None) -> int:
         p.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     rows, skipped = [], []
     for name in names:
-        library, build, kind = MODELS[name]
+        library, _, kind = MODELS[name]
         if library is not None and not _have(library):
             skipped.append(f"{name} ({library} is not installed: pip install '.[peers]')")
             continue
-        rows += bench_model(name, build, kind, SIZES[size], args, device, dtype)
+        rows += bench_model(name, kind, SIZES[size], args, device, dtype)
         if on_gpu:
             torch.cuda.empty_cache()
         print(f"  done: {name}", flush=True)

@@ -56,7 +56,7 @@ for s in $STAGES; do
                  tail -n 40 "$LOGS/pytest_cuda.log" >> "$OUT/summary.txt" ;;
     profile_group_norm) stage $s 40 python3 bench/profile_group_norm.py
                         cat "$LOGS/profile_group_norm.log" >> "$OUT/summary.txt" ;;
-    profile_accelerate) stage $s 60 python3 bench/profile_accelerate.py --models "${PROFILE_MODELS:-monai-unet,openai-unet}"
+    profile_accelerate) stage $s 60 python3 bench/profile_accelerate.py --host --models "${PROFILE_MODELS:-monai-unet,openai-unet}"
                         cat "$LOGS/profile_accelerate.log" >> "$OUT/summary.txt" ;;
     bench_group_norm) stage $s 80 python3 bench/bench_group_norm.py --device cuda --min-run-time 0.1 ;;
     sweep_group_norm) stage $s 120 python3 bench/sweep_group_norm_cuda.py --out "$LOGS/sweep_group_norm.json"

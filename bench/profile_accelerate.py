@@ -10,13 +10,16 @@ largest kernels.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import re
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench_accelerate import LATENT, CONDITION, MODELS, SIZES, Acceleration, unet_call
+from bench_accelerate import CONDITION, LATENT, MODELS, SIZES, Acceleration, build_model, unet_call
 
 # Kernel families by name, first match wins: how much of a forward is convolution, matmul,
 # normalization, attention, or elementwise/layout work.
@@ -38,7 +41,9 @@ def family(name: str) -> str:
 
 
 def profile_forward(fn, reps: int):
-    """(kernel rows (name, us per forward, launches per forward), wall ms per forward)."""
+    """(kernel rows, aten-op rows, wall ms per forward): kernel rows (name, us per forward,
+    launches per forward); op rows (op and input shapes, us of its own kernels per forward, calls
+    per forward): which line of the model a kernel comes from."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -47,13 +52,28 @@ def profile_forward(fn, reps: int):
         fn()
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) / reps * 1e3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / reps, e.count // reps) for e in prof.key_averages()
-            if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[1]), wall_ms
+    kernels = [(e.key, e.device_time_total / reps, e.count // reps) for e in prof.key_averages()
+               if e.device_type == DeviceType.CUDA and e.device_time_total > 0]
+    ops = [(f"{e.key} {e.input_shapes}", e.self_device_time_total / reps, e.count // reps)
+           for e in prof.key_averages(group_by_input_shape=True)
+           if e.device_type == DeviceType.CPU and e.self_device_time_total > 0]
+    return sorted(kernels, key=lambda r: -r[1]), sorted(ops, key=lambda r: -r[1]), wall_ms
+
+
+def host_profile(fn, reps: int = 5, top: int = 15) -> None:
+    """Where the host spends a forward (cProfile, by own time): the GPU idles when this is
+    longer than the kernels."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
 def main() -> None:
@@ -63,21 +83,20 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--host", action="store_true", help="also where the host spends a forward (cProfile)")
     args = p.parse_args()
     device, dtype, s = torch.device("cuda"), torch.bfloat16, SIZES["release"]
     for name in args.models.split(","):
-        _, build, kind = MODELS[name]
-        if kind != "unet":
+        if MODELS[name][2] != "unet":
             raise SystemExit(f"--models: {name} is not a UNet")
-        torch.manual_seed(0)
-        model = build(s).to(device=device, dtype=dtype).eval()
+        model = build_model(name, s, device, dtype)
         x = torch.randn(args.batch, LATENT + CONDITION, *s["latent"], device=device, dtype=dtype)
         t = torch.tensor(500, device=device)
         switch = Acceleration(model, None)
         with torch.no_grad():
             for state in args.states.split(","):
                 switch.set(state)
-                rows, wall_ms = profile_forward(lambda: unet_call(name, model, x, t), args.reps)
+                rows, ops, wall_ms = profile_forward(lambda: unet_call(name, model, x, t), args.reps)
                 total = sum(r[1] for r in rows) / 1e3
                 print(f"\n== {name} [{state}] batch {args.batch} bf16: kernels {total:.2f} ms per forward, "
                       f"wall {wall_ms:.2f} ms, {sum(r[2] for r in rows)} launches")
@@ -87,7 +106,12 @@ def main() -> None:
                 for fam, us in sorted(by_family.items(), key=lambda kv: -kv[1]):
                     print(f"   {fam:>12}: {us / 1e3:7.2f} ms ({us / 1e3 / total:5.1%})")
                 for key, us, count in rows[:args.top]:
-                    print(f"    {us:8.1f} us  x{count:<3d} {family(key):>12}  {key[:100]}")
+                    print(f"    {us:8.1f} us  x{count:<3d} {family(key):>12}  {key[:160]}")
+                print("  by aten op and input shapes (own kernels):")
+                for key, us, count in ops[:args.top]:
+                    print(f"    {us:8.1f} us  x{count:<3d} {key[:200]}")
+                if args.host:
+                    host_profile(lambda: unet_call(name, model, x, t))
         switch.off()
         del model
         torch.cuda.empty_cache()

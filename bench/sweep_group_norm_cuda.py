@@ -49,7 +49,9 @@ def run_case(x, w, b, dy, pass_name):
 
         def fn():
             y = fused(xg, wg, bg)
-            return (y,) + torch.autograd.grad(y, (xg, wg, bg), dy)
+            # y detached: an output that kept its autograd graph alive would keep the leaves'
+            # AccumulateGrad nodes on the eager stream, which breaks a later graph capture.
+            return (y.detach(),) + torch.autograd.grad(y, (xg, wg, bg), dy)
     return fn
 
 
