@@ -1,6 +1,9 @@
 """ldmfast.accelerate on MONAI's generative networks: same outputs and gradients, fused ops used."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ldmfast
 
 pytest.importorskip("einops")  # MONAI's attention blocks need it
 monai_nets = pytest.importorskip("monai.networks.nets")
@@ -31,7 +34,40 @@ def test_diffusion_unet_2d(channels_last, monkeypatch):
     assert n_attention == counts["attention"] == 4
     # Every residual block, plus the output Sequential (GroupNorm, SiLU, conv).
     assert counts["group_norm+silu"] == n_resnets + 1
+    # Every SpatialAttentionBlock and the down/mid/up blocks that hold them keep the format.
+    layout_blocks = ("SpatialAttentionBlock", "AttnDownBlock", "AttnMidBlock", "AttnUpBlock")
+    assert counts["layout"] == sum(type(m).__name__ in layout_blocks for m in model.modules()) == 7
     assert report.left_alone == []
+
+
+class _CopyCounter(TorchDispatchMode):
+    """Counts copies of activations (clone, copy_, contiguous) made inside a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_) and args[0].dim() >= 3:
+            self.copies.append((str(func), tuple(args[0].shape), args[0].stride()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("channels_last, per_block", [(True, 0), (False, 1)])
+def test_diffusion_unet_makes_no_layout_copies(channels_last, per_block):
+    """Channels-last activations stay channels-last through attention (MONAI's `.contiguous()`
+    after each attention block copied them back); contiguous ones are copied once per attention
+    block (the tokens for the q, k, v projections), not four times."""
+    fresh_seed()
+    model = monai_nets.DiffusionModelUNet(spatial_dims=2, in_channels=3, out_channels=3, channels=(16, 32),
+                                          attention_levels=(False, True), num_res_blocks=1, num_head_channels=8,
+                                          norm_num_groups=8).eval()
+    ldmfast.accelerate(model, channels_last=channels_last)
+    x = torch.randn(2, 3, 12, 10)
+    with torch.no_grad(), _CopyCounter() as counter:
+        model(x, torch.randint(0, 1000, (2,)))
+    n_attention = sum(type(m).__name__ == "SpatialAttentionBlock" for m in model.modules())
+    assert len(counter.copies) == per_block * n_attention, counter.copies
 
 
 def test_diffusion_unet_2d_cross_attention_updown_combined_qkv(monkeypatch):

@@ -30,7 +30,9 @@ def accelerate(model: nn.Module, *, group_norm: bool = True, attention: bool = T
       as one op;
     - attention blocks of MONAI (SABlock, CrossAttentionBlock), diffusers (`Attention` with its
       default processor) and openaimodel-style UNets (QKVAttention, QKVAttentionLegacy) run
-      ldmfast's fused attention, with the block's exact scale, heads, residual and rescaling.
+      ldmfast's fused attention, with the block's exact scale, heads, residual and rescaling;
+      MONAI's UNet blocks around its attention keep the activations' memory format (listed as
+      "layout"), where MONAI's own forwards copied them to contiguous after each attention.
 
     - channels_last=True also stores the weights of 2-D convolutions channels-last, so that the
       convolutions run in NHWC (faster in 16-bit on NVIDIA GPUs) and the activations stay

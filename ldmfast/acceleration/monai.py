@@ -1,6 +1,9 @@
 """MONAI's generative networks (DiffusionModelUNet, ControlNet, AutoencoderKL; VQVAE has no
 GroupNorm or attention): fused forwards for their residual blocks (GroupNorm then SiLU) and their
-self- and cross-attention blocks (SABlock, CrossAttentionBlock), replicating MONAI 1.4+ exactly."""
+self- and cross-attention blocks (SABlock, CrossAttentionBlock), replicating MONAI 1.4+ exactly;
+and the UNet's spatial attention blocks and the down/mid/up blocks around them with the same sums
+in the activations' own memory format (MONAI's order and its `.contiguous()` after each attention
+make channels-last activations contiguous again, and copy contiguous ones twice)."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +18,7 @@ from .rules import Rule, class_rule, peer_class
 _UNET = "monai.networks.nets.diffusion_model_unet"
 _AEKL = "monai.networks.nets.autoencoderkl"
 _SELF_ATTENTION = "monai.networks.blocks.selfattention"
+_SPATIAL_ATTENTION = "monai.networks.blocks.spatialattention"
 _CROSS_ATTENTION = "monai.networks.blocks.crossattention"
 
 
@@ -85,6 +89,8 @@ def _sablock_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = Non
         # "b h (qkv l d) -> qkv b l h d": the features are ordered (q/k/v, head, dim).
         q, k, v = self.qkv(x).chunk(3, dim=-1)
     else:
+        if x.stride(-1) != 1:
+            x = x.contiguous()  # tokens transposed from (B, C, L): one copy, not one per linear
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
     out = _attend(self, q, k, v)
     if self.include_fc:
@@ -123,6 +129,71 @@ def _attention_rule(cls, forward, name: str, head_dim_attr: str) -> Rule:
     return class_rule(cls, f"MONAI {name}", "attention", why_not, apply)
 
 
+# ---- memory format around the UNet's attention ------------------------------------------------
+
+@fused_forward
+def _spatial_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """SpatialAttentionBlock.forward with the residual sum as `x + attention`: the same sums, in x's
+    memory format (MONAI's `attention + x` takes the channels-last strides of the transposed tokens,
+    which its callers' `.contiguous()` then copies back)."""
+    shape = x.shape
+    h = self.norm(x).reshape(*shape[:2], -1).transpose(1, 2)  # "b c h w d -> b (h w d) c"
+    h = self.attn(h).transpose(1, 2).reshape(shape)  # "b (h w d) c -> b c h w d"
+    return x + h
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """MONAI's `.contiguous()` after an attention block, but keeping a dense channels-last tensor
+    as it is (t itself when already dense in either format)."""
+    if t.is_contiguous():
+        return t
+    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return t if cl is not None and t.is_contiguous(memory_format=cl) else t.contiguous()
+
+
+@fused_forward
+def _attn_down_forward(self, hidden_states, temb, context=None):
+    """AttnDownBlock.forward with `_dense` for `.contiguous()`."""
+    del context
+    output_states = []
+    for resnet, attn in zip(self.resnets, self.attentions):
+        hidden_states = _dense(attn(resnet(hidden_states, temb)))
+        output_states.append(hidden_states)
+    if self.downsampler is not None:
+        hidden_states = self.downsampler(hidden_states, temb)
+        output_states.append(hidden_states)
+    return hidden_states, output_states
+
+
+@fused_forward
+def _attn_mid_forward(self, hidden_states, temb, context=None):
+    """AttnMidBlock.forward with `_dense` for `.contiguous()`."""
+    del context
+    hidden_states = _dense(self.attention(self.resnet_1(hidden_states, temb)))
+    return self.resnet_2(hidden_states, temb)
+
+
+@fused_forward
+def _attn_up_forward(self, hidden_states, res_hidden_states_list, temb, context=None):
+    """AttnUpBlock.forward with `_dense` for `.contiguous()`."""
+    del context
+    for resnet, attn in zip(self.resnets, self.attentions):
+        res_hidden_states = res_hidden_states_list[-1]
+        res_hidden_states_list = res_hidden_states_list[:-1]
+        hidden_states = torch.cat([hidden_states, res_hidden_states], dim=1)
+        hidden_states = _dense(attn(resnet(hidden_states, temb)))
+    if self.upsampler is not None:
+        hidden_states = self.upsampler(hidden_states, temb)
+    return hidden_states
+
+
+def _layout_rule(cls, forward, name: str, detail: str) -> Rule:
+    def apply(path: str, block: nn.Module, report: AccelerationReport) -> None:
+        override_forward(report, block, forward, Change(path, "layout", f"{name}: {detail}"))
+
+    return class_rule(cls, f"MONAI {name}", "attention", lambda block: None, apply)
+
+
 def rules() -> list[Rule]:
     found = []
     for module_name, class_name, make in (
@@ -130,7 +201,13 @@ def rules() -> list[Rule]:
             (_AEKL, "AEKLResBlock", lambda c: _resnet_rule(c, _aekl_resnet_forward, c.__name__)),
             (_SELF_ATTENTION, "SABlock", lambda c: _attention_rule(c, _sablock_forward, c.__name__, "dim_head")),
             (_CROSS_ATTENTION, "CrossAttentionBlock",
-             lambda c: _attention_rule(c, _cross_attention_forward, c.__name__, "head_dim"))):
+             lambda c: _attention_rule(c, _cross_attention_forward, c.__name__, "head_dim")),
+            (_SPATIAL_ATTENTION, "SpatialAttentionBlock",
+             lambda c: _layout_rule(c, _spatial_attention_forward, c.__name__, "residual sum in the input's format")),
+            *((_UNET, name, lambda c, f=forward: _layout_rule(c, f, c.__name__, "no contiguous copy of channels-last "
+                                                                                 "activations after attention"))
+              for name, forward in (("AttnDownBlock", _attn_down_forward), ("AttnMidBlock", _attn_mid_forward),
+                                    ("AttnUpBlock", _attn_up_forward)))):
         cls = peer_class(module_name, class_name)
         if cls is not None:
             found.append(make(cls))
