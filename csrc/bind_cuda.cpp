@@ -50,32 +50,42 @@ size_t group_norm_workspace(int dtype, int64_t n, int64_t c, int64_t s, int64_t 
   return cuda::group_norm_workspace_floats(dtype_from_code(dtype), n, c, s, groups, channels_last, backward);
 }
 
-void group_norm_forward(int device, uintptr_t stream, int dtype, uintptr_t x, uintptr_t weight, uintptr_t bias,
-                        uintptr_t y, uintptr_t mean, uintptr_t rstd, uintptr_t workspace, int64_t n, int64_t c,
-                        int64_t s, int64_t groups, float eps, bool silu, bool channels_last) {
+// weight or bias 0: absent (1 and 0); their dtype codes may differ from x's.
+cuda::Affine affine(uintptr_t weight, int weight_dtype, uintptr_t bias, int bias_dtype) {
+  return {as_ptr<const void>(weight), as_ptr<const void>(bias), dtype_from_code(weight_dtype),
+          dtype_from_code(bias_dtype)};
+}
+
+void group_norm_forward(int device, uintptr_t stream, int dtype, uintptr_t x, uintptr_t weight, int weight_dtype,
+                        uintptr_t bias, int bias_dtype, uintptr_t y, uintptr_t mean, uintptr_t rstd,
+                        uintptr_t workspace, int64_t n, int64_t c, int64_t s, int64_t groups, float eps, bool silu,
+                        bool channels_last) {
   check(cudaSetDevice(device), "group_norm_forward");
-  check(cuda::group_norm_forward(dtype_from_code(dtype), as_ptr(x), as_ptr<const float>(weight),
-                                 as_ptr<const float>(bias), as_ptr(y), as_ptr<float>(mean), as_ptr<float>(rstd),
+  check(cuda::group_norm_forward(dtype_from_code(dtype), as_ptr(x), affine(weight, weight_dtype, bias, bias_dtype),
+                                 as_ptr(y), as_ptr<float>(mean), as_ptr<float>(rstd),
                                  as_ptr<float>(workspace), n, c, s, groups, eps, silu, channels_last,
                                  as_ptr<CUstream_st>(stream)),
         "group_norm_forward");
 }
 
 void group_norm_backward(int device, uintptr_t stream, int dtype, uintptr_t dy, uintptr_t x, uintptr_t weight,
-                         uintptr_t bias, uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dweight,
-                         uintptr_t dbias, uintptr_t workspace, int64_t n, int64_t c, int64_t s, int64_t groups,
-                         bool silu, bool channels_last) {
+                         int weight_dtype, uintptr_t bias, int bias_dtype, uintptr_t mean, uintptr_t rstd,
+                         uintptr_t dx, uintptr_t dweight, uintptr_t dbias, uintptr_t workspace, int64_t n, int64_t c,
+                         int64_t s, int64_t groups, bool silu, bool channels_last) {
   check(cudaSetDevice(device), "group_norm_backward");
-  check(cuda::group_norm_backward(dtype_from_code(dtype), as_ptr(dy), as_ptr(x), as_ptr<const float>(weight),
-                                  as_ptr<const float>(bias), as_ptr<const float>(mean), as_ptr<const float>(rstd),
+  check(cuda::group_norm_backward(dtype_from_code(dtype), as_ptr(dy), as_ptr(x),
+                                  affine(weight, weight_dtype, bias, bias_dtype), as_ptr<const float>(mean),
+                                  as_ptr<const float>(rstd),
                                   as_ptr(dx), as_ptr<float>(dweight), as_ptr<float>(dbias), as_ptr<float>(workspace),
                                   n, c, s, groups, silu, channels_last, as_ptr<CUstream_st>(stream)),
         "group_norm_backward");
 }
 
 void group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min_per_block, int64_t min_rows,
-                           int64_t min_per_warp, bool fused) {
-  if (!cuda::group_norm_set_tuning(fused_threads, target_blocks, min_per_block, min_rows, min_per_warp, fused)) {
+                           int64_t min_per_warp, bool fused, int64_t target_blocks_cl, int64_t fused_min_groups,
+                           bool fused_16bit) {
+  if (!cuda::group_norm_set_tuning(fused_threads, target_blocks, min_per_block, min_rows, min_per_warp, fused,
+                                   target_blocks_cl, fused_min_groups, fused_16bit)) {
     throw py::value_error("group_norm_set_tuning: fused_threads must be a multiple of 32 in [0, 512] and the "
                           "other sizes >= 0");
   }
@@ -103,12 +113,14 @@ PYBIND11_MODULE(_cuda, mod) {
   mod.def("group_norm_workspace", &group_norm_workspace,
           "Floats of device workspace that group_norm_forward/backward need for these sizes.");
   mod.def("group_norm_forward", &group_norm_forward, py::call_guard<py::gil_scoped_release>(),
-          "GroupNorm (+ SiLU) forward on the given stream; writes y, mean, rstd.");
+          "GroupNorm (+ SiLU) forward on the given stream; writes y, mean, rstd. weight/bias: address "
+          "(0: absent) and dtype code each.");
   mod.def("group_norm_backward", &group_norm_backward, py::call_guard<py::gil_scoped_release>(),
           "GroupNorm (+ SiLU) backward on the given stream; writes dx, dweight, dbias (float32).");
   mod.def("group_norm_set_tuning", &group_norm_set_tuning, py::arg("fused_threads") = 0,
           py::arg("target_blocks") = 0, py::arg("min_per_block") = 0, py::arg("min_rows") = 0,
-          py::arg("min_per_warp") = 0, py::arg("fused") = true,
+          py::arg("min_per_warp") = 0, py::arg("fused") = true, py::arg("target_blocks_cl") = 0,
+          py::arg("fused_min_groups") = 0, py::arg("fused_16bit") = false,
           "GroupNorm launch settings for later calls (0: default); for bench/sweep_group_norm_cuda.py.");
   mod.def("build_info", &build_info, "Compiled architectures and CUDA runtime/driver versions");
 }

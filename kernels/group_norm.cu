@@ -34,6 +34,14 @@ struct Tuning {
   int64_t min_rows = 32;          // channels-last rows per partial-sum block, at least
   int64_t min_per_warp = 1024;    // elements per partial-sum warp (contiguous backward), at least
   bool fused = true;              // the fused forward where the group fits in shared memory
+  // Channels-last partial-sum blocks to aim for: 512 measured 2-13 % faster than 1024 on an H100
+  // (bench/sweep_group_norm_cuda.py), the contiguous partial sums no faster.
+  int64_t target_blocks_cl = 512;
+  // The fused forward only for float32 and at least this many groups in all: on an H100 it was
+  // slower than the three-pass path for every 16-bit shape and for float32 at 256 groups (a block
+  // per group leaves the SMs short of work), faster for float32 at 1536 (sweep, 2026-11-26).
+  int64_t fused_min_groups = 1024;
+  bool fused_16bit = false;  // (so the tests can still run the fused kernel on 16-bit input)
 };
 
 Tuning& tuning() {
@@ -60,7 +68,8 @@ int elem_size(DType d) { return d == DType::Float32 ? 4 : 2; }
 Plan make_plan(DType dtype, int64_t n, int64_t c, int64_t s, int64_t groups, bool cl, bool backward) {
   Plan p{n, c, s, groups, c / groups, (c / groups) * s, cl, 16 / elem_size(dtype), 1, 1, 1};
   if (cl) {
-    p.parts = std::clamp<int64_t>(ceil_div(tuning().target_blocks, n), 1, std::max<int64_t>(1, s / tuning().min_rows));
+    p.parts = std::clamp<int64_t>(ceil_div(tuning().target_blocks_cl, n), 1,
+                                  std::max<int64_t>(1, s / tuning().min_rows));
     p.len = ceil_div(s, p.parts);
     p.parts = ceil_div(s, p.len);
     p.k = c;
@@ -95,7 +104,12 @@ struct Workspace {
 size_t workspace_floats(const Plan& p, bool backward) {
   size_t f = 2 * static_cast<size_t>(p.n * p.parts * p.k);
   if (backward) f += 4 * static_cast<size_t>(p.n * p.c) + 2 * static_cast<size_t>(p.n * p.groups);
-  return f;
+  return f + 2 * static_cast<size_t>(p.c);  // + the affine parameters in float32 (affine_f32)
+}
+
+// Where affine_f32 puts the converted weight and bias: the workspace's last 2C floats.
+float* affine_tail(float* base, const Plan& p, bool backward) {
+  return base + workspace_floats(p, backward) - 2 * p.c;
 }
 
 Workspace carve(float* base, const Plan& p, bool backward) {
@@ -566,6 +580,17 @@ __global__ void __launch_bounds__(kThreads) bwd_weight_grads_kernel(Workspace ws
   dweight[c] = static_cast<float>(s2);
 }
 
+// The affine parameters in float32: weight (1 where absent) and bias (0 where absent), from any
+// of the three dtypes, in one launch instead of the caller's two conversions per call.
+template <typename W, typename B>
+__global__ void __launch_bounds__(kThreads) affine_f32_kernel(const W* w, const B* b, float* w32, float* b32,
+                                                              int64_t c) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= c) return;
+  w32[i] = w != nullptr ? to_float(w[i]) : 1.0f;
+  b32[i] = b != nullptr ? to_float(b[i]) : 0.0f;
+}
+
 // ---- launchers -------------------------------------------------------------------------------------
 
 unsigned blocks_for(int64_t work, int threads) { return static_cast<unsigned>(ceil_div(work, threads)); }
@@ -612,9 +637,12 @@ bool can_vectorize(const Plan& p, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
-// Whether the forward takes the fused kernel: contiguous, and the group fits in shared memory.
+// Whether the forward takes the fused kernel: contiguous, float32, enough groups, and the group
+// fits in shared memory.
 bool fused_forward(const Plan& p, size_t elem_bytes) {
-  return !p.cl && tuning().fused && static_cast<size_t>(p.m) * elem_bytes <= static_cast<size_t>(max_dynamic_smem());
+  return !p.cl && tuning().fused && (elem_bytes == 4 || tuning().fused_16bit) &&
+         p.n * p.groups >= tuning().fused_min_groups &&
+         static_cast<size_t>(p.m) * elem_bytes <= static_cast<size_t>(max_dynamic_smem());
 }
 
 template <typename T, bool kSilu, int V>
@@ -683,6 +711,45 @@ cudaError_t forward_typed(const void* x, const float* w, const float* b, void* y
   return forward_launch<T, kSilu, 1>(xt, w, b, yt, mean, rstd, workspace, p, eps, stream);
 }
 
+template <typename W, typename B>
+void launch_affine_f32(const void* w, const void* b, float* w32, float* b32, int64_t c, cudaStream_t stream) {
+  affine_f32_kernel<W, B><<<blocks_for(c, kThreads), kThreads, 0, stream>>>(
+      static_cast<const W*>(w), static_cast<const B*>(b), w32, b32, c);
+}
+
+template <typename W>
+cudaError_t affine_f32_bias(const void* w, const void* b, DType b_dtype, float* w32, float* b32, int64_t c,
+                            cudaStream_t stream) {
+  switch (b_dtype) {
+    case DType::Float32: launch_affine_f32<W, float>(w, b, w32, b32, c, stream); break;
+    case DType::Float16: launch_affine_f32<W, __half>(w, b, w32, b32, c, stream); break;
+    case DType::BFloat16: launch_affine_f32<W, __nv_bfloat16>(w, b, w32, b32, c, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+// The affine parameters as float32 arrays for the kernels: the caller's own when both are float32,
+// else converted into `tail` (2C floats of the workspace).
+cudaError_t affine_f32(const Affine& a, int64_t c, float* tail, const float** w, const float** b,
+                       cudaStream_t stream) {
+  if (a.weight != nullptr && a.bias != nullptr && a.weight_dtype == DType::Float32 &&
+      a.bias_dtype == DType::Float32) {
+    *w = static_cast<const float*>(a.weight);
+    *b = static_cast<const float*>(a.bias);
+    return cudaSuccess;
+  }
+  *w = tail;
+  *b = tail + c;
+  switch (a.weight_dtype) {
+    case DType::Float32: return affine_f32_bias<float>(a.weight, a.bias, a.bias_dtype, tail, tail + c, c, stream);
+    case DType::Float16: return affine_f32_bias<__half>(a.weight, a.bias, a.bias_dtype, tail, tail + c, c, stream);
+    case DType::BFloat16:
+      return affine_f32_bias<__nv_bfloat16>(a.weight, a.bias, a.bias_dtype, tail, tail + c, c, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 template <typename T, bool kSilu>
 cudaError_t backward_typed(const void* dy, const void* x, const float* w, const float* b, const float* mean,
                            const float* rstd, void* dx, float* dweight, float* dbias, float* workspace, Plan p,
@@ -701,9 +768,10 @@ cudaError_t backward_typed(const void* dy, const void* x, const float* w, const 
 }  // namespace
 
 bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min_per_block, int64_t min_rows,
-                           int64_t min_per_warp, bool fused) {
+                           int64_t min_per_warp, bool fused, int64_t target_blocks_cl, int64_t fused_min_groups,
+                           bool fused_16bit) {
   if (fused_threads < 0 || fused_threads > kFusedThreads || fused_threads % 32 != 0 || target_blocks < 0 ||
-      min_per_block < 0 || min_rows < 0 || min_per_warp < 0) {
+      min_per_block < 0 || min_rows < 0 || min_per_warp < 0 || target_blocks_cl < 0 || fused_min_groups < 0) {
     return false;
   }
   const Tuning defaults;
@@ -714,6 +782,9 @@ bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min
   t.min_rows = min_rows ? min_rows : defaults.min_rows;
   t.min_per_warp = min_per_warp ? min_per_warp : defaults.min_per_warp;
   t.fused = fused;
+  t.target_blocks_cl = target_blocks_cl ? target_blocks_cl : defaults.target_blocks_cl;
+  t.fused_min_groups = fused_min_groups ? fused_min_groups : defaults.fused_min_groups;
+  t.fused_16bit = fused_16bit;
   return true;
 }
 
@@ -723,11 +794,14 @@ size_t group_norm_workspace_floats(DType dtype, int64_t n, int64_t c, int64_t s,
   return workspace_floats(make_plan(dtype, n, c, s, groups, channels_last, backward), backward);
 }
 
-cudaError_t group_norm_forward(DType dtype, const void* x, const float* weight, const float* bias, void* y,
-                               float* mean, float* rstd, float* workspace, int64_t n, int64_t c, int64_t s,
-                               int64_t groups, float eps, bool silu, bool channels_last, cudaStream_t stream) {
+cudaError_t group_norm_forward(DType dtype, const void* x, const Affine& affine, void* y, float* mean, float* rstd,
+                               float* workspace, int64_t n, int64_t c, int64_t s, int64_t groups, float eps,
+                               bool silu, bool channels_last, cudaStream_t stream) {
   if (n * c * s == 0) return cudaSuccess;
   const Plan p = make_plan(dtype, n, c, s, groups, channels_last, false);
+  const float *weight = nullptr, *bias = nullptr;
+  const cudaError_t err = affine_f32(affine, c, affine_tail(workspace, p, false), &weight, &bias, stream);
+  if (err != cudaSuccess) return err;
   switch (dtype) {
     case DType::Float32:
       return silu ? forward_typed<float, true>(x, weight, bias, y, mean, rstd, workspace, p, eps, stream)
@@ -742,12 +816,15 @@ cudaError_t group_norm_forward(DType dtype, const void* x, const float* weight, 
   return cudaErrorInvalidValue;
 }
 
-cudaError_t group_norm_backward(DType dtype, const void* dy, const void* x, const float* weight, const float* bias,
-                                const float* mean, const float* rstd, void* dx, float* dweight, float* dbias,
-                                float* workspace, int64_t n, int64_t c, int64_t s, int64_t groups, bool silu,
-                                bool channels_last, cudaStream_t stream) {
+cudaError_t group_norm_backward(DType dtype, const void* dy, const void* x, const Affine& affine, const float* mean,
+                                const float* rstd, void* dx, float* dweight, float* dbias, float* workspace, int64_t n,
+                                int64_t c, int64_t s, int64_t groups, bool silu, bool channels_last,
+                                cudaStream_t stream) {
   if (n * c * s == 0) return cudaSuccess;
   const Plan p = make_plan(dtype, n, c, s, groups, channels_last, true);
+  const float *weight = nullptr, *bias = nullptr;
+  const cudaError_t err = affine_f32(affine, c, affine_tail(workspace, p, true), &weight, &bias, stream);
+  if (err != cudaSuccess) return err;
   switch (dtype) {
     case DType::Float32:
       return silu ? backward_typed<float, true>(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, workspace, p, stream)

@@ -333,6 +333,24 @@ def test_cpu_backward_of_a_group_too_large_for_its_scratch_buffer(request):
     check_all("cpu", x, 1, w, b, dy, "silu")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_fused_forward_on_every_dtype(dtype, request):
+    """The shared-memory forward, which the default settings keep for float32 with many groups,
+    forced onto small groups of every dtype (vectorized and not, with and without the affine
+    parameters)."""
+    from ldmfast.ops import _native
+    mod = _native.cuda_module()
+    try:
+        mod.group_norm_set_tuning(fused_min_groups=1, fused_16bit=True)
+        for shape, groups in (((2, 16, 8, 8), 4), ((3, 6, 7, 5), 3), ((1, 224, 12, 14), 32)):
+            x, w, b, dy = make_inputs(shape, dtype, torch.device("cuda"), fresh_seed(request))
+            check_all("cuda", x, groups, w, b, dy, "silu")
+            check_all("cuda", x, groups, None, None, dy, None)
+    finally:
+        mod.group_norm_set_tuning()
+
+
 def test_cuda_tuning_setter_checks_its_values_and_changes_the_plan():
     """The sweep's launch-setting hook, host side only (no GPU needed: CI builds the CUDA module
     and runs this). The plan shows in the workspace size: fewer elements per partial-sum warp, more

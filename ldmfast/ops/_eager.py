@@ -29,6 +29,13 @@ def applies(*tensors) -> bool:
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+def records_grad(*tensors) -> bool:
+    """Whether autograd would record the op: grad mode on and some input requiring grad. When
+    not, the fast path calls the forward alone (the autograd.Function's own bookkeeping is host
+    time that inference, e.g. a sampling loop, does not need)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 # Parameters are plain tensors to the dispatcher (their __torch_function__ is disabled).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 

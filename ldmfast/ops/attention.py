@@ -190,8 +190,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         reason = _backends.unavailable_reason("triton", q.device)
         if reason is not None:
             raise _backends.BackendUnavailableError(f"{OP}: the cuda backend's backward needs Triton: {reason}")
-    op = _AttentionEager.apply if _eager.applies(q, k, v) else _attention_op
-    return op(q, k, v, float(scale), backend)[0]
+    args = (q, k, v, float(scale), backend)
+    if not _eager.applies(q, k, v):
+        return _attention_op(*args)[0]
+    return (_AttentionEager.apply(*args) if _eager.records_grad(q, k, v) else _forward(*args))[0]
 
 
 def _heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -130,6 +130,17 @@ def _affine_f32(x, weight, bias):
     return w, b
 
 
+def _affine_native(weight, bias):
+    """The affine parameters as the CUDA kernels take them: (address, dtype code) each, 0 for an
+    absent one; the kernels convert 16-bit or absent ones themselves (one launch, where two
+    conversions here cost host time on every call). Returns the tensors to keep alive until the
+    launch, and the four arguments."""
+    kept = tuple(None if t is None else
+                 (t if t.dtype in _native.KERNEL_DTYPES else t.float()).contiguous() for t in (weight, bias))
+    codes = tuple(_native.dtype_code(t) if t is not None else _native.DTYPE_CODES[torch.float32] for t in kept)
+    return kept, (_native.ptr(kept[0]), codes[0], _native.ptr(kept[1]), codes[1])
+
+
 def _sizes(x, num_groups):
     n, c = x.shape[:2]
     s = x.numel() // (n * c) if n * c else 0
@@ -146,21 +157,22 @@ def _run_forward(backend, x, weight, bias, num_groups, eps, activation):
         mean.zero_()
         rstd.fill_(1.0 / math.sqrt(eps))
         return y, mean, rstd
-    w, b = _affine_f32(x, weight, bias)
     silu = activation == "silu"
     cl = _layout(y)
+    if backend == "cuda":
+        mod = _native.cuda_module()
+        ws = torch.empty(mod.group_norm_workspace(_native.dtype_code(xk), n, c, s, g, cl, False),
+                         dtype=torch.float32, device=x.device)
+        _kept, affine = _affine_native(weight, bias)
+        mod.group_norm_forward(
+            x.device.index, _native.cuda_stream(x), _native.dtype_code(xk), xk.data_ptr(), *affine, y.data_ptr(),
+            mean.data_ptr(), rstd.data_ptr(), ws.data_ptr(), n, c, s, g, float(eps), silu, cl)
+        return y, mean, rstd
+    w, b = _affine_f32(x, weight, bias)
     if backend == "cpu":
         _native.cpu_module().group_norm_forward(
             _native.dtype_code(xk), xk.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean.data_ptr(),
             rstd.data_ptr(), n, c, s, g, float(eps), silu, cl, torch.get_num_threads())
-    elif backend == "cuda":
-        mod = _native.cuda_module()
-        ws = torch.empty(mod.group_norm_workspace(_native.dtype_code(xk), n, c, s, g, cl, False),
-                         dtype=torch.float32, device=x.device)
-        mod.group_norm_forward(
-            x.device.index, _native.cuda_stream(x), _native.dtype_code(xk), xk.data_ptr(), w.data_ptr(),
-            b.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), ws.data_ptr(), n, c, s, g, float(eps),
-            silu, cl)
     elif backend == "triton":
         from . import group_norm_triton
         group_norm_triton.forward(xk, w, b, y, mean, rstd, n, c, s, g, float(eps), silu, cl)
@@ -180,23 +192,25 @@ def _run_backward(backend, dy, x, weight, bias, mean, rstd, num_groups, activati
         dweight.zero_()
         dbias.zero_()
         return dx, dweight, dbias
-    w, b = _affine_f32(x, weight, bias)
     silu = activation == "silu"
     cl = _layout(dx)
     mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
+    if backend == "cuda":
+        mod = _native.cuda_module()
+        ws = torch.empty(mod.group_norm_workspace(_native.dtype_code(xk), n, c, s, g, cl, True),
+                         dtype=torch.float32, device=x.device)
+        _kept, affine = _affine_native(weight, bias)
+        mod.group_norm_backward(
+            x.device.index, _native.cuda_stream(x), _native.dtype_code(xk), dyk.data_ptr(), xk.data_ptr(), *affine,
+            mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), ws.data_ptr(),
+            n, c, s, g, silu, cl)
+        return dx, dweight, dbias
+    w, b = _affine_f32(x, weight, bias)
     if backend == "cpu":
         _native.cpu_module().group_norm_backward(
             _native.dtype_code(xk), dyk.data_ptr(), xk.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(),
             rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), n, c, s, g, silu, cl,
             torch.get_num_threads())
-    elif backend == "cuda":
-        mod = _native.cuda_module()
-        ws = torch.empty(mod.group_norm_workspace(_native.dtype_code(xk), n, c, s, g, cl, True),
-                         dtype=torch.float32, device=x.device)
-        mod.group_norm_backward(
-            x.device.index, _native.cuda_stream(x), _native.dtype_code(xk), dyk.data_ptr(), xk.data_ptr(),
-            w.data_ptr(), b.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(),
-            dbias.data_ptr(), ws.data_ptr(), n, c, s, g, silu, cl)
     elif backend == "triton":
         from . import group_norm_triton
         group_norm_triton.backward(dyk, xk, w, b, mean, rstd, dx, dweight, dbias, n, c, s, g, silu, cl)
@@ -318,6 +332,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: must be None or 'silu', got {activation!r}")
     backend = _backends.resolve(OP, x)
-    op = _GroupNormEager.apply if _eager.applies(x, weight, bias) else _group_norm_op
-    y, _, _ = op(x, weight, bias, int(num_groups), float(eps), activation or "", backend)
-    return y
+    args = (x, weight, bias, int(num_groups), float(eps), activation or "", backend)
+    if not _eager.applies(x, weight, bias):
+        return _group_norm_op(*args)[0]
+    return (_GroupNormEager.apply(*args) if _eager.records_grad(x, weight, bias) else _forward(*args))[0]
