@@ -19,7 +19,9 @@ level, 32 channels per attention head at the two lower levels and the middle, ba
 the dtype (as `torch_dtype=` pipelines do); the models run in their default contiguous format,
 and with --channels-last (default on GPU) also with channels-last convolution weights, with and
 without the fused ops (speedup_cl: over the model as built; speedup_cl_vs_torch_cl: over torch
-with the same memory format).
+with the same memory format); with --cuda-graphs (default on GPU) also with the inference forward
+replayed from CUDA graphs, ldmfast's (channels-last) and torch's alike (speedup_graphs: over the
+model as built; speedup_graphs_vs_torch_graphs: over torch replayed from graphs too).
 """
 from __future__ import annotations
 
@@ -168,7 +170,9 @@ class Acceleration:
     alone gives."""
 
     KWARGS = {"torch": None, "ldmfast": {}, "ldmfast+cl": {"channels_last": True},
-              "torch+cl": {"group_norm": False, "attention": False, "channels_last": True}}
+              "torch+cl": {"group_norm": False, "attention": False, "channels_last": True},
+              "ldmfast+cl+graphs": {"channels_last": True, "cuda_graphs": True},
+              "torch+graphs": {"group_norm": False, "attention": False, "cuda_graphs": True}}
 
     def __init__(self, model, sched):
         self.model, self.sched, self.report, self.sched_on = model, sched, None, False
@@ -191,9 +195,11 @@ class Acceleration:
             self.sched_on = False
 
 
-def paired_min_ms(fn, switch, states, min_run_time, sync, clock):
+def paired_min_ms(fn, switch, states, min_run_time, sync, clock, capture=None):
     """Milliseconds per call of fn in each state, timed in alternating rounds, each the minimum
-    over rounds: robust to other processes sharing the machine."""
+    over rounds: robust to other processes sharing the machine. `capture` (one denoiser call) runs
+    untimed after each switch to a CUDA-graph state, whose graphs a switch drops: the timed call
+    replays, as every call of a sampling loop but its first does."""
     best = dict.fromkeys(states, float("inf"))
     deadline = time.perf_counter() + len(states) * min_run_time
     rounds = 0
@@ -202,6 +208,8 @@ def paired_min_ms(fn, switch, states, min_run_time, sync, clock):
             switch.set(state)
             if rounds == 0:
                 fn()  # warm up: Triton compilation, allocator, cuDNN's choice for the layout
+            elif capture is not None and state.endswith("graphs"):
+                capture()
             sync()
             t0 = clock()
             fn()
@@ -252,11 +260,12 @@ def bench_model(name, kind, s, args, device, dtype):
     gpu = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if gpu else (lambda: None)
     clock = time.thread_time if args.cpu_time else time.perf_counter
-    states = ["torch", "ldmfast"] + (["ldmfast+cl", "torch+cl"] if args.channels_last else [])
+    states = ["torch", "ldmfast"] + (["ldmfast+cl", "torch+cl"] if args.channels_last else []) + \
+        (["ldmfast+cl+graphs", "torch+graphs"] if args.cuda_graphs else [])
     rows = []
     with torch.no_grad():
         for what, fn in cases:
-            ms = paired_min_ms(fn, switch, states, args.min_run_time, sync, clock)
+            ms = paired_min_ms(fn, switch, states, args.min_run_time, sync, clock, capture=cases[0][1])
             switch.set("ldmfast")
             report = switch.report
             row = {"model": name, "what": what, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
@@ -266,6 +275,11 @@ def bench_model(name, kind, s, args, device, dtype):
             if args.channels_last:
                 row.update({"ldmfast_cl_ms": ms["ldmfast+cl"], "speedup_cl": ms["torch"] / ms["ldmfast+cl"],
                             "torch_cl_ms": ms["torch+cl"], "speedup_cl_vs_torch_cl": ms["torch+cl"] / ms["ldmfast+cl"]})
+            if args.cuda_graphs:
+                ours = ms["ldmfast+cl+graphs"]
+                row.update({"ldmfast_graphs_ms": ours, "speedup_graphs": ms["torch"] / ours,
+                            "torch_graphs_ms": ms["torch+graphs"],
+                            "speedup_graphs_vs_torch_graphs": ms["torch+graphs"] / ours})
             if gpu:
                 row["ldmfast_peak_GiB"] = peak_GiB(fn, device)
                 switch.off()
@@ -292,6 +306,9 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="also time accelerate(model, channels_last=True), and torch with only its convolution "
                         "weights channels-last (default: on GPU)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time accelerate(model, channels_last=True, cuda_graphs=True), and torch replayed "
+                        "from CUDA graphs (default: on GPU)")
     p.add_argument("--no-save", action="store_true", help="print only; write nothing under bench/results")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -306,6 +323,10 @@ def main(argv=None) -> int:
     args.steps = args.steps or (50 if on_gpu else 5)
     if args.channels_last is None:
         args.channels_last = on_gpu
+    if args.cuda_graphs is None:
+        args.cuda_graphs = on_gpu
+    if args.cuda_graphs and not on_gpu:
+        p.error("--cuda-graphs needs --device cuda")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -325,6 +346,8 @@ def main(argv=None) -> int:
     columns = ["model", "what", "batch", "dtype", "torch_ms", "ldmfast_ms", "speedup", "replaced", "left_alone"]
     if args.channels_last:
         columns[7:7] = ["torch_cl_ms", "ldmfast_cl_ms", "speedup_cl", "speedup_cl_vs_torch_cl"]
+    if args.cuda_graphs:
+        columns[7:7] = ["torch_graphs_ms", "ldmfast_graphs_ms", "speedup_graphs", "speedup_graphs_vs_torch_graphs"]
     if on_gpu:
         columns += ["torch_peak_GiB", "ldmfast_peak_GiB"]
     common.print_table(rows, columns)

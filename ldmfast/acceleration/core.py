@@ -5,7 +5,7 @@ import weakref
 
 from torch import nn
 
-from . import diffusers, generic, memory_format, monai, openaimodel
+from . import diffusers, generic, graphs, memory_format, monai, openaimodel
 from .fused import AcceleratedGroupNorm
 from .patcher import has_fused_forward
 from .report import AccelerationReport
@@ -21,7 +21,7 @@ def _rules():
 
 
 def accelerate(model: nn.Module, *, group_norm: bool = True, attention: bool = True,
-               channels_last: bool = False) -> AccelerationReport:
+               channels_last: bool = False, cuda_graphs: bool = False) -> AccelerationReport:
     """Make `model` run ldmfast's fused ops, in place and reversibly.
 
     - every nn.GroupNorm becomes the fused GroupNorm, sharing its parameters (state_dict keys and
@@ -37,6 +37,9 @@ def accelerate(model: nn.Module, *, group_norm: bool = True, attention: bool = T
     - channels_last=True also stores the weights of 2-D convolutions channels-last, so that the
       convolutions run in NHWC (faster in 16-bit on NVIDIA GPUs) and the activations stay
       channels-last through the fused ops; inputs may stay contiguous.
+    - cuda_graphs=True replays the model's inference forward (grad mode off, CUDA inputs) from
+      CUDA graphs captured per input signature, so that a sampling loop no longer waits on the
+      host's kernel launches (ldmfast.acceleration.graphs says when it runs eagerly instead).
 
     group_norm / attention: False leaves that kind alone. Returns an AccelerationReport listing what
     was replaced and what was left alone and why; `report.undo()` or `ldmfast.restore(model)`
@@ -45,7 +48,8 @@ def accelerate(model: nn.Module, *, group_norm: bool = True, attention: bool = T
     if not isinstance(model, nn.Module):
         hint = " (for a DDIM scheduler use ldmfast.schedulers.accelerate)" if hasattr(model, "step") else ""
         raise ValueError(f"model: must be a torch.nn.Module, got {type(model).__name__}{hint}")
-    for name, flag in (("group_norm", group_norm), ("attention", attention), ("channels_last", channels_last)):
+    for name, flag in (("group_norm", group_norm), ("attention", attention), ("channels_last", channels_last),
+                       ("cuda_graphs", cuda_graphs)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name}: must be True or False, got {flag!r}")
     previous = _REPORTS.get(model)
@@ -76,6 +80,8 @@ def accelerate(model: nn.Module, *, group_norm: bool = True, attention: bool = T
     if channels_last:
         memory_format.convs_to_channels_last(model, report)
     generic.list_left_alone(model, report, attention)
+    if cuda_graphs:
+        graphs.graph_forward(model, report)
     _REPORTS[model] = report
     return report
 

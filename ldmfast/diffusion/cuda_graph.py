@@ -27,7 +27,7 @@ class GraphedStep:
         if x.device.type != "cuda":
             raise ValueError(f"cuda_graph: CUDA-graph capture needs CUDA tensors, got a {x.device.type} tensor")
         self.step_fn = step  # held: keeps the denoiser and its tensors alive while the graph lives
-        self.static = {name: (None if v is None else _static_like(v)) for name, v in (
+        self.static = {name: (None if v is None else static_like(v)) for name, v in (
             ("x", x), ("t", t), ("abar_t", abar_t), ("abar_prev", abar_prev), ("noise", noise),
             ("condition", condition))}
         device = x.device
@@ -66,7 +66,7 @@ class GraphedStep:
         return self.static["x"]
 
 
-def _static_like(t: torch.Tensor) -> torch.Tensor:
+def static_like(t: torch.Tensor) -> torch.Tensor:
     """A buffer of t's shape, dtype, device and memory format holding t's values."""
     buf = torch.empty_like(t, memory_format=torch.preserve_format)
     buf.copy_(t)
