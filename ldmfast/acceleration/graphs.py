@@ -37,7 +37,8 @@ class _CapturedCall:
     """forward(*args, **kwargs) captured for the example inputs' signature."""
 
     def __init__(self, forward: Callable, leaves: list, spec, warmup: int = 2):
-        self.forward = forward  # held: keeps the model alive while its graph is
+        # forward is only called here: a replay runs the recorded kernels (and holding the bound
+        # method would keep the model alive through _STATES, whose keys are weak).
         self.static = [static_like(x) if isinstance(x, torch.Tensor) else x for x in leaves]
         self.spec = spec
         device = next(x for x in leaves if isinstance(x, torch.Tensor)).device
@@ -47,19 +48,19 @@ class _CapturedCall:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                self._run()
+                self._run(forward)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            out = self._run()
+            out = self._run(forward)
         self.out_leaves, self.out_spec = pytree.tree_flatten(out)
         odd = [type(x).__name__ for x in self.out_leaves if not isinstance(x, (torch.Tensor, *_PLAIN_VALUES))]
         if odd:
             raise TypeError(f"the output holds {', '.join(sorted(set(odd)))}, which cannot be copied out of the graph")
 
-    def _run(self):
+    def _run(self, forward: Callable):
         args, kwargs = pytree.tree_unflatten(self.static, self.spec)
-        return self.forward(*args, **kwargs)
+        return forward(*args, **kwargs)
 
     def __call__(self, leaves: list):
         for buf, x in zip(self.static, leaves):
@@ -72,10 +73,10 @@ class _CapturedCall:
 
 class _GraphState:
     """A module's graphs, the parameter addresses they were captured with, and the signatures
-    whose capture failed (those run eagerly, with one warning each)."""
+    whose capture failed (those run eagerly, with one warning each). `inner` is the function of the
+    forward the graphs replay (unbound: the state must not keep its module alive)."""
 
-    def __init__(self, module: nn.Module, inner: Callable, max_graphs: int = 2):
-        self.module_ref = weakref.ref(module)
+    def __init__(self, inner: Callable, max_graphs: int = 2):
         self.inner = inner
         self.cache = GraphCache(max_graphs)
         self.failed: dict = {}
@@ -124,7 +125,7 @@ _STATES: "weakref.WeakKeyDictionary[nn.Module, _GraphState]" = weakref.WeakKeyDi
 def _graphed_forward(self, *args, **kwargs):
     """The module's forward, replayed from a CUDA graph where the call allows (see the module doc)."""
     state = _STATES[self]
-    inner = state.inner if state.inner is not None else type(self).forward.__get__(self)
+    inner = state.inner.__get__(self)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     if why_not_graphed(leaves) is not None:
         return inner(*args, **kwargs)
@@ -151,15 +152,20 @@ def graph_forward(model: nn.Module, report: AccelerationReport) -> None:
     """Give `model` (the root) the graphed forward, over whatever forward it has now (an ldmfast
     fused forward a rule set, or its class's)."""
     previous = model.__dict__.get("forward")
-    _STATES[model] = _GraphState(model, previous)
+    previous_func = previous.__func__ if previous is not None else None
+    _STATES[model] = _GraphState(previous_func if previous_func is not None else type(model).forward)
     model.forward = types.MethodType(_graphed_forward, model)
+    model_ref = weakref.ref(model)  # the report is kept per model with a weak key: no strong path back
 
     def undo():
-        if previous is None:
-            model.__dict__.pop("forward", None)
+        module = model_ref()
+        if module is None:
+            return
+        if previous_func is None:
+            module.__dict__.pop("forward", None)
         else:
-            model.forward = previous
-        _STATES.pop(model, None)
+            module.forward = types.MethodType(previous_func, module)
+        _STATES.pop(module, None)
 
     report.record(Change("", "cuda_graphs", f"{type(model).__name__}: inference forward replayed from CUDA "
                                             "graphs (per input signature)"), undo)
