@@ -141,6 +141,14 @@ def _affine_native(weight, bias):
     return kept, (_native.ptr(kept[0]), codes[0], _native.ptr(kept[1]), codes[1])
 
 
+def _cuda_call_parts(xk, weight, bias, n, c, s, g, cl, backward):
+    """The CUDA module, a workspace for this call, and _affine_native's tensors and arguments."""
+    mod = _native.cuda_module()
+    ws = torch.empty(mod.group_norm_workspace(_native.dtype_code(xk), n, c, s, g, cl, backward),
+                     dtype=torch.float32, device=xk.device)
+    return (mod, ws) + _affine_native(weight, bias)
+
+
 def _sizes(x, num_groups):
     n, c = x.shape[:2]
     s = x.numel() // (n * c) if n * c else 0
@@ -160,10 +168,7 @@ def _run_forward(backend, x, weight, bias, num_groups, eps, activation):
     silu = activation == "silu"
     cl = _layout(y)
     if backend == "cuda":
-        mod = _native.cuda_module()
-        ws = torch.empty(mod.group_norm_workspace(_native.dtype_code(xk), n, c, s, g, cl, False),
-                         dtype=torch.float32, device=x.device)
-        _kept, affine = _affine_native(weight, bias)
+        mod, ws, _kept, affine = _cuda_call_parts(xk, weight, bias, n, c, s, g, cl, False)
         mod.group_norm_forward(
             x.device.index, _native.cuda_stream(x), _native.dtype_code(xk), xk.data_ptr(), *affine, y.data_ptr(),
             mean.data_ptr(), rstd.data_ptr(), ws.data_ptr(), n, c, s, g, float(eps), silu, cl)
@@ -196,10 +201,7 @@ def _run_backward(backend, dy, x, weight, bias, mean, rstd, num_groups, activati
     cl = _layout(dx)
     mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
     if backend == "cuda":
-        mod = _native.cuda_module()
-        ws = torch.empty(mod.group_norm_workspace(_native.dtype_code(xk), n, c, s, g, cl, True),
-                         dtype=torch.float32, device=x.device)
-        _kept, affine = _affine_native(weight, bias)
+        mod, ws, _kept, affine = _cuda_call_parts(xk, weight, bias, n, c, s, g, cl, True)
         mod.group_norm_backward(
             x.device.index, _native.cuda_stream(x), _native.dtype_code(xk), dyk.data_ptr(), xk.data_ptr(), *affine,
             mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), ws.data_ptr(),
