@@ -44,15 +44,16 @@ class _CapturedCall:
         device = next(x for x in leaves if isinstance(x, torch.Tensor)).device
         # Warm-up off the capture stream, as torch.cuda.graph requires: first calls compile Triton
         # kernels, choose cuDNN algorithms and grow the allocator, which no capture may do.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._run(forward)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            out = self._run(forward)
+        with torch.cuda.device(device):  # the inputs' device, whichever is current
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._run(forward)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                out = self._run(forward)
         self.out_leaves, self.out_spec = pytree.tree_flatten(out)
         odd = [type(x).__name__ for x in self.out_leaves if not isinstance(x, (torch.Tensor, *_PLAIN_VALUES))]
         if odd:
