@@ -77,8 +77,28 @@ def test_strided_blhd_views_are_read_in_place(case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b,h,lq,lk,d", [(2, 3, 37, 29, 32), (1, 2, 20, 70, 80), (1, 1, 9, 17, 512)])
 def test_gradients(case, dtype, b, h, lq, lk, d):
+    check_gradients(case, dtype, b, h, lq, lk, d)
+
+
+@pytest.mark.parametrize("case", [c for c in BACKEND_CASES if c.values[0].endswith("triton")])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wide_head_backward_in_chunks(case, dtype, monkeypatch):
+    """Heads over 256 wide take attention_wide's backward: several query chunks (a small budget),
+    several batch-heads, Lq != Lk, (B, L, H, D) views, head dims 512 and 300."""
+    from ldmfast.ops import attention_wide
+    calls = []
+    monkeypatch.setattr(attention_wide, "CHUNK_BUDGET", 4 << 10)
+    real = attention_wide.backward
+    monkeypatch.setattr(attention_wide, "backward", lambda *a: calls.append(a[0].shape) or real(*a))
+    assert attention_wide.chunk_rows(2 * 2, 23, 19, dtype.itemsize) < 23  # more than one chunk
+    check_gradients(case, dtype, 2, 2, 23, 19, 512, layout="blhd")
+    check_gradients(case, dtype, 1, 3, 11, 40, 300)
+    assert len(calls) == 2
+
+
+def check_gradients(case, dtype, b, h, lq, lk, d, layout="bhld"):
     device, backend = split_case(case)
-    q, k, v = make_qkv(b, h, lq, lk, d, dtype, device)
+    q, k, v = make_qkv(b, h, lq, lk, d, dtype, device, layout)
     dout = torch.randn(b, h, lq, d, dtype=torch.float64).to(device=device, dtype=dtype)
     leaves64 = [t.double().detach().requires_grad_() for t in (q, k, v)]
     ref = torch.softmax(leaves64[0] @ leaves64[1].transpose(-1, -2) * d ** -0.5, -1) @ leaves64[2]

@@ -1,5 +1,6 @@
 """Triton kernels of the fused attention: forward with log-sum-exp, and the backward as a delta
-pre-pass, a dk/dv kernel over key blocks and a dq kernel over query blocks (no atomics)."""
+pre-pass, a dk/dv kernel over key blocks and a dq kernel over query blocks (no atomics); heads
+wider than WIDE_HEAD take attention_wide's backward after the delta pre-pass."""
 from __future__ import annotations
 
 import torch
@@ -24,6 +25,11 @@ def _precision(t: torch.Tensor) -> str:
     return "tf32x3" if t.dtype == torch.float32 else "tf32"
 
 
+# Head dims above this take the backward of attention_wide (GEMMs over query chunks): the
+# flash-style kernels' on-chip dk/dv accumulators leave room for 32 x 32 tiles only.
+WIDE_HEAD = 256
+
+
 def _wide_16bit(block_d: int, dtype: torch.dtype) -> bool:
     """Head dim 512 in 16 bits (the VQGAN's middle block): its own measured launch settings."""
     return block_d > 256 and dtype != torch.float32
@@ -34,8 +40,8 @@ def _blocks(d: int, lq: int, lk: int, dtype: torch.dtype, which: str) -> tuple[i
     block_d = max(16, triton.next_power_of_2(d))
     if _wide_16bit(block_d, dtype):
         # From bench/sweep_attention_triton.py on an H200 at B=6 L=2688 bf16: 64x64 tiles run the
-        # forward 3.5x faster than 16x16 (0.48 against 1.69 ms), 32x32 the backward 1.5x (4.9
-        # against 7.4 ms; larger tiles run out of resources).
+        # forward 3.5x faster than 16x16 (0.48 against 1.69 ms). (The backward's delta pre-pass
+        # alone uses these; its products run in attention_wide.)
         block_m, block_n = (64, 64) if which == "forward" else (32, 32)
     else:
         block_m = 64 if block_d <= 64 else 32 if block_d <= 128 else 16
@@ -211,6 +217,10 @@ def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
     _bwd_delta_kernel[(triton.cdiv(lq, bm), b * h)](
         out, dout, delta, *out.stride(), *dout.stride(), h, lq, d,
         BLOCK_M=bm, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=launch["num_warps"])
+    if d > WIDE_HEAD:
+        from . import attention_wide
+        attention_wide.backward(q, k, v, dout, lse, delta, dq, dk, dv, scale)
+        return
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
         q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), h, lq, lk, d, scale,
