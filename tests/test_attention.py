@@ -81,19 +81,24 @@ def test_gradients(case, dtype, b, h, lq, lk, d):
 
 
 @pytest.mark.parametrize("case", [c for c in BACKEND_CASES if c.values[0].endswith("triton")])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_wide_head_backward_in_chunks(case, dtype, monkeypatch):
-    """Heads over 256 wide take attention_wide's backward: several query chunks (a small budget),
-    several batch-heads, Lq != Lk, (B, L, H, D) views, head dims 512 and 300."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_wide_heads_in_chunks(case, dtype, monkeypatch):
+    """16-bit heads over 256 wide take attention_wide's GEMMs, forward and backward: several query
+    chunks (a small budget), several batch-heads, Lq != Lk, (B, L, H, D) views, head dims 512 and
+    300. (float32 keeps the flash-style kernels, which test_gradients covers at 512.)"""
     from ldmfast.ops import attention_wide
     calls = []
     monkeypatch.setattr(attention_wide, "CHUNK_BUDGET", 4 << 10)
-    real = attention_wide.backward
-    monkeypatch.setattr(attention_wide, "backward", lambda *a: calls.append(a[0].shape) or real(*a))
+    for name in ("forward", "backward"):
+        real = getattr(attention_wide, name)
+        monkeypatch.setattr(attention_wide, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     assert attention_wide.chunk_rows(2 * 2, 23, 19, dtype.itemsize) < 23  # more than one chunk
     check_gradients(case, dtype, 2, 2, 23, 19, 512, layout="blhd")
     check_gradients(case, dtype, 1, 3, 11, 40, 300)
-    assert len(calls) == 2
+    check_forward(case, dtype, 2, 2, 23, 19, 512, layout="blhd")
+    assert calls == ["forward", "backward"] * 2 + ["forward"]
+    assert not attention_wide.applies(torch.empty(1, 1, 1, 512)) and not attention_wide.applies(
+        torch.empty(1, 1, 1, 256, dtype=dtype))
 
 
 def check_gradients(case, dtype, b, h, lq, lk, d, layout="bhld"):

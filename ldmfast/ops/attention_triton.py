@@ -1,12 +1,14 @@
 """Triton kernels of the fused attention: forward with log-sum-exp, and the backward as a delta
-pre-pass, a dk/dv kernel over key blocks and a dq kernel over query blocks (no atomics); heads
-wider than WIDE_HEAD take attention_wide's backward after the delta pre-pass."""
+pre-pass, a dk/dv kernel over key blocks and a dq kernel over query blocks (no atomics). 16-bit
+heads over 256 wide run attention_wide's GEMMs instead (its `applies`), the backward after the
+delta pre-pass here."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
+from . import attention_wide
 from ._backends import _TRITON_INTERPRET
 
 LOG2E = 1.4426950408889634
@@ -25,11 +27,6 @@ def _precision(t: torch.Tensor) -> str:
     return "tf32x3" if t.dtype == torch.float32 else "tf32"
 
 
-# Head dims above this take the backward of attention_wide (GEMMs over query chunks): the
-# flash-style kernels' on-chip dk/dv accumulators leave room for 32 x 32 tiles only.
-WIDE_HEAD = 256
-
-
 def _wide_16bit(block_d: int, dtype: torch.dtype) -> bool:
     """Head dim 512 in 16 bits (the VQGAN's middle block): its own measured launch settings."""
     return block_d > 256 and dtype != torch.float32
@@ -40,8 +37,9 @@ def _blocks(d: int, lq: int, lk: int, dtype: torch.dtype, which: str) -> tuple[i
     block_d = max(16, triton.next_power_of_2(d))
     if _wide_16bit(block_d, dtype):
         # From bench/sweep_attention_triton.py on an H200 at B=6 L=2688 bf16: 64x64 tiles run the
-        # forward 3.5x faster than 16x16 (0.48 against 1.69 ms). (The backward's delta pre-pass
-        # alone uses these; its products run in attention_wide.)
+        # forward 3.5x faster than 16x16 (0.48 against 1.69 ms), 32x32 the backward 1.5x (4.9
+        # against 7.4 ms). (Since then 16-bit heads this wide run attention_wide's GEMMs, and only
+        # the backward's delta pre-pass uses these.)
         block_m, block_n = (64, 64) if which == "forward" else (32, 32)
     else:
         block_m = 64 if block_d <= 64 else 32 if block_d <= 128 else 16
@@ -200,6 +198,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 
 
 def forward(q, k, v, out, lse, scale: float) -> None:
+    if attention_wide.applies(q):
+        attention_wide.forward(q, k, v, out, lse, scale)
+        return
     b, h, lq, d = q.shape
     lk = k.shape[2]
     bm, bn, bd, launch = _launch("forward", q, lk)
@@ -217,8 +218,7 @@ def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
     _bwd_delta_kernel[(triton.cdiv(lq, bm), b * h)](
         out, dout, delta, *out.stride(), *dout.stride(), h, lq, d,
         BLOCK_M=bm, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=launch["num_warps"])
-    if d > WIDE_HEAD:
-        from . import attention_wide
+    if attention_wide.applies(q):
         attention_wide.backward(q, k, v, dout, lse, delta, dq, dk, dv, scale)
         return
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())

@@ -1,5 +1,7 @@
-"""The attention backward for wide heads (D > 256: the VQGAN's one-head middle block has 512), as
-tensor-core GEMMs over chunks of query rows, with one Triton kernel for the softmax's gradient.
+"""Attention for wide heads (D > 256: the VQGAN's one-head middle block has 512) as tensor-core
+GEMMs over chunks of query rows, with one Triton pass for the softmax (forward) or its gradient
+(backward) between them. The forward is matmul-softmax-matmul a chunk at a time, with float32
+scores; the backward is below.
 
 The flash-style Triton backward keeps a (key block x D) pair of dk/dv accumulators on chip; at
 D = 512 only 32 x 32 tiles fit and it ran at 0.26x the speed of torch's matmul-softmax-matmul
@@ -43,15 +45,56 @@ def _softmax_grad_kernel(S, DP, LSE, DELTA, P_OUT, DS_OUT, n_cols, scale, BLOCK:
     tl.store(DS_OUT + offs, ds.to(DS_OUT.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _softmax_rows_kernel(S, P_OUT, LSE, n_cols, scale, BLOCK: tl.constexpr):
+    """P = softmax(scale S) of one row, and its log-sum-exp: an online pass for max and sum over
+    column blocks, then one writing P."""
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * n_cols
+    offs = tl.arange(0, BLOCK)
+    m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+    total = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + offs
+        s = tl.load(S + base + cols, mask=cols < n_cols, other=float("-inf")) * scale
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(total)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + offs
+        s = tl.load(S + base + cols, mask=cols < n_cols, other=0.0)
+        tl.store(P_OUT + base + cols, tl.exp(s * scale - lse).to(P_OUT.dtype.element_ty), mask=cols < n_cols)
+    tl.store(LSE + row, lse)
+
+
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched a @ b with a float32 result: 16-bit operands stay on the tensor cores where torch's
-    bmm takes out_dtype (CUDA); elsewhere they are upcast first."""
+    """Batched a @ b with a float32 result: 16-bit operands stay on the tensor cores on CUDA (bmm's
+    out_dtype); on the CPU they are upcast first."""
     if a.dtype != torch.float32 and a.is_cuda:
-        try:
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # a torch without bmm's out_dtype
-            pass
+        return torch.bmm(a, b, out_dtype=torch.float32)  # (applies() checked that it exists)
     return torch.bmm(a.float(), b.float())
+
+
+_F32_OUT_BMM: dict = {}
+
+
+def applies(q: torch.Tensor) -> bool:
+    """Whether a head as wide as q's takes these GEMMs rather than the flash-style kernels: 16-bit
+    heads over 256, where the GPU's batched GEMM can return float32 scores from 16-bit operands
+    (else the scores would need float32 GEMMs, slower than the kernels); on the CPU (Triton's
+    interpreter, for tests) the same choice."""
+    if q.shape[3] <= 256 or q.dtype == torch.float32:
+        return False
+    if not q.is_cuda:
+        return True
+    if q.device not in _F32_OUT_BMM:
+        try:
+            one = torch.ones((1, 1, 1), dtype=q.dtype, device=q.device)
+            _F32_OUT_BMM[q.device] = torch.bmm(one, one, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError):
+            _F32_OUT_BMM[q.device] = False
+    return _F32_OUT_BMM[q.device]
 
 
 def chunk_rows(bh: int, lq: int, lk: int, elem_bytes: int) -> int:
@@ -61,6 +104,27 @@ def chunk_rows(bh: int, lq: int, lk: int, elem_bytes: int) -> int:
     budget = CHUNK_BUDGET
     n_chunks = math.ceil(lq / max(1, min(lq, budget // per_row)))
     return math.ceil(lq / n_chunks)
+
+
+def forward(q, k, v, out, lse, scale: float) -> None:
+    """out (preallocated, any strides) = softmax(scale q k^T) v and lse (B, H, Lq) float32, a chunk
+    of query rows at a time: S = q k^T in float32, one Triton pass for P (input dtype) and lse,
+    then P v (the flash kernels' precision; their online rescaling is not needed with whole rows)."""
+    b, h, lq, d = q.shape
+    lk, bh = k.shape[2], b * h
+    kf, vf = k.reshape(bh, lk, d), v.reshape(bh, lk, d)
+    rows = chunk_rows(bh, lq, lk, q.element_size())
+    block = min(4096, triton.next_power_of_2(lk))
+    for r0 in range(0, lq, rows):
+        r1 = min(lq, r0 + rows)
+        n = r1 - r0
+        s = _mm_f32(q[:, :, r0:r1].reshape(bh, n, d), kf.transpose(1, 2))
+        p16 = torch.empty((bh, n, lk), dtype=q.dtype, device=q.device)
+        lse_c = torch.empty((bh * n,), dtype=torch.float32, device=q.device)
+        _softmax_rows_kernel[(bh * n,)](s, p16, lse_c, lk, scale, BLOCK=block)
+        del s
+        lse[:, :, r0:r1] = lse_c.view(b, h, n)
+        out[:, :, r0:r1] = torch.bmm(p16, vf).view(b, h, n, d)
 
 
 def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
