@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +28,19 @@ def time_ms(fn, min_run_time: float = 0.5) -> float:
     fn()  # warm up: first-call costs (Triton compilation, allocator) are not the steady state
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def wall_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Wall milliseconds per call of fn over `reps` back-to-back calls, CUDA synchronized at the
+    ends only: on a GPU, the host's time per call wherever the kernels are shorter than it."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
 
 
 def graph_ms(fns, reps: int = 20, rounds: int = 5) -> list[float | None]:

@@ -13,12 +13,12 @@ import argparse
 import cProfile
 import pstats
 import re
-import time
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+import common
 from bench_accelerate import CONDITION, LATENT, MODELS, SIZES, Acceleration, build_model, unet_call
 
 # Kernel families by name, first match wins: how much of a forward is convolution, matmul,
@@ -40,22 +40,11 @@ def family(name: str) -> str:
     return "other"
 
 
-def wall_time_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps * 1e3
-
-
 def profile_forward(fn, reps: int):
     """(kernel rows, aten-op rows, wall ms per forward): kernel rows (name, us per forward,
     launches per forward); op rows (op and input shapes, us of its own kernels per forward, calls
     per forward): which line of the model a kernel comes from."""
-    wall_ms = wall_time_ms(fn, reps)
+    wall_ms = common.wall_ms(fn, reps)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(reps):
             fn()
@@ -103,7 +92,7 @@ def main() -> None:
                 rows, ops, wall_ms = profile_forward(lambda: unet_call(name, model, x, t), args.reps)
                 total = sum(r[1] for r in rows) / 1e3
                 # At batch 1 the kernels are short: the wall time is about the host's time per forward.
-                host_ms = wall_time_ms(lambda: unet_call(name, model, x[:1], t), args.reps)
+                host_ms = common.wall_ms(lambda: unet_call(name, model, x[:1], t), args.reps)
                 print(f"\n== {name} [{state}] batch {args.batch} bf16: kernels {total:.2f} ms per forward, "
                       f"wall {wall_ms:.2f} ms, {sum(r[2] for r in rows)} launches; wall at batch 1 {host_ms:.2f} ms")
                 by_family: dict[str, float] = {}

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+import common
 import ldmfast.ops as ops
 
 # (name, N, C, H, W, dtype, channels_last)
@@ -42,7 +43,6 @@ def host_overhead(reps: int = 2000) -> None:
     torch's, then where ours goes (cProfile, by own time)."""
     import cProfile
     import pstats
-    import time
     x = torch.randn(2, 64, 4, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     wt = torch.randn(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -52,14 +52,7 @@ def host_overhead(reps: int = 2000) -> None:
              "ours fwd+bwd": lambda: torch.autograd.grad(ops.group_norm(x, 32, wt, b, 1e-5, "silu"), (x, wt, b), dy),
              "torch fwd+bwd": lambda: torch.autograd.grad(F.silu(F.group_norm(x, 32, wt, b, 1e-5)), (x, wt, b), dy)}
     for name, fn in cases.items():
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        print(f"host: {name:>14}: {(time.perf_counter() - t0) / reps * 1e6:7.1f} us per call", flush=True)
+        print(f"host: {name:>14}: {common.wall_ms(fn, reps, warmup=50) * 1e3:7.1f} us per call", flush=True)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(reps):
