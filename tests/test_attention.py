@@ -101,6 +101,23 @@ def test_wide_heads_in_chunks(case, dtype, monkeypatch):
         torch.empty(1, 1, 1, 256, dtype=dtype))
 
 
+@pytest.mark.parametrize("case", [c for c in BACKEND_CASES if c.values[0].endswith("triton")])
+def test_wide_heads_fall_back_to_the_kernels(case, monkeypatch):
+    """A failure of the chunked GEMMs (here: a forward that raises) warns once and runs the
+    flash-style kernels, with the right result, from then on on that device."""
+    from ldmfast.ops import attention_wide
+    monkeypatch.setattr(attention_wide, "_FAILED", {})
+
+    def broken(*args):
+        raise RuntimeError("no luck")
+
+    monkeypatch.setattr(attention_wide, "forward", broken)
+    with pytest.warns(UserWarning, match="no luck"):
+        check_gradients(case, torch.bfloat16, 1, 2, 9, 17, 512)
+    assert not attention_wide.applies(torch.empty(1, 1, 1, 512, dtype=torch.bfloat16,
+                                                  device=split_case(case)[0]))
+
+
 def check_gradients(case, dtype, b, h, lq, lk, d, layout="bhld"):
     device, backend = split_case(case)
     q, k, v = make_qkv(b, h, lq, lk, d, dtype, device, layout)

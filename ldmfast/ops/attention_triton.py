@@ -198,8 +198,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 
 
 def forward(q, k, v, out, lse, scale: float) -> None:
-    if attention_wide.applies(q):
-        attention_wide.forward(q, k, v, out, lse, scale)
+    if attention_wide.run(attention_wide.forward, q, k, v, out, lse, scale):
         return
     b, h, lq, d = q.shape
     lk = k.shape[2]
@@ -218,8 +217,7 @@ def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
     _bwd_delta_kernel[(triton.cdiv(lq, bm), b * h)](
         out, dout, delta, *out.stride(), *dout.stride(), h, lq, d,
         BLOCK_M=bm, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=launch["num_warps"])
-    if attention_wide.applies(q):
-        attention_wide.backward(q, k, v, dout, lse, delta, dq, dk, dv, scale)
+    if attention_wide.run(attention_wide.backward, q, k, v, dout, lse, delta, dq, dk, dv, scale):
         return
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](

@@ -19,6 +19,7 @@ accumulators: linear in L; the Lq x Lk matrix is never formed whole.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import triton
@@ -77,6 +78,26 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _F32_OUT_BMM: dict = {}
+_FAILED: dict = {}  # device -> why these GEMMs failed there (then the flash-style kernels run)
+
+
+def run(fn, q: torch.Tensor, *args) -> bool:
+    """fn(q, *args) (forward or backward) where `applies(q)`; False when the caller's flash-style
+    kernels must run instead: out of memory for the chunk buffers (this call only), or any other
+    failure (a Triton compilation, say: from then on, with one warning). Either leaves nothing the
+    kernels do not overwrite."""
+    if not applies(q):
+        return False
+    try:
+        fn(q, *args)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    except Exception as err:  # noqa: BLE001 - any failure here has the kernels as a fallback
+        _FAILED[q.device] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        warnings.warn(f"ldmfast attention: the chunked GEMMs for wide heads failed on {q.device} "
+                      f"({_FAILED[q.device]}); the flash-style kernels run instead", stacklevel=3)
+        return False
 
 
 def applies(q: torch.Tensor) -> bool:
@@ -84,7 +105,7 @@ def applies(q: torch.Tensor) -> bool:
     heads over 256, where the GPU's batched GEMM can return float32 scores from 16-bit operands
     (else the scores would need float32 GEMMs, slower than the kernels); on the CPU (Triton's
     interpreter, for tests) the same choice."""
-    if q.shape[3] <= 256 or q.dtype == torch.float32:
+    if q.shape[3] <= 256 or q.dtype == torch.float32 or q.device in _FAILED:
         return False
     if not q.is_cuda:
         return True
