@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..diffusion.cuda_graph import GraphCache, static_like
+from ..diffusion.cuda_graph import GraphCache, static_like, warm_up
 from .patcher import fused_forward
 from .report import AccelerationReport, Change
 
@@ -42,15 +42,8 @@ class _CapturedCall:
         self.static = [static_like(x) if isinstance(x, torch.Tensor) else x for x in leaves]
         self.spec = spec
         device = next(x for x in leaves if isinstance(x, torch.Tensor)).device
-        # Warm-up off the capture stream, as torch.cuda.graph requires: first calls compile Triton
-        # kernels, choose cuDNN algorithms and grow the allocator, which no capture may do.
         with torch.cuda.device(device):  # the inputs' device, whichever is current
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    self._run(forward)
-            torch.cuda.current_stream(device).wait_stream(side)
+            warm_up(lambda: self._run(forward), device, warmup)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 out = self._run(forward)
@@ -81,10 +74,11 @@ class _GraphState:
         self.inner = inner
         self.cache = GraphCache(max_graphs)
         self.failed: dict = {}
-        self.addresses: tuple = ()
+        self.addresses: tuple = ()  # of the module's parameters and buffers at capture
 
-    def tensor_addresses(self, module: nn.Module) -> tuple:
-        return tuple(t.data_ptr() for t in itertools.chain(module.parameters(), module.buffers()))
+
+def _tensor_addresses(module: nn.Module) -> tuple:
+    return tuple(t.data_ptr() for t in itertools.chain(module.parameters(), module.buffers()))
 
 
 def why_not_graphed(leaves: list) -> str | None:
@@ -130,7 +124,7 @@ def _graphed_forward(self, *args, **kwargs):
     leaves, spec = pytree.tree_flatten((args, kwargs))
     if why_not_graphed(leaves) is not None:
         return inner(*args, **kwargs)
-    addresses = state.tensor_addresses(self)
+    addresses = _tensor_addresses(self)
     if addresses != state.addresses:  # moved or replaced parameters: the graphs read old memory
         state.cache.clear()
         state.failed.clear()

@@ -30,16 +30,8 @@ class GraphedStep:
         self.static = {name: (None if v is None else static_like(v)) for name, v in (
             ("x", x), ("t", t), ("abar_t", abar_t), ("abar_prev", abar_prev), ("noise", noise),
             ("condition", condition))}
-        device = x.device
-        # Warm-up outside capture, on a side stream as torch.cuda.graph requires: first calls
-        # compile Triton kernels, pick cuDNN algorithms and grow the allocator, none of which a
-        # capture may do. The results are discarded; the buffers hold the examples' values.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                step(**self.static)
-        torch.cuda.current_stream(device).wait_stream(side)
+        # The warm-up's results are discarded; the buffers hold the examples' values.
+        warm_up(lambda: step(**self.static), x.device, warmup)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static["x"].copy_(step(**self.static))
@@ -64,6 +56,18 @@ class GraphedStep:
     def state(self) -> torch.Tensor:
         """The static x: after step(), the state after that step (overwritten by the next replay)."""
         return self.static["x"]
+
+
+def warm_up(fn: Callable[[], object], device: torch.device, times: int) -> None:
+    """fn() `times` times before a capture, on a side stream as torch.cuda.graph requires: first
+    calls compile Triton kernels, pick cuDNN algorithms and grow the allocator, none of which a
+    capture may do."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
 
 
 def static_like(t: torch.Tensor) -> torch.Tensor:
