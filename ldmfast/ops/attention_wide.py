@@ -127,21 +127,32 @@ def chunk_rows(bh: int, lq: int, lk: int, elem_bytes: int) -> int:
     return math.ceil(lq / n_chunks)
 
 
+def _chunks(q: torch.Tensor, k: torch.Tensor):
+    """(r0, r1) of each chunk of query rows, sized by chunk_rows."""
+    b, h, lq, _ = q.shape
+    rows = chunk_rows(b * h, lq, k.shape[2], q.element_size())
+    return [(r0, min(lq, r0 + rows)) for r0 in range(0, lq, rows)]
+
+
+def _rows(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of a (B, H, L, ...) tensor, batch and heads merged: (B*H, r1 - r0, ...) (a copy
+    where the strides do not allow a view)."""
+    return t[:, :, r0:r1].reshape(-1, r1 - r0, *t.shape[3:])
+
+
 def forward(q, k, v, out, lse, scale: float) -> None:
     """out (preallocated, any strides) = softmax(scale q k^T) v and lse (B, H, Lq) float32, a chunk
     of query rows at a time: S = q k^T in float32, one Triton pass for P (input dtype) and lse,
     then P v (the flash kernels' precision; their online rescaling is not needed with whole rows)."""
-    b, h, lq, d = q.shape
+    b, h, _, d = q.shape
     lk, bh = k.shape[2], b * h
     kf, vf = k.reshape(bh, lk, d), v.reshape(bh, lk, d)
-    rows = chunk_rows(bh, lq, lk, q.element_size())
     block = min(4096, triton.next_power_of_2(lk))
-    for r0 in range(0, lq, rows):
-        r1 = min(lq, r0 + rows)
+    for r0, r1 in _chunks(q, k):
         n = r1 - r0
-        s = _mm_f32(q[:, :, r0:r1].reshape(bh, n, d), kf.transpose(1, 2))
+        s = _mm_f32(_rows(q, r0, r1), kf.transpose(1, 2))
         p16 = torch.empty((bh, n, lk), dtype=q.dtype, device=q.device)
-        lse_c = torch.empty((bh * n,), dtype=torch.float32, device=q.device)
+        lse_c = torch.empty((bh, n), dtype=torch.float32, device=q.device)
         _softmax_rows_kernel[(bh * n,)](s, p16, lse_c, lk, scale, BLOCK=block)
         del s
         lse[:, :, r0:r1] = lse_c.view(b, h, n)
@@ -151,24 +162,21 @@ def forward(q, k, v, out, lse, scale: float) -> None:
 def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
     """dq, dk, dv (preallocated, any strides) of softmax(scale q k^T) v; lse and delta (B, H, Lq)
     float32 from the forward and the delta pre-pass."""
-    b, h, lq, d = q.shape
+    b, h, _, d = q.shape
     lk, bh = k.shape[2], b * h
     kf, vf = k.reshape(bh, lk, d), v.reshape(bh, lk, d)
     dk_acc = torch.zeros((bh, lk, d), dtype=torch.float32, device=q.device)
     dv_acc = torch.zeros((bh, lk, d), dtype=torch.float32, device=q.device)
-    rows = chunk_rows(bh, lq, lk, q.element_size())
-    for r0 in range(0, lq, rows):
-        r1 = min(lq, r0 + rows)
+    for r0, r1 in _chunks(q, k):
         n = r1 - r0
-        qc = q[:, :, r0:r1].reshape(bh, n, d)
-        doc = dout[:, :, r0:r1].reshape(bh, n, d)
+        qc, doc = _rows(q, r0, r1), _rows(dout, r0, r1)
         s = _mm_f32(qc, kf.transpose(1, 2))
         dp = _mm_f32(doc, vf.transpose(1, 2))
         p16 = torch.empty((bh, n, lk), dtype=q.dtype, device=q.device)
         ds16 = torch.empty_like(p16)
         _softmax_grad_kernel[(bh * n, triton.cdiv(lk, _COLS))](
-            s, dp, lse[:, :, r0:r1].reshape(bh * n).contiguous(), delta[:, :, r0:r1].reshape(bh * n).contiguous(),
-            p16, ds16, lk, scale, BLOCK=_COLS)
+            s, dp, _rows(lse, r0, r1).contiguous(), _rows(delta, r0, r1).contiguous(), p16, ds16, lk, scale,
+            BLOCK=_COLS)
         del s, dp
         dv_acc += _mm_f32(p16.transpose(1, 2), doc)
         dk_acc += _mm_f32(ds16.transpose(1, 2), qc)
