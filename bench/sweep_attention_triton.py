@@ -27,10 +27,14 @@ SHAPES = [
     ("VQGAN middle block", 6, 1, 2688, 512),
     ("standard", 8, 16, 4096, 64),
 ]
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); None: the current default
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); None: the current default. A backward setting is one
+# such tuple for both backward kernels, or a pair: (dk/dv kernel's, dq kernel's).
 SMALL_D_FWD = [None, (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 32, 4, 3)]
 SMALL_D_BWD = [None, (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 32, 4, 2),
-               (64, 64, 4, 2)]
+               (64, 64, 4, 2),
+               # Triton's fused-attention tutorial: the stationary side 128 wide, the walked side 32
+               ((32, 128, 4, 5), (128, 32, 4, 5)), ((32, 128, 4, 3), (128, 32, 4, 3)),
+               ((64, 128, 8, 3), (128, 64, 8, 3)), ((32, 64, 4, 3), (64, 32, 4, 3))]
 LARGE_D_FWD = [None, (32, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 1), (64, 64, 8, 1), (128, 32, 8, 1),
                (64, 16, 4, 2), (32, 64, 8, 2)]
 LARGE_D_BWD = [None, (32, 32, 8, 1), (64, 32, 8, 1), (32, 64, 8, 1), (64, 64, 8, 1)]
@@ -79,9 +83,15 @@ def best_torch(q, k, v, backward: bool) -> tuple[str, float]:
 
 def ours(q, k, v, backward: bool, which: str, setting) -> float:
     attention_triton.OVERRIDES.clear()
-    if setting is not None:
-        bm, bn, warps, stages = setting
-        attention_triton.OVERRIDES[which] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+    def launch(s):
+        bm, bn, warps, stages = s
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+    if setting is not None and isinstance(setting[0], tuple):  # (dk/dv kernel's, dq kernel's)
+        attention_triton.OVERRIDES.update(backward_dkdv=launch(setting[0]), backward_dq=launch(setting[1]))
+    elif setting is not None:
+        attention_triton.OVERRIDES[which] = launch(setting)
     dout = torch.randn_like(q)
 
     def go():

@@ -118,6 +118,19 @@ def test_wide_heads_fall_back_to_the_kernels(case, monkeypatch):
                                                   device=split_case(case)[0]))
 
 
+@pytest.mark.parametrize("case", [c for c in BACKEND_CASES if c.values[0].endswith("triton")])
+def test_backward_kernels_take_their_own_tiles(case, monkeypatch):
+    """The dk/dv and dq kernels launch with tile shapes of their own where a sweep sets them
+    (bench/sweep_attention_triton.py): each kernel gets its own, and the gradients stay exact."""
+    from ldmfast.ops import attention_triton
+    monkeypatch.setattr(attention_triton, "OVERRIDES", {"backward_dkdv": dict(BLOCK_M=16, BLOCK_N=32),
+                                                        "backward_dq": dict(BLOCK_M=32, BLOCK_N=16)})
+    q = torch.empty(1, 2, 45, 32)
+    assert attention_triton._launch("backward_dkdv", q, 70)[:2] == (16, 32)
+    assert attention_triton._launch("backward_dq", q, 70)[:2] == (32, 16)
+    check_gradients(case, torch.float32, 1, 2, 45, 70, 32)
+
+
 def check_gradients(case, dtype, b, h, lq, lk, d, layout="bhld"):
     device, backend = split_case(case)
     q, k, v = make_qkv(b, h, lq, lk, d, dtype, device, layout)

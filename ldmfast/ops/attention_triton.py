@@ -55,17 +55,21 @@ def _launch_kwargs(block_d: int, dtype: torch.dtype) -> dict:
     return kwargs
 
 
-# Launch settings that replace the defaults, keyed "forward" / "backward": dicts of BLOCK_M,
-# BLOCK_N, num_warps, num_stages. For tuning sweeps (bench/sweep_attention_triton.py) only.
+# Launch settings that replace the defaults: dicts of BLOCK_M, BLOCK_N, num_warps, num_stages,
+# keyed "forward", "backward" (both backward kernels), or "backward_dkdv" / "backward_dq" (one of
+# them, before "backward"). For tuning sweeps (bench/sweep_attention_triton.py) only: the dk/dv
+# kernel holds a key block and walks query blocks, the dq kernel the other way round, so each may
+# want its own tile shape (Triton's fused-attention tutorial uses 32 x 128 and 128 x 32).
 OVERRIDES: dict[str, dict] = {}
 
 
 def _launch(which: str, q: torch.Tensor, lk: int) -> tuple[int, int, int, dict]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, launch kwargs) of one pass ("forward" or "backward")."""
+    """(BLOCK_M, BLOCK_N, BLOCK_D, launch kwargs) of one kernel: "forward", "backward_dkdv" or
+    "backward_dq"."""
     lq, d = q.shape[2], q.shape[3]
-    bm, bn, bd = _blocks(d, lq, lk, q.dtype, which)
+    bm, bn, bd = _blocks(d, lq, lk, q.dtype, "forward" if which == "forward" else "backward")
     kwargs = _launch_kwargs(bd, q.dtype)
-    o = OVERRIDES.get(which)
+    o = OVERRIDES.get(which) or (OVERRIDES.get("backward") if which != "forward" else None)
     if o:
         bm, bn = o.get("BLOCK_M", bm), o.get("BLOCK_N", bn)
         kwargs.update({k: o[k] for k in ("num_warps", "num_stages") if k in o})
@@ -211,8 +215,8 @@ def forward(q, k, v, out, lse, scale: float) -> None:
 def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
     b, h, lq, d = q.shape
     lk = k.shape[2]
-    bm, bn, bd, launch = _launch("backward", q, lk)
-    kernel_args = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=_upcast(q), PRECISION=_precision(q), **launch)
+    bm, bn, bd, launch = _launch("backward_dq", q, lk)
+    common = dict(BLOCK_D=bd, UPCAST=_upcast(q), PRECISION=_precision(q))
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     _bwd_delta_kernel[(triton.cdiv(lq, bm), b * h)](
         out, dout, delta, *out.stride(), *dout.stride(), h, lq, d,
@@ -220,8 +224,10 @@ def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
     if attention_wide.run(attention_wide.backward, q, k, v, dout, lse, delta, dq, dk, dv, scale):
         return
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    _bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
+        q, k, v, dout, lse, delta, dq, *strides, *dq.stride(), h, lq, lk, d, scale,
+        BLOCK_M=bm, BLOCK_N=bn, **common, **launch)
+    bm, bn, _, launch = _launch("backward_dkdv", q, lk)
     _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
         q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), h, lq, lk, d, scale,
-        **kernel_args)
-    _bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
-        q, k, v, dout, lse, delta, dq, *strides, *dq.stride(), h, lq, lk, d, scale, **kernel_args)
+        BLOCK_M=bm, BLOCK_N=bn, **common, **launch)
