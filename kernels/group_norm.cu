@@ -196,6 +196,32 @@ struct Loader {
   }
 };
 
+// Vector vi of p, or fill(k) for element k where it lies past the end of the run (chosen so that
+// a partial sum adds nothing).
+template <typename T, int V, class Fill>
+__device__ __forceinline__ void load_or_fill(const T* p, int64_t vi, bool in, Fill fill, float (&out)[V]) {
+  if (in) {
+    Loader<T, V>::load(p, vi, out);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = fill(k);
+  }
+}
+
+// Vector vi of x and of dy, or zeros past the end of the run (g = 0: the backward's partial sums
+// add nothing).
+template <typename T, int V>
+__device__ __forceinline__ void load_pair_or_zero(const T* x, const T* dy, int64_t vi, bool in, float (&xb)[V],
+                                                  float (&db)[V]) {
+  if (in) {
+    Loader<T, V>::load(x, vi, xb);
+    Loader<T, V>::load(dy, vi, db);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) xb[k] = db[k] = 0.0f;
+  }
+}
+
 // V elements moved as one load or store (16 bytes when V > 1), not converted.
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
@@ -289,17 +315,13 @@ __global__ void __launch_bounds__(kThreads) fwd_partial_contig_kernel(const T* _
   const float k0 = to_float(xg[0]);
   const int64_t begin = q * p.len, end = min64(p.m, begin + p.len);  // multiples of V (but end = m)
   float a1 = 0.0f, a2 = 0.0f;
+  const auto fill = [k0](int) { return k0; };  // x - K = 0
   for (int64_t vi0 = begin / V + threadIdx.x; vi0 < end / V; vi0 += kItems * blockDim.x) {
     float buf[kItems][V];
 #pragma unroll
     for (int u = 0; u < kItems; ++u) {
       const int64_t vi = vi0 + u * blockDim.x;
-      if (vi < end / V) {
-        Loader<T, V>::load(xg, vi, buf[u]);
-      } else {
-#pragma unroll
-        for (int k = 0; k < V; ++k) buf[u][k] = k0;  // (adds nothing)
-      }
+      load_or_fill<T, V>(xg, vi, vi < end / V, fill, buf[u]);
     }
 #pragma unroll
     for (int u = 0; u < kItems; ++u) {
@@ -349,12 +371,7 @@ __global__ void __launch_bounds__(kThreads) fwd_partial_cl_kernel(const T* __res
 #pragma unroll
         for (int u = 0; u < kItems; ++u) {
           const int64_t row = r + u * ty_count;
-          if (row < r1) {
-            Loader<T, V>::load(xn + row * p.c, col, buf[u]);
-          } else {
-#pragma unroll
-            for (int k = 0; k < V; ++k) buf[u][k] = k0[k];  // (adds nothing)
-          }
+          load_or_fill<T, V>(xn + row * p.c, col, row < r1, [&k0](int k) { return k0[k]; }, buf[u]);
         }
 #pragma unroll
         for (int u = 0; u < kItems; ++u) {
@@ -585,13 +602,7 @@ __global__ void __launch_bounds__(kThreads) bwd_partial_contig_kernel(
 #pragma unroll
     for (int u = 0; u < kItems; ++u) {
       const int64_t vi = vi0 + u * 32;
-      if (vi < end / V) {
-        Loader<T, V>::load(xc, vi, xb[u]);
-        Loader<T, V>::load(dyc, vi, db[u]);
-      } else {
-#pragma unroll
-        for (int k = 0; k < V; ++k) xb[u][k] = db[u][k] = 0.0f;  // (g = 0: adds nothing)
-      }
+      load_pair_or_zero<T, V>(xc, dyc, vi, vi < end / V, xb[u], db[u]);
     }
 #pragma unroll
     for (int u = 0; u < kItems; ++u) {
@@ -652,13 +663,7 @@ __global__ void __launch_bounds__(kThreads) bwd_partial_cl_kernel(
 #pragma unroll
         for (int u = 0; u < kItems; ++u) {
           const int64_t row = r + u * ty_count;
-          if (row < r1) {
-            Loader<T, V>::load(xn + row * p.c, col, xb[u]);
-            Loader<T, V>::load(dyn + row * p.c, col, db[u]);
-          } else {
-#pragma unroll
-            for (int k = 0; k < V; ++k) xb[u][k] = db[u][k] = 0.0f;  // (g = 0: adds nothing)
-          }
+          load_pair_or_zero<T, V>(xn + row * p.c, dyn + row * p.c, col, row < r1, xb[u], db[u]);
         }
 #pragma unroll
         for (int u = 0; u < kItems; ++u) {
