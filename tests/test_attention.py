@@ -45,7 +45,7 @@ def test_head_dims(case, dtype, d):
 
 
 @pytest.mark.parametrize("case", BACKEND_CASES)
-@pytest.mark.parametrize("lq,lk", [(1, 1), (1, 7), (7, 7), (168, 168), (672, 672), (168, 37)])
+@pytest.mark.parametrize("lq,lk", [(1, 1), (1, 7), (7, 7), (168, 168), (672, 672), (168, 37), (128, 64)])
 def test_lengths(case, lq, lk):
     check_forward(case, torch.float32, 1, 2, lq, lk, 32)
 
@@ -75,7 +75,9 @@ def test_strided_blhd_views_are_read_in_place(case, dtype):
 
 @pytest.mark.parametrize("case", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("b,h,lq,lk,d", [(2, 3, 37, 29, 32), (1, 2, 20, 70, 80), (1, 1, 9, 17, 512)])
+# (128, 64 at D=32: whole tiles, the Triton kernels' unmasked path)
+@pytest.mark.parametrize("b,h,lq,lk,d", [(2, 3, 37, 29, 32), (1, 2, 20, 70, 80), (1, 1, 9, 17, 512),
+                                         (1, 2, 128, 64, 32)])
 def test_gradients(case, dtype, b, h, lq, lk, d):
     check_gradients(case, dtype, b, h, lq, lk, d)
 

@@ -96,7 +96,7 @@ def _batch_head(H):
 def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                 sob, soh, sol, sod, H, LQ, LK, D, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_N: tl.constexpr):
     pid_m = tl.program_id(0)
     bh, b, h = _batch_head(H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -111,7 +111,8 @@ def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, sv
         v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D, UPCAST)
         # Scores in base 2 (qk_scale includes log2 e): exp2 is the fast path on GPUs.
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(keys[None, :] < LK, s, float("-inf"))
+        if not EVEN_N:  # (a select per score: skipped where every key block is full)
+            s = tl.where(keys[None, :] < LK, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -142,24 +143,26 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
                      sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, H, LQ, LK, D, scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr):
     pid_n = tl.program_id(0)
     bh, b, h = _batch_head(H)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D, UPCAST)
     v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D, UPCAST)
+    scale_log2 = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, LQ, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D, UPCAST)
         do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D, UPCAST)
-        lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
+        lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        p = tl.exp(s - lse[:, None])
-        p = tl.where((rows[:, None] < LQ) & (keys[None, :] < LK), p, 0.0)
+        # p = exp(scale q.k - lse) as exp2 of one multiply-add per score (scale_log2 = scale log2 e)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 - lse[:, None])
+        if not EVEN:
+            p = tl.where((rows[:, None] < LQ) & (keys[None, :] < LK), p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -176,23 +179,24 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
                    sdqb, sdqh, sdql, sdqd, H, LQ, LK, D, scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_N: tl.constexpr):
     pid_m = tl.program_id(0)
     bh, b, h = _batch_head(H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D, UPCAST)
     do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D, UPCAST)
-    lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
+    lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
+    scale_log2 = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, LK, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D, UPCAST)
         v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(keys[None, :] < LK, p, 0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 - lse[:, None])
+        if not EVEN_N:  # (padded keys: p = exp(-lse) could overflow, and inf * 0 is NaN)
+            p = tl.where(keys[None, :] < LK, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -209,7 +213,8 @@ def forward(q, k, v, out, lse, scale: float) -> None:
     bm, bn, bd, launch = _launch("forward", q, lk)
     _fwd_kernel[(triton.cdiv(lq, bm), b * h)](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), h, lq, lk, d, scale * LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=_upcast(q), PRECISION=_precision(q), **launch)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=_upcast(q), PRECISION=_precision(q), EVEN_N=lk % bn == 0,
+        **launch)
 
 
 def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
@@ -226,8 +231,8 @@ def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     _bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
         q, k, v, dout, lse, delta, dq, *strides, *dq.stride(), h, lq, lk, d, scale,
-        BLOCK_M=bm, BLOCK_N=bn, **common, **launch)
+        BLOCK_M=bm, BLOCK_N=bn, EVEN_N=lk % bn == 0, **common, **launch)
     bm, bn, _, launch = _launch("backward_dkdv", q, lk)
     _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
         q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), h, lq, lk, d, scale,
-        BLOCK_M=bm, BLOCK_N=bn, **common, **launch)
+        BLOCK_M=bm, BLOCK_N=bn, EVEN=lq % bm == 0 and lk % bn == 0, **common, **launch)
