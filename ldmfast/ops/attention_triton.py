@@ -159,14 +159,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D, UPCAST)
         lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
-        # p = exp(scale q.k - lse) as exp2 of one multiply-add per score (scale_log2 = scale log2 e)
-        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 - lse[:, None])
+        # Transposed scores (keys x rows), as Triton's fused-attention tutorial computes them: p^T and
+        # ds^T come out of their dots in the layout the dv and dk dots take, where p and ds would
+        # each be transposed in registers (through shared memory) every iteration.
+        # p^T = exp(scale k.q - lse) as exp2 of one multiply-add per score (scale_log2 = scale log2 e).
+        pt = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2 - lse[None, :])
         if not EVEN:
-            p = tl.where((rows[:, None] < LQ) & (keys[None, :] < LK), p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            pt = tl.where((keys[:, None] < LK) & (rows[None, :] < LQ), pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
     mask = (keys[:, None] < LK) & (cols[None, :] < D)
     tl.store(DK + b * sdkb + h * sdkh + keys[:, None] * sdkl + cols[None, :] * sdkd,
              (dk * scale).to(DK.dtype.element_ty), mask=mask)
