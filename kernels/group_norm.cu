@@ -96,7 +96,9 @@ Plan make_plan(DType dtype, int64_t n, int64_t c, int64_t s, int64_t groups, boo
   return p;
 }
 
-// Workspace layout (in floats; the doubles come first so they are 8-byte aligned).
+// Workspace layout (in floats): the doubles first (8-byte aligned), then the coefficient table
+// (16-byte aligned: 4NC floats after a base that torch's allocator aligns to 512 bytes; rows of
+// channels-last coefficients are read as float4), then the partial sums, the affine tail last.
 struct Workspace {
   double* sum_g;   // [n][c] (backward)
   double* sum_gx;  // [n][c] (backward)
@@ -126,9 +128,9 @@ Workspace carve(float* base, const Plan& p, bool backward) {
     w.sum_gx = w.sum_g + p.n * p.c;
     base += 4 * p.n * p.c;
   }
-  w.part_a = base;
-  w.part_b = base + p.n * p.parts * p.k;
-  w.table = w.part_b + p.n * p.parts * p.k;
+  w.table = base;
+  w.part_a = w.table + table_fields(backward) * p.n * p.c;
+  w.part_b = w.part_a + p.n * p.parts * p.k;
   return w;
 }
 
@@ -465,8 +467,10 @@ struct MapPlan {
   int64_t cols;         // vectors per row
   int64_t c;            // channels (the coefficient table's row length, channels-last)
   int64_t nc;           // N * C: the distance between two fields of the table
-  int tx, ty;           // threads per block along columns and rows (tx * ty <= kThreads)
+  int tx, ty;           // threads per block along columns and rows (the block: tx * ty <= kThreads)
   bool along_cols;      // a thread's kItems vectors lie along its row (else down its column)
+  int reps;             // channels-last: rounds of kItems rows per thread (its coefficients reused)
+  bool coef_vec4;       // channels-last: coefficients read as float4 (aligned, V a multiple of 4)
   int64_t row_tiles;    // blocks per sample along rows
   int64_t col_tiles;    // blocks along columns
 };
@@ -478,15 +482,28 @@ MapPlan make_map_plan(const Plan& p) {
   m.cols = p.cl ? p.c / p.vec : p.s / p.vec;
   m.c = p.c;
   m.nc = p.n * p.c;
-  m.tx = static_cast<int>(std::min<int64_t>(m.cols, kThreads));
+  // Columns split evenly over blocks of at most kThreads (320 columns: two of 160, not 256 + 64).
+  m.tx = static_cast<int>(ceil_div(m.cols, ceil_div(m.cols, kThreads)));
   m.ty = kThreads / m.tx;
   // Channels-last keeps one column per thread (its V coefficients loaded once); contiguous rows
   // longer than a block run along the row (one coefficient per thread).
   m.along_cols = !p.cl && m.cols > kThreads;
-  const int64_t tile_rows = m.along_cols ? m.ty : static_cast<int64_t>(m.ty) * kItems;
   const int64_t tile_cols = m.along_cols ? static_cast<int64_t>(m.tx) * kItems : m.tx;
-  m.row_tiles = ceil_div(m.rows, tile_rows);
   m.col_tiles = ceil_div(m.cols, tile_cols);
+  const int64_t rows_per_rep = m.along_cols ? m.ty : static_cast<int64_t>(m.ty) * kItems;
+  // Channels-last: up to 8 rounds per thread while the grid keeps at least 1024 blocks (a thread
+  // reads V * fields coefficients per vector column, as many bytes as 4 rows of data move).
+  m.reps = 1;
+  if (p.cl) {
+    for (int r = 8; r > 1; r /= 2) {
+      if (m.samples * ceil_div(m.rows, rows_per_rep * r) * m.col_tiles >= 1024) {
+        m.reps = r;
+        break;
+      }
+    }
+  }
+  m.row_tiles = ceil_div(m.rows, rows_per_rep * m.reps);
+  m.coef_vec4 = p.cl && p.vec % 4 == 0;
   return m;
 }
 
@@ -539,40 +556,59 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(Op op, const floa
   if (ty >= m.ty) return;  // (kThreads % tx threads idle; no block-wide synchronization below)
   const int64_t col_tile = blockIdx.x % m.col_tiles, rest = blockIdx.x / m.col_tiles;
   const int64_t sample = rest / m.row_tiles, row_tile = rest % m.row_tiles;
-  const int64_t row0 = row_tile * (m.along_cols ? m.ty : m.ty * kItems) + ty;
+  const int64_t rows_per_rep = m.along_cols ? m.ty : m.ty * kItems;
+  const int64_t row0 = row_tile * rows_per_rep * m.reps + ty;
   const int64_t col0 = col_tile * (m.along_cols ? m.tx * kItems : m.tx) + tx;
   float cf[kItems][F][V];
   if constexpr (kCl) {  // one column per thread: its channels' coefficients, once
     if (col0 < m.cols) {
 #pragma unroll
-      for (int f = 0; f < F; ++f)
+      for (int f = 0; f < F; ++f) {
+        const float* t = table + f * m.nc + sample * m.c + col0 * V;
+        if constexpr (V % 4 == 0) {
+          if (m.coef_vec4) {
 #pragma unroll
-        for (int k = 0; k < V; ++k) cf[0][f][k] = table[f * m.nc + sample * m.c + col0 * V + k];
-    }
-  }
-  typename Op::In in[kItems];
-  int64_t vi[kItems];
-  bool live[kItems];
-#pragma unroll
-  for (int u = 0; u < kItems; ++u) {
-    const int64_t row = row0 + (m.along_cols ? 0 : u * m.ty), col = col0 + (m.along_cols ? u * m.tx : 0);
-    live[u] = row < m.rows && col < m.cols;
-    vi[u] = (sample * m.rows + row) * m.cols + col;
-    if (live[u]) {
-      op.load(vi[u], in[u]);
-      if constexpr (!kCl) {  // a coefficient per row (sample * m.rows + row = n * C + c)
-#pragma unroll
-        for (int f = 0; f < F; ++f) {
-          const float v = table[f * m.nc + row];
-#pragma unroll
-          for (int k = 0; k < V; ++k) cf[u][f][k] = v;
+            for (int q = 0; q < V / 4; ++q) {
+              const float4 v4 = reinterpret_cast<const float4*>(t)[q];
+              cf[0][f][4 * q] = v4.x;
+              cf[0][f][4 * q + 1] = v4.y;
+              cf[0][f][4 * q + 2] = v4.z;
+              cf[0][f][4 * q + 3] = v4.w;
+            }
+            continue;
+          }
         }
+#pragma unroll
+        for (int k = 0; k < V; ++k) cf[0][f][k] = t[k];
       }
     }
   }
+  for (int rep = 0; rep < m.reps; ++rep) {
+    typename Op::In in[kItems];
+    int64_t vi[kItems];
+    bool live[kItems];
 #pragma unroll
-  for (int u = 0; u < kItems; ++u) {
-    if (live[u]) op.finish(vi[u], in[u], cf[kCl ? 0 : u]);
+    for (int u = 0; u < kItems; ++u) {
+      const int64_t row = row0 + rep * rows_per_rep + (m.along_cols ? 0 : u * m.ty);
+      const int64_t col = col0 + (m.along_cols ? u * m.tx : 0);
+      live[u] = row < m.rows && col < m.cols;
+      vi[u] = (sample * m.rows + row) * m.cols + col;
+      if (live[u]) {
+        op.load(vi[u], in[u]);
+        if constexpr (!kCl) {  // a coefficient per row (sample * m.rows + row = n * C + c)
+#pragma unroll
+          for (int f = 0; f < F; ++f) {
+            const float v = table[f * m.nc + row];
+#pragma unroll
+            for (int k = 0; k < V; ++k) cf[u][f][k] = v;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kItems; ++u) {
+      if (live[u]) op.finish(vi[u], in[u], cf[kCl ? 0 : u]);
+    }
   }
 }
 
@@ -833,12 +869,14 @@ bool fused_forward(const Plan& p, size_t elem_bytes) {
 
 template <int V, class Op>
 void launch_channel_map(const Op& op, const float* table, const Plan& p, cudaStream_t stream) {
-  const MapPlan m = make_map_plan(p);
+  MapPlan m = make_map_plan(p);
+  m.coef_vec4 = m.coef_vec4 && aligned16(table);  // (torch's allocations are; a caller's may not be)
   const auto blocks = static_cast<unsigned>(m.samples * m.row_tiles * m.col_tiles);
+  const int threads = m.tx * m.ty;
   if (p.cl) {
-    channel_map_kernel<true, V, Op><<<blocks, kThreads, 0, stream>>>(op, table, m);
+    channel_map_kernel<true, V, Op><<<blocks, threads, 0, stream>>>(op, table, m);
   } else {
-    channel_map_kernel<false, V, Op><<<blocks, kThreads, 0, stream>>>(op, table, m);
+    channel_map_kernel<false, V, Op><<<blocks, threads, 0, stream>>>(op, table, m);
   }
 }
 

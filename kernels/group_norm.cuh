@@ -2,7 +2,8 @@
 // stream). x, y, dy, dx: dense N x C x S arrays, contiguous (N, C, S) or channels-last (N, S, C);
 // weight, bias: C values of any of the three dtypes, or null (1 and 0); mean, rstd: N x G floats;
 // dweight, dbias: C floats. `workspace` holds group_norm_workspace_floats(...) floats (8-byte
-// aligned), allocated by the caller; 16-bit or absent affine parameters are converted into its tail.
+// aligned; 16-byte aligned lets the channels-last pass read its coefficients as float4), allocated by
+// the caller; 16-bit or absent affine parameters are converted into its tail.
 #pragma once
 #include <cuda_runtime.h>
 #include <cstddef>

@@ -343,7 +343,9 @@ def test_cuda_fused_forward_on_every_dtype(dtype, request):
     mod = _native.cuda_module()
     try:
         mod.group_norm_set_tuning(fused_min_groups=1, fused_16bit=True)
-        for shape, groups in (((2, 16, 8, 8), 4), ((3, 6, 7, 5), 3), ((1, 224, 12, 14), 32)):
+        # (2, 8, 2, 3) and (2, 8, 1, 1): float32 vectors that cross channels (S % 4 != 0, S < 4)
+        for shape, groups in (((2, 16, 8, 8), 4), ((3, 6, 7, 5), 3), ((1, 224, 12, 14), 32), ((2, 8, 2, 3), 4),
+                              ((2, 8, 1, 1), 2)):
             x, w, b, dy = make_inputs(shape, dtype, torch.device("cuda"), fresh_seed(request))
             check_all("cuda", x, groups, w, b, dy, "silu")
             check_all("cuda", x, groups, None, None, dy, None)
