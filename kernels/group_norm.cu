@@ -693,16 +693,20 @@ __global__ void __launch_bounds__(kThreads) bwd_partial_cl_kernel(
       sc[k] = rs[k] * weight[c];
       sh[k] = bias[c] - mu[k] * sc[k];
     }
+    // Two rows in flight, not kItems, for 16-byte bf16/fp16 vectors: the 8 channels' coefficients
+    // and sums already take 48 registers, and four rows of x and dy left one block per SM (156
+    // registers) for a pass whose SiLU derivative needs warps to hide its arithmetic.
+    constexpr int kRowsInFlight = V == 8 ? 2 : kItems;
     if (active) {
-      for (int64_t r = r0 + ty; r < r1; r += kItems * ty_count) {
-        float xb[kItems][V], db[kItems][V];
+      for (int64_t r = r0 + ty; r < r1; r += kRowsInFlight * ty_count) {
+        float xb[kRowsInFlight][V], db[kRowsInFlight][V];
 #pragma unroll
-        for (int u = 0; u < kItems; ++u) {
+        for (int u = 0; u < kRowsInFlight; ++u) {
           const int64_t row = r + u * ty_count;
           load_pair_or_zero<T, V>(xn + row * p.c, dyn + row * p.c, col, row < r1, xb[u], db[u]);
         }
 #pragma unroll
-        for (int u = 0; u < kItems; ++u) {
+        for (int u = 0; u < kRowsInFlight; ++u) {
 #pragma unroll
           for (int k = 0; k < V; ++k) {
             const float gv = db[u][k] * act_grad<kSilu>(xb[u][k] * sc[k] + sh[k]);
