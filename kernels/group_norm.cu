@@ -459,7 +459,8 @@ __global__ void __launch_bounds__(kThreads) fwd_combine_kernel(const T* __restri
 // (a coefficient per row); channels-last, one (sample, position)'s C channels (V coefficients per
 // vector column, per sample). A block is ty x tx threads over rows x vector columns; a thread
 // loads kItems vectors (kItems rows, or kItems columns of one row when rows are long) before it
-// uses any, so that many 16-byte loads are in flight per SM.
+// uses any, so that many 16-byte loads are in flight per SM, and channels-last threads repeat
+// that over up to 8 rounds of rows (MapPlan::reps) on one read of their coefficients.
 
 struct MapPlan {
   int64_t samples;      // channels-last: N, one sample's rows per block; contiguous: 1
@@ -553,7 +554,7 @@ template <bool kCl, int V, class Op>
 __global__ void __launch_bounds__(kThreads) channel_map_kernel(Op op, const float* __restrict__ table, MapPlan m) {
   constexpr int F = Op::kFields;
   const int tx = threadIdx.x % m.tx, ty = threadIdx.x / m.tx;
-  if (ty >= m.ty) return;  // (kThreads % tx threads idle; no block-wide synchronization below)
+  if (ty >= m.ty) return;  // (none: blocks are tx * ty threads; no block-wide synchronization below)
   const int64_t col_tile = blockIdx.x % m.col_tiles, rest = blockIdx.x / m.col_tiles;
   const int64_t sample = rest / m.row_tiles, row_tile = rest % m.row_tiles;
   const int64_t rows_per_rep = m.along_cols ? m.ty : m.ty * kItems;
