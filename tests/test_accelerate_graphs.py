@@ -66,6 +66,59 @@ def test_why_not_graphed(why, make):
         assert why in graphs.why_not_graphed(leaves)
 
 
+def test_signature_holds_the_modes_a_forward_depends_on():
+    model = _unet()
+    leaves, spec = graphs.pytree.tree_flatten(((torch.zeros(2, 3),), {}))
+    eval_key = graphs._signature(model, leaves, spec)
+    with torch.inference_mode():
+        assert graphs._signature(model, leaves, spec) != eval_key
+    model.train()
+    assert graphs._signature(model, leaves, spec) != eval_key
+
+
+def test_signatures_that_change_every_call_stop_the_captures(monkeypatch):
+    """Bookkeeping only (captures stubbed, so it runs without a GPU): a Python number that changes
+    every call makes a new signature each time; after a few captures that were never replayed the
+    model runs eagerly, with one warning."""
+    captured = []
+
+    class FakeCapture:  # runs the forward instead of replaying
+        def __init__(self, forward, leaves, spec):
+            captured.append(leaves)
+            self.forward, self.spec = forward, spec
+
+        def __call__(self, leaves):
+            args, kwargs = graphs.pytree.tree_unflatten(leaves, self.spec)
+            return self.forward(*args, **kwargs)
+
+    monkeypatch.setattr(graphs, "why_not_graphed", lambda leaves: None)
+    monkeypatch.setattr(graphs, "_CapturedCall", FakeCapture)
+
+    class Scale(torch.nn.Module):
+        def forward(self, x, factor):
+            return x * factor
+
+    model = Scale()
+    ldmfast.accelerate(model, cuda_graphs=True)
+    x = torch.ones(3)
+    with torch.no_grad(), pytest.warns(UserWarning, match="keeps changing") as caught:
+        for step in range(20):
+            assert torch.equal(model(x, float(step)), x * step)
+    assert len(captured) == graphs._THRASH_CAPTURES
+    assert sum("keeps changing" in str(w.message) for w in caught) == 1
+    state = graphs._STATES[model]
+    assert state.thrashing and state.hits == 0
+
+
+def test_a_forward_that_is_not_a_method_is_left_alone():
+    import functools
+    model = _unet()
+    model.forward = functools.partial(type(model).forward, model)
+    report = ldmfast.accelerate(model, cuda_graphs=True)
+    assert model not in graphs._STATES
+    assert any("cuda_graphs" in item.reason for item in report.left_alone)
+
+
 def test_cuda_graphs_must_be_a_bool():
     with pytest.raises(ValueError, match="cuda_graphs"):
         ldmfast.accelerate(_unet(), cuda_graphs="yes")
@@ -122,6 +175,7 @@ with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
     assert torch.equal(model(x), x * 4.0)
 assert sum("could not be captured" in str(w.message) for w in caught) == 1, [str(w.message) for w in caught]
 torch.randn(8, device="cuda")  # the random generator works after the failed capture
+assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not left on the capture stream
 torch.cuda.synchronize()
 print("ok")
 """
@@ -133,3 +187,25 @@ def test_a_forward_that_cannot_be_captured_warns_once_and_runs_eagerly():
     unusable (the fallback restores the generator)."""
     result = subprocess.run([sys.executable, "-c", _UNCAPTURABLE], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.cuda
+def test_inference_mode_autocast_and_no_grad_each_get_their_graphs():
+    """A graph captured under inference mode is not replayed under no_grad (its static buffers are
+    inference tensors), nor an autocast one without autocast; an autocast replay matches eager
+    autocast after the block that captured it has ended (no cast-weight cache in the graph)."""
+    model = _unet().cuda()
+    ldmfast.accelerate(model, cuda_graphs=True)
+    eager = type(model).forward.__get__(model)
+    x, t = _inputs(2, "cuda")
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x, t), eager(x, t), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), eager(x, t), rtol=1e-5, atol=1e-5)
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                got = model(x, t)
+                want = eager(x, t)
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    state = graphs._STATES[model]
+    assert len(state.cache) == 2 and not state.failed and state.hits >= 1

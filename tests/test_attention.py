@@ -121,6 +121,25 @@ def test_wide_heads_fall_back_to_the_kernels(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [c for c in BACKEND_CASES if c.values[0].endswith("triton")])
+def test_wide_heads_out_of_memory_runs_the_kernels_for_that_shape(case, monkeypatch):
+    """Chunk buffers that do not fit: the flash-style kernels run, silently, and later calls of that
+    shape do not try the GEMMs again; another shape still does."""
+    from ldmfast.ops import attention_wide
+    monkeypatch.setattr(attention_wide, "_OUT_OF_MEMORY", set())
+    tries = []
+
+    def out_of_memory(*args):
+        tries.append(args[0].shape)
+        raise torch.cuda.OutOfMemoryError("no room")
+
+    monkeypatch.setattr(attention_wide, "forward", out_of_memory)
+    for _ in range(2):
+        check_forward(case, torch.bfloat16, 1, 2, 9, 17, 512)
+    check_forward(case, torch.bfloat16, 1, 2, 10, 17, 512)
+    assert [s[2] for s in tries] == [9, 10]
+
+
+@pytest.mark.parametrize("case", [c for c in BACKEND_CASES if c.values[0].endswith("triton")])
 def test_backward_kernels_take_their_own_tiles(case, monkeypatch):
     """The dk/dv and dq kernels launch with tile shapes of their own where a sweep sets them
     (bench/sweep_attention_triton.py): each kernel gets its own, and the gradients stay exact."""
@@ -250,3 +269,17 @@ def test_cpu_kernel_variants_for_other_cpus(isa, d):
                             env={**os.environ, "LDMFAST_CPU_ISA": isa})
     assert result.returncode == 0, result.stderr
     assert float(result.stdout) < 1e-5
+
+
+@pytest.mark.cuda
+def test_triton_kernels_launch_on_the_tensors_gpu():
+    """Triton launches on the current device: the ops make the tensors' GPU current around their
+    launches (attention here; GroupNorm and DDIM use the same guard)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    q, k, v = make_qkv(1, 2, 37, 29, 32, torch.float32, "cuda:1")
+    ref, _ = ops.attention_reference(q.double(), k.double(), v.double(), 32 ** -0.5)
+    with torch.cuda.device(0), ops.use_backend("triton"):
+        out = ops.attention(q, k, v)
+    assert out.device == q.device
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)

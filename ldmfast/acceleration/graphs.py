@@ -8,10 +8,13 @@ few input copies and a replay.
 
 Replay is for inference: a call with grad mode on, with tensors off CUDA or on several devices,
 inside another capture or under torch.compile runs the forward as before. A graph is kept per input
-signature (shapes, strides, dtypes, devices and the non-tensor arguments), the two most recent;
-graphs are dropped when a parameter or buffer moves (model.to(), a reloaded state dict that
-replaced tensors); in-place updates of the parameters are seen by the next replay. Outputs are
-copied out of the graph's memory, so a result stays valid after the next call.
+signature (shapes, strides, dtypes, devices, the non-tensor arguments, and the modes a forward
+depends on: training, inference mode, autocast), the two most recent; graphs are dropped when a
+parameter or buffer moves (model.to(), a reloaded state dict that replaced tensors); in-place
+updates of the parameters are seen by the next replay. Outputs are copied out of the graph's
+memory, so a result stays valid after the next call. A model whose signature changes every call
+(a Python number as the timestep, say) stops capturing after a few tries, with one warning.
+Replays are ordered across streams; concurrent calls from several threads are not supported.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..diffusion.cuda_graph import GraphCache, static_like, warm_up
+from ..diffusion.cuda_graph import GraphCache, autocast_without_cache, capture, static_like, warm_up
 from .patcher import fused_forward
 from .report import AccelerationReport, Change
 
@@ -41,22 +44,28 @@ class _CapturedCall:
         # method would keep the model alive through _STATES, whose keys are weak).
         self.static = [static_like(x) if isinstance(x, torch.Tensor) else x for x in leaves]
         self.spec = spec
-        device = next(x for x in leaves if isinstance(x, torch.Tensor)).device
-        with torch.cuda.device(device):  # the inputs' device, whichever is current
-            warm_up(lambda: self._run(forward), device, warmup)
+        self.device = next(x for x in leaves if isinstance(x, torch.Tensor)).device
+        self.last_stream = None  # the stream of the latest replay
+        with torch.cuda.device(self.device), autocast_without_cache():  # the inputs' device, whichever is current
+            warm_up(lambda: self._run(forward), self.device, warmup)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                out = self._run(forward)
+            out = capture(self.graph, lambda: self._run(forward), self.device)
         self.out_leaves, self.out_spec = pytree.tree_flatten(out)
-        odd = [type(x).__name__ for x in self.out_leaves if not isinstance(x, (torch.Tensor, *_PLAIN_VALUES))]
+        odd = [type(x).__name__ if not isinstance(x, torch.Tensor) else f"a {x.device.type} tensor"
+               for x in self.out_leaves
+               if not (isinstance(x, _PLAIN_VALUES) or (isinstance(x, torch.Tensor) and x.device.type == "cuda"))]
         if odd:
-            raise TypeError(f"the output holds {', '.join(sorted(set(odd)))}, which cannot be copied out of the graph")
+            raise TypeError(f"the output holds {', '.join(sorted(set(odd)))}, which a replay would not update")
 
     def _run(self, forward: Callable):
         args, kwargs = pytree.tree_unflatten(self.static, self.spec)
         return forward(*args, **kwargs)
 
     def __call__(self, leaves: list):
+        stream = torch.cuda.current_stream(self.device)
+        if self.last_stream is not None and self.last_stream != stream:
+            stream.wait_stream(self.last_stream)  # the buffers are the earlier replay's until it ends
+        self.last_stream = stream
         for buf, x in zip(self.static, leaves):
             if isinstance(buf, torch.Tensor):
                 buf.copy_(x)
@@ -75,6 +84,8 @@ class _GraphState:
         self.cache = GraphCache(max_graphs)
         self.failed: dict = {}
         self.addresses: tuple = ()  # of the module's parameters and buffers at capture
+        self.captures = self.hits = 0
+        self.thrashing = False  # signatures change call after call: captures cost more than they save
 
 
 def _tensor_addresses(module: nn.Module) -> tuple:
@@ -99,18 +110,15 @@ def why_not_graphed(leaves: list) -> str | None:
     return None
 
 
-def _signature(leaves: list, spec) -> tuple:
-    return (str(spec),) + tuple((tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor)
-                                else (type(x), x) for x in leaves)
+def _signature(module: nn.Module, leaves: list, spec) -> tuple:
+    modes = (module.training, torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
+             torch.get_autocast_dtype("cuda"))
+    return (str(spec), modes) + tuple((tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor)
+                                      else (type(x), x) for x in leaves)
 
 
-def _release_generator(device: torch.device) -> None:
-    """After a failed capture: torch registered the device's default generator with the capture
-    and, when the capture ends in error, never releases it, so every later random op on that
-    device would fail ("offset increment outside graph capture"). A clone of its state (same seed
-    and offset, not capturing) takes the place of the stuck one."""
-    gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    gen.graphsafe_set_state(gen.clone_state())
+# Captures after which a module whose graphs are mostly not replayed stops capturing.
+_THRASH_CAPTURES = 8
 
 
 _STATES: "weakref.WeakKeyDictionary[nn.Module, _GraphState]" = weakref.WeakKeyDictionary()
@@ -129,13 +137,22 @@ def _graphed_forward(self, *args, **kwargs):
         state.cache.clear()
         state.failed.clear()
         state.addresses = addresses
-    key = _signature(leaves, spec)
-    if key in state.failed:
+    key = _signature(self, leaves, spec)
+    if key in state.failed or state.thrashing:
         return inner(*args, **kwargs)
+    if key in state.cache:
+        state.hits += 1
+    elif state.captures >= _THRASH_CAPTURES and state.hits < state.captures:
+        state.thrashing = True
+        warnings.warn(f"ldmfast.accelerate(cuda_graphs=True): {type(self).__name__}'s input signature keeps "
+                      f"changing ({state.captures} captures, {state.hits} replays of an earlier one: a Python "
+                      "number argument?); it runs eagerly from now on", stacklevel=2)
+        return inner(*args, **kwargs)
+    else:
+        state.captures += 1
     try:
         call = state.cache.get(key, lambda: _CapturedCall(inner, leaves, spec))
     except Exception as err:  # a forward that cannot be captured (host sync, CPU tensors inside...)
-        _release_generator(next(x for x in leaves if isinstance(x, torch.Tensor)).device)
         state.failed[key] = str(err).splitlines()[0] if str(err) else type(err).__name__
         warnings.warn(f"ldmfast.accelerate(cuda_graphs=True): {type(self).__name__}'s forward could not be "
                       f"captured for this input signature; it runs eagerly ({state.failed[key]})", stacklevel=2)
@@ -147,6 +164,10 @@ def graph_forward(model: nn.Module, report: AccelerationReport) -> None:
     """Give `model` (the root) the graphed forward, over whatever forward it has now (an ldmfast
     fused forward a rule set, or its class's)."""
     previous = model.__dict__.get("forward")
+    if previous is not None and getattr(previous, "__self__", None) is not model:
+        report.leave("", model, f"cuda_graphs: the root's forward is an instance attribute ({type(previous).__name__}), "
+                                "not a method of it, which the graphs cannot wrap without keeping the model alive")
+        return
     previous_func = previous.__func__ if previous is not None else None
     _STATES[model] = _GraphState(previous_func if previous_func is not None else type(model).forward)
     model.forward = types.MethodType(_graphed_forward, model)

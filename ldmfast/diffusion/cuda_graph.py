@@ -33,8 +33,7 @@ class GraphedStep:
         # The warm-up's results are discarded; the buffers hold the examples' values.
         warm_up(lambda: step(**self.static), x.device, warmup)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static["x"].copy_(step(**self.static))
+        capture(self.graph, lambda: self.static["x"].copy_(step(**self.static)), x.device)
 
     def set_state(self, x: torch.Tensor, condition: Optional[torch.Tensor] = None) -> None:
         """Start a new batch: copy its starting state (and condition) into the static buffers."""
@@ -70,6 +69,62 @@ def warm_up(fn: Callable[[], object], device: torch.device, times: int) -> None:
     torch.cuda.current_stream(device).wait_stream(side)
 
 
+class CaptureError(RuntimeError):
+    """A CUDA-graph capture failed (the message is the first error's); capture() put the process's
+    CUDA state back first."""
+
+
+def capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], object], device: torch.device):
+    """fn() recorded into `graph` on a new stream of `device`, its result returned. (torch's default
+    capture stream is made once, on whichever device is current at the first capture: a later
+    capture for another device would record there.)
+
+    When the capture fails, torch's graph context, whose capture_end raises before it restores
+    anything, leaves the capture stream current, the caching allocator routing that stream's
+    allocations into the graph's pool, and the device's default generator registered with the
+    capture (every later random op on the device then fails: "offset increment outside graph
+    capture"). All three are put back before CaptureError is raised."""
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    with torch.cuda.device(device):
+        previous = torch.cuda.current_stream(device)
+        try:
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+                return fn()
+        except Exception as err:
+            torch.cuda.set_stream(previous)
+            _end_allocate_to_pool(device, graph)
+            _release_generator(device)
+            first = err
+            while first.__context__ is not None:  # the forward's own error, not capture_end's
+                first = first.__context__
+            raise CaptureError(str(first).splitlines()[0] if str(first) else type(first).__name__) from err
+
+
+def _end_allocate_to_pool(device: torch.device, graph: torch.cuda.CUDAGraph) -> None:
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)  # (torch 2.3+)
+    if end is None:
+        return
+    try:
+        end(device.index, graph.pool())
+    except Exception:  # (capture_end got past it, or no pool was begun)
+        pass
+
+
+def _release_generator(device: torch.device) -> None:
+    """A clone of the default generator's state (same seed and offset, not capturing) takes the
+    place of the one a failed capture left registered."""
+    gen = torch.cuda.default_generators[device.index]
+    gen.graphsafe_set_state(gen.clone_state())
+
+
+def autocast_without_cache():
+    """The current CUDA autocast state with its cast cache off, for warm-ups and captures: with the
+    cache on (the default, even under no_grad), a captured graph would read the cast copies of the
+    weights, which autocast frees when its block ends."""
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                          cache_enabled=False)
+
+
 def static_like(t: torch.Tensor) -> torch.Tensor:
     """A buffer of t's shape, dtype, device and memory format holding t's values."""
     buf = torch.empty_like(t, memory_format=torch.preserve_format)
@@ -96,6 +151,9 @@ class GraphCache:
 
     def clear(self) -> None:
         self._graphs.clear()
+
+    def __contains__(self, key) -> bool:
+        return key in self._graphs
 
     def __len__(self) -> int:
         return len(self._graphs)

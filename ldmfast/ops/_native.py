@@ -52,6 +52,14 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def triton_device(t: torch.Tensor):
+    """A context that makes t's GPU the current device while Triton kernels launch (Triton launches
+    on the current device, not the tensors'), or nothing where it already is (the usual case)."""
+    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
 def cuda_stream(t: torch.Tensor) -> int:
     """The raw handle of the current CUDA stream of t's device (the call Triton's launcher makes:
     no Stream object is built, a few microseconds less per launch)."""

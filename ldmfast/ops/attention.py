@@ -70,7 +70,8 @@ def _forward_kernel(backend, q, k, v, scale):
                                                 b, h, lq, lk, d, scale)
     else:
         from . import attention_triton
-        attention_triton.forward(q, k, v, out, lse, scale)
+        with _native.triton_device(q):
+            attention_triton.forward(q, k, v, out, lse, scale)
     return out, lse
 
 
@@ -86,7 +87,8 @@ def _backward_kernel(backend, q, k, v, out, lse, dout, scale):
             _ref(dq), _ref(dk), _ref(dv), b, h, lq, lk, d, scale, torch.get_num_threads())
     else:  # triton, and cuda, whose backward is the Triton kernel
         from . import attention_triton
-        attention_triton.backward(q, k, v, out, lse, dout, dq, dk, dv, scale)
+        with _native.triton_device(q):
+            attention_triton.backward(q, k, v, out, lse, dout, dq, dk, dv, scale)
     return dq, dk, dv
 
 

@@ -79,19 +79,29 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 _F32_OUT_BMM: dict = {}
 _FAILED: dict = {}  # device -> why these GEMMs failed there (then the flash-style kernels run)
+# (device, shape) whose chunk buffers ran out of memory: the kernels run for it without another
+# try (each failed allocation makes the caching allocator synchronize and empty its cache).
+_OUT_OF_MEMORY: set = set()
 
 
 def run(fn, q: torch.Tensor, *args) -> bool:
     """fn(q, *args) (forward or backward) where `applies(q)`; False when the caller's flash-style
-    kernels must run instead: out of memory for the chunk buffers (this call only), or any other
+    kernels must run instead: out of memory for the chunk buffers (from then on for that shape), or any other
     failure (a Triton compilation, say: from then on, with one warning). Either leaves nothing the
     kernels do not overwrite."""
     if not applies(q):
         return False
+    shape = (q.device, fn.__name__, tuple(q.shape), tuple(args[0].shape))
+    if shape in _OUT_OF_MEMORY:
+        return False
     try:
-        fn(q, *args)
+        # The GEMMs pick their own precision (float32 scores from 16-bit operands); an enclosing
+        # autocast would recast them.
+        with torch.autocast(q.device.type, enabled=False):
+            fn(q, *args)
         return True
     except torch.cuda.OutOfMemoryError:
+        _OUT_OF_MEMORY.add(shape)
         return False
     except Exception as err:  # noqa: BLE001 - any failure here has the kernels as a fallback
         _FAILED[q.device] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -156,7 +166,7 @@ def forward(q, k, v, out, lse, scale: float) -> None:
         _softmax_rows_kernel[(bh * n,)](s, p16, lse_c, lk, scale, BLOCK=block)
         del s
         lse[:, :, r0:r1] = lse_c.view(b, h, n)
-        out[:, :, r0:r1] = torch.bmm(p16, vf).view(b, h, n, d)
+        out[:, :, r0:r1] = _mm_f32(p16, vf).view(b, h, n, d)  # (float32 sums, as the flash kernels')
 
 
 def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:

@@ -155,7 +155,8 @@ def _run_kernel(backend, x_t, model_output, abar_t, abar_prev, eta, noise, param
             _native.ptr(nz), coef.data_ptr(), y.data_ptr(), _native.ptr(x0), n, m, clip, float(clip_x0 or 0.0))
     elif backend == "triton":
         from . import ddim_triton
-        ddim_triton.ddim_step(x, o, nz, coef, y, x0, n, m, clip_x0)
+        with _native.triton_device(x):
+            ddim_triton.ddim_step(x, o, nz, coef, y, x0, n, m, clip_x0)
     else:
         raise ValueError(f"unknown backend {backend!r}")
     return y, x0_out

@@ -180,7 +180,8 @@ def _run_forward(backend, x, weight, bias, num_groups, eps, activation):
             rstd.data_ptr(), n, c, s, g, float(eps), silu, cl, torch.get_num_threads())
     elif backend == "triton":
         from . import group_norm_triton
-        group_norm_triton.forward(xk, w, b, y, mean, rstd, n, c, s, g, float(eps), silu, cl)
+        with _native.triton_device(xk):
+            group_norm_triton.forward(xk, w, b, y, mean, rstd, n, c, s, g, float(eps), silu, cl)
     else:
         raise ValueError(f"unknown backend {backend!r}")
     return y, mean, rstd
@@ -215,7 +216,8 @@ def _run_backward(backend, dy, x, weight, bias, mean, rstd, num_groups, activati
             torch.get_num_threads())
     elif backend == "triton":
         from . import group_norm_triton
-        group_norm_triton.backward(dyk, xk, w, b, mean, rstd, dx, dweight, dbias, n, c, s, g, silu, cl)
+        with _native.triton_device(xk):
+            group_norm_triton.backward(dyk, xk, w, b, mean, rstd, dx, dweight, dbias, n, c, s, g, silu, cl)
     else:
         raise ValueError(f"unknown backend {backend!r}")
     return dx, dweight, dbias
