@@ -36,6 +36,15 @@ def records_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def call(op: Callable, function: type, forward: Callable, args: tuple, *tensors):
+    """op(*args) where the fast path does not apply (`applies(*tensors)`); else the op's
+    autograd.Function (`function`, from `function()` below) where autograd records the call, and
+    its forward alone where it does not."""
+    if not applies(*tensors):
+        return op(*args)
+    return function.apply(*args) if records_grad(*tensors) else forward(*args)
+
+
 # Parameters are plain tensors to the dispatcher (their __torch_function__ is disabled).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 

@@ -193,9 +193,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         if reason is not None:
             raise _backends.BackendUnavailableError(f"{OP}: the cuda backend's backward needs Triton: {reason}")
     args = (q, k, v, float(scale), backend)
-    if not _eager.applies(q, k, v):
-        return _attention_op(*args)[0]
-    return (_AttentionEager.apply(*args) if _eager.records_grad(q, k, v) else _forward(*args))[0]
+    return _eager.call(_attention_op, _AttentionEager, _forward, args, q, k, v)[0]
 
 
 def _heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -337,6 +337,4 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
         raise ValueError(f"activation: must be None or 'silu', got {activation!r}")
     backend = _backends.resolve(OP, x)
     args = (x, weight, bias, int(num_groups), float(eps), activation or "", backend)
-    if not _eager.applies(x, weight, bias):
-        return _group_norm_op(*args)[0]
-    return (_GroupNormEager.apply(*args) if _eager.records_grad(x, weight, bias) else _forward(*args))[0]
+    return _eager.call(_group_norm_op, _GroupNormEager, _forward, args, x, weight, bias)[0]
