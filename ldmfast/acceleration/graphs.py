@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..diffusion.cuda_graph import GraphCache, autocast_without_cache, capture, static_like, warm_up
+from ..diffusion.cuda_graph import GraphCache, capture, static_like, warm_up
 from .patcher import fused_forward
 from .report import AccelerationReport, Change
 
@@ -46,7 +46,7 @@ class _CapturedCall:
         self.spec = spec
         self.device = next(x for x in leaves if isinstance(x, torch.Tensor)).device
         self.last_stream = None  # the stream of the latest replay
-        with torch.cuda.device(self.device), autocast_without_cache():  # the inputs' device, whichever is current
+        with torch.cuda.device(self.device):  # the inputs' device, whichever is current
             warm_up(lambda: self._run(forward), self.device, warmup)
             self.graph = torch.cuda.CUDAGraph()
             out = capture(self.graph, lambda: self._run(forward), self.device)

@@ -60,10 +60,10 @@ class GraphedStep:
 def warm_up(fn: Callable[[], object], device: torch.device, times: int) -> None:
     """fn() `times` times before a capture, on a side stream as torch.cuda.graph requires: first
     calls compile Triton kernels, pick cuDNN algorithms and grow the allocator, none of which a
-    capture may do."""
+    capture may do. (Under the caller's autocast state, its cast cache off, as in capture.)"""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), _autocast_without_cache():
         for _ in range(times):
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
@@ -83,12 +83,16 @@ def capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], object], device: torch
     anything, leaves the capture stream current, the caching allocator routing that stream's
     allocations into the graph's pool, and the device's default generator registered with the
     capture (every later random op on the device then fails: "offset increment outside graph
-    capture"). All three are put back before CaptureError is raised."""
+    capture"). All three are put back before CaptureError is raised.
+
+    fn runs under the caller's autocast state with the cast cache off: with the cache on (the
+    default, even under no_grad), the graph would read autocast's cast copies of the weights, which
+    autocast frees when its block ends."""
     device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
     with torch.cuda.device(device):
         previous = torch.cuda.current_stream(device)
         try:
-            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+            with _autocast_without_cache(), torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
                 return fn()
         except Exception as err:
             torch.cuda.set_stream(previous)
@@ -117,10 +121,8 @@ def _release_generator(device: torch.device) -> None:
     gen.graphsafe_set_state(gen.clone_state())
 
 
-def autocast_without_cache():
-    """The current CUDA autocast state with its cast cache off, for warm-ups and captures: with the
-    cache on (the default, even under no_grad), a captured graph would read the cast copies of the
-    weights, which autocast frees when its block ends."""
+def _autocast_without_cache():
+    """The current CUDA autocast state with its cast cache off (see capture)."""
     return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
                           cache_enabled=False)
 
