@@ -283,3 +283,17 @@ def test_triton_kernels_launch_on_the_tensors_gpu():
         out = ops.attention(q, k, v)
     assert out.device == q.device
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_device_switches_only_to_another_gpu(monkeypatch):
+    """The guard's choice, without GPUs (the end-to-end check above needs two): a CUDA tensor on
+    another device than the current one gets that device made current, and nothing otherwise."""
+    import contextlib
+    import types
+    from ldmfast.ops import _native
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    on = lambda device: types.SimpleNamespace(device=torch.device(device))  # noqa: E731
+    switch = _native.triton_device(on("cuda:1"))
+    assert isinstance(switch, torch.cuda.device) and switch.idx == 1
+    for same in ("cuda:0", "cpu"):
+        assert isinstance(_native.triton_device(on(same)), contextlib.nullcontext)
