@@ -120,7 +120,7 @@ PYBIND11_MODULE(_cuda, mod) {
   mod.def("group_norm_set_tuning", &group_norm_set_tuning, py::arg("fused_threads") = 0,
           py::arg("target_blocks") = 0, py::arg("min_per_block") = 0, py::arg("min_rows") = 0,
           py::arg("min_per_warp") = 0, py::arg("fused") = true, py::arg("target_blocks_cl") = 0,
-          py::arg("fused_min_groups") = 0, py::arg("fused_16bit") = false,
+          py::arg("fused_min_groups") = 0, py::arg("fused_16bit") = true,
           "GroupNorm launch settings for later calls (0: default); for bench/sweep_group_norm_cuda.py.");
   mod.def("build_info", &build_info, "Compiled architectures and CUDA runtime/driver versions");
 }

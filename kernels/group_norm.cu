@@ -42,11 +42,12 @@ struct Tuning {
   // Channels-last partial-sum blocks to aim for: 512 measured 2-13 % faster than 1024 on an H100
   // (bench/sweep_group_norm_cuda.py), the contiguous partial sums no faster.
   int64_t target_blocks_cl = 512;
-  // The fused forward only for float32 and at least this many groups in all: on an H100 it was
-  // slower than the three-pass path for every 16-bit shape and for float32 at 256 groups (a block
-  // per group leaves the SMs short of work), faster for float32 at 1536 (sweep, 2026-11-26).
-  int64_t fused_min_groups = 1024;
-  bool fused_16bit = false;  // (so the tests can still run the fused kernel on 16-bit input)
+  // The fused forward wherever the group fits in shared memory: since its loads went four in
+  // flight it beat the three-pass path on an H100 for every 16-bit shape it took (1.27-1.87x
+  // forward) and tied or won for float32 (sweep, 2026-11-26, second run). These two remain for
+  // sweeps: at least this many groups in all, and 16-bit input at all.
+  int64_t fused_min_groups = 1;
+  bool fused_16bit = true;
 };
 
 Tuning& tuning() {
@@ -643,6 +644,10 @@ __global__ void __launch_bounds__(kThreads) bwd_partial_contig_kernel(
     }
 #pragma unroll
     for (int u = 0; u < kItems; ++u) {
+      // Past the end, skip the SiLU derivative (exp and divide) rather than add its zeros: a run
+      // shorter than 32 * kItems vectors (S = 168 at 12 x 14) left 3 of 4 items empty, and computing
+      // them made this pass 3x slower on an H100.
+      if (vi0 + u * 32 >= end / V) break;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const float gv = db[u][k] * act_grad<kSilu>(xb[u][k] * sc + sh);
@@ -708,6 +713,7 @@ __global__ void __launch_bounds__(kThreads) bwd_partial_cl_kernel(
         }
 #pragma unroll
         for (int u = 0; u < kRowsInFlight; ++u) {
+          if (r + u * ty_count >= r1) break;  // (no SiLU derivative of the tail's empty rows)
 #pragma unroll
           for (int k = 0; k < V; ++k) {
             const float gv = db[u][k] * act_grad<kSilu>(xb[u][k] * sc[k] + sh[k]);
@@ -864,8 +870,8 @@ bool can_vectorize(const Plan& p, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
-// Whether the forward takes the fused kernel: contiguous, float32, enough groups, and the group
-// fits in shared memory.
+// Whether the forward takes the fused kernel: contiguous, and the group fits in shared memory (and
+// the sweep's settings allow it).
 bool fused_forward(const Plan& p, size_t elem_bytes) {
   return !p.cl && tuning().fused && (elem_bytes == 4 || tuning().fused_16bit) &&
          p.n * p.groups >= tuning().fused_min_groups &&

@@ -152,6 +152,21 @@ def test_backward_kernels_take_their_own_tiles(case, monkeypatch):
     check_gradients(case, torch.float32, 1, 2, 45, 70, 32)
 
 
+@pytest.mark.parametrize("case", [c for c in BACKEND_CASES if c.values[0].endswith("triton")])
+def test_long_16bit_backward_takes_narrow_tiles_per_kernel(case):
+    """16-bit heads up to 64 wide over 512 tokens or more: the dk/dv kernel walks 32 queries per
+    step and the dq kernel 32 keys (their measured defaults); shorter lengths keep 64 x 64. The
+    gradients at such a length (whole tiles, and a partial last key tile) still match."""
+    from ldmfast.ops import attention_triton
+    q = torch.empty(1, 1, 512, 32, dtype=torch.bfloat16)
+    assert attention_triton._launch("backward_dkdv", q, 512)[:2] == (32, 64)
+    assert attention_triton._launch("backward_dq", q, 512)[:2] == (64, 32)
+    assert attention_triton._launch("backward_dq", q[:, :, :168], 168)[:2] == (64, 64)
+    assert attention_triton._launch("backward_dq", q.float(), 512)[:2] == (64, 64)
+    check_gradients(case, torch.bfloat16, 1, 1, 512, 512, 32)
+    check_gradients(case, torch.bfloat16, 1, 1, 512, 540, 32)
+
+
 def check_gradients(case, dtype, b, h, lq, lk, d, layout="bhld"):
     device, backend = split_case(case)
     q, k, v = make_qkv(b, h, lq, lk, d, dtype, device, layout)

@@ -334,15 +334,16 @@ def test_cpu_backward_of_a_group_too_large_for_its_scratch_buffer(request):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "three-pass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_fused_forward_on_every_dtype(dtype, request):
-    """The shared-memory forward, which the default settings keep for float32 with many groups,
-    forced onto small groups of every dtype (vectorized and not, with and without the affine
-    parameters)."""
+def test_cuda_both_forwards_on_every_dtype(dtype, fused, request):
+    """The shared-memory forward (the default where a group fits) and the three-pass one (larger
+    groups; here forced) on small groups of every dtype (vectorized and not, with and without the
+    affine parameters)."""
     from ldmfast.ops import _native
     mod = _native.cuda_module()
     try:
-        mod.group_norm_set_tuning(fused_min_groups=1, fused_16bit=True)
+        mod.group_norm_set_tuning(fused=fused)
         # (2, 8, 2, 3) and (2, 8, 1, 1): float32 vectors that cross channels (S % 4 != 0, S < 4)
         for shape, groups in (((2, 16, 8, 8), 4), ((3, 6, 7, 5), 3), ((1, 224, 12, 14), 32), ((2, 8, 2, 3), 4),
                               ((2, 8, 1, 1), 2)):

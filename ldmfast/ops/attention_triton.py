@@ -41,6 +41,12 @@ def _blocks(d: int, lq: int, lk: int, dtype: torch.dtype, which: str) -> tuple[i
         # against 7.4 ms). (Since then 16-bit heads this wide run attention_wide's GEMMs, and only
         # the backward's delta pre-pass uses these.)
         block_m, block_n = (64, 64) if which == "forward" else (32, 32)
+    elif which != "forward" and block_d <= 64 and dtype != torch.float32 and min(lq, lk) >= 512:
+        # Each backward kernel with a narrow tile along the dimension it walks (the dk/dv kernel
+        # holds 64 keys and walks 32 queries at a time, the dq kernel the other way round): on an
+        # H100 (bench/sweep_attention_triton.py, bf16, 2026-11-26) 7 % faster than 64 x 64 at
+        # L=4096 D=64 and 3 % at L=672 D=32, but 40 % slower at L=168 (too few programs).
+        block_m, block_n = (32, 64) if which == "backward_dkdv" else (64, 32)
     else:
         block_m = 64 if block_d <= 64 else 32 if block_d <= 128 else 16
         block_n = 64 if block_d <= 64 else 32 if block_d <= 256 else 16
@@ -67,7 +73,7 @@ def _launch(which: str, q: torch.Tensor, lk: int) -> tuple[int, int, int, dict]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, launch kwargs) of one kernel: "forward", "backward_dkdv" or
     "backward_dq"."""
     lq, d = q.shape[2], q.shape[3]
-    bm, bn, bd = _blocks(d, lq, lk, q.dtype, "forward" if which == "forward" else "backward")
+    bm, bn, bd = _blocks(d, lq, lk, q.dtype, which)
     kwargs = _launch_kwargs(bd, q.dtype)
     o = OVERRIDES.get(which) or (OVERRIDES.get("backward") if which != "forward" else None)
     if o:
