@@ -48,6 +48,10 @@ struct Tuning {
   // sweeps: at least this many groups in all, and 16-bit input at all.
   int64_t fused_min_groups = 1;
   bool fused_16bit = true;
+  // Vectors per thread of the elementwise passes on 16-bit input (2 or 4). Four took 128-153
+  // registers in the backward (one or two blocks per SM), two take 80-108; which moves more bytes
+  // is for the sweep to say (four: the setting measured on an H100, 2026-11-26).
+  int map_items_16bit = kItems;
 };
 
 Tuning& tuning() {
@@ -471,7 +475,8 @@ struct MapPlan {
   int64_t nc;           // N * C: the distance between two fields of the table
   int tx, ty;           // threads per block along columns and rows (the block: tx * ty <= kThreads)
   bool along_cols;      // a thread's kItems vectors lie along its row (else down its column)
-  int reps;             // channels-last: rounds of kItems rows per thread (its coefficients reused)
+  int items;            // vectors per thread per round: kItems, or tuning().map_items_16bit
+  int reps;             // channels-last: rounds of `items` rows per thread (its coefficients reused)
   bool coef_vec4;       // channels-last: coefficients read as float4 (aligned, V a multiple of 4)
   int64_t row_tiles;    // blocks per sample along rows
   int64_t col_tiles;    // blocks along columns
@@ -484,15 +489,16 @@ MapPlan make_map_plan(const Plan& p) {
   m.cols = p.cl ? p.c / p.vec : p.s / p.vec;
   m.c = p.c;
   m.nc = p.n * p.c;
+  m.items = p.vec == 8 ? tuning().map_items_16bit : kItems;
   // Columns split evenly over blocks of at most kThreads (320 columns: two of 160, not 256 + 64).
   m.tx = static_cast<int>(ceil_div(m.cols, ceil_div(m.cols, kThreads)));
   m.ty = kThreads / m.tx;
   // Channels-last keeps one column per thread (its V coefficients loaded once); contiguous rows
   // longer than a block run along the row (one coefficient per thread).
   m.along_cols = !p.cl && m.cols > kThreads;
-  const int64_t tile_cols = m.along_cols ? static_cast<int64_t>(m.tx) * kItems : m.tx;
+  const int64_t tile_cols = m.along_cols ? static_cast<int64_t>(m.tx) * m.items : m.tx;
   m.col_tiles = ceil_div(m.cols, tile_cols);
-  const int64_t rows_per_rep = m.along_cols ? m.ty : static_cast<int64_t>(m.ty) * kItems;
+  const int64_t rows_per_rep = m.along_cols ? m.ty : static_cast<int64_t>(m.ty) * m.items;
   // Channels-last: up to 8 rounds per thread while the grid keeps at least 1024 blocks (a thread
   // reads V * fields coefficients per vector column, as many bytes as 4 rows of data move).
   m.reps = 1;
@@ -551,17 +557,17 @@ struct DxOp {
   }
 };
 
-template <bool kCl, int V, class Op>
+template <bool kCl, int V, int kMapItems, class Op>
 __global__ void __launch_bounds__(kThreads) channel_map_kernel(Op op, const float* __restrict__ table, MapPlan m) {
   constexpr int F = Op::kFields;
   const int tx = threadIdx.x % m.tx, ty = threadIdx.x / m.tx;
   if (ty >= m.ty) return;  // (none: blocks are tx * ty threads; no block-wide synchronization below)
   const int64_t col_tile = blockIdx.x % m.col_tiles, rest = blockIdx.x / m.col_tiles;
   const int64_t sample = rest / m.row_tiles, row_tile = rest % m.row_tiles;
-  const int64_t rows_per_rep = m.along_cols ? m.ty : m.ty * kItems;
+  const int64_t rows_per_rep = m.along_cols ? m.ty : m.ty * kMapItems;
   const int64_t row0 = row_tile * rows_per_rep * m.reps + ty;
-  const int64_t col0 = col_tile * (m.along_cols ? m.tx * kItems : m.tx) + tx;
-  float cf[kItems][F][V];
+  const int64_t col0 = col_tile * (m.along_cols ? m.tx * kMapItems : m.tx) + tx;
+  float cf[kMapItems][F][V];
   if constexpr (kCl) {  // one column per thread: its channels' coefficients, once
     if (col0 < m.cols) {
 #pragma unroll
@@ -586,11 +592,11 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(Op op, const floa
     }
   }
   for (int rep = 0; rep < m.reps; ++rep) {
-    typename Op::In in[kItems];
-    int64_t vi[kItems];
-    bool live[kItems];
+    typename Op::In in[kMapItems];
+    int64_t vi[kMapItems];
+    bool live[kMapItems];
 #pragma unroll
-    for (int u = 0; u < kItems; ++u) {
+    for (int u = 0; u < kMapItems; ++u) {
       const int64_t row = row0 + rep * rows_per_rep + (m.along_cols ? 0 : u * m.ty);
       const int64_t col = col0 + (m.along_cols ? u * m.tx : 0);
       live[u] = row < m.rows && col < m.cols;
@@ -608,7 +614,7 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(Op op, const floa
       }
     }
 #pragma unroll
-    for (int u = 0; u < kItems; ++u) {
+    for (int u = 0; u < kMapItems; ++u) {
       if (live[u]) op.finish(vi[u], in[u], cf[kCl ? 0 : u]);
     }
   }
@@ -617,7 +623,7 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(Op op, const floa
 // ---- backward: partial sums per (sample, part, channel) --------------------------------------------
 
 // Contiguous: warp (sample, channel, part) over its part of the channel's run of S elements.
-template <typename T, bool kSilu, int V>
+template <typename T, bool kSilu, int V, int kRunItems>
 __global__ void __launch_bounds__(kThreads) bwd_partial_contig_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ weight,
     const float* __restrict__ bias, const float* __restrict__ mean, const float* __restrict__ rstd, float* part_a,
@@ -635,18 +641,18 @@ __global__ void __launch_bounds__(kThreads) bwd_partial_contig_kernel(
   const T* dyc = dy + nc * p.s;
   const int64_t begin = q * p.len, end = min64(p.s, begin + p.len);
   float a1 = 0.0f, a2 = 0.0f;
-  for (int64_t vi0 = begin / V + lane; vi0 < end / V; vi0 += kItems * 32) {
-    float xb[kItems][V], db[kItems][V];
+  for (int64_t vi0 = begin / V + lane; vi0 < end / V; vi0 += kRunItems * 32) {
+    float xb[kRunItems][V], db[kRunItems][V];
 #pragma unroll
-    for (int u = 0; u < kItems; ++u) {
+    for (int u = 0; u < kRunItems; ++u) {
       const int64_t vi = vi0 + u * 32;
       load_pair_or_zero<T, V>(xc, dyc, vi, vi < end / V, xb[u], db[u]);
     }
 #pragma unroll
-    for (int u = 0; u < kItems; ++u) {
+    for (int u = 0; u < kRunItems; ++u) {
       // Past the end, skip the SiLU derivative (exp and divide) rather than add its zeros: a run
-      // shorter than 32 * kItems vectors (S = 168 at 12 x 14) left 3 of 4 items empty, and computing
-      // them made this pass 3x slower on an H100.
+      // of 21 vectors (S = 168 at 12 x 14) left 3 of 4 items empty, and computing them made this
+      // pass 3x slower on an H100.
       if (vi0 + u * 32 >= end / V) break;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
@@ -878,17 +884,26 @@ bool fused_forward(const Plan& p, size_t elem_bytes) {
          static_cast<size_t>(p.m) * elem_bytes <= static_cast<size_t>(max_dynamic_smem());
 }
 
+template <int V, int kMapItems, class Op>
+void launch_channel_map_items(const Op& op, const float* table, const MapPlan& m, bool cl, unsigned blocks,
+                              int threads, cudaStream_t stream) {
+  if (cl) {
+    channel_map_kernel<true, V, kMapItems, Op><<<blocks, threads, 0, stream>>>(op, table, m);
+  } else {
+    channel_map_kernel<false, V, kMapItems, Op><<<blocks, threads, 0, stream>>>(op, table, m);
+  }
+}
+
 template <int V, class Op>
 void launch_channel_map(const Op& op, const float* table, const Plan& p, cudaStream_t stream) {
   MapPlan m = make_map_plan(p);
   m.coef_vec4 = m.coef_vec4 && aligned16(table);  // (torch's allocations are; a caller's may not be)
   const auto blocks = static_cast<unsigned>(m.samples * m.row_tiles * m.col_tiles);
   const int threads = m.tx * m.ty;
-  if (p.cl) {
-    channel_map_kernel<true, V, Op><<<blocks, threads, 0, stream>>>(op, table, m);
-  } else {
-    channel_map_kernel<false, V, Op><<<blocks, threads, 0, stream>>>(op, table, m);
+  if constexpr (V == 8) {
+    if (m.items == 2) return launch_channel_map_items<V, 2>(op, table, m, p.cl, blocks, threads, stream);
   }
+  launch_channel_map_items<V, kItems>(op, table, m, p.cl, blocks, threads, stream);
 }
 
 template <typename T, bool kSilu, int V>
@@ -927,8 +942,12 @@ cudaError_t backward_launch(const T* dy, const T* x, const float* w, const float
     bwd_partial_cl_kernel<T, kSilu, V><<<static_cast<unsigned>(p.n * p.parts), kThreads, 0, stream>>>(
         dy, x, w, b, mean, rstd, ws.part_a, ws.part_b, p);
   } else {
-    bwd_partial_contig_kernel<T, kSilu, V><<<blocks_for(p.n * p.c * p.parts, kWarps), kThreads, 0, stream>>>(
-        dy, x, w, b, mean, rstd, ws.part_a, ws.part_b, p);
+    // Parts of at most 32 vectors give each lane one: a kernel with one item needs 40 registers
+    // rather than 104 (16-bit), i.e. more warps per SM for a pass that is mostly latency.
+    const auto kernel = p.len / V <= 32 ? bwd_partial_contig_kernel<T, kSilu, V, 1>
+                                        : bwd_partial_contig_kernel<T, kSilu, V, kItems>;
+    kernel<<<blocks_for(p.n * p.c * p.parts, kWarps), kThreads, 0, stream>>>(dy, x, w, b, mean, rstd, ws.part_a,
+                                                                           ws.part_b, p);
   }
   bwd_combine_kernel<<<static_cast<unsigned>(p.n * p.groups), kThreads, 0, stream>>>(ws.part_a, ws.part_b, w, b,
                                                                                      mean, rstd, ws, p);
@@ -1011,8 +1030,8 @@ cudaError_t backward_typed(const void* dy, const void* x, const float* w, const 
 
 bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min_per_block, int64_t min_rows,
                            int64_t min_per_warp, bool fused, int64_t target_blocks_cl, int64_t fused_min_groups,
-                           bool fused_16bit) {
-  if (fused_threads < 0 || fused_threads > kFusedThreads || fused_threads % 32 != 0 || target_blocks < 0 ||
+                           bool fused_16bit, int map_items_16bit) {
+  if ((map_items_16bit != 0 && map_items_16bit != 2 && map_items_16bit != kItems) || fused_threads < 0 || fused_threads > kFusedThreads || fused_threads % 32 != 0 || target_blocks < 0 ||
       min_per_block < 0 || min_rows < 0 || min_per_warp < 0 || target_blocks_cl < 0 || fused_min_groups < 0) {
     return false;
   }
@@ -1027,6 +1046,7 @@ bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min
   t.target_blocks_cl = target_blocks_cl ? target_blocks_cl : defaults.target_blocks_cl;
   t.fused_min_groups = fused_min_groups ? fused_min_groups : defaults.fused_min_groups;
   t.fused_16bit = fused_16bit;
+  t.map_items_16bit = map_items_16bit ? map_items_16bit : defaults.map_items_16bit;
   return true;
 }
 

@@ -354,6 +354,25 @@ def test_cuda_both_forwards_on_every_dtype(dtype, fused, request):
         mod.group_norm_set_tuning()
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("items", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_16bit_passes_with_either_item_count(layout, dtype, items, request):
+    """The 16-bit elementwise passes at both vector counts per thread the sweep chooses between,
+    over runs short enough for the one-vector-per-lane backward partial sums (S = 64: 8 vectors)
+    and long ones (S = 2688, parts of 112 vectors), with whole and partial last rounds."""
+    from ldmfast.ops import _native
+    mod = _native.cuda_module()
+    try:
+        mod.group_norm_set_tuning(map_items_16bit=items)
+        for shape, groups in (((2, 16, 8, 8), 4), ((1, 8, 48, 56), 2), ((3, 224, 4, 6), 32)):
+            x, w, b, dy = make_inputs(shape, dtype, torch.device("cuda"), fresh_seed(request), layout)
+            check_all("cuda", x, groups, w, b, dy, "silu")
+    finally:
+        mod.group_norm_set_tuning()
+
+
 def test_cuda_tuning_setter_checks_its_values_and_changes_the_plan():
     """The sweep's launch-setting hook, host side only (no GPU needed: CI builds the CUDA module
     and runs this). The plan shows in the workspace size: fewer elements per partial-sum warp, more
@@ -366,7 +385,8 @@ def test_cuda_tuning_setter_checks_its_values_and_changes_the_plan():
     args = (_native.dtype_code(torch.empty(0)), 1, 1, 1 << 16, 1, False, True)
     try:
         default = mod.group_norm_workspace(*args)
-        for bad in ({"fused_threads": 100}, {"fused_threads": 1024}, {"target_blocks": -1}):
+        for bad in ({"fused_threads": 100}, {"fused_threads": 1024}, {"target_blocks": -1},
+                    {"map_items_16bit": 3}):
             with pytest.raises(ValueError, match="fused_threads must be a multiple of 32"):
                 mod.group_norm_set_tuning(**bad)
         mod.group_norm_set_tuning(fused_threads=128, min_per_warp=256, fused=False)
