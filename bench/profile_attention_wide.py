@@ -12,6 +12,7 @@ import time
 import torch
 
 import ldmfast.ops as ops
+from ldmfast.ops import attention_wide
 from profile_group_norm import kernel_table
 
 B, H, L, D = 6, 1, 2688, 512
@@ -39,6 +40,8 @@ def main() -> None:
         return torch.softmax(q @ k.transpose(-1, -2) * D ** -0.5, -1) @ v
 
     impls = {"ours": ops.attention, "matmul-softmax-matmul": plain}
+    ops.attention(q.detach(), k.detach(), v.detach())  # (attention_wide probes what the GEMMs can do)
+    print(f"dk/dv summed in the GEMM's epilogue (baddbmm out_dtype): {attention_wide._F32_OUT_BADDBMM}")
     for who, f in impls.items():
         passes = {"fwd": lambda: f(q.detach(), k.detach(), v.detach()),
                   "fwd+bwd": lambda: torch.autograd.grad(f(q, k, v), (q, k, v), dout)}

@@ -84,12 +84,16 @@ def test_gradients(case, dtype, b, h, lq, lk, d):
 
 @pytest.mark.parametrize("case", [c for c in BACKEND_CASES if c.values[0].endswith("triton")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_wide_heads_in_chunks(case, dtype, monkeypatch):
+@pytest.mark.parametrize("epilogue", [True, False], ids=["gemm-accumulates", "separate-add"])
+def test_wide_heads_in_chunks(case, dtype, epilogue, monkeypatch):
     """16-bit heads over 256 wide take attention_wide's GEMMs, forward and backward: several query
     chunks (a small budget), several batch-heads, Lq != Lk, (B, L, H, D) views, head dims 512 and
-    300. (float32 keeps the flash-style kernels, which test_gradients covers at 512.)"""
+    300; on a GPU both ways of summing dk and dv over chunks (in the GEMM, or after it where
+    baddbmm cannot). (float32 keeps the flash-style kernels, which test_gradients covers at 512.)"""
     from ldmfast.ops import attention_wide
     calls = []
+    monkeypatch.setattr(attention_wide, "_F32_OUT_BMM", {})  # (applies() probes again, as patched)
+    monkeypatch.setattr(attention_wide, "_accumulates_in_place", lambda *args: epilogue)
     monkeypatch.setattr(attention_wide, "CHUNK_BUDGET", 4 << 10)
     for name in ("forward", "backward"):
         real = getattr(attention_wide, name)

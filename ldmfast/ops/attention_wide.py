@@ -33,23 +33,28 @@ _COLS = 1024  # columns per program of the softmax-gradient kernel
 
 
 @triton.jit
-def _softmax_grad_kernel(S, DP, LSE, DELTA, P_OUT, DS_OUT, n_cols, scale, BLOCK: tl.constexpr):
+def _softmax_grad_kernel(S, DP, LSE, DELTA, P_OUT, DS_OUT, n_cols, rows_per_bh, lse_bh_stride, scale,
+                         BLOCK: tl.constexpr):
+    """P and dS of row bh * rows_per_bh + i of the chunk; its lse and delta at bh * lse_bh_stride + i
+    (the chunk's rows of the (B, H, L) tensors, read in place)."""
     row = tl.program_id(0)
+    stat = (row // rows_per_bh) * lse_bh_stride + row % rows_per_bh
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     offs = row.to(tl.int64) * n_cols + cols
     s = tl.load(S + offs, mask=mask, other=0.0)
     dp = tl.load(DP + offs, mask=mask, other=0.0)
-    p = tl.exp(s * scale - tl.load(LSE + row))
-    ds = p * (dp - tl.load(DELTA + row))
+    p = tl.exp(s * scale - tl.load(LSE + stat))
+    ds = p * (dp - tl.load(DELTA + stat))
     tl.store(P_OUT + offs, p.to(P_OUT.dtype.element_ty), mask=mask)
     tl.store(DS_OUT + offs, ds.to(DS_OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _softmax_rows_kernel(S, P_OUT, LSE, n_cols, scale, BLOCK: tl.constexpr):
-    """P = softmax(scale S) of one row, and its log-sum-exp: an online pass for max and sum over
-    column blocks, then one writing P."""
+def _softmax_rows_kernel(S, P_OUT, LSE, n_cols, rows_per_bh, lse_bh_stride, scale, BLOCK: tl.constexpr):
+    """P = softmax(scale S) of one row, and its log-sum-exp, stored at LSE + bh * lse_bh_stride + i
+    for row bh * rows_per_bh + i (the chunk's rows of the (B, H, L) lse, in place): an online pass
+    for max and sum over column blocks, then one writing P."""
     row = tl.program_id(0)
     base = row.to(tl.int64) * n_cols
     offs = tl.arange(0, BLOCK)
@@ -66,7 +71,7 @@ def _softmax_rows_kernel(S, P_OUT, LSE, n_cols, scale, BLOCK: tl.constexpr):
         cols = c0 + offs
         s = tl.load(S + base + cols, mask=cols < n_cols, other=0.0)
         tl.store(P_OUT + base + cols, tl.exp(s * scale - lse).to(P_OUT.dtype.element_ty), mask=cols < n_cols)
-    tl.store(LSE + row, lse)
+    tl.store(LSE + (row // rows_per_bh) * lse_bh_stride + row % rows_per_bh, lse)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -77,7 +82,26 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.float(), b.float())
 
 
+def _mm_f32_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool, alpha: float = 1.0) -> None:
+    """acc (float32) = alpha * a @ b, plus acc where `accumulate`: the sum and scale in the GEMM's
+    epilogue (on an H100 the separate `acc += a @ b` adds and scalings took a quarter of the
+    backward's GPU time). Without accumulate acc is not read (beta = 0: it may be uninitialized)."""
+    beta = 1.0 if accumulate else 0.0
+    if a.dtype != torch.float32 and a.is_cuda:
+        if _F32_OUT_BADDBMM.get(a.device):
+            torch.baddbmm(acc, a, b, out_dtype=torch.float32, beta=beta, alpha=alpha, out=acc)
+        else:
+            product = torch.bmm(a, b, out_dtype=torch.float32)
+            if accumulate:
+                acc.add_(product, alpha=alpha)
+            else:
+                torch.mul(product, alpha, out=acc)
+        return
+    torch.baddbmm(acc, a.float(), b.float(), beta=beta, alpha=alpha, out=acc)
+
+
 _F32_OUT_BMM: dict = {}
+_F32_OUT_BADDBMM: dict = {}  # device -> whether baddbmm accumulates 16-bit products into float32 in place
 _FAILED: dict = {}  # device -> why these GEMMs failed there (then the flash-style kernels run)
 # (device, shape) whose chunk buffers ran out of memory: the kernels run for it without another
 # try (each failed allocation makes the caching allocator synchronize and empty its cache).
@@ -125,7 +149,20 @@ def applies(q: torch.Tensor) -> bool:
             _F32_OUT_BMM[q.device] = torch.bmm(one, one, out_dtype=torch.float32).dtype == torch.float32
         except (TypeError, RuntimeError):
             _F32_OUT_BMM[q.device] = False
+        _F32_OUT_BADDBMM[q.device] = _accumulates_in_place(q.dtype, q.device)
     return _F32_OUT_BMM[q.device]
+
+
+def _accumulates_in_place(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether baddbmm(acc, a, b, out_dtype=float32, out=acc) works here and gives beta * acc +
+    alpha * a @ b (checked on numbers, since it writes its own input)."""
+    try:
+        acc = torch.full((1, 2, 2), 2.0, dtype=torch.float32, device=device)
+        a = torch.ones((1, 2, 3), dtype=dtype, device=device)
+        torch.baddbmm(acc, a, a.transpose(1, 2), out_dtype=torch.float32, beta=1.0, alpha=0.5, out=acc)
+        return bool((acc == 3.5).all())  # 2 + 0.5 * 3
+    except (TypeError, RuntimeError):
+        return False
 
 
 def chunk_rows(bh: int, lq: int, lk: int, elem_bytes: int) -> int:
@@ -154,7 +191,7 @@ def forward(q, k, v, out, lse, scale: float) -> None:
     """out (preallocated, any strides) = softmax(scale q k^T) v and lse (B, H, Lq) float32, a chunk
     of query rows at a time: S = q k^T in float32, one Triton pass for P (input dtype) and lse,
     then P v (the flash kernels' precision; their online rescaling is not needed with whole rows)."""
-    b, h, _, d = q.shape
+    b, h, lq, d = q.shape
     lk, bh = k.shape[2], b * h
     kf, vf = k.reshape(bh, lk, d), v.reshape(bh, lk, d)
     block = min(4096, triton.next_power_of_2(lk))
@@ -162,21 +199,22 @@ def forward(q, k, v, out, lse, scale: float) -> None:
         n = r1 - r0
         s = _mm_f32(_rows(q, r0, r1), kf.transpose(1, 2))
         p16 = torch.empty((bh, n, lk), dtype=q.dtype, device=q.device)
-        lse_c = torch.empty((bh, n), dtype=torch.float32, device=q.device)
-        _softmax_rows_kernel[(bh * n,)](s, p16, lse_c, lk, scale, BLOCK=block)
+        lse_rows = lse.view(bh, lq)[:, r0:]  # (a view: the kernel writes the chunk's lse in place)
+        _softmax_rows_kernel[(bh * n,)](s, p16, lse_rows, lk, n, lq, scale, BLOCK=block)
         del s
-        lse[:, :, r0:r1] = lse_c.view(b, h, n)
         out[:, :, r0:r1] = _mm_f32(p16, vf).view(b, h, n, d)  # (float32 sums, as the flash kernels')
 
 
 def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
     """dq, dk, dv (preallocated, any strides) of softmax(scale q k^T) v; lse and delta (B, H, Lq)
     float32 from the forward and the delta pre-pass."""
-    b, h, _, d = q.shape
+    b, h, lq, d = q.shape
     lk, bh = k.shape[2], b * h
     kf, vf = k.reshape(bh, lk, d), v.reshape(bh, lk, d)
-    dk_acc = torch.zeros((bh, lk, d), dtype=torch.float32, device=q.device)
-    dv_acc = torch.zeros((bh, lk, d), dtype=torch.float32, device=q.device)
+    lse_rows, delta_rows = lse.view(bh, lq), delta.view(bh, lq)
+    dk_acc = torch.empty((bh, lk, d), dtype=torch.float32, device=q.device)
+    dv_acc = torch.empty_like(dk_acc)
+    dq_c = None
     for r0, r1 in _chunks(q, k):
         n = r1 - r0
         qc, doc = _rows(q, r0, r1), _rows(dout, r0, r1)
@@ -185,11 +223,13 @@ def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
         p16 = torch.empty((bh, n, lk), dtype=q.dtype, device=q.device)
         ds16 = torch.empty_like(p16)
         _softmax_grad_kernel[(bh * n, triton.cdiv(lk, _COLS))](
-            s, dp, _rows(lse, r0, r1).contiguous(), _rows(delta, r0, r1).contiguous(), p16, ds16, lk, scale,
-            BLOCK=_COLS)
+            s, dp, lse_rows[:, r0:], delta_rows[:, r0:], p16, ds16, lk, n, lq, scale, BLOCK=_COLS)
         del s, dp
-        dv_acc += _mm_f32(p16.transpose(1, 2), doc)
-        dk_acc += _mm_f32(ds16.transpose(1, 2), qc)
-        dq[:, :, r0:r1] = (_mm_f32(ds16, kf) * scale).view(b, h, n, d)
-    dk.copy_((dk_acc * scale).view(b, h, lk, d))
+        _mm_f32_into(dv_acc, p16.transpose(1, 2), doc, accumulate=r0 > 0)
+        _mm_f32_into(dk_acc, ds16.transpose(1, 2), qc, accumulate=r0 > 0, alpha=scale)
+        if dq_c is None or dq_c.shape[1] != n:
+            dq_c = torch.empty((bh, n, d), dtype=torch.float32, device=q.device)
+        _mm_f32_into(dq_c, ds16, kf, accumulate=False, alpha=scale)
+        dq[:, :, r0:r1] = dq_c.view(b, h, n, d)
+    dk.copy_(dk_acc.view(b, h, lk, d))
     dv.copy_(dv_acc.view(b, h, lk, d))
