@@ -165,19 +165,21 @@ def _accumulates_in_place(dtype: torch.dtype, device: torch.device) -> bool:
         return False
 
 
-def chunk_rows(bh: int, lq: int, lk: int, elem_bytes: int) -> int:
-    """Query rows per chunk: as many as CHUNK_BUDGET holds (S, dP in float32 and P, dS in the
-    input's dtype per score), in chunks of equal size."""
-    per_row = bh * lk * (2 * 4 + 2 * elem_bytes)
+def chunk_rows(bh: int, lq: int, lk: int, elem_bytes: int, backward: bool = True) -> int:
+    """Query rows per chunk: as many as CHUNK_BUDGET holds, in chunks of equal size. A score costs
+    the backward S and dP in float32 and P and dS in the input's dtype, the forward S and P only
+    (half as many chunks: each one's launches cost ~60 us of host time, which at the VQGAN's
+    B=6, L=2688 was as long as its GPU work on an H100)."""
+    per_row = bh * lk * ((2 * 4 + 2 * elem_bytes) if backward else (4 + elem_bytes))
     budget = CHUNK_BUDGET
     n_chunks = math.ceil(lq / max(1, min(lq, budget // per_row)))
     return math.ceil(lq / n_chunks)
 
 
-def _chunks(q: torch.Tensor, k: torch.Tensor):
+def _chunks(q: torch.Tensor, k: torch.Tensor, backward: bool):
     """(r0, r1) of each chunk of query rows, sized by chunk_rows."""
     b, h, lq, _ = q.shape
-    rows = chunk_rows(b * h, lq, k.shape[2], q.element_size())
+    rows = chunk_rows(b * h, lq, k.shape[2], q.element_size(), backward)
     return [(r0, min(lq, r0 + rows)) for r0 in range(0, lq, rows)]
 
 
@@ -195,7 +197,7 @@ def forward(q, k, v, out, lse, scale: float) -> None:
     lk, bh = k.shape[2], b * h
     kf, vf = k.reshape(bh, lk, d), v.reshape(bh, lk, d)
     block = min(4096, triton.next_power_of_2(lk))
-    for r0, r1 in _chunks(q, k):
+    for r0, r1 in _chunks(q, k, backward=False):
         n = r1 - r0
         s = _mm_f32(_rows(q, r0, r1), kf.transpose(1, 2))
         p16 = torch.empty((bh, n, lk), dtype=q.dtype, device=q.device)
@@ -215,7 +217,7 @@ def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
     dk_acc = torch.empty((bh, lk, d), dtype=torch.float32, device=q.device)
     dv_acc = torch.empty_like(dk_acc)
     dq_c = None
-    for r0, r1 in _chunks(q, k):
+    for r0, r1 in _chunks(q, k, backward=True):
         n = r1 - r0
         qc, doc = _rows(q, r0, r1), _rows(dout, r0, r1)
         s = _mm_f32(qc, kf.transpose(1, 2))
