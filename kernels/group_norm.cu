@@ -52,6 +52,8 @@ struct Tuning {
   // registers in the backward (one or two blocks per SM), two take 80-108; which moves more bytes
   // is for the sweep to say (four: the setting measured on an H100, 2026-11-26).
   int map_items_16bit = kItems;
+  // Channels-last partial sums in whole waves of resident blocks (fit_waves below).
+  bool fit_waves = true;
 };
 
 Tuning& tuning() {
@@ -867,6 +869,39 @@ cudaError_t allow_max_dynamic_smem(Kernel kernel, bool (&done)[kMaxDevices]) {
   return err;
 }
 
+// Blocks of `kernel` (kThreads threads, no dynamic shared memory) resident at once on the current
+// device (SMs x blocks per SM), asked once per device; 0 where unknown. `cached` is the caller's
+// per-kernel record, as in allow_max_dynamic_smem.
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, int (&cached)[kMaxDevices]) {
+  const int device = current_device();
+  if (device < 0) return 0;
+  if (cached[device] == 0) {
+    int sms = 0, per_sm = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) == cudaSuccess) {
+      cached[device] = std::max(1, sms * per_sm);
+    } else {
+      cudaGetLastError();  // (a failed query must not fail the launch that follows)
+      cached[device] = -1;
+    }
+  }
+  return std::max(0, cached[device]);
+}
+
+// The channels-last partial sums in whole waves: where the planned n * parts blocks are more than
+// one wave of resident blocks but not a whole number of them, fewer parts, so that the last wave
+// does not run a few blocks per SM at a fraction of the bandwidth (on an H100 the 16-bit forward's
+// 528 blocks on 396 slots; the sweep had 256 blocks faster for it and slower for float32, which
+// fits 660). Only fewer: the workspace holds the planned parts.
+Plan fit_waves(Plan p, int64_t slots) {
+  if (!tuning().fit_waves || slots <= 0 || p.n * p.parts <= slots) return p;
+  const int64_t parts = std::max<int64_t>(1, (p.n * p.parts / slots) * slots / p.n);
+  p.len = ceil_div(p.s, parts);
+  p.parts = ceil_div(p.s, p.len);
+  return p;
+}
+
 // Whether 16-byte vectors can be used: sizes let no vector straddle a channel (contiguous) or a
 // sample (channels-last), and every pointer is 16-byte aligned.
 bool can_vectorize(const Plan& p, std::initializer_list<const void*> ptrs) {
@@ -908,7 +943,9 @@ void launch_channel_map(const Op& op, const float* table, const Plan& p, cudaStr
 
 template <typename T, bool kSilu, int V>
 cudaError_t forward_launch(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
-                           float* workspace, const Plan& p, float eps, cudaStream_t stream) {
+                           float* workspace, const Plan& planned, float eps, cudaStream_t stream) {
+  static int slots[kMaxDevices] = {};
+  const Plan p = planned.cl ? fit_waves(planned, resident_blocks(fwd_partial_cl_kernel<T, V>, slots)) : planned;
   const size_t group_bytes = static_cast<size_t>(p.m) * sizeof(T);
   if (fused_forward(p, sizeof(T))) {
     auto kernel = fwd_fused_kernel<T, kSilu, V>;
@@ -936,7 +973,10 @@ cudaError_t forward_launch(const T* x, const float* w, const float* b, T* y, flo
 template <typename T, bool kSilu, int V>
 cudaError_t backward_launch(const T* dy, const T* x, const float* w, const float* b, const float* mean,
                             const float* rstd, T* dx, float* dweight, float* dbias, float* workspace,
-                            const Plan& p, cudaStream_t stream) {
+                            const Plan& planned, cudaStream_t stream) {
+  static int slots[kMaxDevices] = {};
+  const Plan p =
+      planned.cl ? fit_waves(planned, resident_blocks(bwd_partial_cl_kernel<T, kSilu, V>, slots)) : planned;
   Workspace ws = carve(workspace, p, true);
   if (p.cl) {
     bwd_partial_cl_kernel<T, kSilu, V><<<static_cast<unsigned>(p.n * p.parts), kThreads, 0, stream>>>(
@@ -1030,7 +1070,7 @@ cudaError_t backward_typed(const void* dy, const void* x, const float* w, const 
 
 bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min_per_block, int64_t min_rows,
                            int64_t min_per_warp, bool fused, int64_t target_blocks_cl, int64_t fused_min_groups,
-                           bool fused_16bit, int map_items_16bit) {
+                           bool fused_16bit, int map_items_16bit, bool fit_waves) {
   if ((map_items_16bit != 0 && map_items_16bit != 2 && map_items_16bit != kItems) || fused_threads < 0 || fused_threads > kFusedThreads || fused_threads % 32 != 0 || target_blocks < 0 ||
       min_per_block < 0 || min_rows < 0 || min_per_warp < 0 || target_blocks_cl < 0 || fused_min_groups < 0) {
     return false;
@@ -1047,6 +1087,7 @@ bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min
   t.fused_min_groups = fused_min_groups ? fused_min_groups : defaults.fused_min_groups;
   t.fused_16bit = fused_16bit;
   t.map_items_16bit = map_items_16bit ? map_items_16bit : defaults.map_items_16bit;
+  t.fit_waves = fit_waves;
   return true;
 }
 
