@@ -7,26 +7,15 @@ kernel by kernel (torch.profiler) and wall time per call, whose difference is ho
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+import common
 import ldmfast.ops as ops
 from ldmfast.ops import attention_wide
 from profile_group_norm import kernel_table
 
 B, H, L, D = 6, 1, 2688, 512
-
-
-def wall_us(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps * 1e6
 
 
 def main() -> None:
@@ -49,7 +38,7 @@ def main() -> None:
             rows = kernel_table(fn, args.reps)
             total = sum(r[1] for r in rows)
             print(f"B={B} H={H} L={L} D={D} bf16 [{who}] {name}: {total:.1f} us of kernels, "
-                  f"{wall_us(fn, args.reps):.1f} us wall per call")
+                  f"{common.wall_ms(fn, args.reps) * 1e3:.1f} us wall per call")
             for key, us, count in rows:
                 print(f"    {us:8.1f} us  x{count}  {key[:110]}")
 
