@@ -1071,8 +1071,9 @@ cudaError_t backward_typed(const void* dy, const void* x, const float* w, const 
 bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min_per_block, int64_t min_rows,
                            int64_t min_per_warp, bool fused, int64_t target_blocks_cl, int64_t fused_min_groups,
                            bool fused_16bit, int map_items_16bit, bool fit_waves) {
-  if ((map_items_16bit != 0 && map_items_16bit != 2 && map_items_16bit != kItems) || fused_threads < 0 || fused_threads > kFusedThreads || fused_threads % 32 != 0 || target_blocks < 0 ||
-      min_per_block < 0 || min_rows < 0 || min_per_warp < 0 || target_blocks_cl < 0 || fused_min_groups < 0) {
+  if (fused_threads < 0 || fused_threads > kFusedThreads || fused_threads % 32 != 0 || target_blocks < 0 ||
+      min_per_block < 0 || min_rows < 0 || min_per_warp < 0 || target_blocks_cl < 0 || fused_min_groups < 0 ||
+      (map_items_16bit != 0 && map_items_16bit != 2 && map_items_16bit != kItems)) {
     return false;
   }
   const Tuning defaults;
