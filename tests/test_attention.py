@@ -92,7 +92,8 @@ def test_wide_heads_in_chunks(case, dtype, epilogue, monkeypatch):
     baddbmm cannot). (float32 keeps the flash-style kernels, which test_gradients covers at 512.)"""
     from ldmfast.ops import attention_wide
     calls = []
-    monkeypatch.setattr(attention_wide, "_F32_OUT_BMM", {})  # (applies() probes again, as patched)
+    for cache in ("_F32_OUT_BMM", "_F32_OUT_BADDBMM"):  # (applies() probes again, as patched)
+        monkeypatch.setattr(attention_wide, cache, {})
     monkeypatch.setattr(attention_wide, "_accumulates_in_place", lambda *args: epilogue)
     monkeypatch.setattr(attention_wide, "CHUNK_BUDGET", 4 << 10)
     for name in ("forward", "backward"):

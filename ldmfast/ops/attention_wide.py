@@ -90,7 +90,7 @@ def _mm_f32_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate
     backward's GPU time). Without accumulate acc is not read (beta = 0: it may be uninitialized)."""
     beta = 1.0 if accumulate else 0.0
     if a.dtype != torch.float32 and a.is_cuda:
-        if _F32_OUT_BADDBMM.get(a.device):
+        if _F32_OUT_BADDBMM.get((a.device, a.dtype)):
             torch.baddbmm(acc, a, b, out_dtype=torch.float32, beta=beta, alpha=alpha, out=acc)
         else:
             product = torch.bmm(a, b, out_dtype=torch.float32)
@@ -103,7 +103,8 @@ def _mm_f32_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate
 
 
 _F32_OUT_BMM: dict = {}
-_F32_OUT_BADDBMM: dict = {}  # device -> whether baddbmm accumulates 16-bit products into float32 in place
+# (device, dtype) -> whether baddbmm accumulates 16-bit products into float32 in place
+_F32_OUT_BADDBMM: dict = {}
 _FAILED: dict = {}  # device -> why these GEMMs failed there (then the flash-style kernels run)
 # (device, shape) whose chunk buffers ran out of memory: the kernels run for it without another
 # try (each failed allocation makes the caching allocator synchronize and empty its cache).
@@ -151,7 +152,11 @@ def applies(q: torch.Tensor) -> bool:
             _F32_OUT_BMM[q.device] = torch.bmm(one, one, out_dtype=torch.float32).dtype == torch.float32
         except (TypeError, RuntimeError):
             _F32_OUT_BMM[q.device] = False
-        _F32_OUT_BADDBMM[q.device] = _accumulates_in_place(q.dtype, q.device)
+    key = (q.device, q.dtype)
+    # (The probe reads its result back, a synchronization a CUDA graph capture must not see: during
+    # one the separate adds run, and the probe waits for an eager call.)
+    if key not in _F32_OUT_BADDBMM and not torch.cuda.is_current_stream_capturing():
+        _F32_OUT_BADDBMM[key] = _accumulates_in_place(q.dtype, q.device)
     return _F32_OUT_BMM[q.device]
 
 
@@ -172,10 +177,9 @@ def chunk_rows(bh: int, lq: int, lk: int, elem_bytes: int, backward: bool = True
     the backward S and dP in float32 and P and dS in the input's dtype, the forward S and P only
     (half as many chunks: each one's launches cost ~60 us of host time, which at the VQGAN's
     B=6, L=2688 was as long as its GPU work on an H100)."""
-    per_row = bh * lk * ((2 * 4 + 2 * elem_bytes) if backward else (4 + elem_bytes))
-    budget = CHUNK_BUDGET
-    n_chunks = math.ceil(lq / max(1, min(lq, budget // per_row)))
-    return math.ceil(lq / n_chunks)
+    per_row = max(1, bh * lk * ((2 * 4 + 2 * elem_bytes) if backward else (4 + elem_bytes)))
+    n_chunks = max(1, math.ceil(lq / max(1, min(lq, CHUNK_BUDGET // per_row))))
+    return max(1, math.ceil(lq / n_chunks))
 
 
 def _chunks(q: torch.Tensor, k: torch.Tensor, backward: bool):
@@ -204,7 +208,7 @@ def forward(q, k, v, out, lse, scale: float) -> None:
         s = _mm_f32(_rows(q, r0, r1), kf.transpose(1, 2))
         p16 = torch.empty((bh, n, lk), dtype=q.dtype, device=q.device)
         lse_rows = lse.view(bh, lq)[:, r0:]  # (a view: the kernel writes the chunk's lse in place)
-        _softmax_rows_kernel[(bh * n,)](s, p16, lse_rows, lk, n, lq, scale, BLOCK=block)
+        _softmax_rows_kernel[(bh * n,)](s, p16, lse_rows, lk, n, lse_rows.stride(0), scale, BLOCK=block)
         del s
         out[:, :, r0:r1] = _mm_f32(p16, vf).view(b, h, n, d)  # (float32 sums, as the flash kernels')
 
@@ -215,7 +219,8 @@ def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
     b, h, lq, d = q.shape
     lk, bh = k.shape[2], b * h
     kf, vf = k.reshape(bh, lk, d), v.reshape(bh, lk, d)
-    lse_rows, delta_rows = lse.view(bh, lq), delta.view(bh, lq)
+    # (Row stride lq for both: the kernel takes one; both are contiguous as the op allocates them.)
+    lse_rows, delta_rows = lse.contiguous().view(bh, lq), delta.contiguous().view(bh, lq)
     dk_acc = torch.empty((bh, lk, d), dtype=torch.float32, device=q.device)
     dv_acc = torch.empty_like(dk_acc)
     dq_c = None
