@@ -41,13 +41,10 @@ def _blocks(d: int, lq: int, lk: int, dtype: torch.dtype, which: str) -> tuple[i
         # against 7.4 ms). (Since then 16-bit heads this wide run attention_wide's GEMMs, and only
         # the backward's delta pre-pass uses these.)
         block_m, block_n = (64, 64) if which == "forward" else (32, 32)
-    elif which != "forward" and block_d <= 64 and dtype != torch.float32 and min(lq, lk) >= 512:
-        # Each backward kernel with a narrow tile along the dimension it walks (the dk/dv kernel
-        # holds 64 keys and walks 32 queries at a time, the dq kernel the other way round): on an
-        # H100 (bench/sweep_attention_triton.py, bf16, 2026-11-26) 7 % faster than 64 x 64 at
-        # L=4096 D=64 and 3 % at L=672 D=32, but 40 % slower at L=168 (too few programs).
-        block_m, block_n = (32, 64) if which == "backward_dkdv" else (64, 32)
     else:
+        # (On an H100 the sweep had the backward kernels 7 % faster at L=4096 D=64 with tiles
+        # narrow along the dimension each walks, dk/dv 32 x 64 and dq 64 x 32, but the benchmark on
+        # another machine 14 % slower: kept 64 x 64 until one machine measures both.)
         block_m = 64 if block_d <= 64 else 32 if block_d <= 128 else 16
         block_n = 64 if block_d <= 64 else 32 if block_d <= 256 else 16
     return (min(block_m, max(16, triton.next_power_of_2(lq))),
