@@ -1,10 +1,12 @@
 """Shared benchmark plumbing: timing, device naming, tables, result files under bench/results/."""
 from __future__ import annotations
 
+import cProfile
 import datetime
 import json
 import os
 import platform
+import pstats
 import re
 import time
 from pathlib import Path
@@ -107,3 +109,29 @@ def save(name: str, device: torch.device, rows: list[dict], meta: dict | None = 
     tmp.write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def kernel_table(fn, reps: int) -> list[tuple[str, float, int]]:
+    """(kernel name, microseconds per call, launches per call), largest first."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / reps, e.count // reps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def host_profile(fn, reps: int = 5, top: int = 15) -> None:
+    """Where the host spends `reps` calls of fn (cProfile, by own time, the `top` entries): on a
+    GPU, what the device waits for whenever this is longer than the kernels."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)

@@ -10,8 +10,6 @@ largest kernels.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
 import re
 
 import torch
@@ -57,18 +55,6 @@ def profile_forward(fn, reps: int):
     return sorted(kernels, key=lambda r: -r[1]), sorted(ops, key=lambda r: -r[1]), wall_ms
 
 
-def host_profile(fn, reps: int = 5, top: int = 15) -> None:
-    """Where the host spends a forward (cProfile, by own time): the GPU idles when this is
-    longer than the kernels."""
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="monai-unet", help="comma-separated unet models of bench_accelerate")
@@ -106,7 +92,7 @@ def main() -> None:
                 for key, us, count in ops[:args.top]:
                     print(f"    {us:8.1f} us  x{count:<3d} {key[:200]}")
                 if args.host:
-                    host_profile(lambda: unet_call(name, model, x, t))
+                    common.host_profile(lambda: unet_call(name, model, x, t), reps=5, top=15)
         switch.off()
         del model
         torch.cuda.empty_cache()

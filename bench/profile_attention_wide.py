@@ -13,7 +13,6 @@ import torch
 import common
 import ldmfast.ops as ops
 from ldmfast.ops import attention_wide
-from profile_group_norm import kernel_table
 
 B, H, L, D = 6, 1, 2688, 512
 
@@ -35,7 +34,7 @@ def main() -> None:
         passes = {"fwd": lambda: f(q.detach(), k.detach(), v.detach()),
                   "fwd+bwd": lambda: torch.autograd.grad(f(q, k, v), (q, k, v), dout)}
         for name, fn in passes.items():
-            rows = kernel_table(fn, args.reps)
+            rows = common.kernel_table(fn, args.reps)
             total = sum(r[1] for r in rows)
             print(f"B={B} H={H} L={L} D={D} bf16 [{who}] {name}: {total:.1f} us of kernels, "
                   f"{common.wall_ms(fn, args.reps) * 1e3:.1f} us wall per call")

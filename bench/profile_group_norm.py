@@ -9,7 +9,6 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 import common
 import ldmfast.ops as ops
@@ -24,25 +23,9 @@ CASES = [
 ]
 
 
-def kernel_table(fn, reps: int) -> list[tuple[str, float, int]]:
-    """(kernel name, microseconds per call, launches per call), largest first."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / reps, e.count // reps) for e in prof.key_averages()
-            if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[1])
-
-
 def host_overhead(reps: int = 2000) -> None:
     """Microseconds per call on a tiny CUDA tensor (the GPU idles: this is host time), ours and
     torch's, then where ours goes (cProfile, by own time)."""
-    import cProfile
-    import pstats
     x = torch.randn(2, 64, 4, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     wt = torch.randn(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -53,12 +36,7 @@ def host_overhead(reps: int = 2000) -> None:
              "torch fwd+bwd": lambda: torch.autograd.grad(F.silu(F.group_norm(x, 32, wt, b, 1e-5)), (x, wt, b), dy)}
     for name, fn in cases.items():
         print(f"host: {name:>14}: {common.wall_ms(fn, reps, warmup=50) * 1e3:7.1f} us per call", flush=True)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(reps):
-        cases["ours fwd+bwd"]()
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    common.host_profile(cases["ours fwd+bwd"], reps, top=18)
 
 
 def main() -> None:
@@ -75,7 +53,7 @@ def main() -> None:
         fns = {"ours": lambda: ops.group_norm(x, 32, wt, b, 1e-5, "silu"),
                "torch": lambda: F.silu(F.group_norm(x, 32, wt, b, 1e-5))}
         for who, f in fns.items():
-            rows = kernel_table(lambda: torch.autograd.grad(f(), (x, wt, b), dy), args.reps)
+            rows = common.kernel_table(lambda: torch.autograd.grad(f(), (x, wt, b), dy), args.reps)
             total = sum(r[1] for r in rows)
             print(f"{name} [{who}] fwd+bwd: {total:.1f} us of kernels per call")
             for key, us, count in rows:
