@@ -95,11 +95,12 @@ def test_wide_heads_in_chunks(case, dtype, epilogue, monkeypatch):
     for cache in ("_F32_OUT_BMM", "_F32_OUT_BADDBMM"):  # (applies() probes again, as patched)
         monkeypatch.setattr(attention_wide, cache, {})
     monkeypatch.setattr(attention_wide, "_accumulates_in_place", lambda *args: epilogue)
-    monkeypatch.setattr(attention_wide, "CHUNK_BUDGET", 4 << 10)
+    monkeypatch.setattr(attention_wide, "CHUNK_BUDGET", 2 << 10)
     for name in ("forward", "backward"):
         real = getattr(attention_wide, name)
         monkeypatch.setattr(attention_wide, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
-    assert attention_wide.chunk_rows(2 * 2, 23, 19, dtype.itemsize, backward=False) < 23  # several chunks
+    q = torch.empty(2, 2, 23, 512, dtype=dtype)
+    assert attention_wide.chunk_rows(2 * 2, 23, 19, attention_wide.score_bytes(q, backward=False)) < 23  # chunks
     check_gradients(case, dtype, 2, 2, 23, 19, 512, layout="blhd")
     check_gradients(case, dtype, 1, 3, 11, 40, 300)
     check_forward(case, dtype, 2, 2, 23, 19, 512, layout="blhd")

@@ -1,20 +1,27 @@
 """Attention for wide heads (D > 256: the VQGAN's one-head middle block has 512) as tensor-core
 GEMMs over chunks of query rows, with one Triton pass for the softmax (forward) or its gradient
-(backward) between them. The forward is matmul-softmax-matmul a chunk at a time, with float32
-scores; the backward is below.
+(backward) between them. The forward is matmul-softmax-matmul a chunk at a time; the backward is
+below.
 
 The flash-style Triton backward keeps a (key block x D) pair of dk/dv accumulators on chip; at
 D = 512 only 32 x 32 tiles fit and it ran at 0.26x the speed of torch's matmul-softmax-matmul
 backward on an H100 (3.3 ms against 0.6 ms at B=6, L=2688). Here, for all batch-heads at once and
 a chunk of query rows at a time:
 
-    S = q k^T, dP = do v^T          (float32 outputs: the flash kernels' precision)
-    P = exp(scale S - lse), dS = P (dP - delta)        (one pass: _softmax_grad_kernel)
-    dv += P^T do, dk += dS^T q, dq = dS k               (float32 accumulation across chunks)
+    S = scale q k^T, dP = do v^T
+    P = exp(S - lse), dS = P (dP - delta)              (one pass: _softmax_grad_kernel)
+    dv += P^T do, dk += scale dS^T q, dq = scale dS k   (float32 accumulation across chunks)
 
 Five GEMMs per chunk, where matmul-softmax-matmul's backward does four from its stored P.
-Memory: the chunk's S, dP and their 16-bit copies (a budget fixes the rows per chunk) and dk, dv
-accumulators: linear in L; the Lq x Lk matrix is never formed whole.
+Score precision: bfloat16 heads keep S and dP in bfloat16, as matmul-softmax-matmul does (its
+precision, which the numerics contract measures against; the exp and sums in float32), with the
+scale applied in the GEMM's float32 epilogue, and P and dS overwrite them in place: the score-sized
+buffers are the bytes that bound these passes (on an H100, float32 S and dP made the GEMMs that
+write them 1.7x slower than torch's and the gradient pass read 2x the bytes). float16 heads keep
+float32 S and dP: float16's range is too small for an unscaled dP when a GradScaler has multiplied
+the gradients by up to 2^16.
+Memory: the chunk's score buffers (a budget fixes the rows per chunk) and dk, dv accumulators:
+linear in L; the Lq x Lk matrix is never formed whole.
 """
 from __future__ import annotations
 
@@ -25,11 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Bytes of a chunk's score-sized buffers (S and dP in float32, P and dS in the input's dtype): at
-# B=6, L=2688 the forward in one chunk and the backward in two of 1344 rows. Each chunk costs
-# ~60 us of host time (launches), and 128 MiB (4 backward chunks) left that B=6 call host-bound on
-# an H100 (2.6 ms of wall time for 1.4 ms of kernels); a transient that post-training's peak memory
-# sees, constant in the batch size.
+# Bytes of a chunk's score-sized buffers (score_bytes below): at B=6, L=2688 in bfloat16 the forward
+# and the backward in one chunk each. Each chunk costs ~60 us of host time (launches), and 128 MiB
+# with float32 scores (4 backward chunks) left that B=6 call host-bound on an H100 (2.6 ms of wall
+# time for 1.4 ms of kernels); a transient that post-training's peak memory sees, constant in the
+# batch size.
 CHUNK_BUDGET = 256 << 20
 _COLS = 1024  # columns per program of the softmax-gradient kernel
 
@@ -38,14 +45,15 @@ _COLS = 1024  # columns per program of the softmax-gradient kernel
 def _softmax_grad_kernel(S, DP, LSE, DELTA, P_OUT, DS_OUT, n_cols, rows_per_bh, lse_bh_stride, scale,
                          BLOCK: tl.constexpr):
     """P and dS of row bh * rows_per_bh + i of the chunk; its lse and delta at bh * lse_bh_stride + i
-    (the chunk's rows of the (B, H, L) tensors, read in place)."""
+    (the chunk's rows of the (B, H, L) tensors, read in place). P_OUT and DS_OUT may be S and DP
+    themselves: each element is read before it is written, by the same program."""
     row = tl.program_id(0)
     stat = (row // rows_per_bh) * lse_bh_stride + row % rows_per_bh
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     offs = row.to(tl.int64) * n_cols + cols
-    s = tl.load(S + offs, mask=mask, other=0.0)
-    dp = tl.load(DP + offs, mask=mask, other=0.0)
+    s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
+    dp = tl.load(DP + offs, mask=mask, other=0.0).to(tl.float32)
     p = tl.exp(s * scale - tl.load(LSE + stat))
     ds = p * (dp - tl.load(DELTA + stat))
     tl.store(P_OUT + offs, p.to(P_OUT.dtype.element_ty), mask=mask)
@@ -56,7 +64,8 @@ def _softmax_grad_kernel(S, DP, LSE, DELTA, P_OUT, DS_OUT, n_cols, rows_per_bh, 
 def _softmax_rows_kernel(S, P_OUT, LSE, n_cols, rows_per_bh, lse_bh_stride, scale, BLOCK: tl.constexpr):
     """P = softmax(scale S) of one row, and its log-sum-exp, stored at LSE + bh * lse_bh_stride + i
     for row bh * rows_per_bh + i (the chunk's rows of the (B, H, L) lse, in place): an online pass
-    for max and sum over column blocks, then one writing P."""
+    for max and sum over column blocks, then one writing P (P_OUT may be S: the second pass reads
+    each element before writing it)."""
     row = tl.program_id(0)
     base = row.to(tl.int64) * n_cols
     offs = tl.arange(0, BLOCK)
@@ -64,14 +73,14 @@ def _softmax_rows_kernel(S, P_OUT, LSE, n_cols, rows_per_bh, lse_bh_stride, scal
     total = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + offs
-        s = tl.load(S + base + cols, mask=cols < n_cols, other=float("-inf")) * scale
+        s = tl.load(S + base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * scale
         m_new = tl.maximum(m, tl.max(s, axis=0))
         total = total * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
         m = m_new
     lse = m + tl.log(total)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + offs
-        s = tl.load(S + base + cols, mask=cols < n_cols, other=0.0)
+        s = tl.load(S + base + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         tl.store(P_OUT + base + cols, tl.exp(s * scale - lse).to(P_OUT.dtype.element_ty), mask=cols < n_cols)
     tl.store(LSE + (row // rows_per_bh) * lse_bh_stride + row % rows_per_bh, lse)
 
@@ -172,12 +181,23 @@ def _accumulates_in_place(dtype: torch.dtype, device: torch.device) -> bool:
         return False
 
 
-def chunk_rows(bh: int, lq: int, lk: int, elem_bytes: int, backward: bool = True) -> int:
-    """Query rows per chunk: as many as CHUNK_BUDGET holds, in chunks of equal size. A score costs
-    the backward S and dP in float32 and P and dS in the input's dtype, the forward S and P only
-    (half as many chunks: each one's launches cost ~60 us of host time, which at the VQGAN's
-    B=6, L=2688 was as long as its GPU work on an H100)."""
-    per_row = max(1, bh * lk * ((2 * 4 + 2 * elem_bytes) if backward else (4 + elem_bytes)))
+def _low_precision_scores(q: torch.Tensor) -> bool:
+    """Whether S and dP stay in q's dtype (bfloat16), P and dS overwriting them (module docstring)."""
+    return q.dtype == torch.bfloat16
+
+
+def score_bytes(q: torch.Tensor, backward: bool) -> int:
+    """Bytes per score of a chunk's buffers: bfloat16 S (forward), S and dP (backward), each
+    overwritten by P and dS; else float32 S (and dP) besides P (and dS) in q's dtype."""
+    per = q.element_size() if _low_precision_scores(q) else 4 + q.element_size()
+    return 2 * per if backward else per
+
+
+def chunk_rows(bh: int, lq: int, lk: int, bytes_per_score: int) -> int:
+    """Query rows per chunk: as many as CHUNK_BUDGET holds, in chunks of equal size (each chunk's
+    launches cost ~60 us of host time, which at the VQGAN's B=6, L=2688 was as long as its GPU
+    work on an H100)."""
+    per_row = max(1, bh * lk * bytes_per_score)
     n_chunks = max(1, math.ceil(lq / max(1, min(lq, CHUNK_BUDGET // per_row))))
     return max(1, math.ceil(lq / n_chunks))
 
@@ -185,7 +205,7 @@ def chunk_rows(bh: int, lq: int, lk: int, elem_bytes: int, backward: bool = True
 def _chunks(q: torch.Tensor, k: torch.Tensor, backward: bool):
     """(r0, r1) of each chunk of query rows, sized by chunk_rows."""
     b, h, lq, _ = q.shape
-    rows = chunk_rows(b * h, lq, k.shape[2], q.element_size(), backward)
+    rows = chunk_rows(b * h, lq, k.shape[2], score_bytes(q, backward))
     return [(r0, min(lq, r0 + rows)) for r0 in range(0, lq, rows)]
 
 
@@ -195,22 +215,32 @@ def _rows(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     return t[:, :, r0:r1].reshape(-1, r1 - r0, *t.shape[3:])
 
 
+def _scores(a: torch.Tensor, b: torch.Tensor, alpha: float, low: bool) -> tuple[torch.Tensor, float]:
+    """(S, the scale the Triton pass still applies): a @ b in a's dtype with alpha applied in the
+    GEMM's float32 epilogue where `low`, else float32 a @ b and alpha left to the pass."""
+    if not low:
+        return _mm_f32(a, b), alpha
+    s = torch.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=a.dtype, device=a.device)
+    return torch.baddbmm(s, a, b, beta=0.0, alpha=alpha, out=s), 1.0
+
+
 def forward(q, k, v, out, lse, scale: float) -> None:
     """out (preallocated, any strides) = softmax(scale q k^T) v and lse (B, H, Lq) float32, a chunk
-    of query rows at a time: S = q k^T in float32, one Triton pass for P (input dtype) and lse,
-    then P v (the flash kernels' precision; their online rescaling is not needed with whole rows)."""
+    of query rows at a time: S, one Triton pass for P (input dtype) and lse, then P v summed in
+    float32 (the flash kernels' online rescaling is not needed with whole rows)."""
     b, h, lq, d = q.shape
     lk, bh = k.shape[2], b * h
     kf, vf = k.reshape(bh, lk, d), v.reshape(bh, lk, d)
+    low = _low_precision_scores(q)
     block = min(4096, triton.next_power_of_2(lk))
     for r0, r1 in _chunks(q, k, backward=False):
         n = r1 - r0
-        s = _mm_f32(_rows(q, r0, r1), kf.transpose(1, 2))
-        p16 = torch.empty((bh, n, lk), dtype=q.dtype, device=q.device)
+        s, pass_scale = _scores(_rows(q, r0, r1), kf.transpose(1, 2), scale, low)
+        p = s if low else torch.empty((bh, n, lk), dtype=q.dtype, device=q.device)
         lse_rows = lse.view(bh, lq)[:, r0:]  # (a view: the kernel writes the chunk's lse in place)
-        _softmax_rows_kernel[(bh * n,)](s, p16, lse_rows, lk, n, lse_rows.stride(0), scale, BLOCK=block)
+        _softmax_rows_kernel[(bh * n,)](s, p, lse_rows, lk, n, lse_rows.stride(0), pass_scale, BLOCK=block)
         del s
-        out[:, :, r0:r1] = _mm_f32(p16, vf).view(b, h, n, d)  # (float32 sums, as the flash kernels')
+        out[:, :, r0:r1] = _mm_f32(p, vf).view(b, h, n, d)
 
 
 def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
@@ -223,16 +253,20 @@ def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
     lse_rows, delta_rows = lse.contiguous().view(bh, lq), delta.contiguous().view(bh, lq)
     dk_acc = torch.empty((bh, lk, d), dtype=torch.float32, device=q.device)
     dv_acc = torch.empty_like(dk_acc)
+    low = _low_precision_scores(q)
     dq_c = None
     for r0, r1 in _chunks(q, k, backward=True):
         n = r1 - r0
         qc, doc = _rows(q, r0, r1), _rows(dout, r0, r1)
-        s = _mm_f32(qc, kf.transpose(1, 2))
-        dp = _mm_f32(doc, vf.transpose(1, 2))
-        p16 = torch.empty((bh, n, lk), dtype=q.dtype, device=q.device)
-        ds16 = torch.empty_like(p16)
+        s, pass_scale = _scores(qc, kf.transpose(1, 2), scale, low)
+        dp = torch.bmm(doc, vf.transpose(1, 2)) if low else _mm_f32(doc, vf.transpose(1, 2))
+        if low:
+            p16, ds16 = s, dp  # (overwritten in place)
+        else:
+            p16 = torch.empty((bh, n, lk), dtype=q.dtype, device=q.device)
+            ds16 = torch.empty_like(p16)
         _softmax_grad_kernel[(bh * n, triton.cdiv(lk, _COLS))](
-            s, dp, lse_rows[:, r0:], delta_rows[:, r0:], p16, ds16, lk, n, lq, scale, BLOCK=_COLS)
+            s, dp, lse_rows[:, r0:], delta_rows[:, r0:], p16, ds16, lk, n, lq, pass_scale, BLOCK=_COLS)
         del s, dp
         _mm_f32_into(dv_acc, p16.transpose(1, 2), doc, accumulate=r0 > 0)
         _mm_f32_into(dk_acc, ds16.transpose(1, 2), qc, accumulate=r0 > 0, alpha=scale)
