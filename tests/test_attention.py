@@ -101,6 +101,8 @@ def test_wide_heads_in_chunks(case, dtype, epilogue, monkeypatch):
         monkeypatch.setattr(attention_wide, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     q = torch.empty(2, 2, 23, 512, dtype=dtype)
     assert attention_wide.chunk_rows(2 * 2, 23, 19, attention_wide.score_bytes(q, backward=False)) < 23  # chunks
+    if dtype == torch.bfloat16:  # (the forward takes the backward's chunks: same GEMM shapes)
+        assert attention_wide._chunks(q, q, backward=False) == attention_wide._chunks(q, q, backward=True)
     check_gradients(case, dtype, 2, 2, 23, 19, 512, layout="blhd")
     check_gradients(case, dtype, 1, 3, 11, 40, 300)
     check_forward(case, dtype, 2, 2, 23, 19, 512, layout="blhd")

@@ -203,9 +203,11 @@ def chunk_rows(bh: int, lq: int, lk: int, bytes_per_score: int) -> int:
 
 
 def _chunks(q: torch.Tensor, k: torch.Tensor, backward: bool):
-    """(r0, r1) of each chunk of query rows, sized by chunk_rows."""
+    """(r0, r1) of each chunk of query rows, sized by chunk_rows. With bfloat16 scores the forward
+    takes the backward's chunks: the same GEMM shapes round S the same way in both, so that the
+    backward's P matches the forward's lse (other shapes may pick other GEMM kernels)."""
     b, h, lq, _ = q.shape
-    rows = chunk_rows(b * h, lq, k.shape[2], score_bytes(q, backward))
+    rows = chunk_rows(b * h, lq, k.shape[2], score_bytes(q, backward or _low_precision_scores(q)))
     return [(r0, min(lq, r0 + rows)) for r0 in range(0, lq, rows)]
 
 
