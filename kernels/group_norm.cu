@@ -217,8 +217,8 @@ __device__ __forceinline__ void load_or_fill(const T* p, int64_t vi, bool in, Fi
   }
 }
 
-// Vector vi of x and of dy, or zeros past the end of the run (g = 0: the backward's partial sums
-// add nothing).
+// Vector vi of x and of dy, or zeros past the end of the run (defined values; the backward's
+// partial sums stop at the end and never add them).
 template <typename T, int V>
 __device__ __forceinline__ void load_pair_or_zero(const T* x, const T* dy, int64_t vi, bool in, float (&xb)[V],
                                                   float (&db)[V]) {
@@ -416,6 +416,16 @@ __global__ void __launch_bounds__(kThreads) fwd_partial_cl_kernel(const T* __res
   }
 }
 
+// Channel c's scale and shift (x * scale + shift normalizes it) at entry i of the table's first two
+// fields (nc entries each): both combine kernels write them.
+__device__ __forceinline__ void write_scale_shift(float* table, int64_t nc, int64_t i, int64_t c,
+                                                  const float* __restrict__ weight, const float* __restrict__ bias,
+                                                  float mean, float rstd) {
+  const float sc = rstd * weight[c];
+  table[i] = sc;
+  table[nc + i] = bias[c] - mean * sc;
+}
+
 // (sample, group): adds the partial sums of the group (over parts, and channels for
 // channels-last) in double, writes mean and rstd, and the group's channels' scale and shift into
 // the coefficient table.
@@ -449,9 +459,7 @@ __global__ void __launch_bounds__(kThreads) fwd_combine_kernel(const T* __restri
   const int64_t nc = p.n * p.c;
   for (int64_t j = threadIdx.x; j < p.cg; j += blockDim.x) {
     const int64_t c = g * p.cg + j;
-    const float sc = rstd * weight[c];
-    table[n * p.c + c] = sc;
-    table[nc + n * p.c + c] = bias[c] - mean * sc;
+    write_scale_shift(table, nc, n * p.c + c, c, weight, bias, mean, rstd);
   }
 }
 
@@ -786,9 +794,7 @@ __global__ void __launch_bounds__(kThreads) bwd_combine_kernel(const float* part
   const int64_t nc = p.n * p.c;
   for (int64_t j = threadIdx.x; j < p.cg; j += blockDim.x) {
     const int64_t i = n * p.c + g * p.cg + j, c = g * p.cg + j;
-    const float sc = rsf * weight[c];
-    ws.table[i] = sc;
-    ws.table[nc + i] = bias[c] - mu * sc;
+    write_scale_shift(ws.table, nc, i, c, weight, bias, mu, rsf);
     ws.table[2 * nc + i] = mu;
     ws.table[3 * nc + i] = coef_b;
     ws.table[4 * nc + i] = coef_d;

@@ -12,6 +12,7 @@ from . import attention_wide
 from ._backends import _TRITON_INTERPRET
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # (the kernels' copy: a jit function reads only constexpr globals)
 
 
 def _upcast(t: torch.Tensor) -> bool:
@@ -126,7 +127,7 @@ def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, sv
     mask = (rows[:, None] < LQ) & (cols[None, :] < D)
     tl.store(O + b * sob + h * soh + rows[:, None] * sol + cols[None, :] * sod, acc.to(O.dtype.element_ty), mask=mask)
     # lse in natural log, as the reference defines it.
-    tl.store(LSE + bh * LQ + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=rows < LQ)
+    tl.store(LSE + bh * LQ + rows, (m_i + tl.log2(l_i)) / _LOG2E, mask=rows < LQ)
 
 
 @triton.jit
@@ -153,14 +154,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     cols = tl.arange(0, BLOCK_D)
     k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D, UPCAST)
     v = _load_tile(V + b * svb + h * svh, keys, cols, svl, svd, LK, D, UPCAST)
-    scale_log2 = scale * 1.4426950408889634
+    scale_log2 = scale * _LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, LQ, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D, UPCAST)
         do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D, UPCAST)
-        lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0) * 1.4426950408889634
+        lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0) * _LOG2E
         delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
         # Transposed scores (keys x rows), as Triton's fused-attention tutorial computes them: p^T and
         # ds^T come out of their dots in the layout the dv and dk dots take, where p and ds would
@@ -192,9 +193,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     cols = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D, UPCAST)
     do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D, UPCAST)
-    lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0) * _LOG2E
     delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
-    scale_log2 = scale * 1.4426950408889634
+    scale_log2 = scale * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, LK, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)

@@ -131,8 +131,8 @@ def run(fn, q: torch.Tensor, *args) -> bool:
     if shape in _OUT_OF_MEMORY:
         return False
     try:
-        # The GEMMs pick their own precision (float32 scores from 16-bit operands); an enclosing
-        # autocast would recast them.
+        # The GEMMs pick their own output dtypes (module docstring); an enclosing autocast would
+        # recast them.
         with torch.autocast(q.device.type, enabled=False):
             fn(q, *args)
         return True
