@@ -218,8 +218,9 @@ def _rows(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
 
 
 def _scores(a: torch.Tensor, b: torch.Tensor, alpha: float, low: bool) -> tuple[torch.Tensor, float]:
-    """(S, the scale the Triton pass still applies): a @ b in a's dtype with alpha applied in the
-    GEMM's float32 epilogue where `low`, else float32 a @ b and alpha left to the pass."""
+    """(a score-sized product (S, or dP with alpha 1), the scale the Triton pass still applies): a @ b
+    in a's dtype with alpha applied in the GEMM's float32 epilogue where `low`, else float32 a @ b
+    and alpha left to the pass."""
     if not low:
         return _mm_f32(a, b), alpha
     s = torch.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=a.dtype, device=a.device)
@@ -261,7 +262,7 @@ def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
         n = r1 - r0
         qc, doc = _rows(q, r0, r1), _rows(dout, r0, r1)
         s, pass_scale = _scores(qc, kf.transpose(1, 2), scale, low)
-        dp = torch.bmm(doc, vf.transpose(1, 2)) if low else _mm_f32(doc, vf.transpose(1, 2))
+        dp, _ = _scores(doc, vf.transpose(1, 2), 1.0, low)
         if low:
             p16, ds16 = s, dp  # (overwritten in place)
         else:
