@@ -56,8 +56,8 @@ for s in $STAGES; do
                  tail -n 40 "$LOGS/pytest_cuda.log" >> "$OUT/summary.txt" ;;
     profile_group_norm) stage $s 40 python3 bench/profile_group_norm.py
                         cat "$LOGS/profile_group_norm.log" >> "$OUT/summary.txt" ;;
-    profile_attention_wide) stage $s 40 python3 bench/profile_attention_wide.py
-                            cat "$LOGS/profile_attention_wide.log" >> "$OUT/summary.txt" ;;
+    profile_attention) stage $s 60 python3 bench/profile_attention.py ${PROFILE_SHAPES:+--shapes "$PROFILE_SHAPES"}
+                       cat "$LOGS/profile_attention.log" >> "$OUT/summary.txt" ;;
     profile_accelerate) stage $s 60 python3 bench/profile_accelerate.py --host --models "${PROFILE_MODELS:-monai-unet,openai-unet}"
                         cat "$LOGS/profile_accelerate.log" >> "$OUT/summary.txt" ;;
     bench_group_norm) stage $s 80 python3 bench/bench_group_norm.py --device cuda --min-run-time 0.1 ;;

@@ -49,9 +49,9 @@ struct Tuning {
   int64_t fused_min_groups = 1;
   bool fused_16bit = true;
   // Vectors per thread of the elementwise passes on 16-bit input (2 or 4). Four took 128-153
-  // registers in the backward (one or two blocks per SM), two take 80-108; which moves more bytes
-  // is for the sweep to say (four: the setting measured on an H100, 2026-11-26).
-  int map_items_16bit = kItems;
+  // registers in the backward (one or two blocks per SM), two take 80-108: on an H100 two were
+  // never slower and 5 % faster in geometric mean, up to 23 % (sweep, 2026-11-26, third run).
+  int map_items_16bit = 2;
   // Channels-last partial sums in whole waves of resident blocks (fit_waves below).
   bool fit_waves = true;
 };
