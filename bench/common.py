@@ -132,6 +132,7 @@ def host_profile(fn, reps: int = 5, top: int = 15) -> None:
     prof.enable()
     for _ in range(reps):
         fn()
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)

@@ -124,6 +124,8 @@ def empty_in_stride_order_of(t: torch.Tensor, shape=None, dtype: torch.dtype | N
     """A dense tensor (of `shape`, default t's) whose dimensions lie in memory in the order of t's
     strides: a (B, H, L, D) view of a (B, L, H*D) buffer gives a (B, L, H, D)-ordered output, so a
     kernel writes straight into the layout its caller reshapes for free."""
+    if t.is_contiguous():  # (the usual case, without the sort and permute: host time per call)
+        return _maybe_poison(torch.empty(t.shape if shape is None else shape, dtype=dtype or t.dtype, device=t.device))
     shape = tuple(t.shape if shape is None else shape)
     order = sorted(range(t.dim()), key=lambda i: (-t.stride(i), i))  # outermost first
     out = torch.empty([shape[i] for i in order], dtype=dtype or t.dtype, device=t.device)

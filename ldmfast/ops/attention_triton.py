@@ -1,14 +1,16 @@
-"""Triton kernels of the fused attention: forward with log-sum-exp, and the backward as a delta
-pre-pass, a dk/dv kernel over key blocks and a dq kernel over query blocks (no atomics). 16-bit
-heads over 256 wide run attention_wide's GEMMs instead (its `applies`), the backward after the
-delta pre-pass here."""
+"""Triton kernels of the fused attention: forward with log-sum-exp, and the backward as a dq kernel
+over query blocks, which also writes delta = rowsum(dO * O), then a dk/dv kernel over key blocks
+(no atomics). 16-bit heads over 256 wide run attention_wide's GEMMs instead (its `applies`), the
+backward after a delta pre-pass here."""
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from . import attention_wide
+from . import _grid, attention_wide
 from ._backends import _TRITON_INTERPRET
 
 LOG2E = 1.4426950408889634
@@ -33,9 +35,11 @@ def _wide_16bit(block_d: int, dtype: torch.dtype) -> bool:
     return block_d > 256 and dtype != torch.float32
 
 
+@functools.lru_cache(maxsize=4096)
 def _blocks(d: int, lq: int, lk: int, dtype: torch.dtype, which: str) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D): tiles shrink as the head dim grows so that they fit on chip."""
-    block_d = max(16, triton.next_power_of_2(d))
+    """(BLOCK_M, BLOCK_N, BLOCK_D): tiles shrink as the head dim grows so that they fit on chip.
+    (Cached: a model calls it with a few shapes, three times per forward+backward.)"""
+    block_d = max(16, _grid.next_power_of_2(d))
     if _wide_16bit(block_d, dtype):
         # From bench/sweep_attention_triton.py on an H200 at B=6 L=2688 bf16: 64x64 tiles run the
         # forward 3.5x faster than 16x16 (0.48 against 1.69 ms), 32x32 the backward 1.5x (4.9
@@ -48,8 +52,8 @@ def _blocks(d: int, lq: int, lk: int, dtype: torch.dtype, which: str) -> tuple[i
         # another machine 14 % slower: kept 64 x 64 until one machine measures both.)
         block_m = 64 if block_d <= 64 else 32 if block_d <= 128 else 16
         block_n = 64 if block_d <= 64 else 32 if block_d <= 256 else 16
-    return (min(block_m, max(16, triton.next_power_of_2(lq))),
-            min(block_n, max(16, triton.next_power_of_2(lk))), block_d)
+    return (min(block_m, max(16, _grid.next_power_of_2(lq))),
+            min(block_n, max(16, _grid.next_power_of_2(lk))), block_d)
 
 
 def _launch_kwargs(block_d: int, dtype: torch.dtype) -> dict:
@@ -182,9 +186,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
-                   sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
-                   sdqb, sdqh, sdql, sdqd, H, LQ, LK, D, scale,
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ,
+                   sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+                   sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, H, LQ, LK, D, scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -194,7 +198,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D, UPCAST)
     do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D, UPCAST)
     lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0) * _LOG2E
-    delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
+    # delta = rowsum(dO * O) of this block's rows, here rather than in a pre-pass of its own (one
+    # launch less: at the UNet's small maps the launches' host time exceeds the kernels'); stored
+    # for the dk/dv kernel, which runs after this one.
+    o = _load_tile(O + b * sob + h * soh, rows, cols, sol, sod, LQ, D, UPCAST).to(tl.float32)
+    delta = tl.sum(o * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * LQ + rows, delta, mask=rows < LQ)
     scale_log2 = scale * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, LK, BLOCK_N):
@@ -218,7 +227,7 @@ def forward(q, k, v, out, lse, scale: float) -> None:
     b, h, lq, d = q.shape
     lk = k.shape[2]
     bm, bn, bd, launch = _launch("forward", q, lk)
-    _fwd_kernel[(triton.cdiv(lq, bm), b * h)](
+    _fwd_kernel[(_grid.cdiv(lq, bm), b * h)](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), h, lq, lk, d, scale * LOG2E,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=_upcast(q), PRECISION=_precision(q), EVEN_N=lk % bn == 0,
         **launch)
@@ -230,16 +239,17 @@ def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
     bm, bn, bd, launch = _launch("backward_dq", q, lk)
     common = dict(BLOCK_D=bd, UPCAST=_upcast(q), PRECISION=_precision(q))
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(triton.cdiv(lq, bm), b * h)](
-        out, dout, delta, *out.stride(), *dout.stride(), h, lq, d,
-        BLOCK_M=bm, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=launch["num_warps"])
-    if attention_wide.run(attention_wide.backward, q, k, v, dout, lse, delta, dq, dk, dv, scale):
-        return
-    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    _bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
-        q, k, v, dout, lse, delta, dq, *strides, *dq.stride(), h, lq, lk, d, scale,
-        BLOCK_M=bm, BLOCK_N=bn, EVEN_N=lk % bn == 0, **common, **launch)
+    if attention_wide.applies(q):  # (its GEMMs take delta from the pre-pass)
+        _bwd_delta_kernel[(_grid.cdiv(lq, bm), b * h)](
+            out, dout, delta, *out.stride(), *dout.stride(), h, lq, d,
+            BLOCK_M=bm, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=launch["num_warps"])
+        if attention_wide.run(attention_wide.backward, q, k, v, dout, lse, delta, dq, dk, dv, scale):
+            return
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    _bwd_dq_kernel[(_grid.cdiv(lq, bm), b * h)](  # (writes delta: before the dk/dv kernel)
+        q, k, v, out, dout, lse, delta, dq, *strides, *out.stride(), *dout.stride(), *dq.stride(),
+        h, lq, lk, d, scale, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=lk % bn == 0, **common, **launch)
     bm, bn, _, launch = _launch("backward_dkdv", q, lk)
-    _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
-        q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), h, lq, lk, d, scale,
+    _bwd_dkdv_kernel[(_grid.cdiv(lk, bn), b * h)](
+        q, k, v, dout, lse, delta, dk, dv, *strides, *dout.stride(), *dk.stride(), *dv.stride(), h, lq, lk, d, scale,
         BLOCK_M=bm, BLOCK_N=bn, EVEN=lq % bm == 0 and lk % bn == 0, **common, **launch)

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _grid
+
 # Bytes of a chunk's score-sized buffers (score_bytes below): at B=6, L=2688 in bfloat16 the forward
 # and the backward in one chunk each. Each chunk costs ~60 us of host time (launches), and 128 MiB
 # with float32 scores (4 backward chunks) left that B=6 call host-bound on an H100 (2.6 ms of wall
@@ -235,7 +237,7 @@ def forward(q, k, v, out, lse, scale: float) -> None:
     lk, bh = k.shape[2], b * h
     kf, vf = k.reshape(bh, lk, d), v.reshape(bh, lk, d)
     low = _low_precision_scores(q)
-    block = min(4096, triton.next_power_of_2(lk))
+    block = min(4096, _grid.next_power_of_2(lk))
     for r0, r1 in _chunks(q, k, backward=False):
         n = r1 - r0
         s, pass_scale = _scores(_rows(q, r0, r1), kf.transpose(1, 2), scale, low)
@@ -268,7 +270,7 @@ def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
         else:
             p16 = torch.empty((bh, n, lk), dtype=q.dtype, device=q.device)
             ds16 = torch.empty_like(p16)
-        _softmax_grad_kernel[(bh * n, triton.cdiv(lk, _COLS))](
+        _softmax_grad_kernel[(bh * n, _grid.cdiv(lk, _COLS))](
             s, dp, lse_rows[:, r0:], delta_rows[:, r0:], p16, ds16, lk, n, lq, pass_scale, BLOCK=_COLS)
         del s, dp
         _mm_f32_into(dv_acc, p16.transpose(1, 2), doc, accumulate=r0 > 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import _grid
 from ._backends import _TRITON_INTERPRET
 
 
@@ -41,8 +42,8 @@ def ddim_step(x, out, noise, coef, y, x0, n: int, m: int, clip_value: float | No
     """Launch on flat batch-major operands (see ldmfast.ops.ddim._run_kernel)."""
     # The interpreter runs one program at a time in numpy: fewer, larger blocks are faster there.
     block = 8192 if _TRITON_INTERPRET else 2048
-    block = min(block, max(triton.next_power_of_2(m), 16))
-    chunks = triton.cdiv(m, block)
+    block = min(block, max(_grid.next_power_of_2(m), 16))
+    chunks = _grid.cdiv(m, block)
     _ddim_kernel[(n * chunks,)](
         x, out, noise if noise is not None else x, coef, y, x0 if x0 is not None else y, m, chunks,
         float(clip_value or 0.0), HAS_NOISE=noise is not None, CLIP=clip_value is not None,

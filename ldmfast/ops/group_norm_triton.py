@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _grid
 from ._backends import _TRITON_INTERPRET
 
 
@@ -176,12 +177,12 @@ def _config(n: int, c: int, s: int, g: int, channels_last: bool):
     # still more than one split and chunk per group on test shapes so that those paths run.
     tile = 1024 if _TRITON_INTERPRET else 4096
     target_programs = 4 if _TRITON_INTERPRET else 1024
-    block_c = min(triton.next_power_of_2(cg), 256)
-    block_s = min(max(tile // block_c, 16), max(triton.next_power_of_2(s), 16))
-    s_blocks = triton.cdiv(s, block_s)
-    splits = max(1, min(s_blocks, triton.cdiv(target_programs, n * g)))
-    rows = triton.cdiv(s_blocks, splits) * block_s
-    splits = triton.cdiv(s, rows)
+    block_c = min(_grid.next_power_of_2(cg), 256)
+    block_s = min(max(tile // block_c, 16), max(_grid.next_power_of_2(s), 16))
+    s_blocks = _grid.cdiv(s, block_s)
+    splits = max(1, min(s_blocks, _grid.cdiv(target_programs, n * g)))
+    rows = _grid.cdiv(s_blocks, splits) * block_s
+    splits = _grid.cdiv(s, rows)
     strides = (1, c) if channels_last else (s, 1)
     return cg, block_c, block_s, splits, rows, strides
 
@@ -195,7 +196,7 @@ def forward(x, weight, bias, y, mean, rstd, n: int, c: int, s: int, g: int, eps:
                                      BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
     _norm_kernel[(n * g * splits,)](x, y, weight, bias, part, mean, rstd, c, s, g, cg, stride_c, stride_s, rows,
                                     splits, splits, float(cg * s), eps, SILU=silu, BLOCK_C=block_c,
-                                    BLOCK_S=block_s, BLOCK_P=max(triton.next_power_of_2(splits), 2), num_warps=4)
+                                    BLOCK_S=block_s, BLOCK_P=max(_grid.next_power_of_2(splits), 2), num_warps=4)
 
 
 def backward(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, n: int, c: int, s: int, g: int, silu: bool,
