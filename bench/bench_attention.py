@@ -1,6 +1,7 @@
 """Fused attention against torch's scaled_dot_product_attention (each backend torch offers on the
 device) and matmul-softmax-matmul, forward and forward+backward, side by side; and peak memory
-against sequence length.
+against sequence length. On a GPU, a loop of eager calls (host time included) and the kernels
+alone (CUDA graphs) of ldmfast's Triton backend and the fastest torch implementation.
 
     python bench/bench_attention.py                 # CPU: shapes with batch / 8 by default
     python bench/bench_attention.py --device cuda   # GPU: the full shapes, bf16
@@ -85,7 +86,40 @@ def speed(args, device, dtype):
             if r["shape"].startswith(label) and "fwd_ms" in r:
                 r["fwd_vs_best_torch"] = best_fwd / r["fwd_ms"]
                 r["fwdbwd_vs_best_torch"] = best_bwd / r["fwdbwd_ms"]
+        if device.type == "cuda":
+            device_times(rows, label, (q, k, v), peers)
     return rows
+
+
+def device_times(rows, label, qkv, peers) -> None:
+    """The kernels' own times (CUDA graphs, common.graph_ms) of ldmfast's Triton backend and of the
+    torch implementation that was fastest in the eager timing, each pass: the loop of eager calls
+    above includes the host time around the kernels (checks, autograd, launches), which decides at
+    the UNet's small shapes, while a model's step hides it whenever its host runs ahead of the GPU.
+    Adds dev_fwd_ms, dev_fwdbwd_ms and (to ldmfast's row) their ratios to that peer's."""
+    fns = dict(candidates(qkv[0].device))
+    ours = next((r for r in rows if r["shape"].startswith(label) and r["impl"] == "ldmfast triton"
+                 and "fwd_ms" in r), None)
+    if ours is None:
+        return
+    qg, kg, vg = (t.clone().requires_grad_() for t in qkv)
+    grad = torch.randn_like(qg)
+    for pass_name, key in (("fwd", "fwd_ms"), ("fwdbwd", "fwdbwd_ms")):
+        best = min(peers, key=lambda r: r[key])
+        timed = []
+        for row in (ours, best):
+            fn = fns[row["impl"]]
+            if pass_name == "fwd":
+                timed.append(lambda fn=fn: fn(*qkv))
+            else:
+                timed.append(lambda fn=fn: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), grad))
+        with torch.no_grad() if pass_name == "fwd" else torch.enable_grad():
+            ms = common.graph_ms(timed, reps=10)
+        for row, value in zip((ours, best), ms):
+            if value is not None:
+                row[f"dev_{pass_name}_ms"] = value
+        if ms[0] is not None and ms[1] is not None:
+            ours[f"dev_{pass_name}_vs_best_torch"] = ms[1] / ms[0]
 
 
 # The high-water mark of this process's resident memory (VmHWM: unlike getrusage's ru_maxrss, it
@@ -149,6 +183,11 @@ def main(argv=None) -> int:
     print(f"attention on {common.device_tag(device)}, {dtype}, batch / {args.batch_divisor}")
     common.print_table(rows, ["shape", "impl", "fwd_ms", "fwd_TFLOPs", "fwd_vs_best_torch", "fwdbwd_ms",
                               "fwdbwd_TFLOPs", "fwdbwd_vs_best_torch", "note"])
+    if device.type == "cuda":
+        print("\nkernels alone (CUDA graphs): ldmfast's Triton backend and the fastest torch implementation")
+        common.print_table([r for r in rows if "dev_fwd_ms" in r or "dev_fwdbwd_ms" in r],
+                           ["shape", "impl", "dev_fwd_ms", "dev_fwd_vs_best_torch", "dev_fwdbwd_ms",
+                            "dev_fwdbwd_vs_best_torch"])
     mem_rows = []
     if not args.skip_memory:
         mem_rows, columns = memory(device)

@@ -125,6 +125,23 @@ def kernel_table(fn, reps: int) -> list[tuple[str, float, int]]:
     return sorted(rows, key=lambda r: -r[1])
 
 
+def runtime_calls(fn, reps: int) -> list[tuple[str, float, int]]:
+    """(CUDA runtime/driver call, host microseconds per call of fn, calls per call of fn), longest
+    first: launches, allocations, and any synchronization (cudaStreamSynchronize, a blocking
+    cudaMemcpy...) that would make the host wait for the GPU inside fn."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.cpu_time_total / reps, e.count // reps) for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("cu")]
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def host_profile(fn, reps: int = 5, top: int = 15) -> None:
     """Where the host spends `reps` calls of fn (cProfile, by own time, the `top` entries): on a
     GPU, what the device waits for whenever this is longer than the kernels."""

@@ -52,6 +52,9 @@ def profile(shape: str, reps: int) -> None:
             for key, us, count in rows:
                 print(f"    {us:8.1f} us  x{count}  {key[:110]}")
             if who == "ours" and name == "fwd+bwd":
+                print("    CUDA runtime calls (host us per call, count):")
+                for key, us, count in common.runtime_calls(fn, reps)[:12]:
+                    print(f"    {us:8.1f} us  x{count}  {key[:110]}")
                 common.host_profile(fn, reps=reps, top=20)
 
 
