@@ -28,9 +28,11 @@ SHAPES = [
     ("standard", 8, 16, 4096, 64),
 ]
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); None: the current default. A backward setting is one
-# such tuple for both backward kernels, or a pair: (dk/dv kernel's, dq kernel's).
+# such tuple for both backward kernels, or a pair: (dk/dv kernel's, dq kernel's); "two launches":
+# the default tiles with the backward's kernels launched one after the other even for short query
+# sequences (attention_triton.ONE_LAUNCH_MAX_LQ = 0).
 SMALL_D_FWD = [None, (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 32, 4, 3)]
-SMALL_D_BWD = [None, (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 32, 4, 2),
+SMALL_D_BWD = [None, "two launches", (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 32, 4, 2),
                (64, 64, 4, 2),
                # Triton's fused-attention tutorial: the stationary side 128 wide, the walked side 32
                ((32, 128, 4, 5), (128, 32, 4, 5)), ((32, 128, 4, 3), (128, 32, 4, 3)),
@@ -88,7 +90,10 @@ def ours(q, k, v, backward: bool, which: str, setting) -> float:
         bm, bn, warps, stages = s
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
-    if setting is not None and isinstance(setting[0], tuple):  # (dk/dv kernel's, dq kernel's)
+    one_launch_max_lq = attention_triton.ONE_LAUNCH_MAX_LQ
+    if setting == "two launches":
+        attention_triton.ONE_LAUNCH_MAX_LQ = 0
+    elif setting is not None and isinstance(setting[0], tuple):  # (dk/dv kernel's, dq kernel's)
         attention_triton.OVERRIDES.update(backward_dkdv=launch(setting[0]), backward_dq=launch(setting[1]))
     elif setting is not None:
         attention_triton.OVERRIDES[which] = launch(setting)
@@ -109,6 +114,7 @@ def ours(q, k, v, backward: bool, which: str, setting) -> float:
         return float("inf")
     finally:
         attention_triton.OVERRIDES.clear()
+        attention_triton.ONE_LAUNCH_MAX_LQ = one_launch_max_lq
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _grid, attention_wide
+from . import _grid, _native, attention_wide
 from ._backends import _TRITON_INTERPRET
 
 LOG2E = 1.4426950408889634
@@ -147,13 +147,21 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, sol, sod, sdb, sdh, sdl, sdd, H, L
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
-                     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
-                     sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, H, LQ, LK, D, scale,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh, b, h = _batch_head(H)
+def _row_deltas(O, DO, do, rows, cols, b, h, sob, soh, sol, sod, LQ, D, UPCAST: tl.constexpr):
+    """delta = rowsum(dO * O) (float32) of `rows`, given their dO tile."""
+    o = _load_tile(O + b * sob + h * soh, rows, cols, sol, sod, LQ, D, UPCAST).to(tl.float32)
+    return tl.sum(o * do.to(tl.float32), 1)
+
+
+@triton.jit
+def _dkdv_block(pid_n, bh, b, h, Q, K, V, O, DO, LSE, DELTA, DK, DV,
+                sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+                sdb, sdh, sdl, sdd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, LQ, LK, D, scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr,
+                DELTA_FROM_O: tl.constexpr):
+    """dk and dv of key block pid_n, walking every query block. delta is read from DELTA, or
+    computed from O and dO per query block where DELTA_FROM_O (when nothing wrote it first)."""
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     k = _load_tile(K + b * skb + h * skh, keys, cols, skl, skd, LK, D, UPCAST)
@@ -166,7 +174,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D, UPCAST)
         do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D, UPCAST)
         lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0) * _LOG2E
-        delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
+        if DELTA_FROM_O:
+            delta = _row_deltas(O, DO, do, rows, cols, b, h, sob, soh, sol, sod, LQ, D, UPCAST)
+        else:
+            delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
         # Transposed scores (keys x rows), as Triton's fused-attention tutorial computes them: p^T and
         # ds^T come out of their dots in the layout the dv and dk dots take, where p and ds would
         # each be transposed in registers (through shared memory) every iteration.
@@ -186,23 +197,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ,
-                   sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
-                   sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, H, LQ, LK, D, scale,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh, b, h = _batch_head(H)
+def _dq_block(pid_m, bh, b, h, Q, K, V, O, DO, LSE, DELTA, DQ,
+              sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+              sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, LQ, LK, D, scale,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_N: tl.constexpr):
+    """dq of query block pid_m, walking every key block; also writes the block's delta =
+    rowsum(dO * O) to DELTA (computed here rather than in a pre-pass of its own: one launch less,
+    and at the UNet's small maps the launches' host time exceeds the kernels')."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + b * sqb + h * sqh, rows, cols, sql, sqd, LQ, D, UPCAST)
     do = _load_tile(DO + b * sdb + h * sdh, rows, cols, sdl, sdd, LQ, D, UPCAST)
     lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0) * _LOG2E
-    # delta = rowsum(dO * O) of this block's rows, here rather than in a pre-pass of its own (one
-    # launch less: at the UNet's small maps the launches' host time exceeds the kernels'); stored
-    # for the dk/dv kernel, which runs after this one.
-    o = _load_tile(O + b * sob + h * soh, rows, cols, sol, sod, LQ, D, UPCAST).to(tl.float32)
-    delta = tl.sum(o * do.to(tl.float32), 1)
+    delta = _row_deltas(O, DO, do, rows, cols, b, h, sob, soh, sol, sod, LQ, D, UPCAST)
     tl.store(DELTA + bh * LQ + rows, delta, mask=rows < LQ)
     scale_log2 = scale * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -221,6 +229,62 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ,
              (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
+# The three backward kernels share one argument list: the tensors, then the strides of q, k, v, out,
+# dout, dq, dk, dv, then H, LQ, LK, D, scale (backward() below builds it once).
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV,
+                   sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+                   sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
+                   H, LQ, LK, D, scale,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_N: tl.constexpr):
+    bh, b, h = _batch_head(H)
+    _dq_block(tl.program_id(0), bh, b, h, Q, K, V, O, DO, LSE, DELTA, DQ,
+              sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+              sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, LQ, LK, D, scale,
+              BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, EVEN_N)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV,
+                     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+                     sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
+                     H, LQ, LK, D, scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr):
+    bh, b, h = _batch_head(H)
+    _dkdv_block(tl.program_id(0), bh, b, h, Q, K, V, O, DO, LSE, DELTA, DK, DV,
+                sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+                sdb, sdh, sdl, sdd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, LQ, LK, D, scale,
+                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, EVEN, False)
+
+
+@triton.jit
+def _bwd_one_launch_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV,
+                           sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+                           sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, sdkb, sdkh, sdkl, sdkd,
+                           sdvb, sdvh, sdvl, sdvd, H, LQ, LK, D, scale, K_BLOCKS,
+                           BLOCK_MQ: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_MK: tl.constexpr,
+                           BLOCK_NK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                           PRECISION: tl.constexpr, EVEN_NQ: tl.constexpr, EVEN_K: tl.constexpr):
+    """Both backward kernels in one launch, for short query sequences: programs below K_BLOCKS do
+    a dk/dv block (first: they walk every query block, the longer work), the others a dq block.
+    The dk/dv blocks compute delta themselves, since no program of a launch can wait for another's
+    (one O tile more per query block, a few at these lengths)."""
+    bh, b, h = _batch_head(H)
+    pid = tl.program_id(0)
+    if pid < K_BLOCKS:
+        _dkdv_block(pid, bh, b, h, Q, K, V, O, DO, LSE, DELTA, DK, DV,
+                    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+                    sdb, sdh, sdl, sdd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, LQ, LK, D, scale,
+                    BLOCK_MK, BLOCK_NK, BLOCK_D, UPCAST, PRECISION, EVEN_K, True)
+    else:
+        _dq_block(pid - K_BLOCKS, bh, b, h, Q, K, V, O, DO, LSE, DELTA, DQ,
+                  sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+                  sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, LQ, LK, D, scale,
+                  BLOCK_MQ, BLOCK_NQ, BLOCK_D, UPCAST, PRECISION, EVEN_NQ)
+
+
 def forward(q, k, v, out, lse, scale: float) -> None:
     if attention_wide.run(attention_wide.forward, q, k, v, out, lse, scale):
         return
@@ -233,23 +297,37 @@ def forward(q, k, v, out, lse, scale: float) -> None:
         **launch)
 
 
+# Query lengths up to which the backward is one launch (_bwd_one_launch_kernel) rather than two:
+# its dk/dv programs load an O tile more per query block, which a long sequence would feel, while a
+# short one is host-bound (an H100 at the UNet's L=168: 313 us of kernels per fwd+bwd in 1138 us of
+# wall time). 0 turns it off (for sweeps).
+ONE_LAUNCH_MAX_LQ = 256
+
+
 def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
     b, h, lq, d = q.shape
     lk = k.shape[2]
     bm, bn, bd, launch = _launch("backward_dq", q, lk)
-    common = dict(BLOCK_D=bd, UPCAST=_upcast(q), PRECISION=_precision(q))
-    delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    # (Poisoned in tests: Triton's interpreter runs a launch's programs in order, dk/dv first in the
+    # one launch, so a dk/dv block reading delta there instead of computing it would read NaN.)
+    delta = _native._maybe_poison(torch.empty((b, h, lq), dtype=torch.float32, device=q.device))
     if attention_wide.applies(q):  # (its GEMMs take delta from the pre-pass)
         _bwd_delta_kernel[(_grid.cdiv(lq, bm), b * h)](
             out, dout, delta, *out.stride(), *dout.stride(), h, lq, d,
             BLOCK_M=bm, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=launch["num_warps"])
         if attention_wide.run(attention_wide.backward, q, k, v, dout, lse, delta, dq, dk, dv, scale):
             return
-    strides = (*q.stride(), *k.stride(), *v.stride())
-    _bwd_dq_kernel[(_grid.cdiv(lq, bm), b * h)](  # (writes delta: before the dk/dv kernel)
-        q, k, v, out, dout, lse, delta, dq, *strides, *out.stride(), *dout.stride(), *dq.stride(),
-        h, lq, lk, d, scale, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=lk % bn == 0, **common, **launch)
-    bm, bn, _, launch = _launch("backward_dkdv", q, lk)
-    _bwd_dkdv_kernel[(_grid.cdiv(lk, bn), b * h)](
-        q, k, v, dout, lse, delta, dk, dv, *strides, *dout.stride(), *dk.stride(), *dv.stride(), h, lq, lk, d, scale,
-        BLOCK_M=bm, BLOCK_N=bn, EVEN=lq % bm == 0 and lk % bn == 0, **common, **launch)
+    args = (q, k, v, out, dout, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), h, lq, lk, d, scale)
+    common = dict(BLOCK_D=bd, UPCAST=_upcast(q), PRECISION=_precision(q))
+    bm_k, bn_k, _, launch_k = _launch("backward_dkdv", q, lk)
+    q_blocks, k_blocks = _grid.cdiv(lq, bm), _grid.cdiv(lk, bn_k)
+    if lq <= ONE_LAUNCH_MAX_LQ and launch == launch_k:
+        _bwd_one_launch_kernel[(q_blocks + k_blocks, b * h)](
+            *args, k_blocks, BLOCK_MQ=bm, BLOCK_NQ=bn, BLOCK_MK=bm_k, BLOCK_NK=bn_k, EVEN_NQ=lk % bn == 0,
+            EVEN_K=lq % bm_k == 0 and lk % bn_k == 0, **common, **launch)
+        return
+    _bwd_dq_kernel[(q_blocks, b * h)](  # (writes delta: before the dk/dv kernel)
+        *args, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=lk % bn == 0, **common, **launch)
+    _bwd_dkdv_kernel[(k_blocks, b * h)](
+        *args, BLOCK_M=bm_k, BLOCK_N=bn_k, EVEN=lq % bm_k == 0 and lk % bn_k == 0, **common, **launch_k)
