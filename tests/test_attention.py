@@ -172,38 +172,34 @@ def test_backward_with_tiles_narrow_along_what_each_kernel_walks(case, monkeypat
 
 
 class _CountedLaunches:
-    """Wraps a Triton kernel: kernel[grid](...) launches it and counts the launch."""
+    """Wraps a Triton kernel: kernel[grid](...) launches it and counts the launch by its PART."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+        self.kernel, self.parts = kernel, []
 
     def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
+        def launch(*args, **kwargs):
+            self.parts.append(kwargs["PART"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 @pytest.mark.parametrize("case", [c for c in BACKEND_CASES if c.values[0].endswith("triton")])
 @pytest.mark.parametrize("one_launch_max_lq", [0, 256], ids=["two-launches", "one-launch"])
 def test_backward_in_one_launch_or_two(case, one_launch_max_lq, monkeypatch):
-    """Short query sequences run both backward kernels in one launch (its dk/dv programs compute
-    delta themselves), longer ones two (the dq kernel writes delta before the dk/dv kernel reads
-    it): the same exact gradients either way, with partial tiles, Lq != Lk, and the two kernels'
-    own tile shapes (which the one launch keeps)."""
+    """Short query sequences run both backward parts in one launch (its dk/dv programs compute
+    delta themselves), longer ones two (the dq part writes delta before the dk/dv part reads it):
+    the same exact gradients either way, with partial tiles, Lq != Lk, and each part's own tile
+    shapes (which the one launch keeps)."""
     from ldmfast.ops import attention_triton
     monkeypatch.setattr(attention_triton, "ONE_LAUNCH_MAX_LQ", one_launch_max_lq)
-    counted = {name: _CountedLaunches(getattr(attention_triton, name))
-               for name in ("_bwd_one_launch_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")}
-    for name, wrapper in counted.items():
-        monkeypatch.setattr(attention_triton, name, wrapper)
+    counted = _CountedLaunches(attention_triton._bwd_kernel)
+    monkeypatch.setattr(attention_triton, "_bwd_kernel", counted)
     check_gradients(case, torch.float32, 2, 2, 45, 70, 32)
     monkeypatch.setattr(attention_triton, "OVERRIDES", {"backward_dkdv": dict(BLOCK_M=16, BLOCK_N=32),
                                                         "backward_dq": dict(BLOCK_M=32, BLOCK_N=16)})
     check_gradients(case, torch.float32, 1, 2, 33, 20, 16)
-    launches = {name: c.launches for name, c in counted.items()}
-    if one_launch_max_lq:
-        assert launches == {"_bwd_one_launch_kernel": 2, "_bwd_dq_kernel": 0, "_bwd_dkdv_kernel": 0}
-    else:
-        assert launches == {"_bwd_one_launch_kernel": 0, "_bwd_dq_kernel": 2, "_bwd_dkdv_kernel": 2}
+    assert counted.parts == (["both"] * 2 if one_launch_max_lq else ["dq", "dkdv"] * 2)
 
 
 def check_gradients(case, dtype, b, h, lq, lk, d, layout="bhld"):

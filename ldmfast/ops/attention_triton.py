@@ -229,51 +229,33 @@ def _dq_block(pid_m, bh, b, h, Q, K, V, O, DO, LSE, DELTA, DQ,
              (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
-# The three backward kernels share one argument list: the tensors, then the strides of q, k, v, out,
-# dout, dq, dk, dv, then H, LQ, LK, D, scale (backward() below builds it once).
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV,
-                   sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
-                   sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
-                   H, LQ, LK, D, scale,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_N: tl.constexpr):
-    bh, b, h = _batch_head(H)
-    _dq_block(tl.program_id(0), bh, b, h, Q, K, V, O, DO, LSE, DELTA, DQ,
-              sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
-              sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, LQ, LK, D, scale,
-              BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, EVEN_N)
-
-
-@triton.jit
-def _bwd_dkdv_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV,
-                     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
-                     sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
-                     H, LQ, LK, D, scale,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr):
-    bh, b, h = _batch_head(H)
-    _dkdv_block(tl.program_id(0), bh, b, h, Q, K, V, O, DO, LSE, DELTA, DK, DV,
+def _bwd_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV,
                 sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
-                sdb, sdh, sdl, sdd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, LQ, LK, D, scale,
-                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, EVEN, False)
-
-
-@triton.jit
-def _bwd_one_launch_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV,
-                           sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
-                           sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, sdkb, sdkh, sdkl, sdkd,
-                           sdvb, sdvh, sdvl, sdvd, H, LQ, LK, D, scale, K_BLOCKS,
-                           BLOCK_MQ: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_MK: tl.constexpr,
-                           BLOCK_NK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                           PRECISION: tl.constexpr, EVEN_NQ: tl.constexpr, EVEN_K: tl.constexpr):
-    """Both backward kernels in one launch, for short query sequences: programs below K_BLOCKS do
-    a dk/dv block (first: they walk every query block, the longer work), the others a dq block.
-    The dk/dv blocks compute delta themselves, since no program of a launch can wait for another's
-    (one O tile more per query block, a few at these lengths)."""
+                sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
+                H, LQ, LK, D, scale, K_BLOCKS,
+                BLOCK_MQ: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_MK: tl.constexpr, BLOCK_NK: tl.constexpr,
+                BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                EVEN_NQ: tl.constexpr, EVEN_K: tl.constexpr, PART: tl.constexpr):
+    """The backward, by PART: "dq", a dq block per program (each writing its rows' delta); "dkdv",
+    a dk/dv block per program (reading delta, launched after "dq"); "both", for short query
+    sequences, the two in one launch: programs below K_BLOCKS do a dk/dv block (first: they walk
+    every query block, the longer work) computing delta themselves, since no program of a launch
+    can wait for another's (one O tile more per query block, a few at these lengths), the others
+    a dq block."""
     bh, b, h = _batch_head(H)
     pid = tl.program_id(0)
-    if pid < K_BLOCKS:
+    if PART == "dq":
+        _dq_block(pid, bh, b, h, Q, K, V, O, DO, LSE, DELTA, DQ,
+                  sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+                  sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd, LQ, LK, D, scale,
+                  BLOCK_MQ, BLOCK_NQ, BLOCK_D, UPCAST, PRECISION, EVEN_NQ)
+    elif PART == "dkdv":
+        _dkdv_block(pid, bh, b, h, Q, K, V, O, DO, LSE, DELTA, DK, DV,
+                    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+                    sdb, sdh, sdl, sdd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, LQ, LK, D, scale,
+                    BLOCK_MK, BLOCK_NK, BLOCK_D, UPCAST, PRECISION, EVEN_K, False)
+    elif pid < K_BLOCKS:
         _dkdv_block(pid, bh, b, h, Q, K, V, O, DO, LSE, DELTA, DK, DV,
                     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
                     sdb, sdh, sdl, sdd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, LQ, LK, D, scale,
@@ -297,7 +279,7 @@ def forward(q, k, v, out, lse, scale: float) -> None:
         **launch)
 
 
-# Query lengths up to which the backward is one launch (_bwd_one_launch_kernel) rather than two:
+# Query lengths up to which the backward is one launch (_bwd_kernel PART "both") rather than two:
 # its dk/dv programs load an O tile more per query block, which a long sequence would feel, while a
 # short one is host-bound (an H100 at the UNet's L=168: 313 us of kernels per fwd+bwd in 1138 us of
 # wall time). 0 turns it off (for sweeps).
@@ -317,17 +299,14 @@ def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
             BLOCK_M=bm, BLOCK_D=bd, UPCAST=_upcast(q), num_warps=launch["num_warps"])
         if attention_wide.run(attention_wide.backward, q, k, v, dout, lse, delta, dq, dk, dv, scale):
             return
-    args = (q, k, v, out, dout, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), h, lq, lk, d, scale)
-    common = dict(BLOCK_D=bd, UPCAST=_upcast(q), PRECISION=_precision(q))
     bm_k, bn_k, _, launch_k = _launch("backward_dkdv", q, lk)
     q_blocks, k_blocks = _grid.cdiv(lq, bm), _grid.cdiv(lk, bn_k)
+    args = (q, k, v, out, dout, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), h, lq, lk, d, scale, k_blocks)
+    settings = dict(BLOCK_MQ=bm, BLOCK_NQ=bn, BLOCK_MK=bm_k, BLOCK_NK=bn_k, BLOCK_D=bd, UPCAST=_upcast(q),
+                    PRECISION=_precision(q), EVEN_NQ=lk % bn == 0, EVEN_K=lq % bm_k == 0 and lk % bn_k == 0)
     if lq <= ONE_LAUNCH_MAX_LQ and launch == launch_k:
-        _bwd_one_launch_kernel[(q_blocks + k_blocks, b * h)](
-            *args, k_blocks, BLOCK_MQ=bm, BLOCK_NQ=bn, BLOCK_MK=bm_k, BLOCK_NK=bn_k, EVEN_NQ=lk % bn == 0,
-            EVEN_K=lq % bm_k == 0 and lk % bn_k == 0, **common, **launch)
+        _bwd_kernel[(k_blocks + q_blocks, b * h)](*args, PART="both", **settings, **launch)
         return
-    _bwd_dq_kernel[(q_blocks, b * h)](  # (writes delta: before the dk/dv kernel)
-        *args, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=lk % bn == 0, **common, **launch)
-    _bwd_dkdv_kernel[(k_blocks, b * h)](
-        *args, BLOCK_M=bm_k, BLOCK_N=bn_k, EVEN=lq % bm_k == 0 and lk % bn_k == 0, **common, **launch_k)
+    _bwd_kernel[(q_blocks, b * h)](*args, PART="dq", **settings, **launch)  # (writes delta: first)
+    _bwd_kernel[(k_blocks, b * h)](*args, PART="dkdv", **settings, **launch_k)
