@@ -47,7 +47,7 @@ stage build 240 python3 -m pip install --no-build-isolation --no-deps -e .
 python3 -c "import ldmfast._cuda as m; print('ldmfast._cuda', m.__file__)" 2>&1 | tee -a "$OUT/summary.txt"
 
 # STAGES picks and orders what runs after the build (default: all, in this order).
-STAGES=${STAGES:-"pytest_cuda profile_group_norm bench_group_norm bench_attention sweep_attention bench_vqgan bench_synthesis bench_posttrain bench_accelerate profile_accelerate bench_ddim bench_metrics bench_synthesize"}
+STAGES=${STAGES:-"pytest_cuda profile_group_norm bench_group_norm bench_attention profile_attention sweep_attention bench_vqgan bench_synthesis bench_posttrain bench_accelerate profile_accelerate bench_ddim bench_metrics bench_synthesize"}
 for s in $STAGES; do
   case $s in
     # PYTEST_K="group_norm or accelerate" runs a subset.

@@ -6,7 +6,8 @@ and where the host spends ours (cProfile).
 
 vqgan: the VQGAN's middle block (one head of 512 over 48 x 56 tokens: attention_wide's chunked
 GEMMs, against matmul-softmax-matmul); unet168 / unet672: the cLDM UNet's attention levels (the
-flash-style Triton kernels, against cuDNN's SDPA); standard: B=8 H=16 L=4096 D=64.
+flash-style Triton kernels, against cuDNN's SDPA); standard: B=8 H=16 L=4096 D=64. First, the
+host cost of one launch (empty Triton kernels, a small torch op).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
@@ -31,6 +34,32 @@ def matmul_softmax_matmul(q, k, v):
 def cudnn(q, k, v):
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         return F.scaled_dot_product_attention(q, k, v)
+
+
+@triton.jit
+def _nop(X, N):
+    pass
+
+
+@triton.jit
+def _nop_wide(X0, X1, X2, X3, X4, X5, X6, X7, X8, X9, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, b0, b1, b2, b3,
+              b4, b5, b6, b7, b8, b9, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, d0, d1, d2, d3, d4, d5, d6, d7,
+              BLOCK: tl.constexpr):
+    pass
+
+
+def launch_costs(reps: int = 2000) -> None:
+    """Host microseconds per launch of an empty Triton kernel (2 arguments, and 48 as the attention
+    backward takes) beside a small torch op and a raw CUDA launch through torch: what each of the
+    op's launches costs on this machine's host. Run before any torch.profiler session (whose CUPTI
+    hooks could stay behind)."""
+    x = torch.zeros(16, device="cuda")
+    ints = list(range(1, 39))
+    cases = {"torch x.add_(1)": lambda: x.add_(1),
+             "triton, 2 args": lambda: _nop[(1,)](x, 16),
+             "triton, 48 args": lambda: _nop_wide[(1,)](*([x] * 10), *ints, BLOCK=16)}
+    for name, fn in cases.items():
+        print(f"launch cost: {name:>16}: {common.wall_ms(fn, reps, warmup=20) * 1e3:6.1f} us per call", flush=True)
 
 
 def profile(shape: str, reps: int) -> None:
@@ -63,6 +92,7 @@ def main() -> None:
     p.add_argument("--shapes", default="vqgan,unet168", help=f"comma-separated, of {sorted(SHAPES)}")
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args()
+    launch_costs()
     for shape in args.shapes.split(","):
         if shape not in SHAPES:
             p.error(f"--shapes: unknown shape {shape!r} (known: {', '.join(sorted(SHAPES))})")
