@@ -50,16 +50,30 @@ def _nop_wide(X0, X1, X2, X3, X4, X5, X6, X7, X8, X9, a0, a1, a2, a3, a4, a5, a6
 
 def launch_costs(reps: int = 2000) -> None:
     """Host microseconds per launch of an empty Triton kernel (2 arguments, and 48 as the attention
-    backward takes) beside a small torch op and a raw CUDA launch through torch: what each of the
-    op's launches costs on this machine's host. Run before any torch.profiler session (whose CUPTI
+    backward takes), of a small torch op and of attention_wide's GEMM forms: what each of the ops'
+    launches costs on this machine's host. Run before any torch.profiler session (whose CUPTI
     hooks could stay behind)."""
     x = torch.zeros(16, device="cuda")
     ints = list(range(1, 39))
+    # attention_wide's GEMM forms on tiny operands (the GPU idles: host time), bf16 into float32
+    # through out_dtype among them (a cuBLASLt path, which may query its heuristics every call).
+    a = torch.randn(2, 8, 8, device="cuda", dtype=torch.bfloat16)
+    acc, s = torch.zeros(2, 8, 8, device="cuda"), torch.empty_like(a)
     cases = {"torch x.add_(1)": lambda: x.add_(1),
              "triton, 2 args": lambda: _nop[(1,)](x, 16),
-             "triton, 48 args": lambda: _nop_wide[(1,)](*([x] * 10), *ints, BLOCK=16)}
+             "triton, 48 args": lambda: _nop_wide[(1,)](*([x] * 10), *ints, BLOCK=16),
+             "bmm bf16": lambda: torch.bmm(a, a),
+             "baddbmm bf16 into s": lambda: torch.baddbmm(s, a, a, beta=0.0, alpha=0.5, out=s),
+             "bmm out_dtype f32": lambda: torch.bmm(a, a, out_dtype=torch.float32),
+             "baddbmm out_dtype f32 += ": lambda: torch.baddbmm(acc, a, a, out_dtype=torch.float32, beta=1.0,
+                                                               alpha=0.5, out=acc)}
     for name, fn in cases.items():
-        print(f"launch cost: {name:>16}: {common.wall_ms(fn, reps, warmup=20) * 1e3:6.1f} us per call", flush=True)
+        try:
+            us = common.wall_ms(fn, reps, warmup=20) * 1e3
+        except (RuntimeError, TypeError) as err:
+            print(f"launch cost: {name:>26}: failed ({str(err).splitlines()[0][:60]})")
+            continue
+        print(f"launch cost: {name:>26}: {us:6.1f} us per call", flush=True)
 
 
 def profile(shape: str, reps: int) -> None:
