@@ -1,7 +1,7 @@
-"""Triton kernels of the fused attention: forward with log-sum-exp, and the backward as a dq kernel
-over query blocks, which also writes delta = rowsum(dO * O), then a dk/dv kernel over key blocks
-(no atomics). 16-bit heads over 256 wide run attention_wide's GEMMs instead (its `applies`), the
-backward after a delta pre-pass here."""
+"""Triton kernels of the fused attention: forward with log-sum-exp, and the backward as dq blocks
+over query blocks, which also write delta = rowsum(dO * O), then dk/dv blocks over key blocks (no
+atomics), in one launch for short query sequences (ONE_LAUNCH_MAX_LQ). 16-bit heads over 256 wide
+run attention_wide's GEMMs instead (its `applies`), the backward after a delta pre-pass here."""
 from __future__ import annotations
 
 import functools
