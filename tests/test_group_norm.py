@@ -305,10 +305,11 @@ def test_cuda_rejects_weight_on_another_device():
         ops.group_norm(torch.zeros(2, 8, 4, 4, device="cuda"), 4, torch.ones(8))
 
 
-@pytest.mark.parametrize("isa", ["base", "avx2"])
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
 def test_cpu_kernel_variants_for_other_cpus(isa):
-    """The CPU kernels are compiled for baseline x86-64, AVX2 and AVX-512 and picked at run time;
-    LDMFAST_CPU_ISA caps the choice so that every variant runs here."""
+    """The CPU kernels are compiled for baseline x86-64, AVX2 and AVX-512 (bfloat16 through
+    AVX512-BF16's conversions where the CPU has them) and picked at run time; LDMFAST_CPU_ISA caps
+    the choice so that every variant runs here ("avx512": without the BF16 conversions)."""
     import os
     import subprocess
     import sys

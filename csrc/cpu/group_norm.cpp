@@ -32,6 +32,22 @@
 
 #define LDMFAST_AI inline __attribute__((always_inline))
 
+namespace ldmfast {
+
+// bfloat16 data on a CPU with AVX512-BF16: the same bits as bfloat16_t, but the kernels stage it
+// through float blocks (as they do half) so that the float -> bfloat16 rounding is one
+// vcvtneps2bf16 per 16 values. Converting inside the vectorized loops with integer operations
+// (bfloat16_t's from_float) took 0.52 ns per element of the SiLU-normalize loop on a Zen 4 core,
+// against 0.34 through the instruction (float data: 0.30).
+struct bfloat16_hw_t { uint16_t bits; };
+
+inline float to_float(bfloat16_hw_t v) { return to_float(bfloat16_t{v.bits}); }
+template <> inline bfloat16_hw_t from_float<bfloat16_hw_t>(float f) {
+  return bfloat16_hw_t{from_float<bfloat16_t>(f).bits};
+}
+
+}  // namespace ldmfast
+
 namespace ldmfast::cpu {
 namespace {
 
@@ -76,6 +92,17 @@ __attribute__((target("avx2,fma,f16c"))) inline void float_to_half_f16c(const fl
 }
 #endif
 
+#if defined(__x86_64__)
+// Not inlined: its instruction set is a superset of the AVX-512 variant's that calls it.
+__attribute__((target("avx512f,avx512bf16"), noinline)) void float_to_bf16_hw(const float* in, bfloat16_hw_t* p,
+                                                                             int64_t len) {
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(in + i)));
+  for (; i < len; ++i) p[i] = from_float<bfloat16_hw_t>(in[i]);
+}
+#endif
+
 template <typename T, bool kAvx2>
 LDMFAST_AI void load_block(const T* __restrict p, float* __restrict out, int64_t len) {
 #if defined(__x86_64__)
@@ -89,19 +116,24 @@ template <typename T, bool kAvx2>
 LDMFAST_AI void store_block(const float* __restrict in, T* __restrict p, int64_t len) {
 #if defined(__x86_64__)
   if constexpr (kAvx2 && std::is_same_v<T, half_t>) return float_to_half_f16c(in, p, len);
+  if constexpr (std::is_same_v<T, bfloat16_hw_t>) return float_to_bf16_hw(in, p, len);
 #endif
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) p[i] = from_float<T>(in[i]);
 }
 
 // Blocks as the compute loops read and write them: float and bf16 data in place (bf16 converts
-// inside the vectorized loop with integer ops), fp16 through a float buffer (F16C conversions).
+// inside the vectorized loop with integer ops: a shift in, a rounding out), fp16 through float
+// buffers both ways (F16C conversions), and bf16 on AVX512-BF16 CPUs (bfloat16_hw_t) in place on
+// the way in and through a float buffer on the way out (its rounding is the costly direction).
 template <typename T>
-using Stage = std::conditional_t<std::is_same_v<T, half_t>, float, T>;
+using InStage = std::conditional_t<std::is_same_v<T, half_t>, float, T>;
+template <typename T>
+using OutStage = std::conditional_t<std::is_same_v<T, half_t> || std::is_same_v<T, bfloat16_hw_t>, float, T>;
 
 template <typename T, bool kAvx2>
-LDMFAST_AI const Stage<T>* view_in(const T* p, float* buf, int64_t len) {
-  if constexpr (std::is_same_v<Stage<T>, T>) {
+LDMFAST_AI const InStage<T>* view_in(const T* p, float* buf, int64_t len) {
+  if constexpr (std::is_same_v<InStage<T>, T>) {
     (void)buf;
     (void)len;
     return p;
@@ -112,8 +144,8 @@ LDMFAST_AI const Stage<T>* view_in(const T* p, float* buf, int64_t len) {
 }
 
 template <typename T>
-LDMFAST_AI Stage<T>* view_out(T* p, float* buf) {
-  if constexpr (std::is_same_v<Stage<T>, T>) {
+LDMFAST_AI OutStage<T>* view_out(T* p, float* buf) {
+  if constexpr (std::is_same_v<OutStage<T>, T>) {
     (void)buf;
     return p;
   } else {
@@ -124,7 +156,7 @@ LDMFAST_AI Stage<T>* view_out(T* p, float* buf) {
 
 template <typename T, bool kAvx2>
 LDMFAST_AI void flush_out(const float* buf, T* p, int64_t len) {
-  if constexpr (!std::is_same_v<Stage<T>, T>) store_block<T, kAvx2>(buf, p, len);
+  if constexpr (!std::is_same_v<OutStage<T>, T>) store_block<T, kAvx2>(buf, p, len);
 }
 
 // ---- arguments ---------------------------------------------------------------------------------
@@ -220,7 +252,7 @@ LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
       const auto* xv = view_in<T, kAvx2>(xc + off, buf, len);
       auto* yv = view_out<T>(yc + off, buf);
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) yv[i] = from_float<Stage<T>>(act<kSilu>(to_float(xv[i]) * sc + sh));
+      for (int64_t i = 0; i < len; ++i) yv[i] = from_float<OutStage<T>>(act<kSilu>(to_float(xv[i]) * sc + sh));
       flush_out<T, kAvx2>(buf, yc + off, len);
     }
   }
@@ -276,7 +308,7 @@ LDMFAST_AI void fwd_cl_norm_item(const FwdArgs& a, int64_t item) {
     const auto* xv = view_in<T, kAvx2>(xn + r * z.c, b, z.c);
     auto* yv = view_out<T>(yn + r * z.c, b);
 #pragma omp simd
-    for (int64_t c = 0; c < z.c; ++c) yv[c] = from_float<Stage<T>>(act<kSilu>(to_float(xv[c]) * sc[c] + sh[c]));
+    for (int64_t c = 0; c < z.c; ++c) yv[c] = from_float<OutStage<T>>(act<kSilu>(to_float(xv[c]) * sc[c] + sh[c]));
     flush_out<T, kAvx2>(b, yn + r * z.c, z.c);
   }
 }
@@ -356,13 +388,13 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
       if (gbuf) {
         const float* __restrict gin = gbuf + j * z.s + off;
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) ov[i] = from_float<Stage<T>>(ca * gin[i] + cb * (to_float(xv[i]) - mean) + cd);
+        for (int64_t i = 0; i < len; ++i) ov[i] = from_float<OutStage<T>>(ca * gin[i] + cb * (to_float(xv[i]) - mean) + cd);
       } else {
         const auto* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
           const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
-          ov[i] = from_float<Stage<T>>(ca * gv + cb * (to_float(xv[i]) - mean) + cd);
+          ov[i] = from_float<OutStage<T>>(ca * gv + cb * (to_float(xv[i]) - mean) + cd);
         }
       }
       flush_out<T, kAvx2>(xb, dxg + j * z.s + off, len);
@@ -438,7 +470,7 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
 #pragma omp simd
     for (int64_t c = 0; c < z.c; ++c) {
       const float gv = to_float(dv[c]) * act_grad<kSilu>(to_float(xv[c]) * sc[c] + sh[c]);
-      ov[c] = from_float<Stage<T>>(ca[c] * gv + cb[c] * (to_float(xv[c]) - mu[c]) + cd[c]);
+      ov[c] = from_float<OutStage<T>>(ca[c] * gv + cb[c] * (to_float(xv[c]) - mu[c]) + cd[c]);
     }
     flush_out<T, kAvx2>(xb, dxn + r * z.c, z.c);
   }
@@ -648,7 +680,9 @@ void group_norm_forward(DType dtype, const void* x, const float* weight, const f
   switch (dtype) {
     case DType::Float32: return forward_dtype<float>(a, silu, channels_last, num_threads);
     case DType::Float16: return forward_dtype<half_t>(a, silu, channels_last, num_threads);
-    case DType::BFloat16: return forward_dtype<bfloat16_t>(a, silu, channels_last, num_threads);
+    case DType::BFloat16:
+      return has_avx512_bf16() ? forward_dtype<bfloat16_hw_t>(a, silu, channels_last, num_threads)
+                               : forward_dtype<bfloat16_t>(a, silu, channels_last, num_threads);
   }
 }
 
@@ -668,7 +702,9 @@ void group_norm_backward(DType dtype, const void* dy, const void* x, const float
   switch (dtype) {
     case DType::Float32: return backward_dtype<float>(a, dweight, dbias, silu, channels_last, num_threads);
     case DType::Float16: return backward_dtype<half_t>(a, dweight, dbias, silu, channels_last, num_threads);
-    case DType::BFloat16: return backward_dtype<bfloat16_t>(a, dweight, dbias, silu, channels_last, num_threads);
+    case DType::BFloat16:
+      return has_avx512_bf16() ? backward_dtype<bfloat16_hw_t>(a, dweight, dbias, silu, channels_last, num_threads)
+                               : backward_dtype<bfloat16_t>(a, dweight, dbias, silu, channels_last, num_threads);
   }
 }
 

@@ -6,8 +6,8 @@
 
 namespace ldmfast::cpu {
 
-// 0: baseline, 1: AVX2+FMA+F16C, 2: also AVX-512 (F, BW, VL, DQ). LDMFAST_CPU_ISA=base or avx2
-// caps it (read once), so that tests reach every variant on any machine.
+// 0: baseline, 1: AVX2+FMA+F16C, 2: also AVX-512 (F, BW, VL, DQ). LDMFAST_CPU_ISA=base, avx2 or
+// avx512 caps it (read once), so that tests reach every variant on any machine.
 int isa_level() {
 #if defined(__x86_64__)
   static const int level = [] {
@@ -23,6 +23,19 @@ int isa_level() {
   return level;
 #else
   return 0;
+#endif
+}
+
+bool has_avx512_bf16() {
+#if defined(__x86_64__)
+  static const bool bf16 = [] {
+    const char* cap = std::getenv("LDMFAST_CPU_ISA");
+    return isa_level() == 2 && !(cap && std::strcmp(cap, "avx512") == 0) &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return bf16;
+#else
+  return false;
 #endif
 }
 
