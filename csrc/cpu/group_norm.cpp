@@ -11,8 +11,9 @@
 // most kBlock elements or kRows rows, and in double across blocks. The backward reduces first per
 // (sample, channel) and then in a fixed order over channels and samples: deterministic results.
 //
-// The hot loops are compiled twice, for baseline x86-64 and for AVX2+FMA+F16C, and the variant is
-// picked at run time.
+// The hot loops are compiled three times, for baseline x86-64, AVX2+FMA+F16C and AVX-512, and the
+// variant is picked at run time; bfloat16 data takes AVX512-BF16's rounding where the CPU has it
+// (bfloat16_hw_t).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
