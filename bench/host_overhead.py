@@ -3,8 +3,8 @@ kernels are replaced by stubs that launch nothing, the tensors are tiny CPU tens
 are told to take their GPU backends (cuda for GroupNorm, triton for attention). What remains is
 what ldmfast itself adds between the caller and the launches: checks, dispatch, autograd,
 allocations, launch-setting choices. On a GPU the real launches come on top (bench/profile_*.py
-print both); at the UNet's small maps this sum is longer than the kernels (H100 profiles,
-bench/results/profile_*), so it is what a training step waits for there.
+print both); at the UNet's small maps an op's host time exceeds its kernels' (H100 profiles,
+bench/results/profile_*), and whatever the host cannot run ahead of, the GPU waits for.
 
 Torch's own ops on the same tiny CPU tensors are printed beside as a yardstick (their time
 includes a little arithmetic).
