@@ -32,16 +32,21 @@ def time_ms(fn, min_run_time: float = 0.5) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def wall_ms(fn, reps: int, warmup: int = 3) -> float:
     """Wall milliseconds per call of fn over `reps` back-to-back calls, CUDA synchronized at the
     ends only: on a GPU, the host's time per call wherever the kernels are shorter than it."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     return (time.perf_counter() - t0) / reps * 1e3
 
 
@@ -111,15 +116,21 @@ def save(name: str, device: torch.device, rows: list[dict], meta: dict | None = 
     return path
 
 
-def kernel_table(fn, reps: int) -> list[tuple[str, float, int]]:
-    """(kernel name, microseconds per call, launches per call), largest first."""
+def _profiled(fn, reps: int, activities) -> torch.profiler.profile:
+    """A torch.profiler session over `reps` calls of fn, after three calls of warm-up."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
+    return prof
+
+
+def kernel_table(fn, reps: int) -> list[tuple[str, float, int]]:
+    """(kernel name, microseconds per call, launches per call), largest first."""
+    prof = _profiled(fn, reps, [torch.profiler.ProfilerActivity.CUDA])
     rows = [(e.key, e.device_time_total / reps, e.count // reps) for e in prof.key_averages()
             if e.device_time_total > 0]
     return sorted(rows, key=lambda r: -r[1])
@@ -129,14 +140,7 @@ def runtime_calls(fn, reps: int) -> list[tuple[str, float, int]]:
     """(CUDA runtime/driver call, host microseconds per call of fn, calls per call of fn), longest
     first: launches, allocations, and any synchronization (cudaStreamSynchronize, a blocking
     cudaMemcpy...) that would make the host wait for the GPU inside fn."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
+    prof = _profiled(fn, reps, [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
     rows = [(e.key, e.cpu_time_total / reps, e.count // reps) for e in prof.key_averages()
             if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("cu")]
     return sorted(rows, key=lambda r: -r[1])
@@ -149,7 +153,6 @@ def host_profile(fn, reps: int = 5, top: int = 15) -> None:
     prof.enable()
     for _ in range(reps):
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _sync()
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 from unittest import mock
 
 import torch
@@ -65,12 +64,7 @@ def stubbed_gpu():
 
 
 def us_per_call(fn, reps: int) -> float:
-    for _ in range(max(10, reps // 20)):
-        fn()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) / reps * 1e6
+    return common.wall_ms(fn, reps, warmup=max(10, reps // 20)) * 1e3
 
 
 def cases() -> dict:
