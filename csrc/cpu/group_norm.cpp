@@ -197,9 +197,7 @@ struct BwdArgs {
   // channels-last workspace
   int64_t chunks, rows_per_chunk;
   double* partial;  // [n][chunks][2][c]
-  float* scale;     // [n][c] forward affine: z = x * scale + shift
-  float* shift;
-  float* ca;        // [n][c] dx = ca * g + cb * (x - mu) + cd
+  float* scale;     // [n][c] rstd * weight: z = (x - mu) * scale + bias, dx = scale * g + cb * (x - mu) + cd
   float* cb;
   float* cd;
   float* mu;        // [n][c] the mean of the channel's group
@@ -340,8 +338,8 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
   for (int64_t j = 0; j < z.cg; ++j) {
     const int64_t c = g * z.cg + j;
     const float sc = rstd * a.weight[c];
-    const float sh = a.bias[c] - mean * sc;
-    double s1 = 0, s2 = 0;
+    const float bc = a.bias[c];
+    double s1 = 0, s2 = 0;  // sums of g and of g * (x - mean); rstd multiplies the second once, below
     for (int64_t off = 0; off < z.s; off += kBlock) {
       const int64_t len = std::min(kBlock, z.s - off);
       const auto* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
@@ -351,22 +349,25 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
         float* __restrict gout = gbuf + j * z.s + off;
 #pragma omp simd reduction(+ : a1, a2)
         for (int64_t i = 0; i < len; ++i) {
-          const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
+          const float d = to_float(xv[i]) - mean;
+          const float gv = to_float(dv[i]) * act_grad<kSilu>(d * sc + bc);
           gout[i] = gv;
           a1 += gv;
-          a2 += gv * ((to_float(xv[i]) - mean) * rstd);
+          a2 += gv * d;
         }
       } else {
 #pragma omp simd reduction(+ : a1, a2)
         for (int64_t i = 0; i < len; ++i) {
-          const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
+          const float d = to_float(xv[i]) - mean;
+          const float gv = to_float(dv[i]) * act_grad<kSilu>(d * sc + bc);
           a1 += gv;
-          a2 += gv * ((to_float(xv[i]) - mean) * rstd);
+          a2 += gv * d;
         }
       }
       s1 += a1;
       s2 += a2;
     }
+    s2 *= rstd;
     a.sum_g[n * z.c + c] = s1;
     a.sum_gx[n * z.c + c] = s2;
     ga += a.weight[c] * s1;
@@ -380,8 +381,8 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
   for (int64_t j = 0; j < z.cg; ++j) {
     const int64_t c = g * z.cg + j;
     const float sc = rstd * a.weight[c];
-    const float sh = a.bias[c] - mean * sc;
-    const float ca = rstd * a.weight[c];
+    const float bc = a.bias[c];
+    const float ca = sc;
     for (int64_t off = 0; off < z.s; off += kBlock) {
       const int64_t len = std::min(kBlock, z.s - off);
       const auto* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
@@ -394,8 +395,9 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
         const auto* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
-          const float gv = to_float(dv[i]) * act_grad<kSilu>(to_float(xv[i]) * sc + sh);
-          ov[i] = from_float<OutStage<T>>(ca * gv + cb * (to_float(xv[i]) - mean) + cd);
+          const float d = to_float(xv[i]) - mean;
+          const float gv = to_float(dv[i]) * act_grad<kSilu>(d * sc + bc);
+          ov[i] = from_float<OutStage<T>>(ca * gv + cb * d + cd);
         }
       }
       flush_out<T, kAvx2>(xb, dxg + j * z.s + off, len);
@@ -413,16 +415,12 @@ LDMFAST_AI void bwd_cl_sums_item(const BwdArgs& a, int64_t item) {
   const T* xn = static_cast<const T*>(a.x) + n * z.s * z.c;
   const T* dyn = static_cast<const T*>(a.dy) + n * z.s * z.c;
   double* out = a.partial + item * 2 * z.c;
-  std::vector<float> mc(z.c), rc(z.c), xbuf(z.c), dbuf(z.c), t1(z.c), t2(z.c);
-  for (int64_t c = 0; c < z.c; ++c) {
-    mc[c] = a.mean[n * z.groups + c / z.cg];
-    rc[c] = a.rstd[n * z.groups + c / z.cg];
-  }
+  std::vector<float> xbuf(z.c), dbuf(z.c), t1(z.c), t2(z.c);
   std::fill(out, out + 2 * z.c, 0.0);
   const float* __restrict sc = a.scale + n * z.c;
-  const float* __restrict sh = a.shift + n * z.c;
-  const float* __restrict mp = mc.data();
-  const float* __restrict rp = rc.data();
+  const float* __restrict bp = a.bias;
+  const float* __restrict mp = a.mu + n * z.c;
+  const float* rstd = a.rstd + n * z.groups;
   float* __restrict xb = xbuf.data();
   float* __restrict db = dbuf.data();
   float* __restrict u1 = t1.data();
@@ -435,14 +433,15 @@ LDMFAST_AI void bwd_cl_sums_item(const BwdArgs& a, int64_t item) {
       const auto* dv = view_in<T, kAvx2>(dyn + r * z.c, db, z.c);
 #pragma omp simd
       for (int64_t c = 0; c < z.c; ++c) {
-        const float gv = to_float(dv[c]) * act_grad<kSilu>(to_float(xv[c]) * sc[c] + sh[c]);
+        const float d = to_float(xv[c]) - mp[c];
+        const float gv = to_float(dv[c]) * act_grad<kSilu>(d * sc[c] + bp[c]);
         u1[c] += gv;
-        u2[c] += gv * ((to_float(xv[c]) - mp[c]) * rp[c]);
+        u2[c] += gv * d;
       }
     }
     for (int64_t c = 0; c < z.c; ++c) {
       out[c] += u1[c];
-      out[z.c + c] += u2[c];
+      out[z.c + c] += static_cast<double>(u2[c]) * rstd[c / z.cg];  // u2 sums g * (x - mean)
     }
   }
 }
@@ -456,8 +455,7 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
   const T* dyn = static_cast<const T*>(a.dy) + n * z.s * z.c;
   T* dxn = static_cast<T*>(a.dx) + n * z.s * z.c;
   const float* __restrict sc = a.scale + n * z.c;
-  const float* __restrict sh = a.shift + n * z.c;
-  const float* __restrict ca = a.ca + n * z.c;
+  const float* __restrict bp = a.bias;
   const float* __restrict cb = a.cb + n * z.c;
   const float* __restrict cd = a.cd + n * z.c;
   const float* __restrict mu = a.mu + n * z.c;
@@ -470,8 +468,9 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
     auto* ov = view_out<T>(dxn + r * z.c, xb);
 #pragma omp simd
     for (int64_t c = 0; c < z.c; ++c) {
-      const float gv = to_float(dv[c]) * act_grad<kSilu>(to_float(xv[c]) * sc[c] + sh[c]);
-      ov[c] = from_float<OutStage<T>>(ca[c] * gv + cb[c] * (to_float(xv[c]) - mu[c]) + cd[c]);
+      const float d = to_float(xv[c]) - mu[c];
+      const float gv = to_float(dv[c]) * act_grad<kSilu>(d * sc[c] + bp[c]);
+      ov[c] = from_float<OutStage<T>>(sc[c] * gv + cb[c] * d + cd[c]);
     }
     flush_out<T, kAvx2>(xb, dxn + r * z.c, z.c);
   }
@@ -589,20 +588,17 @@ void backward_typed(BwdArgs& a, float* dweight, float* dbias, bool channels_last
     split_rows(z, num_threads, &a.chunks, &a.rows_per_chunk);
     const size_t nc = static_cast<size_t>(z.n * z.c);
     std::vector<double> partial(static_cast<size_t>(z.n * a.chunks * 2 * z.c));
-    std::vector<float> scale(nc), shift(nc), ca(nc), cb(nc), cd(nc), mu(nc);
+    std::vector<float> scale(nc), cb(nc), cd(nc), mu(nc);
     a.partial = partial.data();
     a.scale = scale.data();
-    a.shift = shift.data();
-    a.ca = ca.data();
     a.cb = cb.data();
     a.cd = cd.data();
     a.mu = mu.data();
     for (int64_t n = 0; n < z.n; ++n) {
       for (int64_t c = 0; c < z.c; ++c) {
         const int64_t ng = n * z.groups + c / z.cg;
-        const float sc = a.rstd[ng] * a.weight[c];
-        a.scale[n * z.c + c] = sc;
-        a.shift[n * z.c + c] = a.bias[c] - a.mean[ng] * sc;
+        a.scale[n * z.c + c] = a.rstd[ng] * a.weight[c];
+        a.mu[n * z.c + c] = a.mean[ng];
       }
     }
     const int64_t items = z.n * a.chunks;
@@ -627,15 +623,13 @@ void backward_typed(BwdArgs& a, float* dweight, float* dbias, bool channels_last
           ga += a.weight[c] * a.sum_g[n * z.c + c];
           gb += a.weight[c] * a.sum_gx[n * z.c + c];
         }
-        const double rstd = a.rstd[n * z.groups + g], mean = a.mean[n * z.groups + g];
+        const double rstd = a.rstd[n * z.groups + g];
         const float cbv = static_cast<float>(-rstd * rstd * gb * inv_m);
         const float cdv = static_cast<float>(-rstd * ga * inv_m);
         for (int64_t j = 0; j < z.cg; ++j) {
           const int64_t c = g * z.cg + j;
-          a.ca[n * z.c + c] = static_cast<float>(rstd * a.weight[c]);
           a.cb[n * z.c + c] = cbv;
           a.cd[n * z.c + c] = cdv;
-          a.mu[n * z.c + c] = static_cast<float>(mean);
         }
       }
     }
