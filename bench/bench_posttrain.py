@@ -10,6 +10,9 @@ four ways, side by side:
                     gradient, D(x0_hat) differentiable in x0_hat only
   decoder_ckpt      the same with gradient checkpointing of each decoder block (the default)
   decoder_unet_ckpt and UNet.gradient_checkpointing
+  step_in_backward  and AdamW applied to each parameter inside the backward, its gradient freed at
+                    once (train.step_in_backward; ldmfast.train.step_in_backward): the step holds
+                    no gradient of the whole UNet
 
     python bench/bench_posttrain.py                              # CPU: --config small
     python bench/bench_posttrain.py --device cuda                # GPU: --config release, bf16, + batch 24 peaks
@@ -24,6 +27,8 @@ optimizer state exist; on a GPU, torch.cuda.max_memory_allocated over a step, in
 the memory allocated before it (models, optimizer state, batch). Time: the minimum over
 alternating rounds of the four variants in one process (robust to a shared machine).
 Goals on a GPU: decoder checkpointing at most 40% of naive's peak for at most 1.3x its time.
+The models and AdamW's state (and the trainer's EMA, not built here) are the same for every
+variant, so the "extra" columns (peak above the memory held before the step) are where they differ.
 """
 from __future__ import annotations
 
@@ -44,8 +49,9 @@ import common  # noqa: E402
 from ldmfast.diffusion import NoiseSchedule  # noqa: E402
 from ldmfast.models import VQGAN, ConditionalLDM, UNetConfig, VQGANConfig, to_latent  # noqa: E402
 from ldmfast.train import PostTrainLossConfig, optim, posttrain_loss  # noqa: E402
+from ldmfast.train.step_in_backward import StepInBackward  # noqa: E402
 
-VARIANTS = ("naive", "no_ckpt", "decoder_ckpt", "decoder_unet_ckpt")
+VARIANTS = ("naive", "no_ckpt", "decoder_ckpt", "decoder_unet_ckpt", "step_in_backward")
 CONFIGS = {"small": (96, 112), "release": (192, 224)}
 
 
@@ -66,6 +72,7 @@ class Setup:
         self.ldm = ConditionalLDM(unet_config, latent_channels=vq_config.latent_channels).to(device, memory_format=fmt)
         self.ldm.train()
         self.optimizer = optim.adamw(self.ldm.parameters(), lr=2e-6 * batch)  # the trainer's (fused on CUDA)
+        self._in_backward: StepInBackward | None = None
         self.schedule = NoiseSchedule()
         self.device, self.dtype, self.size, self.fmt = device, dtype, size, fmt
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -94,21 +101,39 @@ class Setup:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def optimizer_for(self, variant: str):
+        """The plain AdamW, or for step_in_backward one applied per parameter inside the backward
+        that shares its state tensors (load_state_dict keeps them): no second copy of the moments."""
+        if variant != "step_in_backward":
+            return self.optimizer
+        if self._in_backward is None:
+            params = list(self.ldm.parameters())
+            self._in_backward = StepInBackward(params, lambda p: optim.adamw(p, lr=self.optimizer.defaults["lr"]))
+            self._in_backward.load_state_dict(self.optimizer.state_dict())
+        self._in_backward.attach()
+        return self._in_backward
+
     def step(self, variant: str, after_backward=None) -> float:
-        self.ldm.unet.gradient_checkpointing = variant == "decoder_unet_ckpt"
-        with self.autocast():
-            if variant == "naive":
-                loss = naive_loss(self)
-            else:
-                config = PostTrainLossConfig(decoder_checkpoint=variant != "no_ckpt")
-                loss = posttrain_loss(self.ldm.denoiser(self.ctp), self.vqgan, self.schedule, self.z0, self.image,
-                                      self.brain, self.lesion, config=config, generator=self.generator).total
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.vqgan.zero_grad(set_to_none=True)  # the naive way leaves weight gradients there
+        self.ldm.unet.gradient_checkpointing = variant in ("decoder_unet_ckpt", "step_in_backward")
+        optimizer = self.optimizer_for(variant)
+        try:
+            with self.autocast():
+                if variant == "naive":
+                    loss = naive_loss(self)
+                else:
+                    config = PostTrainLossConfig(decoder_checkpoint=variant != "no_ckpt")
+                    loss = posttrain_loss(self.ldm.denoiser(self.ctp), self.vqgan, self.schedule, self.z0,
+                                          self.image, self.brain, self.lesion, config=config,
+                                          generator=self.generator).total
+            loss.backward()
+            if after_backward is not None:
+                after_backward()
+            optimizer.step()
+        finally:
+            if optimizer is not self.optimizer:
+                optimizer.remove()  # the other variants step after the backward
+            optimizer.zero_grad(set_to_none=True)
+            self.vqgan.zero_grad(set_to_none=True)  # the naive way leaves weight gradients there
         return loss.item()
 
 

@@ -10,6 +10,7 @@ from ldmfast.models import VQGAN, ConditionalLDM, UNetConfig, VQGANConfig
 from ldmfast.train import ConfigError, load_config
 from ldmfast.train.posttrain import PostTrainer
 from ldmfast.train.posttrain_config import PostTrainConfig
+from ldmfast.train.step_in_backward import StepInBackward
 
 TINY_TOML = """
 output_dir = "{out}"
@@ -95,3 +96,34 @@ def test_bad_configs_are_refused_naming_the_key(tmp_path, phantom_root, init_dir
         with pytest.raises(ConfigError) as err:
             load_config(path, PostTrainConfig, [override])
         assert err.value.key == key
+    with pytest.raises(ConfigError) as err:
+        load_config(path, PostTrainConfig, ["train.step_in_backward=true", "train.grad_accum=2"])
+    assert err.value.key == "train.step_in_backward"
+
+
+def test_step_in_backward_trains_as_the_plain_step_and_resumes_into_it(tmp_path, phantom_root, init_dir):
+    """Updates inside the backward (UNet checkpointed too) give the plain run's model; a checkpoint
+    it wrote resumes a plain run, which ends where an uninterrupted plain run does."""
+    path = write_config(tmp_path, phantom_root, init_dir)
+    runs = {"plain": [], "inside": ["train.step_in_backward=true", "train.unet_checkpoint=true"]}
+    models = {}
+    for name, extra in runs.items():
+        overrides = [f"output_dir=\"{tmp_path / name}\"", "train.val_every=0", "train.ckpt_every=2", *extra]
+        trainer = PostTrainer(load_config(path, PostTrainConfig, overrides), progress=False)
+        assert isinstance(trainer.opt, StepInBackward) == bool(extra)
+        trainer.run()
+        models[name] = ConditionalLDM.from_pretrained(tmp_path / name / "ldm").denoiser_state_dict()
+    # Resume the "inside" run's step-2 checkpoint as a plain run.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    for f in (tmp_path / "inside" / "checkpoints").glob("step-00000002.*"):
+        (resumed / "checkpoints" / f.name).write_bytes(f.read_bytes())
+    overrides = [f"output_dir=\"{resumed}\"", "train.val_every=0", "train.ckpt_every=2"]
+    trainer = PostTrainer(load_config(path, PostTrainConfig, overrides), progress=False)
+    assert trainer.step == 2
+    trainer.run()
+    models["resumed"] = ConditionalLDM.from_pretrained(resumed / "ldm").denoiser_state_dict()
+    for name in ("inside", "resumed"):
+        for key, value in models["plain"].items():
+            torch.testing.assert_close(models[name][key], value, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{name} {key}: {m}")

@@ -29,6 +29,7 @@ from .latent_cache import WithLatents, cached_latents
 from .ldm_config import LDMTrainConfig
 from .preview import reconstruction_grid, write_png_grey
 from .stage import StageTrainer
+from .step_in_backward import StepInBackward
 from .val_metrics import ImageErrorSums
 
 MODEL_DIR = "ldm"
@@ -62,7 +63,13 @@ class LDMTrainer(StageTrainer):
                                     augment=augment, num_workers=c.data.num_workers)
         self.lr = c.optim.lr if c.optim.lr is not None else c.optim.base_lr * self.effective_batch
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = optim.adamw(self.trainable, lr=self.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
+        def adamw(params):
+            return optim.adamw(params, lr=self.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
+
+        if t.step_in_backward and self.dist.distributed:
+            raise ConfigError("train.step_in_backward", "DDP all-reduces the gradients after the backward, so "
+                                                        "updates cannot run inside it: set it false under torchrun")
+        self.opt = StepInBackward(self.trainable, adamw) if t.step_in_backward else adamw(self.trainable)
         self.ema = EMA(self.model, t.ema_decay).to(self.device) if t.ema_decay > 0 else None
         self._finish_setup(resume)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index]

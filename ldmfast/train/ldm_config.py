@@ -32,17 +32,23 @@ class AdamWSection(OptimSection):
 class LDMTrainSection(TrainSection):
     """As the VQGAN's, plus: `ema_decay` (0 = no EMA; the exported model is the EMA one when on),
     `latent_cache` (encode the targets once; image augmentation is then off, since an augmented
-    image has no cached latent), and validation by sampling: `val_sample_steps` DDIM steps on up
-    to `val_sample_slices` held-out slices (0 = latent loss only)."""
+    image has no cached latent), validation by sampling: `val_sample_steps` DDIM steps on up
+    to `val_sample_slices` held-out slices (0 = latent loss only), and `step_in_backward`: AdamW
+    updates each parameter inside the backward and frees its gradient at once (the same update,
+    without the whole model's gradients in memory; not with grad_accum > 1 or DDP)."""
 
     batch_size: int = 48
     ema_decay: float = 0.0
     latent_cache: bool = True
     val_sample_steps: int = 0
     val_sample_slices: int = 16
+    step_in_backward: bool = False
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
+        if self.step_in_backward and self.grad_accum > 1:
+            raise ConfigError(f"{prefix}.step_in_backward", f"updates need every micro-batch's gradient: not with "
+                                                            f"grad_accum = {self.grad_accum} (use 1)")
         if not (self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0):
             raise ConfigError(f"{prefix}.ema_decay", f"must be 0 (off) or within (0, 1), got {self.ema_decay}")
         for key in ("val_sample_steps", "val_sample_slices"):
