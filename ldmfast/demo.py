@@ -17,8 +17,8 @@ from ldmfast.train.config import from_dict, read_toml, set_dotted
 
 STAGES = ("vqgan", "ldm", "posttrain")
 # Held-out lesion MAE of the VQGAN above which it has not learned lesions (phantom data: ~0.65 when
-# their pixels come back as surrounding tissue, 0.18-0.26 once learned); stage 1 of 300 steps misses
-# them in some seeds.
+# their pixels come back as surrounding tissue, 0.18-0.26 once learned); they are learned late in
+# stage 1 (300 steps missed them in some seeds; the demo runs 600).
 LESION_RECONSTRUCTED = 0.5
 SUMMARY_METRICS = (("mae", "MAE", "lower"), ("psnr", "PSNR (dB)", "higher"), ("ms_ssim", "MS-SSIM", "higher"),
                    ("lesion_mae", "lesion MAE", "lower"))
@@ -194,7 +194,7 @@ def run_demo(settings: DemoSettings) -> dict:
     if vq_lesion is not None and vq_lesion > LESION_RECONSTRUCTED:
         _say(settings, f"note: the VQGAN reconstructs the held-out lesions with MAE {vq_lesion:.2f} (> "
                        f"{LESION_RECONSTRUCTED}: it has not learned them yet). Post-training's lesion term aims at "
-                       "its reconstructions, so expect little lesion gain; more VQGAN steps (--steps vqgan=600, "
+                       "its reconstructions, so expect little lesion gain; more VQGAN steps (--steps vqgan=1000, "
                        "then rerun) usually fix it.")
     _say(settings, "[3/6] conditional LDM (stage 2)")
     results["ldm"] = timed("ldm", run_stage, "ldm", settings, autoencoder=out / "vqgan" / "vqgan")
