@@ -8,6 +8,7 @@ import torch
 from ldmfast.cli import main
 from ldmfast.models import VQGAN, ConditionalLDM, UNetConfig, VQGANConfig
 from ldmfast.train import ConfigError, load_config
+from ldmfast.train.distributed import DistInfo
 from ldmfast.train.posttrain import PostTrainer
 from ldmfast.train.posttrain_config import PostTrainConfig
 from ldmfast.train.step_in_backward import StepInBackward
@@ -98,6 +99,12 @@ def test_bad_configs_are_refused_naming_the_key(tmp_path, phantom_root, init_dir
         assert err.value.key == key
     with pytest.raises(ConfigError) as err:
         load_config(path, PostTrainConfig, ["train.step_in_backward=true", "train.grad_accum=2"])
+    assert err.value.key == "train.step_in_backward"
+    # Under DDP (refused before any collective, so no process group is needed here).
+    two_processes = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ConfigError) as err:
+        PostTrainer(load_config(path, PostTrainConfig, ["train.step_in_backward=true"]), progress=False,
+                    dist_info=two_processes)
     assert err.value.key == "train.step_in_backward"
 
 

@@ -46,6 +46,9 @@ class LDMTrainer(StageTrainer):
                  dist_info: DistInfo | None = None):
         super().__init__(config, progress=progress, dist_info=dist_info)
         c, t = config, config.train
+        if t.step_in_backward and self.dist.distributed:
+            raise ConfigError("train.step_in_backward", "DDP all-reduces the gradients after the backward, so "
+                                                        "updates cannot run inside it: set it false under torchrun")
         self.model = self._build_model().to(self.device, memory_format=self.memory_format)
         f = 2 ** self.model.halvings
         if c.data.size[0] % f or c.data.size[1] % f:
@@ -66,9 +69,6 @@ class LDMTrainer(StageTrainer):
         def adamw(params):
             return optim.adamw(params, lr=self.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
 
-        if t.step_in_backward and self.dist.distributed:
-            raise ConfigError("train.step_in_backward", "DDP all-reduces the gradients after the backward, so "
-                                                        "updates cannot run inside it: set it false under torchrun")
         self.opt = StepInBackward(self.trainable, adamw) if t.step_in_backward else adamw(self.trainable)
         self.ema = EMA(self.model, t.ema_decay).to(self.device) if t.ema_decay > 0 else None
         self._finish_setup(resume)
