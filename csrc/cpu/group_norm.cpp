@@ -375,14 +375,13 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
   }
   const double inv_m = 1.0 / static_cast<double>(m);
   const float cb = static_cast<float>(-static_cast<double>(rstd) * rstd * gb * inv_m);
-  // dx = ca * g + cb * (x - mean) + cd: x - mean first, as cb * x - cb * mean cancels when
+  // dx = rstd * weight * g + cb * (x - mean) + cd: x - mean first, as cb * x - cb * mean cancels when
   // |mean| >> std.
   const float cd = static_cast<float>(-static_cast<double>(rstd) * ga * inv_m);
   for (int64_t j = 0; j < z.cg; ++j) {
     const int64_t c = g * z.cg + j;
     const float sc = rstd * a.weight[c];
     const float bc = a.bias[c];
-    const float ca = sc;
     for (int64_t off = 0; off < z.s; off += kBlock) {
       const int64_t len = std::min(kBlock, z.s - off);
       const auto* xv = view_in<T, kAvx2>(xg + j * z.s + off, xb, len);
@@ -390,14 +389,14 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
       if (gbuf) {
         const float* __restrict gin = gbuf + j * z.s + off;
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) ov[i] = from_float<OutStage<T>>(ca * gin[i] + cb * (to_float(xv[i]) - mean) + cd);
+        for (int64_t i = 0; i < len; ++i) ov[i] = from_float<OutStage<T>>(sc * gin[i] + cb * (to_float(xv[i]) - mean) + cd);
       } else {
         const auto* dv = view_in<T, kAvx2>(dyg + j * z.s + off, db, len);
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
           const float d = to_float(xv[i]) - mean;
           const float gv = to_float(dv[i]) * act_grad<kSilu>(d * sc + bc);
-          ov[i] = from_float<OutStage<T>>(ca * gv + cb * d + cd);
+          ov[i] = from_float<OutStage<T>>(sc * gv + cb * d + cd);
         }
       }
       flush_out<T, kAvx2>(xb, dxg + j * z.s + off, len);
