@@ -375,8 +375,8 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
   }
   const double inv_m = 1.0 / static_cast<double>(m);
   const float cb = static_cast<float>(-static_cast<double>(rstd) * rstd * gb * inv_m);
-  // dx = rstd * weight * g + cb * (x - mean) + cd: x - mean first, as cb * x - cb * mean cancels when
-  // |mean| >> std.
+  // dx = rstd * weight * g + cb * (x - mean) + cd: x - mean first, as cb * x - cb * mean cancels
+  // when |mean| >> std.
   const float cd = static_cast<float>(-static_cast<double>(rstd) * ga * inv_m);
   for (int64_t j = 0; j < z.cg; ++j) {
     const int64_t c = g * z.cg + j;
