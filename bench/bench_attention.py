@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     args.batch_divisor = args.batch_divisor or (8 if device.type == "cpu" else 1)
+    kept_freed = device.type == "cpu" and common.keep_freed_cpu_memory()  # timings only: probes are subprocesses
     rows = speed(args, device, dtype)
     print(f"attention on {common.device_tag(device)}, {dtype}, batch / {args.batch_divisor}")
     common.print_table(rows, ["shape", "impl", "fwd_ms", "fwd_TFLOPs", "fwd_vs_best_torch", "fwdbwd_ms",
@@ -194,7 +195,9 @@ def main(argv=None) -> int:
         print("\npeak extra memory of one forward, B=1 H=1 D=64 (reference materializes L x L)")
         common.print_table(mem_rows, columns)
     if not args.no_save:
-        print(f"saved {common.save('attention', device, rows + mem_rows, {'dtype': str(dtype), 'batch_divisor': args.batch_divisor})}")
+        meta = {"dtype": str(dtype), "batch_divisor": args.batch_divisor,
+                "cpu_malloc": "freed memory kept (no page faults per call)" if kept_freed else "default"}
+        print(f"saved {common.save('attention', device, rows + mem_rows, meta)}")
     return 0
 
 

@@ -18,6 +18,7 @@ calls captured in a CUDA graph and replayed), with the share of a device copy's 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,7 @@ def main(argv=None) -> int:
     clock = time.thread_time if args.cpu_time else time.perf_counter
     shapes = SHAPES if gpu or args.full else [SHAPES[i] for i in CPU_SUBSET]
     sync = (lambda: torch.cuda.synchronize(device)) if gpu else (lambda: None)
+    kept_freed = not gpu and common.keep_freed_cpu_memory()
     rows = []
     for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
         for model, c, (h, w_), batch_gpu, batch_cpu in shapes:
@@ -172,11 +174,12 @@ def main(argv=None) -> int:
             for pass_name in ("fwd", "fwd+bwd"):
                 sel = [r[key] for r in rows if r["format"] == fmt and r["pass"] == pass_name and key in r]
                 if sel:
-                    geo = float(torch.tensor(sel).log().mean().exp())
+                    geo = statistics.geometric_mean(sel)
                     print(f"{key:>14} {fmt:>13} {pass_name:>7}: min {min(sel):.2f}, geomean {geo:.2f}")
     if not args.no_save:
         meta = {"full": bool(args.full or gpu), "clock": "thread_time" if args.cpu_time else "perf_counter",
                 "timing": "alternating rounds, minimum per call",
+                "cpu_malloc": "freed memory kept (no page faults per call)" if kept_freed else "default",
                 "device_timing": "dev_*: 20 calls in one CUDA graph, CUDA events, minimum of 5 replays"}
         name = "group_norm-cputime" if args.cpu_time else "group_norm"
         print(f"saved {common.save(name, device, rows, meta)}")

@@ -32,6 +32,23 @@ def time_ms(fn, min_run_time: float = 0.5) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep freed memory in its heap (no trimming, a fixed 32 MiB mmap
+    threshold) so that CPU timings leave out the page faults of fresh allocations. glibc otherwise
+    returns a freed block to the system or keeps it depending on the order of earlier frees, and a
+    call then pays ~5400 page faults per 22 MB output or none: the same GroupNorm forward measured
+    2.8 or 11.7 ms, torch's as often as ours. False where malloc is not glibc's (nothing changed).
+    Not for memory measurements: resident memory no longer falls when tensors are freed."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    # 32 MiB is glibc's largest mmap threshold on 64-bit; larger blocks stay their own mappings
+    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_threshold, 32 << 20))
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     for label, o, n, ratio in table:
         print(f"{label:<{width}}  {o:10.4g}  {n:10.4g}  {ratio:7.3f}")
     ratios = [t[3] for t in table if t[3] > 0]
-    print(f"geomean new/old of {args.metric}: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f} "
+    print(f"geomean new/old of {args.metric}: {statistics.geometric_mean(ratios):.3f} "
           f"over {len(ratios)} rows")
     return 0
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -117,7 +117,7 @@ def summarize(records) -> None:
         ratios = [r["settings"][0]["ms"] / r["settings"][i]["ms"] for r in records
                   if r["settings"][0].get("ms") and r["settings"][i].get("ms")]
         if ratios:
-            geo = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
+            geo = statistics.geometric_mean(ratios)
             print(f"    {setting}: {geo:.3f} ({len(ratios)} cases, min {min(ratios):.2f}, max {max(ratios):.2f})")
 
 
