@@ -12,7 +12,9 @@
 // Backward: per-(sample, part, channel) partial sums of g and g * xhat (a warp each when
 // contiguous, a block per (sample, row chunk) when channels-last), a combine kernel per
 // (sample, group) that also writes each channel's dx coefficients, a per-channel reduction over
-// samples for dweight and dbias (fixed order: deterministic), and the elementwise dx pass.
+// samples for dweight and dbias (fixed order: deterministic), and the elementwise dx pass; or,
+// contiguous with x and dy of a group in shared memory and Tuning::fused_backward on, one block
+// per (sample, group) for all but the reduction over samples (bwd_fused_kernel).
 // Every pass over x or dy has each thread load kItems vectors before it uses them.
 #include <algorithm>
 #include <initializer_list>
@@ -54,6 +56,11 @@ struct Tuning {
   int map_items_16bit = 2;
   // Channels-last partial sums in whole waves of resident blocks (fit_waves below).
   bool fit_waves = true;
+  // The fused backward (bwd_fused_kernel) wherever x and dy of a group fit in shared memory. Off
+  // until a GPU has run it: written on a machine without one (2026-11-27), compiled for sm_90 there;
+  // `pytest -m cuda` tests it with this on, and bench/sweep_group_norm_cuda.py times it against
+  // the partial-sums path ({"fused_backward": True}).
+  bool fused_backward = false;
 };
 
 Tuning& tuning() {
@@ -179,6 +186,15 @@ __device__ A block_sum(A v, A* scratch) {
   v = scratch[0];
   __syncthreads();
   return v;
+}
+
+// Sums of a and b over the warp, in double; every lane gets them.
+__device__ __forceinline__ void warp_sum2(double& a, double& b) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+    b += __shfl_xor_sync(0xffffffffu, b, o);
+  }
 }
 
 // Element i of a run through T pointers, with V elements per vector load.
@@ -673,11 +689,7 @@ __global__ void __launch_bounds__(kThreads) bwd_partial_contig_kernel(
     }
   }
   double s1 = a1, s2 = a2;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    s1 += __shfl_xor_sync(0xffffffffu, s1, o);
-    s2 += __shfl_xor_sync(0xffffffffu, s2, o);
-  }
+  warp_sum2(s1, s2);
   if (lane == 0) {
     const int64_t idx = (n * p.parts + q) * p.c + c;
     part_a[idx] = static_cast<float>(s1);
@@ -798,6 +810,102 @@ __global__ void __launch_bounds__(kThreads) bwd_combine_kernel(const float* part
     ws.table[2 * nc + i] = mu;
     ws.table[3 * nc + i] = coef_b;
     ws.table[4 * nc + i] = coef_d;
+  }
+}
+
+// ---- backward: fused, the group's x and dy in shared memory (contiguous) ---------------------------
+//
+// One block per (sample, group) reads the group's x and dy once into shared memory, sums each
+// channel's g = dy * act'(z) and g * xhat there (a warp per channel), combines them into the
+// group's dx coefficients as bwd_combine_kernel does, and writes dx: one read of x and dy and one
+// write of dx, where the partial-sums path reads both twice (5 passes of the tensor -> 3). The
+// per-(sample, channel) sums go to the workspace for bwd_weight_grads_kernel, as there. V divides
+// S here (backward_typed's vectors, or V = 1), so a vector lies in one channel.
+template <typename T, bool kSilu, int V>
+__global__ void __launch_bounds__(kFusedThreads) bwd_fused_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ weight,
+    const float* __restrict__ bias, const float* __restrict__ mean, const float* __restrict__ rstd,
+    T* __restrict__ dx, Workspace ws, Plan p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ double scratch[32];
+  T* xs = reinterpret_cast<T*>(smem_raw);
+  T* ds = xs + p.m;  // (16-byte aligned: S * sizeof(T) is a multiple of 16 when V > 1)
+  const int64_t ng = blockIdx.x, n = ng / p.groups, g = ng % p.groups;
+  const T* xg = x + ng * p.m;
+  const T* dyg = dy + ng * p.m;
+  T* dxg = dx + ng * p.m;
+  // The group fits in shared memory: its vector offsets fit in 32 bits.
+  const int nv = static_cast<int>(p.m / V), sv = static_cast<int>(p.s / V);
+  const int threads = static_cast<int>(blockDim.x);
+  // kItems vectors in flight per thread, as in the fused forward: half of x, half of dy (all of
+  // each spilled registers with 16-bit data)
+  constexpr int kPairs = kItems / 2;
+  for (int i0 = threadIdx.x; i0 < nv; i0 += kPairs * threads) {
+    Pack<T, V> rx[kPairs], rd[kPairs];
+#pragma unroll
+    for (int u = 0; u < kPairs; ++u) {
+      const int i = i0 + u * threads;
+      if (i < nv) {
+        rx[u] = reinterpret_cast<const Pack<T, V>*>(xg)[i];
+        rd[u] = reinterpret_cast<const Pack<T, V>*>(dyg)[i];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kPairs; ++u) {
+      const int i = i0 + u * threads;
+      if (i < nv) {
+        reinterpret_cast<Pack<T, V>*>(xs)[i] = rx[u];
+        reinterpret_cast<Pack<T, V>*>(ds)[i] = rd[u];
+      }
+    }
+  }
+  __syncthreads();
+  const float mu = mean[ng], rs = rstd[ng];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = threads >> 5;
+  double ga = 0.0, gb = 0.0;  // lane 0's channels' weight * sums
+  for (int j = warp; j < p.cg; j += warps) {
+    const int64_t c = g * p.cg + j;
+    const float sc = rs * weight[c];
+    const float sh = bias[c] - mu * sc;
+    float a1 = 0.0f, a2 = 0.0f;
+    for (int v = j * sv + lane; v < (j + 1) * sv; v += 32) {
+      float xb[V], db[V];
+      Loader<T, V>::load(xs, v, xb);
+      Loader<T, V>::load(ds, v, db);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float gv = db[k] * act_grad<kSilu>(xb[k] * sc + sh);
+        a1 += gv;
+        a2 += gv * ((xb[k] - mu) * rs);
+      }
+    }
+    double s1 = a1, s2 = a2;
+    warp_sum2(s1, s2);
+    if (lane == 0) {
+      ws.sum_g[n * p.c + c] = s1;
+      ws.sum_gx[n * p.c + c] = s2;
+      ga += weight[c] * s1;
+      gb += weight[c] * s2;
+    }
+  }
+  ga = block_sum<double>(ga, scratch);  // (every thread gets the totals)
+  gb = block_sum<double>(gb, scratch);
+  const double rsd = rs, inv_m = 1.0 / static_cast<double>(p.m);
+  const float coef_b = static_cast<float>(-rsd * rsd * gb * inv_m);
+  const float coef_d = static_cast<float>(-rsd * ga * inv_m);
+  for (int i = threadIdx.x; i < nv; i += threads) {
+    const int64_t c = g * p.cg + i / sv;
+    const float sc = rs * weight[c];
+    const float sh = bias[c] - mu * sc;
+    float xb[V], db[V];
+    Loader<T, V>::load(xs, i, xb);
+    Loader<T, V>::load(ds, i, db);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float gv = db[k] * act_grad<kSilu>(xb[k] * sc + sh);
+      xb[k] = sc * gv + coef_b * (xb[k] - mu) + coef_d;  // as DxOp
+    }
+    Loader<T, V>::store(dxg, i, xb);
   }
 }
 
@@ -925,6 +1033,13 @@ bool fused_forward(const Plan& p, size_t elem_bytes) {
          static_cast<size_t>(p.m) * elem_bytes <= static_cast<size_t>(max_dynamic_smem());
 }
 
+// Whether the backward takes the fused kernel: contiguous, x and dy of a group fit in shared
+// memory, and the setting is on.
+bool fused_backward(const Plan& p, size_t elem_bytes) {
+  return !p.cl && tuning().fused_backward &&
+         2 * static_cast<size_t>(p.m) * elem_bytes <= static_cast<size_t>(max_dynamic_smem());
+}
+
 template <int V, int kMapItems, class Op>
 void launch_channel_map_items(const Op& op, const float* table, const MapPlan& m, bool cl, unsigned blocks,
                               int threads, cudaStream_t stream) {
@@ -984,6 +1099,16 @@ cudaError_t backward_launch(const T* dy, const T* x, const float* w, const float
   const Plan p =
       planned.cl ? fit_waves(planned, resident_blocks(bwd_partial_cl_kernel<T, kSilu, V>, slots)) : planned;
   Workspace ws = carve(workspace, p, true);
+  if (fused_backward(p, sizeof(T))) {
+    auto kernel = bwd_fused_kernel<T, kSilu, V>;
+    static bool allowed[kMaxDevices] = {};
+    const cudaError_t err = allow_max_dynamic_smem(kernel, allowed);
+    if (err != cudaSuccess) return err;
+    kernel<<<static_cast<unsigned>(p.n * p.groups), tuning().fused_threads, 2 * p.m * sizeof(T), stream>>>(
+        dy, x, w, b, mean, rstd, dx, ws, p);
+    bwd_weight_grads_kernel<<<blocks_for(p.c, kThreads), kThreads, 0, stream>>>(ws, dweight, dbias, p);
+    return cudaGetLastError();
+  }
   if (p.cl) {
     bwd_partial_cl_kernel<T, kSilu, V><<<static_cast<unsigned>(p.n * p.parts), kThreads, 0, stream>>>(
         dy, x, w, b, mean, rstd, ws.part_a, ws.part_b, p);
@@ -1076,7 +1201,7 @@ cudaError_t backward_typed(const void* dy, const void* x, const float* w, const 
 
 bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min_per_block, int64_t min_rows,
                            int64_t min_per_warp, bool fused, int64_t target_blocks_cl, int64_t fused_min_groups,
-                           bool fused_16bit, int map_items_16bit, bool fit_waves) {
+                           bool fused_16bit, int map_items_16bit, bool fit_waves, bool fused_backward) {
   if (fused_threads < 0 || fused_threads > kFusedThreads || fused_threads % 32 != 0 || target_blocks < 0 ||
       min_per_block < 0 || min_rows < 0 || min_per_warp < 0 || target_blocks_cl < 0 || fused_min_groups < 0 ||
       (map_items_16bit != 0 && map_items_16bit != 2 && map_items_16bit != kItems)) {
@@ -1095,6 +1220,7 @@ bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min
   t.fused_16bit = fused_16bit;
   t.map_items_16bit = map_items_16bit ? map_items_16bit : defaults.map_items_16bit;
   t.fit_waves = fit_waves;
+  t.fused_backward = fused_backward;
   return true;
 }
 

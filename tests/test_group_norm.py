@@ -356,6 +356,26 @@ def test_cuda_both_forwards_on_every_dtype(dtype, fused, request):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_fused_backward_on_every_dtype(dtype, request):
+    """The fused backward (x and dy of a group in shared memory; a setting, off by default) on
+    groups of one to 256 channels (more than a block's 16 warps), runs that 16-byte vectors divide
+    or not (S = 35, 6, 1), with and without the affine parameters and SiLU; and a group too large
+    for shared memory in float32 (the partial-sums path instead)."""
+    from ldmfast.ops import _native
+    mod = _native.cuda_module()
+    try:
+        mod.group_norm_set_tuning(fused_backward=True)
+        for shape, groups in (((2, 16, 8, 8), 4), ((3, 6, 7, 5), 3), ((1, 224, 12, 14), 32), ((2, 8, 2, 3), 4),
+                              ((2, 8, 1, 1), 2), ((1, 3, 9, 9), 1), ((2, 512, 12, 14), 2), ((1, 8, 192, 224), 2)):
+            x, w, b, dy = make_inputs(shape, dtype, torch.device("cuda"), fresh_seed(request))
+            check_all("cuda", x, groups, w, b, dy, "silu")
+            check_all("cuda", x, groups, None, None, dy, None)
+    finally:
+        mod.group_norm_set_tuning()
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("items", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -407,7 +427,7 @@ def test_cuda_tuning_setter_checks_its_values_and_changes_the_plan():
                     {"map_items_16bit": 3}):
             with pytest.raises(ValueError, match="fused_threads must be a multiple of 32"):
                 mod.group_norm_set_tuning(**bad)
-        mod.group_norm_set_tuning(fused_threads=128, min_per_warp=256, fused=False)
+        mod.group_norm_set_tuning(fused_threads=128, min_per_warp=256, fused=False, fused_backward=True)
         assert mod.group_norm_workspace(*args) > default
         mod.group_norm_set_tuning(min_per_warp=0)
         assert mod.group_norm_workspace(*args) == default
