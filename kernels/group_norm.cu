@@ -774,6 +774,26 @@ __global__ void __launch_bounds__(kThreads) bwd_partial_cl_kernel(
   }
 }
 
+// A channel's sums of g and g * xhat: into the workspace (dweight and dbias sum them over samples),
+// and times its weight into the group's totals ga, gb.
+__device__ __forceinline__ void add_channel_sums(const Workspace& ws, int64_t nc_index, float weight, double s1,
+                                                 double s2, double& ga, double& gb) {
+  ws.sum_g[nc_index] = s1;
+  ws.sum_gx[nc_index] = s2;
+  ga += weight * s1;
+  gb += weight * s2;
+}
+
+// dx = scale * g + coef_b * (x - mean) + coef_d, from the group's totals (after block_sum).
+struct DxCoefs {
+  float b, d;
+};
+
+__device__ __forceinline__ DxCoefs dx_coefs(double rstd, double ga, double gb, int64_t m) {
+  const double inv_m = 1.0 / static_cast<double>(m);
+  return {static_cast<float>(-rstd * rstd * gb * inv_m), static_cast<float>(-rstd * ga * inv_m)};
+}
+
 // (sample, group): per-channel totals over parts (double), then the dx coefficients of the group.
 __global__ void __launch_bounds__(kThreads) bwd_combine_kernel(const float* part_a, const float* part_b,
                                                                const float* __restrict__ weight,
@@ -791,16 +811,11 @@ __global__ void __launch_bounds__(kThreads) bwd_combine_kernel(const float* part
       s1 += part_a[(n * p.parts + q) * p.c + c];
       s2 += part_b[(n * p.parts + q) * p.c + c];
     }
-    ws.sum_g[n * p.c + c] = s1;
-    ws.sum_gx[n * p.c + c] = s2;
-    ga += weight[c] * s1;
-    gb += weight[c] * s2;
+    add_channel_sums(ws, n * p.c + c, weight[c], s1, s2, ga, gb);
   }
   ga = block_sum<double>(ga, scratch);  // (every thread gets the totals)
   gb = block_sum<double>(gb, scratch);
-  const double rs = rstd[ng], inv_m = 1.0 / static_cast<double>(p.m);
-  const float coef_b = static_cast<float>(-rs * rs * gb * inv_m);
-  const float coef_d = static_cast<float>(-rs * ga * inv_m);
+  const DxCoefs coef = dx_coefs(rstd[ng], ga, gb, p.m);
   const float mu = mean[ng], rsf = rstd[ng];
   // The group's channels' rows of the coefficient table: scale, shift, mean, coef_b, coef_d.
   const int64_t nc = p.n * p.c;
@@ -808,8 +823,8 @@ __global__ void __launch_bounds__(kThreads) bwd_combine_kernel(const float* part
     const int64_t i = n * p.c + g * p.cg + j, c = g * p.cg + j;
     write_scale_shift(ws.table, nc, i, c, weight, bias, mu, rsf);
     ws.table[2 * nc + i] = mu;
-    ws.table[3 * nc + i] = coef_b;
-    ws.table[4 * nc + i] = coef_d;
+    ws.table[3 * nc + i] = coef.b;
+    ws.table[4 * nc + i] = coef.d;
   }
 }
 
@@ -881,18 +896,11 @@ __global__ void __launch_bounds__(kFusedThreads) bwd_fused_kernel(
     }
     double s1 = a1, s2 = a2;
     warp_sum2(s1, s2);
-    if (lane == 0) {
-      ws.sum_g[n * p.c + c] = s1;
-      ws.sum_gx[n * p.c + c] = s2;
-      ga += weight[c] * s1;
-      gb += weight[c] * s2;
-    }
+    if (lane == 0) add_channel_sums(ws, n * p.c + c, weight[c], s1, s2, ga, gb);
   }
   ga = block_sum<double>(ga, scratch);  // (every thread gets the totals)
   gb = block_sum<double>(gb, scratch);
-  const double rsd = rs, inv_m = 1.0 / static_cast<double>(p.m);
-  const float coef_b = static_cast<float>(-rsd * rsd * gb * inv_m);
-  const float coef_d = static_cast<float>(-rsd * ga * inv_m);
+  const DxCoefs coef = dx_coefs(rs, ga, gb, p.m);
   for (int i = threadIdx.x; i < nv; i += threads) {
     const int64_t c = g * p.cg + i / sv;
     const float sc = rs * weight[c];
@@ -903,7 +911,7 @@ __global__ void __launch_bounds__(kFusedThreads) bwd_fused_kernel(
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const float gv = db[k] * act_grad<kSilu>(xb[k] * sc + sh);
-      xb[k] = sc * gv + coef_b * (xb[k] - mu) + coef_d;  // as DxOp
+      xb[k] = sc * gv + coef.b * (xb[k] - mu) + coef.d;  // as DxOp
     }
     Loader<T, V>::store(dxg, i, xb);
   }
