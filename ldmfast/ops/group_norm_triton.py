@@ -48,6 +48,22 @@ def _stats_kernel(x_ptr, part_ptr, C, S, G, CG, stride_c, stride_s, rows_per_spl
 
 
 @triton.jit
+def _channel_affine(w_ptr, b_ptr, g, CG, cc, cm, mean, rstd):
+    """z = x * sc + sh for channels g * CG + cc of the group (cm: those that exist)."""
+    w = tl.load(w_ptr + g * CG + cc, mask=cm, other=0.0)
+    b = tl.load(b_ptr + g * CG + cc, mask=cm, other=0.0)
+    sc = rstd * w
+    return sc, b - mean * sc
+
+
+@triton.jit
+def _tile(offset, cc, cm, s0, s_end, stride_c, stride_s, BLOCK_S: tl.constexpr):
+    """Offsets and mask of the tile of channels cc and positions s0 .. s0 + BLOCK_S (below s_end)."""
+    ss = s0 + tl.arange(0, BLOCK_S)
+    return offset + cc[:, None] * stride_c + ss[None, :] * stride_s, cm[:, None] & (ss[None, :] < s_end)
+
+
+@triton.jit
 def _norm_kernel(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, mean_ptr, rstd_ptr, C, S, G, CG, stride_c, stride_s,
                  rows_per_chunk, CHUNKS, SPLIT, count, eps, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -74,14 +90,9 @@ def _norm_kernel(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, mean_ptr, rstd_ptr, C, S,
     for c0 in range(0, CG, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cm = cc < CG
-        w = tl.load(w_ptr + g * CG + cc, mask=cm, other=0.0)
-        b = tl.load(b_ptr + g * CG + cc, mask=cm, other=0.0)
-        sc = rstd * w
-        sh = b - mean * sc
+        sc, sh = _channel_affine(w_ptr, b_ptr, g, CG, cc, cm, mean, rstd)
         for s0 in range(s_begin, s_end, BLOCK_S):
-            ss = s0 + tl.arange(0, BLOCK_S)
-            mask = cm[:, None] & (ss[None, :] < s_end)
-            idx = offset + cc[:, None] * stride_c + ss[None, :] * stride_s
+            idx, mask = _tile(offset, cc, cm, s0, s_end, stride_c, stride_s, BLOCK_S)
             v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             z = v * sc[:, None] + sh[:, None]
             if SILU:
@@ -114,16 +125,11 @@ def _bwd_sums_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, 
     for c0 in range(0, CG, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cm = cc < CG
-        w = tl.load(w_ptr + g * CG + cc, mask=cm, other=0.0)
-        b = tl.load(b_ptr + g * CG + cc, mask=cm, other=0.0)
-        sc = rstd * w
-        sh = b - mean * sc
+        sc, sh = _channel_affine(w_ptr, b_ptr, g, CG, cc, cm, mean, rstd)
         acc1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         for s0 in range(s_begin, s_end, BLOCK_S):
-            ss = s0 + tl.arange(0, BLOCK_S)
-            mask = cm[:, None] & (ss[None, :] < s_end)
-            idx = offset + cc[:, None] * stride_c + ss[None, :] * stride_s
+            idx, mask = _tile(offset, cc, cm, s0, s_end, stride_c, stride_s, BLOCK_S)
             v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             gv = tl.where(mask, _act_grad(dy, v * sc[:, None] + sh[:, None], SILU), 0.0)
@@ -154,14 +160,9 @@ def _bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, gsum
     for c0 in range(0, CG, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cm = cc < CG
-        w = tl.load(w_ptr + g * CG + cc, mask=cm, other=0.0)
-        b = tl.load(b_ptr + g * CG + cc, mask=cm, other=0.0)
-        sc = rstd * w
-        sh = b - mean * sc
+        sc, sh = _channel_affine(w_ptr, b_ptr, g, CG, cc, cm, mean, rstd)
         for s0 in range(s_begin, s_end, BLOCK_S):
-            ss = s0 + tl.arange(0, BLOCK_S)
-            mask = cm[:, None] & (ss[None, :] < s_end)
-            idx = offset + cc[:, None] * stride_c + ss[None, :] * stride_s
+            idx, mask = _tile(offset, cc, cm, s0, s_end, stride_c, stride_s, BLOCK_S)
             v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             gv = _act_grad(dy, v * sc[:, None] + sh[:, None], SILU)
