@@ -28,6 +28,7 @@ from ldmfast.ops import _native  # noqa: E402
 SETTINGS = [{}, {"fused_threads": 256}, {"fused": False}, {"fused_min_groups": 1024},
             {"fused_16bit": False}, {"map_items_16bit": 4}, {"fit_waves": False}, {"fused_backward": True},
             {"fused_backward": True, "fused_threads": 256},
+            {"l2_chunk_bytes": 8 << 20}, {"l2_chunk_bytes": 16 << 20}, {"l2_chunk_bytes": 24 << 20},
             {"target_blocks_cl": 256}, {"target_blocks_cl": 1024},
             {"target_blocks": 512}, {"target_blocks": 2048},
             {"min_per_warp": 256}, {"min_per_warp": 4096}, {"min_rows": 8}, {"min_rows": 128},

@@ -83,10 +83,11 @@ void group_norm_backward(int device, uintptr_t stream, int dtype, uintptr_t dy, 
 
 void group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min_per_block, int64_t min_rows,
                            int64_t min_per_warp, bool fused, int64_t target_blocks_cl, int64_t fused_min_groups,
-                           bool fused_16bit, int map_items_16bit, bool fit_waves, bool fused_backward) {
+                           bool fused_16bit, int map_items_16bit, bool fit_waves, bool fused_backward,
+                           int64_t l2_chunk_bytes) {
   if (!cuda::group_norm_set_tuning(fused_threads, target_blocks, min_per_block, min_rows, min_per_warp, fused,
                                    target_blocks_cl, fused_min_groups, fused_16bit, map_items_16bit, fit_waves,
-                                   fused_backward)) {
+                                   fused_backward, l2_chunk_bytes)) {
     throw py::value_error("group_norm_set_tuning: fused_threads must be a multiple of 32 in [0, 512], "
                           "map_items_16bit 0, 2 or 4, and the other sizes >= 0");
   }
@@ -123,6 +124,7 @@ PYBIND11_MODULE(_cuda, mod) {
           py::arg("min_per_warp") = 0, py::arg("fused") = true, py::arg("target_blocks_cl") = 0,
           py::arg("fused_min_groups") = 0, py::arg("fused_16bit") = true,
           py::arg("map_items_16bit") = 0, py::arg("fit_waves") = true, py::arg("fused_backward") = false,
+          py::arg("l2_chunk_bytes") = 0,
           "GroupNorm launch settings for later calls (0: default); for bench/sweep_group_norm_cuda.py.");
   mod.def("build_info", &build_info, "Compiled architectures and CUDA runtime/driver versions");
 }

@@ -61,6 +61,10 @@ struct Tuning {
   // `pytest -m cuda` tests it with this on, and bench/sweep_group_norm_cuda.py times it against
   // the partial-sums path ({"fused_backward": True}).
   bool fused_backward = false;
+  // Bytes of input (x; x and dy in the backward) per launch of the partial-sums path, in whole
+  // samples (at least one); 0: all samples in one launch. See chunk_plan. Off until a GPU has run
+  // it, as fused_backward.
+  int64_t l2_chunk_bytes = 0;
 };
 
 Tuning& tuning() {
@@ -78,15 +82,18 @@ struct Plan {
                   // [contiguous backward] or per sample [channels-last]
   int64_t len;    // elements (contiguous) or rows (channels-last) per partial-sum block
   int64_t k;      // partial-sum entries per (sample, part): G (contiguous forward) or C
+  int align;      // elements a contiguous part is rounded to: a 16-byte vector of the dtype
+  int64_t chunk;  // samples per launch of the partial-sums path (chunk_plan)
 };
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int elem_size(DType d) { return d == DType::Float32 ? 4 : 2; }
 
-Plan make_plan(DType dtype, int64_t n, int64_t c, int64_t s, int64_t groups, bool cl, bool backward) {
-  Plan p{n, c, s, groups, c / groups, (c / groups) * s, cl, 16 / elem_size(dtype), 1, 1, 1};
-  if (cl) {
+// The partial sums' split of each sample (parts, len, k) for p.n samples.
+void set_parts(Plan& p, bool backward) {
+  const int64_t n = p.n, c = p.c, s = p.s, groups = p.groups;
+  if (p.cl) {
     p.parts = std::clamp<int64_t>(ceil_div(tuning().target_blocks_cl, n), 1,
                                   std::max<int64_t>(1, s / tuning().min_rows));
     p.len = ceil_div(s, p.parts);
@@ -97,17 +104,49 @@ Plan make_plan(DType dtype, int64_t n, int64_t c, int64_t s, int64_t groups, boo
     // UNet's 12x14 level), too short to keep a block of 256 threads busy.
     p.parts = std::clamp<int64_t>(ceil_div(tuning().target_blocks * kWarps, n * c), 1,
                                   std::max<int64_t>(1, s / tuning().min_per_warp));
-    p.len = ceil_div(ceil_div(s, p.parts), p.vec) * p.vec;
+    p.len = ceil_div(ceil_div(s, p.parts), p.align) * p.align;
     p.parts = ceil_div(s, p.len);
     p.k = c;
   } else {
     p.parts = std::clamp<int64_t>(ceil_div(tuning().target_blocks, n * groups), 1,
                                   std::max<int64_t>(1, p.m / tuning().min_per_block));
-    p.len = ceil_div(ceil_div(p.m, p.parts), p.vec) * p.vec;
+    p.len = ceil_div(ceil_div(p.m, p.parts), p.align) * p.align;
     p.parts = ceil_div(p.m, p.len);
     p.k = groups;
   }
+}
+
+Plan make_plan(DType dtype, int64_t n, int64_t c, int64_t s, int64_t groups, bool cl, bool backward) {
+  const int vec = 16 / elem_size(dtype);
+  Plan p{n, c, s, groups, c / groups, (c / groups) * s, cl, vec, 1, 1, 1, vec, n};
+  set_parts(p, backward);
+  const int64_t budget = tuning().l2_chunk_bytes;
+  const int64_t sample_bytes = c * s * elem_size(dtype) * (backward ? 2 : 1);
+  if (budget > 0) p.chunk = std::clamp<int64_t>(budget / std::max<int64_t>(sample_bytes, 1), 1, n);
   return p;
+}
+
+// The plan of the partial-sums path's launch for samples [n0, n0 + p.chunk) (fewer at the end).
+// It reads its inputs twice, for the partial sums and in the elementwise pass; launched per chunk
+// of samples whose inputs fit in the L2 cache (Tuning::l2_chunk_bytes), the second read can come
+// from there: device memory passes 3 -> 2 in the forward, 5 -> 3 in the backward, for a launch
+// sequence per chunk. A chunk's parts are planned for its own sample count.
+Plan chunk_plan(const Plan& p, int64_t n0, bool backward) {
+  if (p.chunk >= p.n) return p;
+  Plan q = p;
+  q.n = std::min(p.chunk, p.n - n0);
+  set_parts(q, backward);
+  return q;
+}
+
+// Floats of each of part_a and part_b: enough for every chunk's plan (a whole one and the last).
+int64_t part_floats(const Plan& p, bool backward) {
+  int64_t most = 0;
+  for (int64_t n0 : {int64_t{0}, (ceil_div(p.n, p.chunk) - 1) * p.chunk}) {
+    const Plan q = chunk_plan(p, n0, backward);
+    most = std::max(most, q.n * q.parts * q.k);
+  }
+  return most;
 }
 
 // Workspace layout (in floats): the doubles first (8-byte aligned), then the coefficient table
@@ -125,7 +164,8 @@ struct Workspace {
 int64_t table_fields(bool backward) { return backward ? 5 : 2; }
 
 size_t workspace_floats(const Plan& p, bool backward) {
-  size_t f = 2 * static_cast<size_t>(p.n * p.parts * p.k) + static_cast<size_t>(table_fields(backward) * p.n * p.c);
+  size_t f = 2 * static_cast<size_t>(part_floats(p, backward)) +
+             static_cast<size_t>(table_fields(backward) * p.n * p.c);
   if (backward) f += 4 * static_cast<size_t>(p.n * p.c);  // the doubles sum_g, sum_gx
   return f + 2 * static_cast<size_t>(p.c);  // + the affine parameters in float32 (affine_f32)
 }
@@ -144,7 +184,7 @@ Workspace carve(float* base, const Plan& p, bool backward) {
   }
   w.table = base;
   w.part_a = w.table + table_fields(backward) * p.n * p.c;
-  w.part_b = w.part_a + p.n * p.parts * p.k;
+  w.part_b = w.part_a + part_floats(p, backward);
   return w;
 }
 
@@ -1078,28 +1118,32 @@ template <typename T, bool kSilu, int V>
 cudaError_t forward_launch(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
                            float* workspace, const Plan& planned, float eps, cudaStream_t stream) {
   static int slots[kMaxDevices] = {};
-  const Plan p = planned.cl ? fit_waves(planned, resident_blocks(fwd_partial_cl_kernel<T, V>, slots)) : planned;
-  const size_t group_bytes = static_cast<size_t>(p.m) * sizeof(T);
-  if (fused_forward(p, sizeof(T))) {
+  if (fused_forward(planned, sizeof(T))) {
+    const Plan& p = planned;
     auto kernel = fwd_fused_kernel<T, kSilu, V>;
     static bool allowed[kMaxDevices] = {};
     const cudaError_t err = allow_max_dynamic_smem(kernel, allowed);
     if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(p.n * p.groups), tuning().fused_threads, group_bytes, stream>>>(
-        x, w, b, y, mean, rstd, p.m, p.s, p.cg, p.groups, eps);
+    kernel<<<static_cast<unsigned>(p.n * p.groups), tuning().fused_threads, static_cast<size_t>(p.m) * sizeof(T),
+             stream>>>(x, w, b, y, mean, rstd, p.m, p.s, p.cg, p.groups, eps);
     return cudaGetLastError();
   }
-  Workspace ws = carve(workspace, p, false);
-  if (p.cl) {
-    fwd_partial_cl_kernel<T, V><<<static_cast<unsigned>(p.n * p.parts), kThreads, 0, stream>>>(
-        x, ws.part_a, ws.part_b, p);
-  } else {
-    fwd_partial_contig_kernel<T, V><<<static_cast<unsigned>(p.n * p.groups * p.parts), kThreads, 0, stream>>>(
-        x, ws.part_a, ws.part_b, p);
+  const Workspace ws = carve(workspace, planned, false);
+  for (int64_t n0 = 0; n0 < planned.n; n0 += planned.chunk) {  // (one chunk unless l2_chunk_bytes)
+    Plan p = chunk_plan(planned, n0, false);
+    if (p.cl) p = fit_waves(p, resident_blocks(fwd_partial_cl_kernel<T, V>, slots));
+    const int64_t off = n0 * p.c * p.s;
+    if (p.cl) {
+      fwd_partial_cl_kernel<T, V><<<static_cast<unsigned>(p.n * p.parts), kThreads, 0, stream>>>(
+          x + off, ws.part_a, ws.part_b, p);
+    } else {
+      fwd_partial_contig_kernel<T, V><<<static_cast<unsigned>(p.n * p.groups * p.parts), kThreads, 0, stream>>>(
+          x + off, ws.part_a, ws.part_b, p);
+    }
+    fwd_combine_kernel<T><<<static_cast<unsigned>(p.n * p.groups), kThreads, 0, stream>>>(
+        x + off, ws.part_a, ws.part_b, w, b, mean + n0 * p.groups, rstd + n0 * p.groups, ws.table, p, eps);
+    launch_channel_map<V>(NormalizeOp<T, kSilu, V>{x + off, y + off}, ws.table, p, stream);
   }
-  fwd_combine_kernel<T><<<static_cast<unsigned>(p.n * p.groups), kThreads, 0, stream>>>(
-      x, ws.part_a, ws.part_b, w, b, mean, rstd, ws.table, p, eps);
-  launch_channel_map<V>(NormalizeOp<T, kSilu, V>{x, y}, ws.table, p, stream);
   return cudaGetLastError();
 }
 
@@ -1108,10 +1152,9 @@ cudaError_t backward_launch(const T* dy, const T* x, const float* w, const float
                             const float* rstd, T* dx, float* dweight, float* dbias, float* workspace,
                             const Plan& planned, cudaStream_t stream) {
   static int slots[kMaxDevices] = {};
-  const Plan p =
-      planned.cl ? fit_waves(planned, resident_blocks(bwd_partial_cl_kernel<T, kSilu, V>, slots)) : planned;
-  Workspace ws = carve(workspace, p, true);
-  if (fused_backward(p, sizeof(T))) {
+  const Workspace ws = carve(workspace, planned, true);
+  if (fused_backward(planned, sizeof(T))) {
+    const Plan& p = planned;
     auto kernel = bwd_fused_kernel<T, kSilu, V>;
     static bool allowed[kMaxDevices] = {};
     const cudaError_t err = allow_max_dynamic_smem(kernel, allowed);
@@ -1121,21 +1164,31 @@ cudaError_t backward_launch(const T* dy, const T* x, const float* w, const float
     bwd_weight_grads_kernel<<<blocks_for(p.c, kThreads), kThreads, 0, stream>>>(ws, dweight, dbias, p);
     return cudaGetLastError();
   }
-  if (p.cl) {
-    bwd_partial_cl_kernel<T, kSilu, V><<<static_cast<unsigned>(p.n * p.parts), kThreads, 0, stream>>>(
-        dy, x, w, b, mean, rstd, ws.part_a, ws.part_b, p);
-  } else {
-    // Parts of at most 32 vectors give each lane one: a kernel with one item needs 40 registers
-    // rather than 104 (16-bit), i.e. more warps per SM for a pass that is mostly latency.
-    const auto kernel = p.len / V <= 32 ? bwd_partial_contig_kernel<T, kSilu, V, 1>
-                                        : bwd_partial_contig_kernel<T, kSilu, V, kItems>;
-    kernel<<<blocks_for(p.n * p.c * p.parts, kWarps), kThreads, 0, stream>>>(dy, x, w, b, mean, rstd, ws.part_a,
-                                                                           ws.part_b, p);
+  for (int64_t n0 = 0; n0 < planned.n; n0 += planned.chunk) {  // (one chunk unless l2_chunk_bytes)
+    Plan p = chunk_plan(planned, n0, true);
+    if (p.cl) p = fit_waves(p, resident_blocks(bwd_partial_cl_kernel<T, kSilu, V>, slots));
+    const int64_t off = n0 * p.c * p.s;
+    const float* mean_c = mean + n0 * p.groups;
+    const float* rstd_c = rstd + n0 * p.groups;
+    if (p.cl) {
+      bwd_partial_cl_kernel<T, kSilu, V><<<static_cast<unsigned>(p.n * p.parts), kThreads, 0, stream>>>(
+          dy + off, x + off, w, b, mean_c, rstd_c, ws.part_a, ws.part_b, p);
+    } else {
+      // Parts of at most 32 vectors give each lane one: a kernel with one item needs 40 registers
+      // rather than 104 (16-bit), i.e. more warps per SM for a pass that is mostly latency.
+      const auto kernel = p.len / V <= 32 ? bwd_partial_contig_kernel<T, kSilu, V, 1>
+                                          : bwd_partial_contig_kernel<T, kSilu, V, kItems>;
+      kernel<<<blocks_for(p.n * p.c * p.parts, kWarps), kThreads, 0, stream>>>(
+          dy + off, x + off, w, b, mean_c, rstd_c, ws.part_a, ws.part_b, p);
+    }
+    Workspace wc = ws;  // the chunk's rows of the per-(sample, channel) sums
+    wc.sum_g += n0 * p.c;
+    wc.sum_gx += n0 * p.c;
+    bwd_combine_kernel<<<static_cast<unsigned>(p.n * p.groups), kThreads, 0, stream>>>(ws.part_a, ws.part_b, w, b,
+                                                                                       mean_c, rstd_c, wc, p);
+    launch_channel_map<V>(DxOp<T, kSilu, V>{dy + off, x + off, dx + off}, ws.table, p, stream);
   }
-  bwd_combine_kernel<<<static_cast<unsigned>(p.n * p.groups), kThreads, 0, stream>>>(ws.part_a, ws.part_b, w, b,
-                                                                                     mean, rstd, ws, p);
-  bwd_weight_grads_kernel<<<blocks_for(p.c, kThreads), kThreads, 0, stream>>>(ws, dweight, dbias, p);
-  launch_channel_map<V>(DxOp<T, kSilu, V>{dy, x, dx}, ws.table, p, stream);
+  bwd_weight_grads_kernel<<<blocks_for(planned.c, kThreads), kThreads, 0, stream>>>(ws, dweight, dbias, planned);
   return cudaGetLastError();
 }
 
@@ -1213,8 +1266,9 @@ cudaError_t backward_typed(const void* dy, const void* x, const float* w, const 
 
 bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min_per_block, int64_t min_rows,
                            int64_t min_per_warp, bool fused, int64_t target_blocks_cl, int64_t fused_min_groups,
-                           bool fused_16bit, int map_items_16bit, bool fit_waves, bool fused_backward) {
-  if (fused_threads < 0 || fused_threads > kFusedThreads || fused_threads % 32 != 0 || target_blocks < 0 ||
+                           bool fused_16bit, int map_items_16bit, bool fit_waves, bool fused_backward,
+                           int64_t l2_chunk_bytes) {
+  if (l2_chunk_bytes < 0 || fused_threads < 0 || fused_threads > kFusedThreads || fused_threads % 32 != 0 || target_blocks < 0 ||
       min_per_block < 0 || min_rows < 0 || min_per_warp < 0 || target_blocks_cl < 0 || fused_min_groups < 0 ||
       (map_items_16bit != 0 && map_items_16bit != 2 && map_items_16bit != kItems)) {
     return false;
@@ -1233,6 +1287,7 @@ bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min
   t.map_items_16bit = map_items_16bit ? map_items_16bit : defaults.map_items_16bit;
   t.fit_waves = fit_waves;
   t.fused_backward = fused_backward;
+  t.l2_chunk_bytes = l2_chunk_bytes ? l2_chunk_bytes : defaults.l2_chunk_bytes;
   return true;
 }
 

@@ -16,7 +16,8 @@ namespace ldmfast::cuda {
 // For tuning sweeps: not to be changed while another thread launches these kernels.
 bool group_norm_set_tuning(int fused_threads, int64_t target_blocks, int64_t min_per_block, int64_t min_rows,
                            int64_t min_per_warp, bool fused, int64_t target_blocks_cl, int64_t fused_min_groups,
-                           bool fused_16bit, int map_items_16bit, bool fit_waves, bool fused_backward);
+                           bool fused_16bit, int map_items_16bit, bool fit_waves, bool fused_backward,
+                           int64_t l2_chunk_bytes);
 
 // The affine parameters as the caller holds them.
 struct Affine {

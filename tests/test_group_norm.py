@@ -376,6 +376,28 @@ def test_cuda_fused_backward_on_every_dtype(dtype, request):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_partial_sums_path_in_chunks_of_samples(layout, dtype, request):
+    """The partial-sums path launched per chunk of samples (Tuning::l2_chunk_bytes, off by
+    default): one sample per chunk; and over five samples, chunks of two in the backward (x and dy)
+    and of four in the forward (x), whose last chunk of one has its own plan. The fused forward is
+    off, so that every pass takes this path."""
+    from ldmfast.ops import _native
+    mod = _native.cuda_module()
+    shape = (5, 64, 48, 56)
+    sample_bytes = 64 * 48 * 56 * torch.empty(0, dtype=dtype).element_size()
+    try:
+        for chunk_bytes in (1, 2 * 2 * sample_bytes):  # (the backward counts x and dy)
+            mod.group_norm_set_tuning(l2_chunk_bytes=chunk_bytes, fused=False)
+            x, w, b, dy = make_inputs(shape, dtype, torch.device("cuda"), fresh_seed(request), layout)
+            check_all("cuda", x, 32, w, b, dy, "silu")
+            check_all("cuda", x, 32, None, None, dy, None)
+    finally:
+        mod.group_norm_set_tuning()
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("items", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -431,5 +453,12 @@ def test_cuda_tuning_setter_checks_its_values_and_changes_the_plan():
         assert mod.group_norm_workspace(*args) > default
         mod.group_norm_set_tuning(min_per_warp=0)
         assert mod.group_norm_workspace(*args) == default
+        # five channels-last samples in chunks of two: partial sums for two samples at a time
+        cl_args = (_native.dtype_code(torch.empty(0)), 5, 64, 48 * 56, 32, True, True)
+        whole = mod.group_norm_workspace(*cl_args)
+        mod.group_norm_set_tuning(l2_chunk_bytes=2 * 2 * 4 * 64 * 48 * 56)
+        assert mod.group_norm_workspace(*cl_args) < whole
+        with pytest.raises(ValueError, match="other sizes >= 0"):
+            mod.group_norm_set_tuning(l2_chunk_bytes=-1)
     finally:
         mod.group_norm_set_tuning()  # the defaults again
