@@ -61,7 +61,9 @@ for s in $STAGES; do
     profile_accelerate) stage $s 60 python3 bench/profile_accelerate.py --host --models "${PROFILE_MODELS:-monai-unet,openai-unet}"
                         cat "$LOGS/profile_accelerate.log" >> "$OUT/summary.txt" ;;
     bench_group_norm) stage $s 80 python3 bench/bench_group_norm.py --device cuda --min-run-time 0.1 ;;
-    sweep_group_norm) stage $s 120 python3 bench/sweep_group_norm_cuda.py --out "$LOGS/sweep_group_norm.json"
+    # SWEEP_GN_ONLY="fused_backward,l2_chunk_bytes" times only those settings against the default.
+    sweep_group_norm) stage $s 120 python3 bench/sweep_group_norm_cuda.py --out "$LOGS/sweep_group_norm.json" \
+                        ${SWEEP_GN_ONLY:+--only "$SWEEP_GN_ONLY"}
                       grep -a "^setting\|^    {" "$LOGS/sweep_group_norm.log" >> "$OUT/summary.txt" ;;
     bench_attention) stage $s 120 python3 bench/bench_attention.py --device cuda --min-run-time 0.1 ;;
     sweep_attention) stage $s 150 python3 bench/sweep_attention_triton.py --out "$LOGS/sweep_attention.json"

@@ -3,7 +3,7 @@ bench_group_norm.py (both formats, float32 and bfloat16, forward and forward+bac
 alternative settings, one changed at a time from the defaults, timed as kernels alone (CUDA
 graphs, common.graph_ms) and checked against the default setting's outputs first.
 
-    python bench/sweep_group_norm_cuda.py [--out FILE.json]
+    python bench/sweep_group_norm_cuda.py [--out FILE.json] [--only fused_backward,l2_chunk_bytes]
 
 The settings are those of `ldmfast._cuda.group_norm_set_tuning` (kernels/group_norm.cu, struct
 Tuning). The winners become the defaults there; this script is how they are chosen.
@@ -62,7 +62,16 @@ def run_case(x, w, b, dy, pass_name):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="write every timing here as JSON")
+    p.add_argument("--only", help="comma-separated setting names: only the settings that change one of them "
+                                  "(beside the default), for a short run")
     args = p.parse_args(argv)
+    settings = SETTINGS
+    if args.only:
+        names = set(args.only.split(","))
+        unknown = names - {k for setting in SETTINGS for k in setting}
+        if unknown:
+            p.error(f"--only: no setting named {', '.join(sorted(unknown))}")
+        settings = [SETTINGS[0]] + [st for st in SETTINGS[1:] if names & set(st)]
     if not torch.cuda.is_available() or _native.cuda_module() is None:
         p.error("needs a CUDA GPU and ldmfast built with its CUDA module (LDMFAST_CUDA=on)")
     mod = _native.cuda_module()
@@ -79,7 +88,7 @@ def main(argv=None) -> int:
                         want = [t.clone() for t in fn()]
                         case = {"model": model, "C": c, "HxW": f"{h}x{w_}", "N": n, "dtype": str(dtype)[6:],
                                 "format": fmt, "pass": pass_name, "settings": []}
-                        for setting in SETTINGS:
+                        for setting in settings:
                             mod.group_norm_set_tuning(**setting)
                             err = max(rel_err(g, e) for g, e in zip(fn(), want))
                             entry = {"setting": setting, "max_rel_err": err}
@@ -91,7 +100,7 @@ def main(argv=None) -> int:
                         report(case)
     finally:
         mod.group_norm_set_tuning()
-    summarize(records)
+    summarize(records, settings)
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "groups": GROUPS,
                                               "records": records}, indent=1))
@@ -112,10 +121,10 @@ def report(case) -> None:
     print(line, flush=True)
 
 
-def summarize(records) -> None:
+def summarize(records, settings) -> None:
     """Each setting's geometric-mean speedup over the default across the cases it ran."""
     print("\nsetting: geomean speedup over the default (cases)")
-    for i, setting in enumerate(SETTINGS[1:], start=1):
+    for i, setting in enumerate(settings[1:], start=1):
         ratios = [r["settings"][0]["ms"] / r["settings"][i]["ms"] for r in records
                   if r["settings"][0].get("ms") and r["settings"][i].get("ms")]
         if ratios:
