@@ -109,8 +109,10 @@ def test_from_pretrained_refuses_other_folders(tmp_path):
     VQGAN(VQGANConfig.demo()).save_pretrained(tmp_path / "vq")
     with pytest.raises(ValueError, match="VQGAN"):
         AutoencoderKL.from_pretrained(tmp_path / "vq")
-    data = {"model": "AutoencoderKL", **AutoencoderKLConfig.demo().to_dict(), "codebook": 3}
     _model().save_pretrained(tmp_path / "kl")
+    with pytest.raises(ValueError, match="config.json: the folder of a 'AutoencoderKL' model, expected a VQGAN"):
+        VQGAN.from_pretrained(tmp_path / "kl")
+    data = {"model": "AutoencoderKL", **AutoencoderKLConfig.demo().to_dict(), "codebook": 3}
     (tmp_path / "kl" / "config.json").write_text(json.dumps(data))
     with pytest.raises(ModelConfigError, match="codebook"):
         AutoencoderKL.from_pretrained(tmp_path / "kl")

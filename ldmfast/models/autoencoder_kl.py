@@ -5,18 +5,16 @@ of latent diffusion model (PAPER.md, stage 3); only the model is here, no traini
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ldmfast.data.atomic import atomic_path
 
-from .vqgan import CONFIG_NAME, WEIGHTS_NAME, Decoder, Encoder, ModelConfigError, VQGANConfig
+from .model_folder import read_model_config, read_model_weights, write_model_folder
+from .vqgan import Decoder, Encoder, ModelConfigError, VQGANConfig
 
 #: The "model" value of config.json that `save_pretrained` writes.
 MODEL_NAME = "AutoencoderKL"
@@ -151,27 +149,11 @@ class AutoencoderKL(nn.Module):
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write `path/config.json` (with "model": "AutoencoderKL") and `path/model.safetensors`,
         each atomically."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(path / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt", "model": f"ldmfast.{MODEL_NAME}"})
-        with atomic_path(path / CONFIG_NAME) as tmp:
-            tmp.write_text(json.dumps({"model": MODEL_NAME, **self.config.to_dict()}, indent=1) + "\n")
-        return path
+        return write_model_folder(path, self.state_dict(), self.config.to_dict(), MODEL_NAME)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "AutoencoderKL":
         """An AutoencoderKL from a folder written by `save_pretrained`."""
-        path = Path(path)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name}: not found; expected a folder written by "
-                                        "AutoencoderKL.save_pretrained")
-        data = json.loads((path / CONFIG_NAME).read_text())
-        kind = data.pop("model", MODEL_NAME)
-        if kind != MODEL_NAME:
-            raise ValueError(f"{path / CONFIG_NAME}: holds a {kind!r} model, not an {MODEL_NAME}")
-        model = cls(AutoencoderKLConfig.from_dict(data))
-        model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device=str(device)))
+        model = cls(AutoencoderKLConfig.from_dict(read_model_config(path, MODEL_NAME)))
+        model.load_state_dict(read_model_weights(path, device))
         return model.to(device)

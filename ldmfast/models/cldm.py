@@ -8,7 +8,6 @@ model.safetensors (condition + UNet) and autoencoder/ (the autoencoder's own fol
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,15 +15,14 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ldmfast.data.atomic import atomic_path
 from ldmfast.diffusion import PARAMETERIZATIONS, SCHEDULES, SPACINGS, DDIMSampler, NoiseSchedule
 
 from .latent_codec import decode_latent, load_autoencoder, to_latent
 from .unet import UNet, UNetConfig
-from .vqgan import CONFIG_NAME, WEIGHTS_NAME, ModelConfigError
+from .model_folder import WEIGHTS_NAME, read_model_config, read_model_weights, write_model_folder
+from .vqgan import ModelConfigError
 
 AUTOENCODER_DIR = "autoencoder"
 
@@ -205,16 +203,10 @@ class ConditionalLDM(nn.Module):
         """Write the model folder, each file atomically; `state_dict` (e.g. EMA weights of the
         condition and UNet) replaces the live weights in the file."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         if self.autoencoder is not None:
             self.autoencoder.save_pretrained(path / AUTOENCODER_DIR)
         weights = state_dict if state_dict is not None else self.denoiser_state_dict()
-        tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-        with atomic_path(path / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt", "model": "ldmfast.ConditionalLDM"})
-        with atomic_path(path / CONFIG_NAME) as tmp:
-            tmp.write_text(json.dumps(self.config_dict(), indent=1) + "\n")
-        return path
+        return write_model_folder(path, weights, self.config_dict(), "ConditionalLDM")
 
     @classmethod
     def from_config_dict(cls, data: dict, autoencoder: nn.Module | None = None) -> "ConditionalLDM":
@@ -227,18 +219,11 @@ class ConditionalLDM(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "ConditionalLDM":
         """A model folder written by `save_pretrained` (or a training run's export)."""
         path = Path(path)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name}: not found; expected a folder written by "
-                                        "ConditionalLDM.save_pretrained")
-        data = json.loads((path / CONFIG_NAME).read_text())
-        if data.get("model") != "ConditionalLDM":
-            raise ValueError(f"{path / CONFIG_NAME}: not a ConditionalLDM folder (model = {data.get('model')!r})")
+        data = read_model_config(path, "ConditionalLDM", unnamed_ok=False)
         ae_dir = path / AUTOENCODER_DIR
         autoencoder = load_autoencoder(ae_dir, device) if ae_dir.exists() else None
         model = cls.from_config_dict(data, autoencoder)
-        missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device=str(device)),
-                                                    strict=False)
+        missing, unexpected = model.load_state_dict(read_model_weights(path, device), strict=False)
         missing = [k for k in missing if not k.startswith("autoencoder.")]
         if missing or unexpected:
             raise ValueError(f"{path / WEIGHTS_NAME}: weights do not match the config (missing {missing[:3]}, "

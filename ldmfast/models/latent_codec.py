@@ -22,7 +22,8 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from .autoencoder_kl import AutoencoderKL
 from .quantizer import nearest_codes
-from .vqgan import CONFIG_NAME, VQGAN
+from .model_folder import CONFIG_NAME
+from .vqgan import VQGAN
 
 Autoencoder = Union[VQGAN, AutoencoderKL]
 #: load_autoencoder's reading of config.json's "model" field.

@@ -2,22 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ldmfast.data.atomic import atomic_path
 
 from .layers import AttnBlock, Downsample, ResnetBlock, Upsample, norm_act
 from .quantizer import QuantizerOutput, VectorQuantizer
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from .model_folder import read_model_config, read_model_weights, write_model_folder
 
 
 class ModelConfigError(ValueError):
@@ -261,25 +257,11 @@ class VQGAN(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write `path/config.json` and `path/model.safetensors`, each atomically."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(path / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt", "model": "ldmfast.VQGAN"})
-        with atomic_path(path / CONFIG_NAME) as tmp:
-            tmp.write_text(json.dumps({"model": "VQGAN", **self.config.to_dict()}, indent=1) + "\n")
-        return path
+        return write_model_folder(path, self.state_dict(), self.config.to_dict(), "VQGAN")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "VQGAN":
         """A VQGAN from a folder written by `save_pretrained` (or a training run's export)."""
-        path = Path(path)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name}: not found; expected a folder written by "
-                                        "VQGAN.save_pretrained")
-        data = json.loads((path / CONFIG_NAME).read_text())
-        data.pop("model", None)
-        model = cls(VQGANConfig.from_dict(data))
-        model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device=str(device)))
+        model = cls(VQGANConfig.from_dict(read_model_config(path, "VQGAN")))
+        model.load_state_dict(read_model_weights(path, device))
         return model.to(device)
