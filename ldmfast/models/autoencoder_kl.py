@@ -14,18 +14,19 @@ from torch import nn
 
 
 from .model_folder import read_model_config, read_model_weights, write_model_folder
-from .vqgan import Decoder, Encoder, ModelConfigError, VQGANConfig
+from .vqgan import ConfigDict, Decoder, Encoder, ModelConfigError, VQGANConfig
 
 #: The "model" value of config.json that `save_pretrained` writes.
 MODEL_NAME = "AutoencoderKL"
 
 
 @dataclass
-class AutoencoderKLConfig:
+class AutoencoderKLConfig(ConfigDict):
     """Hyper-parameters of the KL autoencoder. The architecture fields mean what they mean in
     VQGANConfig (and default to its release values: downsampling 4, latent 3 x 48 x 56 for a
     192 x 224 slice); `kl_weight` is the weight a training loop would give `posterior.kl()`."""
 
+    kind = "AutoencoderKL"  # (a class attribute: no annotation, so not a field)
     in_channels: int = 2
     out_channels: int = 2
     base_channels: int = 128
@@ -68,16 +69,6 @@ class AutoencoderKLConfig:
             raise ModelConfigError("kl_weight", f"must be a number >= 0, got {self.kl_weight!r}")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "AutoencoderKLConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ModelConfigError(unknown[0], f"unknown AutoencoderKL setting; known: {', '.join(sorted(names))}")
-        return cls(**data).validate()
 
 
 class DiagonalGaussian:

@@ -24,8 +24,26 @@ class ModelConfigError(ValueError):
         self.key = key
 
 
+class ConfigDict:
+    """to_dict, and a from_dict that refuses an unknown key by name (ModelConfigError) and
+    validates, for the model configuration dataclasses; `kind` names the model in the message."""
+
+    kind = "model"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ModelConfigError(unknown[0], f"unknown {cls.kind} setting; known: {', '.join(sorted(names))}")
+        return cls(**data).validate()
+
+
 @dataclass
-class VQGANConfig:
+class VQGANConfig(ConfigDict):
     """Hyper-parameters of the VQGAN; the defaults are the release configuration of PAPER.md.
 
     attn_resolutions: downsampling factors (1, 2, 4, ...) of the encoder/decoder levels that get
@@ -34,6 +52,7 @@ class VQGANConfig:
         configuration serves any slice size, square or not.
     """
 
+    kind = "VQGAN"  # (a class attribute: no annotation, so not a field)
     in_channels: int = 2
     out_channels: int = 2
     base_channels: int = 128
@@ -109,16 +128,6 @@ class VQGANConfig:
             raise ModelConfigError("dead_code_threshold", f"must be >= 0, got {self.dead_code_threshold}")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "VQGANConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ModelConfigError(unknown[0], f"unknown VQGAN setting; known: {', '.join(sorted(names))}")
-        return cls(**data).validate()
 
 
 class Encoder(nn.Module):
