@@ -1,5 +1,7 @@
 """The fused GroupNorm (+ SiLU) op on every backend against float64 torch: output and the three
 gradients, both memory formats, odd sizes, every dtype."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -334,6 +336,33 @@ def test_cpu_backward_of_a_group_too_large_for_its_scratch_buffer(request):
     check_all("cpu", x, 1, w, b, dy, "silu")
 
 
+@contextlib.contextmanager
+def cuda_tuning(**settings):
+    """The CUDA GroupNorm's launch settings (ldmfast._cuda.group_norm_set_tuning) inside the block,
+    the defaults again after it."""
+    from ldmfast.ops import _native
+    mod = _native.cuda_module()
+    mod.group_norm_set_tuning(**settings)
+    try:
+        yield
+    finally:
+        mod.group_norm_set_tuning()
+
+
+def check_cuda_shapes(cases, dtype, request, layout="contiguous", plain=True):
+    """check_all on the cuda backend for each (shape, groups), with SiLU and the affine parameters
+    and, if `plain`, without either."""
+    for shape, groups in cases:
+        x, w, b, dy = make_inputs(shape, dtype, torch.device("cuda"), fresh_seed(request), layout)
+        check_all("cuda", x, groups, w, b, dy, "silu")
+        if plain:
+            check_all("cuda", x, groups, None, None, dy, None)
+
+
+# (2, 8, 2, 3) and (2, 8, 1, 1): float32 vectors that cross channels (S % 4 != 0, S < 4)
+SMALL_GROUPS = (((2, 16, 8, 8), 4), ((3, 6, 7, 5), 3), ((1, 224, 12, 14), 32), ((2, 8, 2, 3), 4), ((2, 8, 1, 1), 2))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "three-pass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -341,18 +370,8 @@ def test_cuda_both_forwards_on_every_dtype(dtype, fused, request):
     """The shared-memory forward (the default where a group fits) and the three-pass one (larger
     groups; here forced) on small groups of every dtype (vectorized and not, with and without the
     affine parameters)."""
-    from ldmfast.ops import _native
-    mod = _native.cuda_module()
-    try:
-        mod.group_norm_set_tuning(fused=fused)
-        # (2, 8, 2, 3) and (2, 8, 1, 1): float32 vectors that cross channels (S % 4 != 0, S < 4)
-        for shape, groups in (((2, 16, 8, 8), 4), ((3, 6, 7, 5), 3), ((1, 224, 12, 14), 32), ((2, 8, 2, 3), 4),
-                              ((2, 8, 1, 1), 2)):
-            x, w, b, dy = make_inputs(shape, dtype, torch.device("cuda"), fresh_seed(request))
-            check_all("cuda", x, groups, w, b, dy, "silu")
-            check_all("cuda", x, groups, None, None, dy, None)
-    finally:
-        mod.group_norm_set_tuning()
+    with cuda_tuning(fused=fused):
+        check_cuda_shapes(SMALL_GROUPS, dtype, request)
 
 
 @pytest.mark.cuda
@@ -361,18 +380,10 @@ def test_cuda_fused_backward_on_every_dtype(dtype, request):
     """The fused backward (x and dy of a group in shared memory; a setting, off by default) on
     groups of one to 256 channels (more than a block's 16 warps), runs that 16-byte vectors divide
     or not (S = 35, 6, 1), with and without the affine parameters and SiLU; and a group too large
-    for shared memory in float32 (the partial-sums path instead)."""
-    from ldmfast.ops import _native
-    mod = _native.cuda_module()
-    try:
-        mod.group_norm_set_tuning(fused_backward=True)
-        for shape, groups in (((2, 16, 8, 8), 4), ((3, 6, 7, 5), 3), ((1, 224, 12, 14), 32), ((2, 8, 2, 3), 4),
-                              ((2, 8, 1, 1), 2), ((1, 3, 9, 9), 1), ((2, 512, 12, 14), 2), ((1, 8, 192, 224), 2)):
-            x, w, b, dy = make_inputs(shape, dtype, torch.device("cuda"), fresh_seed(request))
-            check_all("cuda", x, groups, w, b, dy, "silu")
-            check_all("cuda", x, groups, None, None, dy, None)
-    finally:
-        mod.group_norm_set_tuning()
+    for shared memory (the partial-sums path instead)."""
+    with cuda_tuning(fused_backward=True):
+        check_cuda_shapes(SMALL_GROUPS + (((1, 3, 9, 9), 1), ((2, 512, 12, 14), 2), ((1, 8, 192, 224), 2)),
+                          dtype, request)
 
 
 @pytest.mark.cuda
@@ -383,18 +394,10 @@ def test_cuda_partial_sums_path_in_chunks_of_samples(layout, dtype, request):
     default): one sample per chunk; and over five samples, chunks of two in the backward (x and dy)
     and of four in the forward (x), whose last chunk of one has its own plan. The fused forward is
     off, so that every pass takes this path."""
-    from ldmfast.ops import _native
-    mod = _native.cuda_module()
-    shape = (5, 64, 48, 56)
     sample_bytes = 64 * 48 * 56 * torch.empty(0, dtype=dtype).element_size()
-    try:
-        for chunk_bytes in (1, 2 * 2 * sample_bytes):  # (the backward counts x and dy)
-            mod.group_norm_set_tuning(l2_chunk_bytes=chunk_bytes, fused=False)
-            x, w, b, dy = make_inputs(shape, dtype, torch.device("cuda"), fresh_seed(request), layout)
-            check_all("cuda", x, 32, w, b, dy, "silu")
-            check_all("cuda", x, 32, None, None, dy, None)
-    finally:
-        mod.group_norm_set_tuning()
+    for chunk_bytes in (1, 2 * 2 * sample_bytes):  # (the backward counts x and dy)
+        with cuda_tuning(l2_chunk_bytes=chunk_bytes, fused=False):
+            check_cuda_shapes((((5, 64, 48, 56), 32),), dtype, request, layout)
 
 
 @pytest.mark.cuda
@@ -405,15 +408,9 @@ def test_cuda_16bit_passes_with_either_item_count(layout, dtype, items, request)
     """The 16-bit elementwise passes at both vector counts per thread the sweep chooses between,
     over runs short enough for the one-vector-per-lane backward partial sums (S = 64: 8 vectors)
     and long ones (S = 2688, parts of 112 vectors), with whole and partial last rounds."""
-    from ldmfast.ops import _native
-    mod = _native.cuda_module()
-    try:
-        mod.group_norm_set_tuning(map_items_16bit=items)
-        for shape, groups in (((2, 16, 8, 8), 4), ((1, 8, 48, 56), 2), ((3, 224, 4, 6), 32)):
-            x, w, b, dy = make_inputs(shape, dtype, torch.device("cuda"), fresh_seed(request), layout)
-            check_all("cuda", x, groups, w, b, dy, "silu")
-    finally:
-        mod.group_norm_set_tuning()
+    with cuda_tuning(map_items_16bit=items):
+        check_cuda_shapes((((2, 16, 8, 8), 4), ((1, 8, 48, 56), 2), ((3, 224, 4, 6), 32)), dtype, request, layout,
+                          plain=False)
 
 
 @pytest.mark.cuda
@@ -423,14 +420,8 @@ def test_cuda_channels_last_partial_sums_in_whole_waves(dtype, fit_waves, reques
     """Channels-last with more planned partial-sum blocks than an H100 holds at once (8 samples x
     84 parts of 2688 rows: 672 blocks; 396-660 resident there), so that fitting them to whole waves
     launches fewer parts than the workspace was sized for; and as planned."""
-    from ldmfast.ops import _native
-    mod = _native.cuda_module()
-    try:
-        mod.group_norm_set_tuning(fit_waves=fit_waves, target_blocks_cl=2048)
-        x, w, b, dy = make_inputs((8, 64, 48, 56), dtype, torch.device("cuda"), fresh_seed(request), "channels_last")
-        check_all("cuda", x, 32, w, b, dy, "silu")
-    finally:
-        mod.group_norm_set_tuning()
+    with cuda_tuning(fit_waves=fit_waves, target_blocks_cl=2048):
+        check_cuda_shapes((((8, 64, 48, 56), 32),), dtype, request, "channels_last", plain=False)
 
 
 def test_cuda_tuning_setter_checks_its_values_and_changes_the_plan():
