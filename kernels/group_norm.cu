@@ -1035,6 +1035,17 @@ cudaError_t allow_max_dynamic_smem(Kernel kernel, bool (&done)[kMaxDevices]) {
   return err;
 }
 
+// One block per (sample, group) of a fused kernel (fwd_fused_kernel, bwd_fused_kernel) with `smem`
+// bytes of dynamic shared memory, which may be more than the 48 KiB a launch gets by default.
+template <typename Kernel, typename... Args>
+cudaError_t launch_per_group(Kernel kernel, bool (&allowed)[kMaxDevices], const Plan& p, size_t smem,
+                             cudaStream_t stream, Args... args) {
+  const cudaError_t err = allow_max_dynamic_smem(kernel, allowed);
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(p.n * p.groups), tuning().fused_threads, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
 // Blocks of `kernel` (kThreads threads, no dynamic shared memory) resident at once on the current
 // device (SMs x blocks per SM), asked once per device; 0 where unknown. `cached` is the caller's
 // per-kernel record, as in allow_max_dynamic_smem.
@@ -1119,14 +1130,10 @@ cudaError_t forward_launch(const T* x, const float* w, const float* b, T* y, flo
                            float* workspace, const Plan& planned, float eps, cudaStream_t stream) {
   static int slots[kMaxDevices] = {};
   if (fused_forward(planned, sizeof(T))) {
-    const Plan& p = planned;
-    auto kernel = fwd_fused_kernel<T, kSilu, V>;
     static bool allowed[kMaxDevices] = {};
-    const cudaError_t err = allow_max_dynamic_smem(kernel, allowed);
-    if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(p.n * p.groups), tuning().fused_threads, static_cast<size_t>(p.m) * sizeof(T),
-             stream>>>(x, w, b, y, mean, rstd, p.m, p.s, p.cg, p.groups, eps);
-    return cudaGetLastError();
+    const Plan& p = planned;
+    return launch_per_group(fwd_fused_kernel<T, kSilu, V>, allowed, p, static_cast<size_t>(p.m) * sizeof(T), stream,
+                            x, w, b, y, mean, rstd, p.m, p.s, p.cg, p.groups, eps);
   }
   const Workspace ws = carve(workspace, planned, false);
   for (int64_t n0 = 0; n0 < planned.n; n0 += planned.chunk) {  // (one chunk unless l2_chunk_bytes)
@@ -1154,13 +1161,11 @@ cudaError_t backward_launch(const T* dy, const T* x, const float* w, const float
   static int slots[kMaxDevices] = {};
   const Workspace ws = carve(workspace, planned, true);
   if (fused_backward(planned, sizeof(T))) {
-    const Plan& p = planned;
-    auto kernel = bwd_fused_kernel<T, kSilu, V>;
     static bool allowed[kMaxDevices] = {};
-    const cudaError_t err = allow_max_dynamic_smem(kernel, allowed);
+    const Plan& p = planned;
+    const cudaError_t err = launch_per_group(bwd_fused_kernel<T, kSilu, V>, allowed, p, 2 * p.m * sizeof(T), stream,
+                                             dy, x, w, b, mean, rstd, dx, ws, p);
     if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(p.n * p.groups), tuning().fused_threads, 2 * p.m * sizeof(T), stream>>>(
-        dy, x, w, b, mean, rstd, dx, ws, p);
     bwd_weight_grads_kernel<<<blocks_for(p.c, kThreads), kThreads, 0, stream>>>(ws, dweight, dbias, p);
     return cudaGetLastError();
   }
