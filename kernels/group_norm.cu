@@ -868,14 +868,6 @@ __global__ void __launch_bounds__(kThreads) bwd_combine_kernel(const float* part
   }
 }
 
-// ---- backward: fused, the group's x and dy in shared memory (contiguous) ---------------------------
-//
-// One block per (sample, group) reads the group's x and dy once into shared memory, sums each
-// channel's g = dy * act'(z) and g * xhat there (a warp per channel), combines them into the
-// group's dx coefficients as bwd_combine_kernel does, and writes dx: one read of x and dy and one
-// write of dx, where the partial-sums path reads both twice (5 passes of the tensor -> 3). The
-// per-(sample, channel) sums go to the workspace for bwd_weight_grads_kernel, as there. V divides
-// S here (backward_typed's vectors, or V = 1), so a vector lies in one channel.
 // Vector v of the group in shared memory: x into xb, and g = dy * act'(x * sc + sh) into gb.
 template <typename T, bool kSilu, int V>
 __device__ __forceinline__ void x_and_g(const T* xs, const T* ds, int v, float sc, float sh, float (&xb)[V],
@@ -886,6 +878,14 @@ __device__ __forceinline__ void x_and_g(const T* xs, const T* ds, int v, float s
   for (int k = 0; k < V; ++k) gb[k] *= act_grad<kSilu>(xb[k] * sc + sh);
 }
 
+// ---- backward: fused, the group's x and dy in shared memory (contiguous) ---------------------------
+//
+// One block per (sample, group) reads the group's x and dy once into shared memory, sums each
+// channel's g = dy * act'(z) and g * xhat there (a warp per channel), combines them into the
+// group's dx coefficients as bwd_combine_kernel does, and writes dx: one read of x and dy and one
+// write of dx, where the partial-sums path reads both twice (5 passes of the tensor -> 3). The
+// per-(sample, channel) sums go to the workspace for bwd_weight_grads_kernel, as there. V divides
+// S here (backward_typed's vectors, or V = 1), so a vector lies in one channel.
 template <typename T, bool kSilu, int V>
 __global__ void __launch_bounds__(kFusedThreads) bwd_fused_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ weight,
@@ -934,12 +934,12 @@ __global__ void __launch_bounds__(kFusedThreads) bwd_fused_kernel(
     const float sh = bias[c] - mu * sc;
     float a1 = 0.0f, a2 = 0.0f;
     for (int v = j * sv + lane; v < (j + 1) * sv; v += 32) {
-      float xb[V], gb[V];
-      x_and_g<T, kSilu, V>(xs, ds, v, sc, sh, xb, gb);
+      float xv[V], gv[V];
+      x_and_g<T, kSilu, V>(xs, ds, v, sc, sh, xv, gv);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        a1 += gb[k];
-        a2 += gb[k] * ((xb[k] - mu) * rs);
+        a1 += gv[k];
+        a2 += gv[k] * ((xv[k] - mu) * rs);
       }
     }
     double s1 = a1, s2 = a2;
@@ -953,11 +953,11 @@ __global__ void __launch_bounds__(kFusedThreads) bwd_fused_kernel(
     const int64_t c = g * p.cg + i / sv;
     const float sc = rs * weight[c];
     const float sh = bias[c] - mu * sc;
-    float xb[V], gb[V];
-    x_and_g<T, kSilu, V>(xs, ds, i, sc, sh, xb, gb);
+    float xv[V], gv[V];
+    x_and_g<T, kSilu, V>(xs, ds, i, sc, sh, xv, gv);
 #pragma unroll
-    for (int k = 0; k < V; ++k) xb[k] = sc * gb[k] + coef.b * (xb[k] - mu) + coef.d;  // as DxOp
-    Loader<T, V>::store(dxg, i, xb);
+    for (int k = 0; k < V; ++k) xv[k] = sc * gv[k] + coef.b * (xv[k] - mu) + coef.d;  // as DxOp
+    Loader<T, V>::store(dxg, i, xv);
   }
 }
 
