@@ -2,9 +2,9 @@
 # One device-machine lease: build the CUDA module, run the cuda tests, then the GPU benchmarks in
 # order of how much the open issues need them, each capped so the whole stays inside one call.
 # Usage (on the device machine, repo root): bash bench/gpu_session.sh [BUDGET_SECONDS]
-# Wheels the image lacks (nibabel, monai, diffusers...) travel in .whl/ (see bench/README or the
-# device notes); results land in bench/results/*-nvidia-*.json and, when $OUT is set, in
-# $OUT/results.tgz with the logs, and $OUT/summary.txt.
+# Wheels the image lacks (nibabel, monai, diffusers...) travel in .whl/ (`bash bench/gpu_wheels.sh`
+# here fetches them; the call carries ".whl"); results land in bench/results/*-nvidia-*.json and,
+# when $OUT is set, in $OUT/results.tgz with the logs, and $OUT/summary.txt.
 set -u
 BUDGET=${1:-560}
 START=$(date +%s)
