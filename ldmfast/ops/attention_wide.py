@@ -10,7 +10,9 @@ a chunk of query rows at a time:
 
     S = scale q k^T, dP = do v^T
     P = exp(S - lse), dS = P (dP - delta)              (one pass: _softmax_grad_kernel)
-    dv += P^T do, dk += scale dS^T q, dq = scale dS k   (float32 accumulation across chunks)
+    dv += P^T do, dk += scale dS^T q, dq = scale dS k   (float32 accumulation across chunks; dq,
+                                                       and dk, dv of one chunk, straight from
+                                                       the GEMM in the input dtype)
 
 Five GEMMs per chunk, where matmul-softmax-matmul's backward does four from its stored P.
 Score precision: bfloat16 heads keep S and dP in bfloat16, as matmul-softmax-matmul does (its
@@ -111,6 +113,21 @@ def _mm_f32_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate
                 torch.mul(product, alpha, out=acc)
         return
     torch.baddbmm(acc, a.float(), b.float(), beta=beta, alpha=alpha, out=acc)
+
+
+def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """dst (B, H, n, D), any strides, = alpha * a @ b (a: (B*H, n, K), b: (B*H, K, D)) in dst's
+    dtype: the GEMM accumulates in float32 and rounds once, as a float32 product cast afterwards
+    would, without that float32 buffer and the casting copy (a launch, and a pass over a buffer
+    twice dst's size). In place where dst's batch and head dims merge, else through a buffer."""
+    shape = (a.shape[0], a.shape[1], b.shape[2])
+    try:
+        out = dst.view(shape)
+    except RuntimeError:  # ((B, L, H, D) storage: heads do not merge with the batch)
+        out = torch.empty(shape, dtype=dst.dtype, device=dst.device)
+    torch.baddbmm(out, a, b, beta=0.0, alpha=alpha, out=out)
+    if out.data_ptr() != dst.data_ptr():
+        dst.copy_(out.view(dst.shape))
 
 
 _F32_OUT_BMM: dict = {}
@@ -245,7 +262,7 @@ def forward(q, k, v, out, lse, scale: float) -> None:
         lse_rows = lse.view(bh, lq)[:, r0:]  # (a view: the kernel writes the chunk's lse in place)
         _softmax_rows_kernel[(bh * n,)](s, p, lse_rows, lk, n, lse_rows.stride(0), pass_scale, BLOCK=block)
         del s
-        out[:, :, r0:r1] = _mm_f32(p, vf).view(b, h, n, d)
+        _mm_into(out[:, :, r0:r1], p, vf)
 
 
 def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
@@ -256,11 +273,14 @@ def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
     kf, vf = k.reshape(bh, lk, d), v.reshape(bh, lk, d)
     # (Row stride lq for both: the kernel takes one; both are contiguous as the op allocates them.)
     lse_rows, delta_rows = lse.contiguous().view(bh, lq), delta.contiguous().view(bh, lq)
-    dk_acc = torch.empty((bh, lk, d), dtype=torch.float32, device=q.device)
-    dv_acc = torch.empty_like(dk_acc)
+    chunks = _chunks(q, k, backward=True)
+    # dk and dv sum over chunks in float32; one chunk (the VQGAN's B=6, L=2688) writes them directly
+    one = len(chunks) == 1
+    if not one:
+        dk_acc = torch.empty((bh, lk, d), dtype=torch.float32, device=q.device)
+        dv_acc = torch.empty_like(dk_acc)
     low = _low_precision_scores(q)
-    dq_c = None
-    for r0, r1 in _chunks(q, k, backward=True):
+    for r0, r1 in chunks:
         n = r1 - r0
         qc, doc = _rows(q, r0, r1), _rows(dout, r0, r1)
         s, pass_scale = _scores(qc, kf.transpose(1, 2), scale, low)
@@ -273,11 +293,13 @@ def backward(q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
         _softmax_grad_kernel[(bh * n, _grid.cdiv(lk, _COLS))](
             s, dp, lse_rows[:, r0:], delta_rows[:, r0:], p16, ds16, lk, n, lq, pass_scale, BLOCK=_COLS)
         del s, dp
-        _mm_f32_into(dv_acc, p16.transpose(1, 2), doc, accumulate=r0 > 0)
-        _mm_f32_into(dk_acc, ds16.transpose(1, 2), qc, accumulate=r0 > 0, alpha=scale)
-        if dq_c is None or dq_c.shape[1] != n:
-            dq_c = torch.empty((bh, n, d), dtype=torch.float32, device=q.device)
-        _mm_f32_into(dq_c, ds16, kf, accumulate=False, alpha=scale)
-        dq[:, :, r0:r1] = dq_c.view(b, h, n, d)
-    dk.copy_(dk_acc.view(b, h, lk, d))
-    dv.copy_(dv_acc.view(b, h, lk, d))
+        if one:
+            _mm_into(dv, p16.transpose(1, 2), doc)
+            _mm_into(dk, ds16.transpose(1, 2), qc, scale)
+        else:
+            _mm_f32_into(dv_acc, p16.transpose(1, 2), doc, accumulate=r0 > 0)
+            _mm_f32_into(dk_acc, ds16.transpose(1, 2), qc, accumulate=r0 > 0, alpha=scale)
+        _mm_into(dq[:, :, r0:r1], ds16, kf, scale)
+    if not one:
+        dk.copy_(dk_acc.view(b, h, lk, d))
+        dv.copy_(dv_acc.view(b, h, lk, d))
