@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
 from .model_folder import read_model_config, read_model_weights, write_model_folder
 from .vqgan import ConfigDict, Decoder, Encoder, ModelConfigError, VQGANConfig
 
@@ -68,7 +67,6 @@ class AutoencoderKLConfig(ConfigDict):
         if isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
             raise ModelConfigError("kl_weight", f"must be a number >= 0, got {self.kl_weight!r}")
         return self
-
 
 
 class DiagonalGaussian:

@@ -20,8 +20,8 @@ from torch import nn
 from ldmfast.diffusion import PARAMETERIZATIONS, SCHEDULES, SPACINGS, DDIMSampler, NoiseSchedule
 
 from .latent_codec import decode_latent, load_autoencoder, to_latent
-from .unet import UNet, UNetConfig
 from .model_folder import WEIGHTS_NAME, read_model_config, read_model_weights, write_model_folder
+from .unet import UNet, UNetConfig
 from .vqgan import ModelConfigError
 
 AUTOENCODER_DIR = "autoencoder"

@@ -21,8 +21,8 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from .autoencoder_kl import AutoencoderKL
-from .quantizer import nearest_codes
 from .model_folder import CONFIG_NAME
+from .quantizer import nearest_codes
 from .vqgan import VQGAN
 
 Autoencoder = Union[VQGAN, AutoencoderKL]

@@ -9,11 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
 from .layers import AttnBlock, Downsample, ResnetBlock, Upsample, norm_act
-from .quantizer import QuantizerOutput, VectorQuantizer
-
 from .model_folder import read_model_config, read_model_weights, write_model_folder
+from .quantizer import QuantizerOutput, VectorQuantizer
 
 
 class ModelConfigError(ValueError):
