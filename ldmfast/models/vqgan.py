@@ -127,7 +127,6 @@ class VQGANConfig(ConfigDict):
         return self
 
 
-
 class Encoder(nn.Module):
     """Image (N, in_channels, H, W) to latent (N, latent_channels, H/f, W/f), f = 2^(levels-1)."""
 
