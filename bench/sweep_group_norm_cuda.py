@@ -37,6 +37,18 @@ SETTINGS = [{}, {"fused_threads": 256}, {"fused": False}, {"fused_min_groups": 1
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
+def select_settings(only: str | None) -> list[dict]:
+    """The default and, with `only` (comma-separated names), just the settings that change one of
+    those fields; ValueError naming an unknown field."""
+    if not only:
+        return SETTINGS
+    names = set(only.split(","))
+    unknown = names - {k for setting in SETTINGS for k in setting}
+    if unknown:
+        raise ValueError(f"--only: no setting named {', '.join(sorted(unknown))}")
+    return [SETTINGS[0]] + [setting for setting in SETTINGS[1:] if names & set(setting)]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
@@ -65,13 +77,10 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated setting names: only the settings that change one of them "
                                   "(beside the default), for a short run")
     args = p.parse_args(argv)
-    settings = SETTINGS
-    if args.only:
-        names = set(args.only.split(","))
-        unknown = names - {k for setting in SETTINGS for k in setting}
-        if unknown:
-            p.error(f"--only: no setting named {', '.join(sorted(unknown))}")
-        settings = [SETTINGS[0]] + [st for st in SETTINGS[1:] if names & set(st)]
+    try:
+        settings = select_settings(args.only)
+    except ValueError as err:
+        p.error(str(err))
     if not torch.cuda.is_available() or _native.cuda_module() is None:
         p.error("needs a CUDA GPU and ldmfast built with its CUDA module (LDMFAST_CUDA=on)")
     mod = _native.cuda_module()

@@ -1,8 +1,12 @@
 """Bench scripts whose GPU-only parts would otherwise first run on a lent GPU: bench_attention's
-kernels-alone columns (CUDA graphs replaced by a stand-in that calls each function once) and
-host_overhead's stubs (which must name the ops' current kernels)."""
+kernels-alone columns (CUDA graphs replaced by a stand-in that calls each function once),
+host_overhead's stubs (which must name the ops' current kernels) and the GroupNorm sweep's setting
+selection; and the CPU timings' allocator setting."""
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import torch
 
@@ -10,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_attention  # noqa: E402
 import common  # noqa: E402
 import host_overhead  # noqa: E402
+import sweep_group_norm_cuda  # noqa: E402
 
 
 def test_attention_device_times_fill_ours_and_the_fastest_peer(monkeypatch):
@@ -45,3 +50,46 @@ def test_host_overhead_runs_every_case_with_the_launches_stubbed():
         for name, (ours, theirs) in host_overhead.cases().items():
             assert host_overhead.us_per_call(ours, 3) > 0, name
             assert host_overhead.us_per_call(theirs, 3) > 0, name
+
+
+def test_group_norm_sweep_runs_only_the_named_settings():
+    select = sweep_group_norm_cuda.select_settings
+    assert select(None) == sweep_group_norm_cuda.SETTINGS
+    picked = select("fused_backward,l2_chunk_bytes")
+    assert picked[0] == {} and len(picked) > 2
+    assert all({"fused_backward", "l2_chunk_bytes"} & set(setting) for setting in picked[1:])
+    with pytest.raises(ValueError, match="no setting named nope"):
+        select("fused_backward,nope")
+
+
+KEEP_FREED_PROBE = """
+import ctypes, sys, torch
+sys.path.insert(0, sys.argv[1])
+import common
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+kept = sys.argv[2] == "1" and common.keep_freed_cpu_memory()
+before = mallinfo2().hblkhd
+block = torch.empty(5_500_000)  # 22 MB
+print(int(kept), mallinfo2().hblkhd - before)  # bytes of it in a mapping of its own
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and mallinfo2")
+def test_keep_freed_cpu_memory_puts_large_blocks_in_the_heap():
+    """What the CPU benchmarks call first: afterwards a 22 MB block comes from glibc's heap, where a
+    freed block stays for the next (no page faults in steady state), instead of a mapping of its
+    own that free() returns to the system (glibc's default for a first large block; later ones
+    depend on the order of earlier frees, which made the same call cost 2.8 or 11.7 ms). In fresh
+    processes: the setting is process-wide."""
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    mapped = {}
+    for keep in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE, bench, keep], capture_output=True,
+                             text=True, check=True).stdout.split()
+        assert int(out[0]) == int(keep)
+        mapped[keep] = int(out[1])
+    assert mapped["1"] == 0 and mapped["0"] >= 22_000_000
