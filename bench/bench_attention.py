@@ -196,7 +196,7 @@ def main(argv=None) -> int:
         common.print_table(mem_rows, columns)
     if not args.no_save:
         meta = {"dtype": str(dtype), "batch_divisor": args.batch_divisor,
-                "cpu_malloc": "freed memory kept (no page faults per call)" if kept_freed else "default"}
+                "cpu_malloc": common.cpu_malloc_meta(kept_freed)}
         print(f"saved {common.save('attention', device, rows + mem_rows, meta)}")
     return 0
 

@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     if not args.no_save:
         meta = {"full": bool(args.full or gpu), "clock": "thread_time" if args.cpu_time else "perf_counter",
                 "timing": "alternating rounds, minimum per call",
-                "cpu_malloc": "freed memory kept (no page faults per call)" if kept_freed else "default",
+                "cpu_malloc": common.cpu_malloc_meta(kept_freed),
                 "device_timing": "dev_*: 20 calls in one CUDA graph, CUDA events, minimum of 5 replays"}
         name = "group_norm-cputime" if args.cpu_time else "group_norm"
         print(f"saved {common.save(name, device, rows, meta)}")

@@ -49,6 +49,11 @@ def keep_freed_cpu_memory() -> bool:
     return bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_threshold, 32 << 20))
 
 
+def cpu_malloc_meta(kept: bool) -> str:
+    """The result files' "cpu_malloc" entry: whether keep_freed_cpu_memory was in effect."""
+    return "freed memory kept (no page faults per call)" if kept else "default"
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -21,33 +21,6 @@ from ._backends import _TRITON_INTERPRET
 
 
 @triton.jit
-def _stats_kernel(x_ptr, part_ptr, C, S, G, CG, stride_c, stride_s, rows_per_split, SPLIT,
-                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid = tl.program_id(0)
-    ng = pid // SPLIT
-    p = pid % SPLIT
-    n = ng // G
-    g = ng % G
-    base = x_ptr + n.to(tl.int64) * C * S + (g * CG).to(tl.int64) * stride_c
-    k = tl.load(base).to(tl.float32)  # shift: the group's first element
-    s_begin = p * rows_per_split
-    s_end = tl.minimum(s_begin + rows_per_split, S)
-    acc1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for c0 in range(0, CG, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        for s0 in range(s_begin, s_end, BLOCK_S):
-            ss = s0 + tl.arange(0, BLOCK_S)
-            mask = (cc[:, None] < CG) & (ss[None, :] < s_end)
-            v = tl.load(base + cc[:, None] * stride_c + ss[None, :] * stride_s, mask=mask, other=0.0)
-            d = tl.where(mask, v.to(tl.float32) - k, 0.0)
-            acc1 += d
-            acc2 += d * d
-    tl.store(part_ptr + pid * 2, tl.sum(tl.sum(acc1, axis=1), axis=0))
-    tl.store(part_ptr + pid * 2 + 1, tl.sum(tl.sum(acc2, axis=1), axis=0))
-
-
-@triton.jit
 def _channel_affine(w_ptr, b_ptr, g, CG, cc, cm, mean, rstd):
     """z = x * sc + sh for channels g * CG + cc of the group (cm: those that exist)."""
     w = tl.load(w_ptr + g * CG + cc, mask=cm, other=0.0)
@@ -61,6 +34,33 @@ def _tile(offset, cc, cm, s0, s_end, stride_c, stride_s, BLOCK_S: tl.constexpr):
     """Offsets and mask of the tile of channels cc and positions s0 .. s0 + BLOCK_S (below s_end)."""
     ss = s0 + tl.arange(0, BLOCK_S)
     return offset + cc[:, None] * stride_c + ss[None, :] * stride_s, cm[:, None] & (ss[None, :] < s_end)
+
+
+@triton.jit
+def _stats_kernel(x_ptr, part_ptr, C, S, G, CG, stride_c, stride_s, rows_per_split, SPLIT,
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    ng = pid // SPLIT
+    p = pid % SPLIT
+    n = ng // G
+    g = ng % G
+    offset = n.to(tl.int64) * C * S + (g * CG).to(tl.int64) * stride_c
+    k = tl.load(x_ptr + offset).to(tl.float32)  # shift: the group's first element
+    s_begin = p * rows_per_split
+    s_end = tl.minimum(s_begin + rows_per_split, S)
+    acc1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    for c0 in range(0, CG, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        cm = cc < CG
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            idx, mask = _tile(offset, cc, cm, s0, s_end, stride_c, stride_s, BLOCK_S)
+            v = tl.load(x_ptr + idx, mask=mask, other=0.0)
+            d = tl.where(mask, v.to(tl.float32) - k, 0.0)
+            acc1 += d
+            acc2 += d * d
+    tl.store(part_ptr + pid * 2, tl.sum(tl.sum(acc1, axis=1), axis=0))
+    tl.store(part_ptr + pid * 2 + 1, tl.sum(tl.sum(acc2, axis=1), axis=0))
 
 
 @triton.jit
