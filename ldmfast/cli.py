@@ -5,6 +5,8 @@ import argparse
 import platform
 import sys
 
+from . import __version__
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldmfast", description="Fast lesion-aware latent diffusion: CT perfusion to DWI/ADC.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ldmfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="versions, GPU and the backends available for each op",
                           description="Print the ldmfast, torch, triton and CUDA versions, the compiled CUDA "

@@ -29,6 +29,13 @@ def test_console_script_is_installed():
     assert result.returncode == 0, result.stderr
 
 
+def test_version_prints_the_installed_version():
+    import ldmfast
+    result = run("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"ldmfast {ldmfast.__version__}"
+
+
 def test_no_command_prints_help_and_fails():
     result = run()
     assert result.returncode == 2

@@ -11,10 +11,10 @@ from .unet import UNet, UNetConfig, timestep_embedding
 from .vqgan import VQGAN, Decoder, Encoder, ModelConfigError, VQGANConfig
 
 __all__ = [
-    "AttnBlock", "CTPCondition", "ConditionalLDM", "Decoder", "DiffusionConfig", "Downsample", "Encoder", "ModelConfigError",
-    "PatchDiscriminator", "PerceptualLoss", "QuantizerOutput", "ResnetBlock", "UNet", "UNetConfig", "Upsample",
-    "VQGAN", "VQGANConfig", "VectorQuantizer", "adaptive_gan_weight", "hinge_d_loss", "hinge_g_loss",
-    "nearest_codes", "norm_act", "timestep_embedding",
-    "AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussian", "decode_latent", "freeze_autoencoder",
-    "load_autoencoder", "to_latent",
+    "AttnBlock", "AutoencoderKL", "AutoencoderKLConfig", "CTPCondition", "ConditionalLDM", "Decoder",
+    "DiagonalGaussian", "DiffusionConfig", "Downsample", "Encoder", "ModelConfigError", "PatchDiscriminator",
+    "PerceptualLoss", "QuantizerOutput", "ResnetBlock", "UNet", "UNetConfig", "Upsample", "VQGAN",
+    "VQGANConfig", "VectorQuantizer", "adaptive_gan_weight", "decode_latent", "freeze_autoencoder",
+    "hinge_d_loss", "hinge_g_loss", "load_autoencoder", "nearest_codes", "norm_act", "timestep_embedding",
+    "to_latent",
 ]
