@@ -1,6 +1,6 @@
 """Peak memory and time of one lesion-aware post-training step (PAPER.md stage 3: forward,
 backward and AdamW step (the trainers': fused on CUDA) of the UNet and the condition module),
-four ways, side by side:
+six ways, side by side:
 
   naive             what a direct implementation does: D(x0_hat) and the target D(z0) both decoded
                     by `vqgan.decode` with the graph recorded (the decoder's parameters still require
@@ -13,6 +13,11 @@ four ways, side by side:
   step_in_backward  and AdamW applied to each parameter inside the backward, its gradient freed at
                     once (train.step_in_backward; ldmfast.train.step_in_backward): the step holds
                     no gradient of the whole UNet
+  lean_8bit         and AdamW's moments in 8 bits (optim.state_bits = 8; ldmfast.train.adamw8bit):
+                    2 bytes of state per parameter instead of 8. Not PAPER.md's optimizer: the
+                    other variants' update, to the rounding of its stored moments. Its peak is
+                    what the process held less the float32 AdamW state the other variants share
+                    (which exists beside its own here, and which a run with it would not have).
 
     python bench/bench_posttrain.py                              # CPU: --config small
     python bench/bench_posttrain.py --device cuda                # GPU: --config release, bf16, + batch 24 peaks
@@ -21,7 +26,7 @@ four ways, side by side:
 
 Configs: small = VQGANConfig.demo() and UNetConfig.demo() on 96 x 112 slices, batch 6;
 release = PAPER.md's VQGAN and UNet on 192 x 224 slices, batch 6. Encoding z0 is not part of the
-step (the same for all four). Memory: on the CPU, the peak resident memory (VmHWM) of a fresh
+step (the same for all). Memory: on the CPU, the peak resident memory (VmHWM) of a fresh
 process per variant over its first steps, above its resident memory once models, batch and
 optimizer state exist; on a GPU, torch.cuda.max_memory_allocated over a step, in total and above
 the memory allocated before it (models, optimizer state, batch). Time: the minimum over
@@ -49,9 +54,11 @@ import common  # noqa: E402
 from ldmfast.diffusion import NoiseSchedule  # noqa: E402
 from ldmfast.models import VQGAN, ConditionalLDM, UNetConfig, VQGANConfig, to_latent  # noqa: E402
 from ldmfast.train import PostTrainLossConfig, optim, posttrain_loss  # noqa: E402
+from ldmfast.train import adamw8bit  # noqa: E402
 from ldmfast.train.step_in_backward import StepInBackward  # noqa: E402
 
-VARIANTS = ("naive", "no_ckpt", "decoder_ckpt", "decoder_unet_ckpt", "step_in_backward")
+VARIANTS = ("naive", "no_ckpt", "decoder_ckpt", "decoder_unet_ckpt", "step_in_backward", "lean_8bit")
+IN_BACKWARD = {"step_in_backward": 32, "lean_8bit": 8}  # variants stepping inside the backward: state bits
 CONFIGS = {"small": (96, 112), "release": (192, 224)}
 
 
@@ -72,7 +79,7 @@ class Setup:
         self.ldm = ConditionalLDM(unet_config, latent_channels=vq_config.latent_channels).to(device, memory_format=fmt)
         self.ldm.train()
         self.optimizer = optim.adamw(self.ldm.parameters(), lr=2e-6 * batch)  # the trainer's (fused on CUDA)
-        self._in_backward: StepInBackward | None = None
+        self._in_backward: dict[str, StepInBackward] = {}
         self.schedule = NoiseSchedule()
         self.device, self.dtype, self.size, self.fmt = device, dtype, size, fmt
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -102,19 +109,25 @@ class Setup:
         self.optimizer.zero_grad(set_to_none=True)
 
     def optimizer_for(self, variant: str):
-        """The plain AdamW, or for step_in_backward one applied per parameter inside the backward
-        that shares its state tensors (load_state_dict keeps them): no second copy of the moments."""
-        if variant != "step_in_backward":
+        """The plain AdamW, or for the IN_BACKWARD variants one applied per parameter inside the
+        backward, from the plain one's state: step_in_backward shares its state tensors
+        (load_state_dict keeps them: no second copy of the moments), lean_8bit quantizes them."""
+        if variant not in IN_BACKWARD:
             return self.optimizer
-        if self._in_backward is None:
-            params = list(self.ldm.parameters())
-            self._in_backward = StepInBackward(params, lambda p: optim.adamw(p, lr=self.optimizer.defaults["lr"]))
-            self._in_backward.load_state_dict(self.optimizer.state_dict())
-        self._in_backward.attach()
-        return self._in_backward
+        if variant not in self._in_backward:
+            make = optim.adamw_maker(IN_BACKWARD[variant], lr=self.optimizer.defaults["lr"])
+            self._in_backward[variant] = StepInBackward(list(self.ldm.parameters()), make)
+            self._in_backward[variant].load_state_dict(self.optimizer.state_dict())
+        self._in_backward[variant].attach()
+        return self._in_backward[variant]
+
+    def shared_state_bytes(self, variant: str) -> int:
+        """Bytes of the float32 AdamW state that the process holds beside `variant`'s own: what a
+        lean_8bit run would not have."""
+        return adamw8bit.state_bytes(self.optimizer) if variant == "lean_8bit" else 0
 
     def step(self, variant: str, after_backward=None) -> float:
-        self.ldm.unet.gradient_checkpointing = variant in ("decoder_unet_ckpt", "step_in_backward")
+        self.ldm.unet.gradient_checkpointing = variant in ("decoder_unet_ckpt", *IN_BACKWARD)
         optimizer = self.optimizer_for(variant)
         try:
             with self.autocast():
@@ -175,7 +188,7 @@ def probe_cpu_memory(args) -> dict:
     for _ in range(args.probe_steps):
         s.step(args.probe)
     peak = _status_bytes("VmHWM")
-    return {"peak_MiB": peak / 2**20, "extra_MiB": (peak - base) / 2**20}
+    return {"peak_MiB": (peak - s.shared_state_bytes(args.probe)) / 2**20, "extra_MiB": (peak - base) / 2**20}
 
 
 def cpu_memory(args) -> dict[str, dict]:
@@ -204,7 +217,7 @@ def cuda_memory(s: Setup, variant: str) -> dict:
     s.step(variant, after_backward=lambda: grad_peak.append(torch.cuda.max_memory_allocated()))
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    return {"peak_MiB": peak / 2**20, "extra_MiB": (peak - base) / 2**20,
+    return {"peak_MiB": (peak - s.shared_state_bytes(variant)) / 2**20, "extra_MiB": (peak - base) / 2**20,
             "fwdbwd_extra_MiB": (grad_peak[0] - base) / 2**20}
 
 

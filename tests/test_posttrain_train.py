@@ -134,3 +134,43 @@ def test_step_in_backward_trains_as_the_plain_step_and_resumes_into_it(tmp_path,
         for key, value in models["plain"].items():
             torch.testing.assert_close(models[name][key], value, rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"{name} {key}: {m}")
+
+
+def test_8bit_moments_train_alike_inside_the_backward_and_resume(tmp_path, phantom_root, init_dir):
+    """optim.state_bits = 8: a run with updates inside the backward ends where the plain 8-bit run
+    does (the same rounding streams); its checkpoint resumes an 8-bit run exactly, a float32 run's
+    resumes as 8-bit, and an 8-bit one refuses a float32 run with the setting to change."""
+    path = write_config(tmp_path, phantom_root, init_dir)
+    common = ["train.val_every=0", "train.ckpt_every=2", "optim.state_bits=8"]
+    models = {}
+    for name, extra in {"plain8": [], "inside8": ["train.step_in_backward=true", "train.unet_checkpoint=true"]}.items():
+        trainer = PostTrainer(load_config(path, PostTrainConfig, [f"output_dir=\"{tmp_path / name}\"", *common,
+                                                                  *extra]), progress=False)
+        trainer.run()
+        assert any("m_codes" in s for s in trainer.opt.state_dict()["state"].values())
+        models[name] = ConditionalLDM.from_pretrained(tmp_path / name / "ldm").denoiser_state_dict()
+    for key, value in models["plain8"].items():
+        torch.testing.assert_close(models["inside8"][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+    def resume(source, name, overrides):
+        folder = tmp_path / name
+        (folder / "checkpoints").mkdir(parents=True)
+        for f in (tmp_path / source / "checkpoints").glob("step-00000002.*"):
+            (folder / "checkpoints" / f.name).write_bytes(f.read_bytes())
+        return PostTrainer(load_config(path, PostTrainConfig, [f"output_dir=\"{folder}\"", "train.val_every=0",
+                                                               "train.ckpt_every=2", *overrides]), progress=False)
+
+    trainer = resume("inside8", "resumed8", ["optim.state_bits=8"])
+    trainer.run()
+    resumed = ConditionalLDM.from_pretrained(tmp_path / "resumed8" / "ldm").denoiser_state_dict()
+    for key, value in models["plain8"].items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    with pytest.raises(ValueError, match="state_bits = 8"):
+        resume("plain8", "refused", [])
+    PostTrainer(load_config(path, PostTrainConfig, [f"output_dir=\"{tmp_path / 'plain32'}\"", "train.val_every=0",
+                                                    "train.ckpt_every=2"]), progress=False).run()
+    trainer = resume("plain32", "from32", ["optim.state_bits=8"])
+    assert trainer.step == 2 and any("m_codes" in s for s in trainer.opt.state_dict()["state"].values())
+    with pytest.raises(ConfigError) as err:
+        load_config(path, PostTrainConfig, ["optim.state_bits=16"])
+    assert err.value.key == "optim.state_bits"

@@ -20,6 +20,7 @@ from torch import nn
 
 from ldmfast.data.atomic import atomic_path
 
+from .adamw8bit import AdamW8bit
 from .optim import IMPLEMENTATION_KEYS
 
 _NAME = re.compile(r"^step-(\d{8})\.json$")
@@ -80,6 +81,11 @@ def _optimizer_state(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+def _takes_8bit_state(optimizer) -> bool:
+    parts = getattr(optimizer, "optimizers", [optimizer])  # (StepInBackward's, one per parameter)
+    return all(isinstance(opt, AdamW8bit) for opt in parts)
+
+
 def _load_optimizer_state(name: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                           meta: dict) -> None:
     state: dict[int, dict] = {}
@@ -90,6 +96,9 @@ def _load_optimizer_state(name: str, optimizer: torch.optim.Optimizer, tensors: 
             state.setdefault(int(index), {})[key] = value
     for index, entries in meta["scalars"].items():
         state.setdefault(int(index), {}).update(entries)
+    if any("m_codes" in entries for entries in state.values()) and not _takes_8bit_state(optimizer):
+        raise ValueError(f"optimizer {name!r}: the checkpoint holds 8-bit AdamW moments; resume it with "
+                         f"optim.state_bits = 8")
     # JSON turned tuples (Adam's betas) into lists; the optimizer expects what it was given.
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
               for g in meta["param_groups"]]

@@ -66,9 +66,8 @@ class LDMTrainer(StageTrainer):
                                     augment=augment, num_workers=c.data.num_workers)
         self.lr = c.optim.lr if c.optim.lr is not None else c.optim.base_lr * self.effective_batch
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        def adamw(params):
-            return optim.adamw(params, lr=self.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
-
+        adamw = optim.adamw_maker(c.optim.state_bits, seed=c.seed, lr=self.lr, betas=c.optim.betas,
+                                  weight_decay=c.optim.weight_decay)
         self.opt = StepInBackward(self.trainable, adamw) if t.step_in_backward else adamw(self.trainable)
         self.ema = EMA(self.model, t.ema_decay).to(self.device) if t.ema_decay > 0 else None
         self._finish_setup(resume)

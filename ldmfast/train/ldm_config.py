@@ -16,16 +16,21 @@ from .vqgan_config import OptimSection, TrainSection
 @dataclass
 class AdamWSection(OptimSection):
     """AdamW for the UNet and the condition; `lr` defaults to base_lr x effective batch
-    (PAPER.md: 2e-6 x 48 in the release)."""
+    (PAPER.md: 2e-6 x 48 in the release). `state_bits` 8 keeps its moments in 8 bits (2 bytes of
+    state per parameter instead of 8: ldmfast/train/adamw8bit.py; not PAPER.md's optimizer, which
+    is the default 32)."""
 
     base_lr: float = 2e-6
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
+    state_bits: int = 32
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
         if self.weight_decay < 0:
             raise ConfigError(f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.state_bits not in (8, 32):
+            raise ConfigError(f"{prefix}.state_bits", f"must be 8 or 32, got {self.state_bits}")
 
 
 @dataclass

@@ -1,0 +1,300 @@
+"""AdamW whose two moments are stored in 8 bits per value: 2 bytes of optimizer state per parameter
+instead of 8, for the memory of post-training the release UNet (739 M parameters: 5.9 GB of float32
+moments, more than half the naive step's peak on an H100; bench/bench_posttrain.py).
+
+The update itself is AdamW's, in float32, from the dequantized moments; only what is kept between
+steps is 8-bit (Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization"):
+- blocks of BLOCK consecutive values share one float32 scale, their largest magnitude, so an
+  outlier only coarsens its own block;
+- codes index a 256-entry table of a "dynamic" type: decades 1e-6 .. 1 of the scale, with twice
+  as many steps in each decade as in the one below (relative steps ~1.4 % near the scale, coarser
+  far below it), signed for the first moment m, unsigned for the second moment's square root
+  sqrt(v) (as sqrt(v) spans the same decades as m: v itself would run out of range 10^6 times
+  sooner, and an element whose v rounds to 0 under a nonzero m takes a step of m / eps);
+- rounding is stochastic, unbiased in m and in v: round-to-nearest cannot follow an average whose
+  step per update is below half a code step (with beta2 = 0.999, v would never decay), while
+  stochastic rounding keeps the moving averages exact in expectation. Its random numbers are a
+  hash of (seed, parameter, step, element): a resumed run draws the same ones.
+Parameters under MIN_8BIT_NUMEL values (biases, norms) keep float32 moments: their memory is nothing
+and their precision is worth more.
+
+`adamw8bit_update` below is the plain-torch definition (and the CPU path); on CUDA the Triton kernel
+of ldmfast/train/adamw8bit_triton.py does the same in one pass per parameter.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+BLOCK = 256
+MIN_8BIT_NUMEL = 4096
+_CHUNK = 1 << 20  # values per piece of the plain-torch update (bounds its temporaries: ~40 MB)
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+def dynamic_code(signed: bool) -> torch.Tensor:
+    """The 256 sorted, distinct float32 values a code stands for (times its block's scale): 0, and
+    per decade i = 0..6 (values in (10^(i-7), 10^(i-6)]) 2^i evenly spaced values (signed: of each
+    sign) or 2^(i+1) (unsigned); the top decade's positive side one more, to fill 256 (1 is the
+    top value: a block's largest magnitude is kept exactly)."""
+    def magnitudes(per_decade, extra_top):
+        values = []
+        for i in range(7):
+            steps = per_decade(i) + (extra_top if i == 6 else 0)
+            values += [10.0 ** (i - 6) * (0.1 + 0.9 * (j + 1) / steps) for j in range(steps)]
+        return values
+
+    if signed:
+        values = [-v for v in magnitudes(lambda i: 2 ** i, 0)] + [0.0] + magnitudes(lambda i: 2 ** i, 1)
+    else:
+        values = [0.0] + magnitudes(lambda i: 2 ** (i + 1), 1)
+    table = torch.tensor(sorted(values), dtype=torch.float64).float()
+    if table.numel() != 256 or not bool((table[1:] > table[:-1]).all()):
+        raise AssertionError("the dynamic code must hold 256 distinct sorted values")
+    return table
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32's shifts, multipliers below 2^31 so that int64 products do
+    not overflow) of x in [0, 2^32), int64 in and out. The Triton kernel computes the same in uint32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _MASK32
+    return x ^ (x >> 16)
+
+
+def stream_key(seed: int, step: int, which: int) -> int:
+    """The offset of one random stream: which = 0 for m, 1 for v, at one step of one parameter."""
+    x = (seed * _GOLDEN + step * 2 + which) & _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x5BD1E995) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniforms(first: int, count: int, key: int, device) -> torch.Tensor:
+    """count uniform float32 numbers in [0, 1) for elements first .. first + count - 1 of a stream."""
+    idx = torch.arange(first, first + count, dtype=torch.int64, device=device)
+    return (_hash32((idx + key) & _MASK32) >> 8).float() * (1.0 / (1 << 24))
+
+
+_KEY_SHIFT = 14  # a float32's top 18 bits (sign, exponent, 9 of the mantissa's bits) key the index table
+_INDEX_TABLES: dict = {}
+
+
+def _index_table(code: torch.Tensor) -> torch.Tensor:
+    """For each 18-bit key of a float32, the largest i with code[i] <= every float of that key
+    (clamped to 0..254). A key's floats span a 2^-9 relative range, less than any two codes' gap
+    (1/129 of the top decade, the finest), so at most one code lies inside it: lower_index
+    moves up by one where it does."""
+    cache_key = (code.device, tuple(code.tolist()))
+    if cache_key not in _INDEX_TABLES:
+        keys = torch.arange(1 << 18, dtype=torch.int64)
+        low_bits = torch.where(keys >= (1 << 17), (1 << _KEY_SHIFT) - 1, 0)  # negatives: most negative float
+        lowest = ((keys << _KEY_SHIFT) | low_bits).to(torch.int32).view(torch.float32)
+        lowest = torch.nan_to_num(lowest, nan=0.0).clamp(-1.0, 1.0)  # (keys past 1 are never looked up)
+        table = (torch.searchsorted(code.cpu(), lowest, right=True) - 1).clamp(0, 254)
+        _INDEX_TABLES[cache_key] = table.to(torch.uint8).to(code.device)
+    return _INDEX_TABLES[cache_key]
+
+
+def lower_index(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """searchsorted(code, x, right=True) - 1 clamped to 0..254, for x in [code[0], 1] (int64): a
+    table lookup on x's top bits and one correction (searchsorted's binary search took 60 % of a
+    CPU step)."""
+    keys = (x.contiguous().view(torch.int32).long() & _MASK32) >> _KEY_SHIFT
+    idx = _index_table(code)[keys].long()
+    return idx + ((code[(idx + 1).clamp_(max=255)] <= x) & (idx < 254))
+
+
+def quantize(x: torch.Tensor, code: torch.Tensor, u: torch.Tensor, squared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8 (nblocks, BLOCK), scales float32 (nblocks,)) of x (nblocks, BLOCK), rounded to
+    the code below or above at random (u: uniforms of x's shape), unbiased in x, or in x^2 where
+    `squared` (x = sqrt(v): unbiased in v)."""
+    scale = x.abs().amax(dim=1)
+    xn = (x / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp_(-1.0, 1.0)
+    lo_idx = lower_index(code, xn)
+    lo, hi = code[lo_idx], code[lo_idx + 1]
+    if squared:
+        p = (xn * xn - lo * lo) / (hi * hi - lo * lo)
+    else:
+        p = (xn - lo) / (hi - lo)
+    return (lo_idx + (u < p)).to(torch.uint8), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    return code[codes.long()] * scale[:, None]
+
+
+def adamw8bit_update(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, beta1: float, beta2: float,
+                     eps: float, weight_decay: float, seed: int, codes: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """One AdamW step of the flat float32 parameter p (n,) with gradient g (n,) and 8-bit state
+    (m_codes, m_scale, r_codes, r_scale; state["step"] already counts this step), in place, a
+    chunk of whole blocks at a time. codes: the signed and unsigned tables on p's device."""
+    step = state["step"]
+    n = p.numel()
+    signed, unsigned = codes
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    key_m, key_v = stream_key(seed, step, 0), stream_key(seed, step, 1)
+    blocks = state["m_scale"].numel()
+    per = _CHUNK // BLOCK
+    for b0 in range(0, blocks, per):
+        b1 = min(blocks, b0 + per)
+        e0, e1 = b0 * BLOCK, min(n, b1 * BLOCK)
+        nb, pad = b1 - b0, b1 * BLOCK - min(n, b1 * BLOCK)
+        gb = torch.nn.functional.pad(g[e0:e1].float(), (0, pad)).view(nb, BLOCK)
+        m = dequantize(state["m_codes"][b0:b1], state["m_scale"][b0:b1], signed)
+        r = dequantize(state["r_codes"][b0:b1], state["r_scale"][b0:b1], unsigned)
+        m.mul_(beta1).add_(gb, alpha=1.0 - beta1)
+        v = (r * r).mul_(beta2).addcmul_(gb, gb, value=1.0 - beta2)
+        update = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
+        pv = p[e0:e1]
+        pv.mul_(1.0 - lr * weight_decay).add_(update.view(-1)[: e1 - e0], alpha=-lr)
+        u_m = uniforms(e0, nb * BLOCK, key_m, p.device).view(nb, BLOCK)
+        u_v = uniforms(e0, nb * BLOCK, key_v, p.device).view(nb, BLOCK)
+        state["m_codes"][b0:b1], state["m_scale"][b0:b1] = quantize(m, signed, u_m, squared=False)
+        state["r_codes"][b0:b1], state["r_scale"][b0:b1] = quantize(v.sqrt_(), unsigned, u_v, squared=True)
+
+
+def _flat(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t's elements in storage order as a 1-D view (contiguous or any other dense layout)."""
+    if t.is_contiguous():
+        return t.view(-1)
+    order = sorted(range(t.dim()), key=lambda d: t.stride(d))
+    expected = 1
+    for d in order:
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            raise ValueError(f"{name}: 8-bit AdamW needs dense parameters; got shape {tuple(t.shape)} with "
+                             f"strides {t.stride()}")
+        expected *= t.shape[d]
+    return t.as_strided((t.numel(),), (1,))
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """torch.optim.AdamW's update (decoupled weight decay, bias correction) with 8-bit moments
+    (module docstring). The stochastic rounding of the parameter at position i (counted across
+    groups) draws from stream seed + i: optimizers over parts of a model (StepInBackward's, one per
+    parameter) draw what one over all of it does when each gets seed + its first position."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, seed: int = 0):
+        if not lr >= 0.0:
+            raise ValueError(f"lr: must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas: each must be in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps: must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay: must be >= 0, got {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        # (Not a group setting: load_state_dict would give every StepInBackward optimizer the first's.)
+        self.seed = seed
+        self._codes: dict = {}
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._codes:
+            self._codes[device] = (dynamic_code(True).to(device), dynamic_code(False).to(device))
+        return self._codes[device]
+
+    @staticmethod
+    def _new_state(p: torch.Tensor) -> dict:
+        if p.numel() < MIN_8BIT_NUMEL:
+            return {"step": 0, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        blocks = math.ceil(p.numel() / BLOCK)
+        zero_m = 127  # the signed table's 0 (127 negative values below it)
+        return {"step": 0,
+                "m_codes": torch.full((blocks, BLOCK), zero_m, dtype=torch.uint8, device=p.device),
+                "m_scale": torch.zeros(blocks, dtype=torch.float32, device=p.device),
+                "r_codes": torch.zeros((blocks, BLOCK), dtype=torch.uint8, device=p.device),
+                "r_scale": torch.zeros(blocks, dtype=torch.float32, device=p.device)}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        first = 0  # parameters of the groups before this one: one numbering across groups
+        for group in self.param_groups:
+            for index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("params: 8-bit AdamW does not take sparse gradients")
+                if p.dtype != torch.float32:
+                    raise ValueError(f"params: 8-bit AdamW updates float32 parameters, got {p.dtype}")
+                state = self.state[p]
+                if not state:
+                    state.update(self._new_state(p))
+                state["step"] += 1
+                if "exp_avg" in state:
+                    self._step_float32(p, state, group)
+                    continue
+                self._step_8bit(p, state, group, seed=(self.seed + first + index) & _MASK32)
+            first += len(group["params"])
+        return loss
+
+    def _step_8bit(self, p: torch.Tensor, state: dict, group: dict, seed: int) -> None:
+        from . import adamw8bit_triton  # (which imports this module)
+        g = p.grad if p.grad.stride() == p.stride() else torch.empty_like(p).copy_(p.grad)
+        flat_p, flat_g = _flat(p, "params"), _flat(g, "grad")
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                     weight_decay=group["weight_decay"], seed=seed)
+        if not adamw8bit_triton.update(flat_p, flat_g, state, self._tables(p.device), **hyper):
+            adamw8bit_update(flat_p, flat_g, state, codes=self._tables(p.device), **hyper)
+
+    @staticmethod
+    def _step_float32(p: torch.Tensor, state: dict, group: dict) -> None:
+        """torch.optim.AdamW's update, for the small parameters that keep float32 moments."""
+        beta1, beta2 = group["betas"]
+        step = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+        denom = (v.sqrt() / math.sqrt(1.0 - beta2 ** step)).add_(group["eps"])
+        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(m, denom, value=-group["lr"] / (1.0 - beta1 ** step))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, which casts every state tensor to its parameter's dtype: the codes are cast
+        back to uint8 (exactly: they are small integers). A float32 AdamW state (exp_avg,
+        exp_avg_sq) is taken too, quantized on the first step: a run may switch to 8 bits on resume."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            for key in ("m_codes", "r_codes"):
+                if key in state:
+                    state[key] = state[key].to(torch.uint8)
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = int(state["step"].item())
+            if "exp_avg" in state and p.numel() >= MIN_8BIT_NUMEL:
+                self._quantize_loaded(p, state)
+
+    def _quantize_loaded(self, p: torch.Tensor, state: dict) -> None:
+        signed, unsigned = self._tables(p.device)
+        new = self._new_state(p)
+        n = p.numel()
+        blocks = new["m_scale"].numel()
+        pad = blocks * BLOCK - n
+        m = torch.nn.functional.pad(_flat(state.pop("exp_avg").float(), "exp_avg"), (0, pad)).view(blocks, BLOCK)
+        r = torch.nn.functional.pad(_flat(state.pop("exp_avg_sq").float(), "exp_avg_sq"), (0, pad)).sqrt_().view(
+            blocks, BLOCK)
+        half = torch.full_like(m, 0.5)  # (round to nearest: nothing to keep unbiased across steps here)
+        new["m_codes"], new["m_scale"] = quantize(m, signed, half, squared=False)
+        new["r_codes"], new["r_scale"] = quantize(r, unsigned, half, squared=True)
+        new["step"] = state["step"]
+        state.clear()
+        state.update(new)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in an optimizer's state (any optimizer)."""
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor))

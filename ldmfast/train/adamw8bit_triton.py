@@ -1,0 +1,97 @@
+"""The 8-bit AdamW step of ldmfast/train/adamw8bit.py as one Triton kernel per parameter: a program
+per block dequantizes its moments, updates them and the parameter in float32, and requantizes
+them (block scale, stochastic rounding from the same hash as the plain-torch definition), without
+the definition's float32 temporaries or its ~20 launches per chunk. CUDA parameters only (and CPU
+ones through Triton's interpreter, where tests ask for it)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ldmfast.ops import _native
+from ldmfast.ops._backends import _TRITON_INTERPRET
+
+from .adamw8bit import BLOCK, stream_key
+
+#: Run the kernel on CPU tensors too (tests, with TRITON_INTERPRET=1).
+ON_CPU = False
+
+_TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: an all-zero block's scale
+
+
+@triton.jit
+def _hash32(x):
+    """adamw8bit._hash32 on uint32 (products wrap as its masked int64 ones)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x5BD1E995
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _uniform(offs, key):
+    return (_hash32((offs + key).to(tl.uint32)) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _lower_code(table, x):
+    """Index (0..254) of the largest of the 256 sorted table values <= x: a branchless binary search
+    (table[0] <= x always: x is normalized to the table's range)."""
+    idx = tl.zeros(x.shape, dtype=tl.int32)
+    for s in tl.static_range(8):
+        cand = idx + (128 >> s)
+        idx = tl.where(tl.load(table + cand) <= x, cand, idx)
+    return tl.minimum(idx, 254)
+
+
+@triton.jit
+def _requantize(x, table, codes_ptr, scale_ptr, b, offs, key, SQUARED: tl.constexpr):
+    """Codes and scale of block b from its float32 values x (adamw8bit.quantize)."""
+    scale = tl.max(tl.abs(x), axis=0)
+    xn = tl.minimum(tl.maximum(x / tl.maximum(scale, _TINY), -1.0), 1.0)
+    lo_i = _lower_code(table, xn)
+    lo = tl.load(table + lo_i)
+    hi = tl.load(table + lo_i + 1)
+    if SQUARED:
+        p = (xn * xn - lo * lo) / (hi * hi - lo * lo)
+    else:
+        p = (xn - lo) / (hi - lo)
+    code = lo_i + (_uniform(offs, key) < p).to(tl.int32)
+    tl.store(codes_ptr + offs, code.to(tl.uint8))
+    tl.store(scale_ptr + b, scale)
+
+
+@triton.jit
+def _adamw8bit_kernel(P, G, MC, MS, RC, RS, SIGNED, UNSIGNED, n, lr, beta1, beta2, eps, decay, bc1, bc2, key_m,
+                      key_v, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(SIGNED + tl.load(MC + offs).to(tl.int32)) * tl.load(MS + b)
+    r = tl.load(UNSIGNED + tl.load(RC + offs).to(tl.int32)) * tl.load(RS + b)
+    m = m * beta1 + (1.0 - beta1) * g
+    v = r * r * beta2 + (1.0 - beta2) * g * g
+    update = (m / bc1) / (tl.sqrt_rn(v / bc2) + eps)
+    p = tl.load(P + offs, mask=mask, other=0.0)
+    tl.store(P + offs, p * (1.0 - lr * decay) - lr * update, mask=mask)
+    _requantize(m, SIGNED, MC, MS, b, offs, key_m, False)
+    _requantize(tl.sqrt_rn(v), UNSIGNED, RC, RS, b, offs, key_v, True)
+
+
+def update(p: torch.Tensor, g: torch.Tensor, state: dict, tables: tuple[torch.Tensor, torch.Tensor], *, lr: float,
+           beta1: float, beta2: float, eps: float, weight_decay: float, seed: int) -> bool:
+    """adamw8bit.adamw8bit_update's step in one launch; False (nothing done) where it does not run:
+    a CPU parameter, unless ON_CPU under Triton's interpreter."""
+    if not (p.is_cuda or (ON_CPU and _TRITON_INTERPRET)):
+        return False
+    step = state["step"]
+    blocks = state["m_scale"].numel()
+    with _native.triton_device(p):
+        _adamw8bit_kernel[(blocks,)](
+            p, g, state["m_codes"], state["m_scale"], state["r_codes"], state["r_scale"], tables[0], tables[1],
+            p.numel(), lr, beta1, beta2, eps, weight_decay, 1.0 - beta1 ** step, 1.0 - beta2 ** step,
+            stream_key(seed, step, 0), stream_key(seed, step, 1), BLOCK=BLOCK)
+    return True
