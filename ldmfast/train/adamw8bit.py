@@ -67,14 +67,14 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _hash32_int(x: int) -> int:
+    """_hash32 of one Python integer."""
+    return int(_hash32(torch.tensor([x], dtype=torch.int64))[0])
+
+
 def stream_key(seed: int, step: int, which: int) -> int:
     """The offset of one random stream: which = 0 for m, 1 for v, at one step of one parameter."""
-    x = (seed * _GOLDEN + step * 2 + which) & _MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _MASK32
-    x ^= x >> 15
-    x = (x * 0x5BD1E995) & _MASK32
-    return x ^ (x >> 16)
+    return _hash32_int((seed * _GOLDEN + step * 2 + which) & _MASK32)
 
 
 def uniforms(first: int, count: int, key: int, device) -> torch.Tensor:
