@@ -250,3 +250,23 @@ def test_cuda_kernel_matches_the_definition():
     assert torch.allclose(p_k, p_ref, rtol=0, atol=1e-5)
     for key in ("m_codes", "r_codes"):
         assert (st_k[key] != st_ref[key]).float().mean().item() < 1e-3, key
+
+
+def test_triton_small_parameter_step_matches_torch_adamw(monkeypatch):
+    """The float32-moment kernel of small parameters, through Triton's interpreter, against torch's
+    AdamW."""
+    if not adamw8bit_triton._TRITON_INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    monkeypatch.setattr(adamw8bit_triton, "ON_CPU", True)
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(3000, generator=g)  # under MIN_8BIT_NUMEL: float32 moments
+    ours, ref = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
+    o8, oref = AdamW8bit([ours], lr=1e-2, weight_decay=0.1), torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)
+    for k in range(4):
+        grad = torch.randn(p0.shape, generator=g) * 10.0 ** -k
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        o8.step()
+        oref.step()
+    assert "exp_avg" in o8.state[ours]
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(o8.state[ours]["exp_avg_sq"], oref.state[ref]["exp_avg_sq"], rtol=1e-6, atol=0)

@@ -235,7 +235,7 @@ class AdamW8bit(torch.optim.Optimizer):
                     state.update(self._new_state(p))
                 state["step"] += 1
                 if "exp_avg" in state:
-                    self._step_float32(p, state, group)
+                    self._step_small(p, state, group)
                     continue
                 self._step_8bit(p, state, group, seed=(self.seed + first + index) & _MASK32)
             first += len(group["params"])
@@ -250,6 +250,16 @@ class AdamW8bit(torch.optim.Optimizer):
                      weight_decay=group["weight_decay"], seed=seed)
         if not adamw8bit_triton.update(flat_p, flat_g, state, self._tables(p.device), **hyper):
             adamw8bit_update(flat_p, flat_g, state, codes=self._tables(p.device), **hyper)
+
+    def _step_small(self, p: torch.Tensor, state: dict, group: dict) -> None:
+        """A small parameter's step: float32 moments (in one Triton launch on CUDA)."""
+        from . import adamw8bit_triton
+        beta1, beta2 = group["betas"]
+        if p.is_contiguous() and p.grad.is_contiguous() and state["exp_avg"].is_contiguous() and \
+                adamw8bit_triton.update_float32(p, p.grad, state, lr=group["lr"], beta1=beta1, beta2=beta2,
+                                                eps=group["eps"], weight_decay=group["weight_decay"]):
+            return
+        self._step_float32(p, state, group)
 
     @staticmethod
     def _step_float32(p: torch.Tensor, state: dict, group: dict) -> None:

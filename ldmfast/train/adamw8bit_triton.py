@@ -5,6 +5,8 @@ the definition's float32 temporaries or its ~20 launches per chunk. CUDA paramet
 ones through Triton's interpreter, where tests ask for it)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -81,11 +83,44 @@ def _adamw8bit_kernel(P, G, MC, MS, RC, RS, SIGNED, UNSIGNED, n, lr, beta1, beta
     _requantize(tl.sqrt_rn(v), UNSIGNED, RC, RS, b, offs, key_v, True)
 
 
+@triton.jit
+def _adamw_f32_kernel(P, G, M, V, n, lr, beta1, beta2, eps, decay, step_size, bc2_sqrt, BLOCK: tl.constexpr):
+    """AdamW8bit._step_float32 (torch's AdamW) for the small parameters' float32 moments."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(M + offs, mask=mask, other=0.0) * beta1 + (1.0 - beta1) * g
+    v = tl.load(V + offs, mask=mask, other=0.0) * beta2 + (1.0 - beta2) * g * g
+    p = tl.load(P + offs, mask=mask, other=0.0) * (1.0 - lr * decay)
+    tl.store(P + offs, p - step_size * m / (tl.sqrt_rn(v) / bc2_sqrt + eps), mask=mask)
+    tl.store(M + offs, m, mask=mask)
+    tl.store(V + offs, v, mask=mask)
+
+
+def _runs_here(p: torch.Tensor) -> bool:
+    return p.is_cuda or (ON_CPU and _TRITON_INTERPRET)
+
+
+def update_float32(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, beta1: float, beta2: float,
+                   eps: float, weight_decay: float) -> bool:
+    """The float32-moment step of a small parameter (flat p, g and state's exp_avg, exp_avg_sq) in
+    one launch, where torch's ops take eight: StepInBackward runs one per parameter, and a UNet has
+    hundreds of biases and norms. False (nothing done) where it does not run."""
+    if not _runs_here(p):
+        return False
+    step = state["step"]
+    with _native.triton_device(p):
+        _adamw_f32_kernel[(triton.cdiv(p.numel(), 1024),)](
+            p, g, state["exp_avg"], state["exp_avg_sq"], p.numel(), lr, beta1, beta2, eps, weight_decay,
+            lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step), BLOCK=1024)
+    return True
+
+
 def update(p: torch.Tensor, g: torch.Tensor, state: dict, tables: tuple[torch.Tensor, torch.Tensor], *, lr: float,
            beta1: float, beta2: float, eps: float, weight_decay: float, seed: int) -> bool:
     """adamw8bit.adamw8bit_update's step in one launch; False (nothing done) where it does not run:
     a CPU parameter, unless ON_CPU under Triton's interpreter."""
-    if not (p.is_cuda or (ON_CPU and _TRITON_INTERPRET)):
+    if not _runs_here(p):
         return False
     step = state["step"]
     blocks = state["m_scale"].numel()
