@@ -55,6 +55,19 @@ void group_norm_backward(int dtype, uintptr_t dy, uintptr_t x, uintptr_t weight,
                            channels_last, num_threads);
 }
 
+void adamw8bit_step(uintptr_t p, uintptr_t g, uintptr_t m_codes, uintptr_t m_scale, uintptr_t r_codes,
+                    uintptr_t r_scale, uintptr_t signed_code, uintptr_t unsigned_code, int64_t n, float lr, float beta1,
+                    float one_minus_beta1, float beta2, float one_minus_beta2, float eps, float bc1, float bc2,
+                    float decay_factor, uint32_t key_m, uint32_t key_v, uintptr_t signed_index,
+                    uintptr_t unsigned_index, int num_threads) {
+  const cpu::AdamW8bitHyper h{lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bc1, bc2, decay_factor,
+                              key_m, key_v, as_ptr<const uint8_t>(signed_index),
+                              as_ptr<const uint8_t>(unsigned_index)};
+  cpu::adamw8bit_step(as_ptr<float>(p), as_ptr<const float>(g), as_ptr<uint8_t>(m_codes), as_ptr<float>(m_scale),
+                      as_ptr<uint8_t>(r_codes), as_ptr<float>(r_scale), as_ptr<const float>(signed_code),
+                      as_ptr<const float>(unsigned_code), n, h, num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
@@ -69,6 +82,8 @@ PYBIND11_MODULE(_C, mod) {
           "Flash-style attention backward: dq, dk, dv from dout, out and lse.");
   mod.def("group_norm_forward", &group_norm_forward, py::call_guard<py::gil_scoped_release>(),
           "GroupNorm (+ SiLU) forward over (n, c, s) elements, contiguous or channels-last; writes y, mean, rstd.");
+  mod.def("adamw8bit_step", &adamw8bit_step, py::call_guard<py::gil_scoped_release>(),
+          "One 8-bit AdamW step over a flat float32 parameter, in place (ldmfast/train/adamw8bit.py).");
   mod.def("group_norm_backward", &group_norm_backward, py::call_guard<py::gil_scoped_release>(),
           "GroupNorm (+ SiLU) backward; writes dx, dweight, dbias (float32).");
 }

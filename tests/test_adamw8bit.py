@@ -230,6 +230,34 @@ def test_triton_kernel_matches_the_definition(monkeypatch):
         assert torch.allclose(st_k[key], st_ref[key], rtol=1e-5)
 
 
+def test_cpu_loop_matches_the_definition(monkeypatch):
+    """csrc/cpu/adamw8bit.cpp against adamw8bit_update: the same codes and scales, parameters to
+    float32 rounding, over steps with gradients of several magnitudes."""
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(7, 4321, generator=g)  # 119 blocks, the last one partial
+    grads = [torch.randn(p0.shape, generator=g) * 10.0 ** -k for k in range(5)]
+    results = []
+    for native in (False, True):
+        if not native:
+            monkeypatch.setattr(adamw8bit, "cpu_update", lambda *a, **k: False)
+        else:
+            monkeypatch.undo()
+        p = torch.nn.Parameter(p0.clone())
+        opt = AdamW8bit([p], lr=1e-2, weight_decay=0.1, seed=3)
+        for grad in grads:
+            p.grad = grad.clone()
+            opt.step()
+        results.append((p.detach().clone(), opt.state[p]))
+    (p_ref, st_ref), (p_cpu, st_cpu) = results
+    # (where a float rounding tips one stochastic rounding the other way, that value's later updates
+    # differ: a handful in 30 k)
+    assert ((p_cpu - p_ref).abs() > 1e-5).float().mean().item() < 1e-3
+    for key in ("m_codes", "r_codes"):
+        assert (st_cpu[key] != st_ref[key]).float().mean().item() < 1e-3, key
+    for key in ("m_scale", "r_scale"):
+        assert torch.allclose(st_cpu[key], st_ref[key], rtol=1e-5)
+
+
 @pytest.mark.cuda
 def test_cuda_kernel_matches_the_definition():
     if not torch.cuda.is_available():
@@ -247,7 +275,7 @@ def test_cuda_kernel_matches_the_definition():
         results.append((p.detach().cpu(), {k: v.cpu() if isinstance(v, torch.Tensor) else v
                                            for k, v in opt.state[p].items()}))
     (p_ref, st_ref), (p_k, st_k) = results
-    assert torch.allclose(p_k, p_ref, rtol=0, atol=1e-5)
+    assert ((p_k - p_ref).abs() > 1e-5).float().mean().item() < 1e-3
     for key in ("m_codes", "r_codes"):
         assert (st_k[key] != st_ref[key]).float().mean().item() < 1e-3, key
 

@@ -18,8 +18,9 @@ steps is 8-bit (Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantiza
 Parameters under MIN_8BIT_NUMEL values (biases, norms) keep float32 moments: their memory is nothing
 and their precision is worth more.
 
-`adamw8bit_update` below is the plain-torch definition (and the CPU path); on CUDA the Triton kernel
-of ldmfast/train/adamw8bit_triton.py does the same in one pass per parameter.
+`adamw8bit_update` below is the plain-torch definition; the step runs as one pass per parameter in
+C++ on the CPU (csrc/cpu/adamw8bit.cpp) and in a Triton kernel on CUDA
+(ldmfast/train/adamw8bit_triton.py).
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def _index_table(code: torch.Tensor) -> torch.Tensor:
     (clamped to 0..254). A key's floats span a 2^-9 relative range, less than any two codes' gap
     (1/129 of the top decade, the finest), so at most one code lies inside it: lower_index
     moves up by one where it does."""
-    cache_key = (code.device, tuple(code.tolist()))
+    cache_key = (code.device, bool(code[0] < 0))  # (the two tables: signed or not)
     if cache_key not in _INDEX_TABLES:
         keys = torch.arange(1 << 18, dtype=torch.int64)
         low_bits = torch.where(keys >= (1 << 17), (1 << _KEY_SHIFT) - 1, 0)  # negatives: most negative float
@@ -160,6 +161,25 @@ def adamw8bit_update(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float
         u_v = uniforms(e0, nb * BLOCK, key_v, p.device).view(nb, BLOCK)
         state["m_codes"][b0:b1], state["m_scale"][b0:b1] = quantize(m, signed, u_m, squared=False)
         state["r_codes"][b0:b1], state["r_scale"][b0:b1] = quantize(v.sqrt_(), unsigned, u_v, squared=True)
+
+
+def cpu_update(p: torch.Tensor, g: torch.Tensor, state: dict, tables: tuple[torch.Tensor, torch.Tensor], *,
+               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, seed: int) -> bool:
+    """adamw8bit_update's step through the C++ loop of csrc/cpu/adamw8bit.cpp (one pass, threaded);
+    False where ldmfast._C is missing."""
+    from ldmfast.ops import _native
+    module = _native.cpu_module()
+    if module is None:
+        return False
+    step = state["step"]
+    g = g if g.is_contiguous() else g.contiguous()
+    module.adamw8bit_step(p.data_ptr(), g.data_ptr(), state["m_codes"].data_ptr(), state["m_scale"].data_ptr(),
+                          state["r_codes"].data_ptr(), state["r_scale"].data_ptr(), tables[0].data_ptr(),
+                          tables[1].data_ptr(), p.numel(), lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+                          1.0 - beta1 ** step, 1.0 - beta2 ** step, 1.0 - lr * weight_decay,
+                          stream_key(seed, step, 0), stream_key(seed, step, 1), _index_table(tables[0]).data_ptr(),
+                          _index_table(tables[1]).data_ptr(), torch.get_num_threads())
+    return True
 
 
 def _flat(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -248,7 +268,9 @@ class AdamW8bit(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                      weight_decay=group["weight_decay"], seed=seed)
-        if not adamw8bit_triton.update(flat_p, flat_g, state, self._tables(p.device), **hyper):
+        if adamw8bit_triton.update(flat_p, flat_g, state, self._tables(p.device), **hyper):
+            return
+        if not (p.device.type == "cpu" and cpu_update(flat_p, flat_g, state, self._tables(p.device), **hyper)):
             adamw8bit_update(flat_p, flat_g, state, codes=self._tables(p.device), **hyper)
 
     def _step_small(self, p: torch.Tensor, state: dict, group: dict) -> None:
