@@ -66,19 +66,21 @@ def _requantize(x, table, codes_ptr, scale_ptr, b, offs, key, SQUARED: tl.conste
 
 
 @triton.jit
-def _adamw8bit_kernel(P, G, MC, MS, RC, RS, SIGNED, UNSIGNED, n, lr, beta1, beta2, eps, decay, bc1, bc2, key_m,
-                      key_v, BLOCK: tl.constexpr):
+def _adamw8bit_kernel(P, G, MC, MS, RC, RS, SIGNED, UNSIGNED, n, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                      eps, decay_factor, bc1, bc2, key_m, key_v, BLOCK: tl.constexpr):
+    """One block of adamw8bit_update per program (1 - beta and 1 - lr * weight_decay as the
+    definition rounds them)."""
     b = tl.program_id(0)
     offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(SIGNED + tl.load(MC + offs).to(tl.int32)) * tl.load(MS + b)
     r = tl.load(UNSIGNED + tl.load(RC + offs).to(tl.int32)) * tl.load(RS + b)
-    m = m * beta1 + (1.0 - beta1) * g
-    v = r * r * beta2 + (1.0 - beta2) * g * g
+    m = m * beta1 + one_minus_beta1 * g
+    v = r * r * beta2 + one_minus_beta2 * g * g
     update = (m / bc1) / (tl.sqrt_rn(v / bc2) + eps)
     p = tl.load(P + offs, mask=mask, other=0.0)
-    tl.store(P + offs, p * (1.0 - lr * decay) - lr * update, mask=mask)
+    tl.store(P + offs, p * decay_factor - lr * update, mask=mask)
     _requantize(m, SIGNED, MC, MS, b, offs, key_m, False)
     _requantize(tl.sqrt_rn(v), UNSIGNED, RC, RS, b, offs, key_v, True)
 
@@ -127,6 +129,6 @@ def update(p: torch.Tensor, g: torch.Tensor, state: dict, tables: tuple[torch.Te
     with _native.triton_device(p):
         _adamw8bit_kernel[(blocks,)](
             p, g, state["m_codes"], state["m_scale"], state["r_codes"], state["r_scale"], tables[0], tables[1],
-            p.numel(), lr, beta1, beta2, eps, weight_decay, 1.0 - beta1 ** step, 1.0 - beta2 ** step,
-            stream_key(seed, step, 0), stream_key(seed, step, 1), BLOCK=BLOCK)
+            p.numel(), lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, 1.0 - lr * weight_decay, 1.0 - beta1 ** step,
+            1.0 - beta2 ** step, stream_key(seed, step, 0), stream_key(seed, step, 1), BLOCK=BLOCK)
     return True
