@@ -72,7 +72,7 @@ for s in $STAGES; do
     # 18 sampling calls of 50 steps at batch 48 (fp32 eager among them): it ran past 150 s on an H200.
     bench_synthesis) stage $s 300 python3 bench/bench_synthesis_throughput.py --device cuda --repeats 1 ;;
     # POSTTRAIN_ARGS="--max-batch" adds the largest-batch search; ACCEL_MODELS="monai-unet,..." a subset.
-    bench_posttrain) stage $s 150 python3 bench/bench_posttrain.py --device cuda --rounds 2 ${POSTTRAIN_ARGS:-} ;;
+    bench_posttrain) stage $s 200 python3 bench/bench_posttrain.py --device cuda --rounds 2 ${POSTTRAIN_ARGS:-} ;;
     bench_accelerate) stage $s 170 python3 bench/bench_accelerate.py --device cuda --dtype bfloat16 --min-run-time 0.3 \
                         ${ACCEL_MODELS:+--models "$ACCEL_MODELS"} ;;
     bench_ddim) stage $s 25 python3 bench/bench_ddim.py --device cuda --min-run-time 0.1 ;;
