@@ -205,79 +205,62 @@ def test_channels_last_parameters_update_in_their_layout():
     assert torch.allclose(a, b, rtol=0, atol=1e-6)
 
 
+def _steps(p0, grads, device="cpu"):
+    """(parameter, state) on the CPU after AdamW8bit steps of p0 on `device` with `grads`."""
+    p = torch.nn.Parameter(p0.clone().to(device))
+    opt = AdamW8bit([p], lr=1e-2, weight_decay=0.1, seed=3)
+    for grad in grads:
+        p.grad = grad.clone().to(device)
+        opt.step()
+    return p.detach().cpu(), {k: v.cpu() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+
+
+def _definition_steps(monkeypatch, p0, grads):
+    """_steps through the plain-torch adamw8bit_update (no C++ loop, no Triton kernel)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(adamw8bit, "cpu_update", lambda *args, **kwargs: False)
+        patch.setattr(adamw8bit_triton, "ON_CPU", False)
+        return _steps(p0, grads)
+
+
+def _assert_alike(reference, other):
+    """The same codes and scales, parameters to float32 rounding, but where a float rounding tipped
+    one stochastic rounding the other way (that value's later updates differ): a handful in 10^4."""
+    (p_ref, st_ref), (p, st) = reference, other
+    assert ((p - p_ref).abs() > 1e-5).float().mean().item() < 1e-3
+    for key in ("m_codes", "r_codes"):
+        assert (st[key] != st_ref[key]).float().mean().item() < 1e-3, key
+    for key in ("m_scale", "r_scale"):
+        assert torch.allclose(st[key], st_ref[key], rtol=1e-5), key
+
+
+def _gradients(shape, count):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=g), [torch.randn(shape, generator=g) * 10.0 ** -k for k in range(count)]
+
+
 def test_triton_kernel_matches_the_definition(monkeypatch):
-    """Through Triton's interpreter: the same codes and scales, parameters to float32 rounding."""
+    """Through Triton's interpreter, over steps with gradients of several magnitudes."""
     if not adamw8bit_triton._TRITON_INTERPRET:
         pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it)")
-    g = torch.Generator().manual_seed(0)
-    p0 = torch.randn(3, 5000, generator=g)  # 59 blocks, the last one partial
-    grads = [torch.randn(p0.shape, generator=g) * 10.0 ** -k for k in range(4)]
-    results = []
-    for on_cpu in (False, True):
-        monkeypatch.setattr(adamw8bit_triton, "ON_CPU", on_cpu)
-        p = torch.nn.Parameter(p0.clone())
-        opt = AdamW8bit([p], lr=1e-2, weight_decay=0.1, seed=3)
-        for grad in grads:
-            p.grad = grad.clone()
-            opt.step()
-        results.append((p.detach().clone(), opt.state[p]))
-    (p_ref, st_ref), (p_k, st_k) = results
-    assert torch.allclose(p_k, p_ref, rtol=0, atol=1e-5)
-    for key in ("m_codes", "r_codes"):
-        differ = (st_k[key] != st_ref[key]).float().mean().item()
-        assert differ < 1e-3, key  # (a float rounding at a decision boundary may flip one)
-    for key in ("m_scale", "r_scale"):
-        assert torch.allclose(st_k[key], st_ref[key], rtol=1e-5)
+    p0, grads = _gradients((3, 5000), 4)  # 59 blocks, the last one partial
+    reference = _definition_steps(monkeypatch, p0, grads)
+    monkeypatch.setattr(adamw8bit_triton, "ON_CPU", True)
+    _assert_alike(reference, _steps(p0, grads))
 
 
 def test_cpu_loop_matches_the_definition(monkeypatch):
-    """csrc/cpu/adamw8bit.cpp against adamw8bit_update: the same codes and scales, parameters to
-    float32 rounding, over steps with gradients of several magnitudes."""
-    g = torch.Generator().manual_seed(0)
-    p0 = torch.randn(7, 4321, generator=g)  # 119 blocks, the last one partial
-    grads = [torch.randn(p0.shape, generator=g) * 10.0 ** -k for k in range(5)]
-    results = []
-    for native in (False, True):
-        if not native:
-            monkeypatch.setattr(adamw8bit, "cpu_update", lambda *a, **k: False)
-        else:
-            monkeypatch.undo()
-        p = torch.nn.Parameter(p0.clone())
-        opt = AdamW8bit([p], lr=1e-2, weight_decay=0.1, seed=3)
-        for grad in grads:
-            p.grad = grad.clone()
-            opt.step()
-        results.append((p.detach().clone(), opt.state[p]))
-    (p_ref, st_ref), (p_cpu, st_cpu) = results
-    # (where a float rounding tips one stochastic rounding the other way, that value's later updates
-    # differ: a handful in 30 k)
-    assert ((p_cpu - p_ref).abs() > 1e-5).float().mean().item() < 1e-3
-    for key in ("m_codes", "r_codes"):
-        assert (st_cpu[key] != st_ref[key]).float().mean().item() < 1e-3, key
-    for key in ("m_scale", "r_scale"):
-        assert torch.allclose(st_cpu[key], st_ref[key], rtol=1e-5)
+    """csrc/cpu/adamw8bit.cpp against adamw8bit_update."""
+    p0, grads = _gradients((7, 4321), 5)  # 119 blocks, the last one partial
+    _assert_alike(_definition_steps(monkeypatch, p0, grads), _steps(p0, grads))
 
 
 @pytest.mark.cuda
-def test_cuda_kernel_matches_the_definition():
+def test_cuda_kernel_matches_the_definition(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
-    g = torch.Generator().manual_seed(0)
-    p0 = torch.randn(1000, 999, generator=g)
-    grads = [torch.randn(p0.shape, generator=g) * 10.0 ** -k for k in range(4)]
-    results = []
-    for device in ("cpu", "cuda"):
-        p = torch.nn.Parameter(p0.clone().to(device))
-        opt = AdamW8bit([p], lr=1e-2, weight_decay=0.1, seed=3)
-        for grad in grads:
-            p.grad = grad.clone().to(device)
-            opt.step()
-        results.append((p.detach().cpu(), {k: v.cpu() if isinstance(v, torch.Tensor) else v
-                                           for k, v in opt.state[p].items()}))
-    (p_ref, st_ref), (p_k, st_k) = results
-    assert ((p_k - p_ref).abs() > 1e-5).float().mean().item() < 1e-3
-    for key in ("m_codes", "r_codes"):
-        assert (st_k[key] != st_ref[key]).float().mean().item() < 1e-3, key
+    p0, grads = _gradients((1000, 999), 4)
+    _assert_alike(_definition_steps(monkeypatch, p0, grads), _steps(p0, grads, "cuda"))
 
 
 def test_triton_small_parameter_step_matches_torch_adamw(monkeypatch):
