@@ -17,7 +17,8 @@ six ways, side by side:
                     2 bytes of state per parameter instead of 8. Not PAPER.md's optimizer: the
                     other variants' update, to the rounding of its stored moments. Its peak is
                     what the process held less the float32 AdamW state the other variants share
-                    (which exists beside its own here, and which a run with it would not have).
+                    (which exists beside its own here, and which a run with it would not have;
+                    --max-batch searches beside it too, so its largest batch is understated).
 
     python bench/bench_posttrain.py                              # CPU: --config small
     python bench/bench_posttrain.py --device cuda                # GPU: --config release, bf16, + batch 24 peaks
