@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cfloat>
 #include <cstring>
 
 #include <omp.h>
@@ -45,7 +46,7 @@ void block_step(float* __restrict p, const float* __restrict g, uint8_t* __restr
     const float gv = g[i];
     const float mv = sc[mc[i]] * ms * h.beta1 + h.one_minus_beta1 * gv;
     const float rv = uc[rc[i]] * rs;
-    const float v = rv * rv * h.beta2 + h.one_minus_beta2 * gv * gv;
+    const float v = std::min(rv * rv * h.beta2 + h.one_minus_beta2 * gv * gv, FLT_MAX);  // (as the definition)
     p[i] = p[i] * h.decay_factor - h.lr * ((mv / h.bc1) / (std::sqrt(v / h.bc2) + h.eps));
     m[i] = mv;
     r[i] = std::sqrt(v);
@@ -65,8 +66,9 @@ void block_step(float* __restrict p, const float* __restrict g, uint8_t* __restr
     float s = 0.0f;
 #pragma omp simd reduction(max : s)
     for (int64_t i = 0; i < kBlock; ++i) s = std::max(s, std::fabs(x[i]));
+    s = std::max(s, kTiny);  // (NaN left out by max; at least the smallest normal, as the definition)
     *scales[t] = s;
-    const float inv = 1.0f / std::max(s, kTiny);
+    const float inv = 1.0f / s;
     const bool squared = t == 1;
     // (Scalar: vectorized, the table lookups' gathers ran 2.7x slower on a Zen 4 core.)
     for (int64_t i = 0; i < kBlock; ++i) {

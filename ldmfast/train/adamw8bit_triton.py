@@ -20,6 +20,7 @@ from .adamw8bit import BLOCK, stream_key
 ON_CPU = False
 
 _TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: an all-zero block's scale
+_FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -51,8 +52,8 @@ def _lower_code(table, x):
 @triton.jit
 def _requantize(x, table, codes_ptr, scale_ptr, b, offs, key, SQUARED: tl.constexpr):
     """Codes and scale of block b from its float32 values x (adamw8bit.quantize)."""
-    scale = tl.max(tl.abs(x), axis=0)
-    xn = tl.minimum(tl.maximum(x / tl.maximum(scale, _TINY), -1.0), 1.0)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), _TINY)  # (the stored scale is the one divided by)
+    xn = tl.minimum(tl.maximum(x / scale, -1.0), 1.0)
     lo_i = _lower_code(table, xn)
     lo = tl.load(table + lo_i)
     hi = tl.load(table + lo_i + 1)
@@ -77,7 +78,7 @@ def _adamw8bit_kernel(P, G, MC, MS, RC, RS, SIGNED, UNSIGNED, n, lr, beta1, one_
     m = tl.load(SIGNED + tl.load(MC + offs).to(tl.int32)) * tl.load(MS + b)
     r = tl.load(UNSIGNED + tl.load(RC + offs).to(tl.int32)) * tl.load(RS + b)
     m = m * beta1 + one_minus_beta1 * g
-    v = r * r * beta2 + one_minus_beta2 * g * g
+    v = tl.minimum(r * r * beta2 + one_minus_beta2 * g * g, _FLOAT32_MAX)  # (as the definition)
     update = (m / bc1) / (tl.sqrt_rn(v / bc2) + eps)
     p = tl.load(P + offs, mask=mask, other=0.0)
     tl.store(P + offs, p * decay_factor - lr * update, mask=mask)
