@@ -54,8 +54,7 @@ import common  # noqa: E402
 
 from ldmfast.diffusion import NoiseSchedule  # noqa: E402
 from ldmfast.models import VQGAN, ConditionalLDM, UNetConfig, VQGANConfig, to_latent  # noqa: E402
-from ldmfast.train import PostTrainLossConfig, optim, posttrain_loss  # noqa: E402
-from ldmfast.train import adamw8bit  # noqa: E402
+from ldmfast.train import PostTrainLossConfig, adamw8bit, optim, posttrain_loss  # noqa: E402
 from ldmfast.train.step_in_backward import StepInBackward  # noqa: E402
 
 VARIANTS = ("naive", "no_ckpt", "decoder_ckpt", "decoder_unet_ckpt", "step_in_backward", "lean_8bit")
