@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 
@@ -64,9 +64,10 @@ def dynamic_code(signed: bool) -> torch.Tensor:
     return table
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
+def _hash32(x):
     """A 32-bit integer hash (lowbias32's shifts, multipliers below 2^31 so that int64 products do
-    not overflow) of x in [0, 2^32), int64 in and out. The Triton kernel computes the same in uint32."""
+    not overflow) of x in [0, 2^32): an int64 tensor, or a Python int (stream_key: no tensor on the
+    per-parameter path). The C++ loop and the Triton kernel compute the same in uint32."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -74,14 +75,26 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _hash32_int(x: int) -> int:
-    """_hash32 of one Python integer."""
-    return int(_hash32(torch.tensor([x], dtype=torch.int64))[0])
-
-
 def stream_key(seed: int, step: int, which: int) -> int:
     """The offset of one random stream: which = 0 for m, 1 for v, at one step of one parameter."""
-    return _hash32_int((seed * _GOLDEN + step * 2 + which) & _MASK32)
+    return _hash32((seed * _GOLDEN + step * 2 + which) & _MASK32)
+
+
+class StepScalars(NamedTuple):
+    """The scalars of one step as every implementation takes them, computed once in double and
+    rounded by the callee (so that the three round alike)."""
+    one_minus_beta1: float
+    one_minus_beta2: float
+    bc1: float           # bias corrections 1 - beta^step
+    bc2: float
+    decay_factor: float  # 1 - lr * weight_decay
+    key_m: int           # the step's random streams
+    key_v: int
+
+
+def step_scalars(step: int, *, lr: float, beta1: float, beta2: float, weight_decay: float, seed: int) -> StepScalars:
+    return StepScalars(1.0 - beta1, 1.0 - beta2, 1.0 - beta1 ** step, 1.0 - beta2 ** step, 1.0 - lr * weight_decay,
+                       stream_key(seed, step, 0), stream_key(seed, step, 1))
 
 
 def uniforms(first: int, count: int, key: int, device) -> torch.Tensor:
@@ -145,12 +158,9 @@ def adamw8bit_update(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float
     """One AdamW step of the flat float32 parameter p (n,) with gradient g (n,) and 8-bit state
     (m_codes, m_scale, r_codes, r_scale; state["step"] already counts this step), in place, a
     chunk of whole blocks at a time. codes: the signed and unsigned tables on p's device."""
-    step = state["step"]
     n = p.numel()
     signed, unsigned = codes
-    bc1 = 1.0 - beta1 ** step
-    bc2 = 1.0 - beta2 ** step
-    key_m, key_v = stream_key(seed, step, 0), stream_key(seed, step, 1)
+    k = step_scalars(state["step"], lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, seed=seed)
     blocks = state["m_scale"].numel()
     per = _CHUNK // BLOCK
     for b0 in range(0, blocks, per):
@@ -160,34 +170,32 @@ def adamw8bit_update(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float
         gb = torch.nn.functional.pad(g[e0:e1].float(), (0, pad)).view(nb, BLOCK)
         m = dequantize(state["m_codes"][b0:b1], state["m_scale"][b0:b1], signed)
         r = dequantize(state["r_codes"][b0:b1], state["r_scale"][b0:b1], unsigned)
-        m.mul_(beta1).add_(gb, alpha=1.0 - beta1)
+        m.mul_(beta1).add_(gb, alpha=k.one_minus_beta1)
         # (v at most float32's largest: an overflowing g^2 would make the block's scale inf, and
         # code 0 x inf NaN for all its values at the next step)
-        v = (r * r).mul_(beta2).addcmul_(gb, gb, value=1.0 - beta2).clamp_(max=_FLOAT32_MAX)
-        update = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
+        v = (r * r).mul_(beta2).addcmul_(gb, gb, value=k.one_minus_beta2).clamp_(max=_FLOAT32_MAX)
+        update = (m / k.bc1) / ((v / k.bc2).sqrt_().add_(eps))
         pv = p[e0:e1]
-        pv.mul_(1.0 - lr * weight_decay).add_(update.view(-1)[: e1 - e0], alpha=-lr)
-        u_m = uniforms(e0, nb * BLOCK, key_m, p.device).view(nb, BLOCK)
-        u_v = uniforms(e0, nb * BLOCK, key_v, p.device).view(nb, BLOCK)
+        pv.mul_(k.decay_factor).add_(update.view(-1)[: e1 - e0], alpha=-lr)
+        u_m = uniforms(e0, nb * BLOCK, k.key_m, p.device).view(nb, BLOCK)
+        u_v = uniforms(e0, nb * BLOCK, k.key_v, p.device).view(nb, BLOCK)
         state["m_codes"][b0:b1], state["m_scale"][b0:b1] = quantize(m, signed, u_m, squared=False)
         state["r_codes"][b0:b1], state["r_scale"][b0:b1] = quantize(v.sqrt_(), unsigned, u_v, squared=True)
 
 
 def cpu_update(p: torch.Tensor, g: torch.Tensor, state: dict, tables: tuple[torch.Tensor, torch.Tensor], *,
                lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, seed: int) -> bool:
-    """adamw8bit_update's step through the C++ loop of csrc/cpu/adamw8bit.cpp (one pass, threaded);
-    False where ldmfast._C is missing."""
+    """adamw8bit_update's step through the C++ loop of csrc/cpu/adamw8bit.cpp (one pass, threaded; p
+    and g flat and contiguous); False where ldmfast._C is missing."""
     from ldmfast.ops import _native
     module = _native.cpu_module()
     if module is None:
         return False
-    step = state["step"]
-    g = g if g.is_contiguous() else g.contiguous()
+    k = step_scalars(state["step"], lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, seed=seed)
     module.adamw8bit_step(p.data_ptr(), g.data_ptr(), state["m_codes"].data_ptr(), state["m_scale"].data_ptr(),
                           state["r_codes"].data_ptr(), state["r_scale"].data_ptr(), tables[0].data_ptr(),
-                          tables[1].data_ptr(), p.numel(), lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-                          1.0 - beta1 ** step, 1.0 - beta2 ** step, 1.0 - lr * weight_decay,
-                          stream_key(seed, step, 0), stream_key(seed, step, 1), _index_table(tables[0]).data_ptr(),
+                          tables[1].data_ptr(), p.numel(), lr, beta1, k.one_minus_beta1, beta2, k.one_minus_beta2, eps,
+                          k.bc1, k.bc2, k.decay_factor, k.key_m, k.key_v, _index_table(tables[0]).data_ptr(),
                           _index_table(tables[1]).data_ptr(), torch.get_num_threads())
     return True
 
@@ -279,10 +287,10 @@ class AdamW8bit(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                      weight_decay=group["weight_decay"], seed=seed)
-        kernels = _triton_module(p)
-        if not (kernels is not None and kernels.update(flat_p, flat_g, state, self._tables(p.device), **hyper)):
-            if not (p.device.type == "cpu" and cpu_update(flat_p, flat_g, state, self._tables(p.device), **hyper)):
-                adamw8bit_update(flat_p, flat_g, state, codes=self._tables(p.device), **hyper)
+        kernels, tables = _triton_module(p), self._tables(p.device)
+        if not (kernels is not None and kernels.update(flat_p, flat_g, state, tables, **hyper)):
+            if not (p.device.type == "cpu" and cpu_update(flat_p, flat_g, state, tables, **hyper)):
+                adamw8bit_update(flat_p, flat_g, state, codes=tables, **hyper)
         if work is not p.data:
             p.copy_(work)
 

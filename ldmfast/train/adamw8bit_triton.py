@@ -14,7 +14,7 @@ import triton.language as tl
 from ldmfast.ops import _native
 from ldmfast.ops._backends import _TRITON_INTERPRET
 
-from .adamw8bit import BLOCK, stream_key
+from .adamw8bit import BLOCK, step_scalars
 
 #: Run the kernel on CPU tensors too (tests, with TRITON_INTERPRET=1).
 ON_CPU = False
@@ -125,11 +125,10 @@ def update(p: torch.Tensor, g: torch.Tensor, state: dict, tables: tuple[torch.Te
     a CPU parameter, unless ON_CPU under Triton's interpreter."""
     if not _runs_here(p):
         return False
-    step = state["step"]
-    blocks = state["m_scale"].numel()
+    k = step_scalars(state["step"], lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, seed=seed)
     with _native.triton_device(p):
-        _adamw8bit_kernel[(blocks,)](
+        _adamw8bit_kernel[(state["m_scale"].numel(),)](
             p, g, state["m_codes"], state["m_scale"], state["r_codes"], state["r_scale"], tables[0], tables[1],
-            p.numel(), lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, 1.0 - lr * weight_decay, 1.0 - beta1 ** step,
-            1.0 - beta2 ** step, stream_key(seed, step, 0), stream_key(seed, step, 1), BLOCK=BLOCK)
+            p.numel(), lr, beta1, k.one_minus_beta1, beta2, k.one_minus_beta2, eps, k.decay_factor, k.bc1, k.bc2,
+            k.key_m, k.key_v, BLOCK=BLOCK)
     return True
