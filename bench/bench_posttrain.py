@@ -1,6 +1,6 @@
 """Peak memory and time of one lesion-aware post-training step (PAPER.md stage 3: forward,
 backward and AdamW step (the trainers': fused on CUDA) of the UNet and the condition module),
-six ways, side by side:
+seven ways, side by side:
 
   naive             what a direct implementation does: D(x0_hat) and the target D(z0) both decoded
                     by `vqgan.decode` with the graph recorded (the decoder's parameters still require
@@ -19,6 +19,8 @@ six ways, side by side:
                     what the process held less the float32 AdamW state the other variants share
                     (which exists beside its own here, and which a run with it would not have;
                     --max-batch searches beside it too, so its largest batch is understated).
+  decoder_8bit      lean_8bit without UNet checkpointing: the UNet's forward runs once, at the
+                    memory cost of its activations (the other way to trade time for memory)
 
     python bench/bench_posttrain.py                              # CPU: --config small
     python bench/bench_posttrain.py --device cuda                # GPU: --config release, bf16, + batch 24 peaks
@@ -31,7 +33,7 @@ step (the same for all). Memory: on the CPU, the peak resident memory (VmHWM) of
 process per variant over its first steps, above its resident memory once models, batch and
 optimizer state exist; on a GPU, torch.cuda.max_memory_allocated over a step, in total and above
 the memory allocated before it (models, optimizer state, batch). Time: the minimum over
-alternating rounds of the four variants in one process (robust to a shared machine).
+alternating rounds of the variants in one process (robust to a shared machine).
 Goals on a GPU: decoder checkpointing at most 40% of naive's peak for at most 1.3x its time.
 The models and AdamW's state (and the trainer's EMA, not built here) are the same for every
 variant, so the "extra" columns (peak above the memory held before the step) are where they differ.
@@ -57,8 +59,11 @@ from ldmfast.models import VQGAN, ConditionalLDM, UNetConfig, VQGANConfig, to_la
 from ldmfast.train import PostTrainLossConfig, adamw8bit, optim, posttrain_loss  # noqa: E402
 from ldmfast.train.step_in_backward import StepInBackward  # noqa: E402
 
-VARIANTS = ("naive", "no_ckpt", "decoder_ckpt", "decoder_unet_ckpt", "step_in_backward", "lean_8bit")
-IN_BACKWARD = {"step_in_backward": 32, "lean_8bit": 8}  # variants stepping inside the backward: state bits
+VARIANTS = ("naive", "no_ckpt", "decoder_ckpt", "decoder_unet_ckpt", "step_in_backward", "lean_8bit",
+            "decoder_8bit")
+# variants stepping inside the backward, and their AdamW state bits
+IN_BACKWARD = {"step_in_backward": 32, "lean_8bit": 8, "decoder_8bit": 8}
+UNET_CKPT = ("decoder_unet_ckpt", "step_in_backward", "lean_8bit")
 CONFIGS = {"small": (96, 112), "release": (192, 224)}
 
 
@@ -79,7 +84,7 @@ class Setup:
         self.ldm = ConditionalLDM(unet_config, latent_channels=vq_config.latent_channels).to(device, memory_format=fmt)
         self.ldm.train()
         self.optimizer = optim.adamw(self.ldm.parameters(), lr=2e-6 * batch)  # the trainer's (fused on CUDA)
-        self._in_backward: dict[str, StepInBackward] = {}
+        self._in_backward: dict[int, StepInBackward] = {}  # by AdamW state bits
         self.schedule = NoiseSchedule()
         self.device, self.dtype, self.size, self.fmt = device, dtype, size, fmt
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -108,27 +113,40 @@ class Setup:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def optimizer_for(self, variant: str):
-        """The plain AdamW, or for the IN_BACKWARD variants one applied per parameter inside the
-        backward, from the plain one's state: step_in_backward shares its state tensors
-        (load_state_dict keeps them: no second copy of the moments), lean_8bit quantizes them."""
-        if variant not in IN_BACKWARD:
-            return self.optimizer
-        if variant not in self._in_backward:
-            make = optim.adamw_maker(IN_BACKWARD[variant], lr=self.optimizer.defaults["lr"])
-            self._in_backward[variant] = StepInBackward(list(self.ldm.parameters()), make)
-            self._in_backward[variant].load_state_dict(self.optimizer.state_dict())
-        self._in_backward[variant].attach()
-        return self._in_backward[variant]
+    def in_backward_optimizer(self, bits: int) -> StepInBackward:
+        """AdamW applied per parameter inside the backward, with `bits`-bit state, made once from the
+        plain one's state (the float32 one shares its state tensors: load_state_dict keeps them; the
+        8-bit one quantizes them) and left detached. One per state width: the variants stepping
+        inside the backward with the same width share it."""
+        if bits not in self._in_backward:
+            make = optim.adamw_maker(bits, lr=self.optimizer.defaults["lr"])
+            stepper = StepInBackward(list(self.ldm.parameters()), make)
+            stepper.remove()  # attached by step() for the variants that use it
+            stepper.load_state_dict(self.optimizer.state_dict())
+            self._in_backward[bits] = stepper
+        return self._in_backward[bits]
 
-    def shared_state_bytes(self, variant: str) -> int:
-        """Bytes of the float32 AdamW state that the process holds beside `variant`'s own: what a
-        lean_8bit run would not have."""
-        return adamw8bit.state_bytes(self.optimizer) if variant == "lean_8bit" else 0
+    def prepare(self, variant: str) -> None:
+        """Make `variant`'s optimizer state before a measurement, so that the step measured is a
+        steady one (a first in-backward step would also count quantizing the state)."""
+        if variant in IN_BACKWARD:
+            self.in_backward_optimizer(IN_BACKWARD[variant])
+
+    def foreign_state_bytes(self, variant: str) -> int:
+        """Bytes of AdamW state that this process holds beside `variant`'s own, which a run of
+        `variant` alone would not have: the float32 state beside an 8-bit variant's, and beside the
+        others the 8-bit state once it exists."""
+        if IN_BACKWARD.get(variant) == 8:
+            return adamw8bit.state_bytes(self.optimizer)
+        eight = self._in_backward.get(8)
+        return sum(adamw8bit.state_bytes(o) for o in eight.optimizers) if eight else 0
 
     def step(self, variant: str, after_backward=None) -> float:
-        self.ldm.unet.gradient_checkpointing = variant in ("decoder_unet_ckpt", *IN_BACKWARD)
-        optimizer = self.optimizer_for(variant)
+        self.ldm.unet.gradient_checkpointing = variant in UNET_CKPT
+        optimizer = self.optimizer
+        if variant in IN_BACKWARD:
+            optimizer = self.in_backward_optimizer(IN_BACKWARD[variant])
+            optimizer.attach()
         try:
             with self.autocast():
                 if variant == "naive":
@@ -188,7 +206,7 @@ def probe_cpu_memory(args) -> dict:
     for _ in range(args.probe_steps):
         s.step(args.probe)
     peak = _status_bytes("VmHWM")
-    return {"peak_MiB": (peak - s.shared_state_bytes(args.probe)) / 2**20, "extra_MiB": (peak - base) / 2**20}
+    return {"peak_MiB": (peak - s.foreign_state_bytes(args.probe)) / 2**20, "extra_MiB": (peak - base) / 2**20}
 
 
 def cpu_memory(args) -> dict[str, dict]:
@@ -206,6 +224,7 @@ def cpu_memory(args) -> dict[str, dict]:
 
 
 def cuda_memory(s: Setup, variant: str) -> dict:
+    s.prepare(variant)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -217,7 +236,7 @@ def cuda_memory(s: Setup, variant: str) -> dict:
     s.step(variant, after_backward=lambda: grad_peak.append(torch.cuda.max_memory_allocated()))
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    return {"peak_MiB": (peak - s.shared_state_bytes(variant)) / 2**20, "extra_MiB": (peak - base) / 2**20,
+    return {"peak_MiB": (peak - s.foreign_state_bytes(variant)) / 2**20, "extra_MiB": (peak - base) / 2**20,
             "fwdbwd_extra_MiB": (grad_peak[0] - base) / 2**20}
 
 

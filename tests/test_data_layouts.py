@@ -160,6 +160,9 @@ def test_manifest_layout(phantom, tmp_path):
     (local / "m.csv").write_text("case_id,ctp,mask\nrel,a/ctp.nii.gz,a/mask.nii.gz\n")
     case = manifest_cases(local / "m.csv")[0]
     assert case.ctp == local / "a" / "ctp.nii.gz" and case.mask == local / "a" / "mask.nii.gz"
+    # Spreadsheets' "CSV UTF-8" starts the file with a byte-order mark: not part of the first column's name.
+    (local / "m.csv").write_bytes("case_id,ctp\nrel,a/ctp.nii.gz\n".encode("utf-8-sig"))
+    assert [c.case_id for c in manifest_cases(local / "m.csv")] == ["rel"]
 
 
 def test_manifest_errors_name_case_and_file(phantom, tmp_path):

@@ -28,6 +28,11 @@ NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 DATA_FIELDS = {"dim", "datatype", "bitpix", "scl_slope", "scl_inter", "vox_offset"}
 
 
+# header fields that describe the input's values, cleared in a synthesized image's (derived_header)
+INPUT_VALUE_FIELDS = {"cal_min", "cal_max", "descrip", "aux_file", "intent_code", "intent_name", "intent_p1",
+                      "intent_p2", "intent_p3"}
+
+
 def _header_fields_equal(written, reference, skip=()):
     for key in reference.keys():
         if key in DATA_FIELDS or key in skip:
@@ -93,12 +98,16 @@ def test_synthesis_written_on_the_inputs_grid_and_scale(oblique_case, tmp_path):
         written = nib.load(paths[name])
         np.testing.assert_array_equal(written.affine, source.affine)
         assert written.shape == source.shape[:3] and written.get_data_dtype() == np.float32
-        _header_fields_equal(written.header, source.header, skip={"pixdim"})
+        _header_fields_equal(written.header, source.header, skip={"pixdim", *INPUT_VALUE_FIELDS})
         np.testing.assert_array_equal(written.header["pixdim"][:4], source.header["pixdim"][:4])
+        # the CTP's display window, description and intent are not the synthesized image's
+        assert source.header["cal_max"] > 0 and source.header["descrip"]
+        assert written.header["cal_min"] == written.header["cal_max"] == 0 and not written.header["descrip"]
+        assert written.header["intent_code"] == 0 and not written.header["aux_file"]
         values = written.get_fdata()
         expected = np.clip(original, stats.low, stats.high)
         np.testing.assert_allclose(values[kept], expected[kept], rtol=1e-5, atol=1e-2)
-        assert not values[~volumes.mask].any()
+        assert not values[~kept].any()  # outside the mask, the slices and the model's (cropped) plane
 
 
 def test_synthesis_needs_stats_when_the_case_has_none(oblique_case, tmp_path):

@@ -85,8 +85,9 @@ def test_a_rerun_skips_finished_cases(setup, reference_run):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
 
 
-def _kill_after_a_new_record(args, out, sig) -> int:
-    """Start a run, send `sig` once a case record appears that was not there before; the exit status."""
+def _kill_after_a_new_record(args, out, sig) -> tuple[int, str]:
+    """Start a run, send `sig` once a case record appears that was not there before; the exit status
+    and what the run wrote to stderr."""
     before = set(out.glob("*/synthesis.json")) if out.exists() else set()
     proc = start_cli(*args)
     deadline = time.monotonic() + 180
@@ -96,8 +97,8 @@ def _kill_after_a_new_record(args, out, sig) -> int:
         time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be interrupted: give it more work"
     proc.send_signal(sig)
-    proc.communicate(timeout=120)
-    return proc.returncode
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
 
 
 def assert_finished_cases_valid(out):
@@ -115,7 +116,8 @@ def test_interrupted_runs_leave_whole_files_and_a_rerun_completes_them(setup, re
     out = tmp_path / "out"
     args = synth_args(setup, out)
     # SIGTERM (what torchrun and schedulers send): the run stops cleanly, no temporary file is left.
-    assert _kill_after_a_new_record(args, out, signal.SIGTERM) == 128 + signal.SIGTERM
+    code, err = _kill_after_a_new_record(args, out, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and "run the same command again" in err and "Traceback" not in err
     assert not list(out.glob("*/.tmp-*"))
     assert_finished_cases_valid(out)
     done = len(list(out.glob("*/synthesis.json")))

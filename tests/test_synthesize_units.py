@@ -142,9 +142,10 @@ def test_write_case_maps_back_to_the_volume_and_marks_the_case_finished(data, tm
     for k in range(samples):
         for c, name in enumerate(("dwi", "adc")):
             low, high = prepared.stats[name].low, prepared.stats[name].high
-            full = np.full((slices, x, y), -1.0)  # 24 x 40 back to 32 x 32: crop W, pad H with -1
+            full = np.full((slices, x, y), np.nan)  # 24 x 40 back to 32 x 32: crop W, pad H
             full[:, 4:28, :] = images[k, :, c, :, 4:36]
             values = (np.clip(full, -1, 1) + 1) / 2 * (high - low) + low
+            values[np.isnan(values)] = 0  # rows the model's slice did not cover: not synthesized
             expected = np.zeros((x, y, z))
             expected[:, :, prepared.prepared.slice_index] = np.moveaxis(values * prepared.prepared.mask, 0, -1)
             img = nib.load(sample_paths(tmp_path, case.case_id, k)[name])
@@ -222,3 +223,87 @@ def test_a_case_the_model_fails_on_is_reported_and_the_others_are_written(data, 
         assert "device lost" in summary.failed[victim]
     for case in cases:
         assert case_complete(config.output, case.case_id, 1) == (case.case_id in summary.written)
+
+
+def test_a_rerun_resumes_only_what_the_same_settings_made(data, tmp_path):
+    from ldmfast.synthesis import synthesize
+    from synthesize_helpers import make_model_dir
+
+    cases = sorted(c.case_id for c in find_cases(data))
+    model = make_model_dir(tmp_path / "model", 1)
+    out = tmp_path / "out"
+
+    def run(**settings):
+        config = SynthesisConfig(model=str(model), input=str(data), output=str(out), steps=1, batch_size=4,
+                                 device="cpu", **settings)
+        return synthesize(config, progress=False, log=lambda message: None)
+
+    def files():
+        return {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    assert sorted(run(samples=2).written) == cases
+    assert sorted(run(samples=2).skipped) == cases and sorted(run(samples=1).skipped) == cases  # a subset
+    before = files()
+    with pytest.raises(ConfigError, match="seed 0, now 1; size None, now") as err:  # not these settings' outputs
+        run(samples=2, seed=1, size=(32, 24))
+    assert err.value.key == "output" and "--overwrite" in str(err.value) and files() == before
+    # Overwritten with fewer samples: the earlier run's second sample goes too.
+    assert sorted(run(samples=1, seed=1, overwrite=True).written) == cases
+    assert not list(out.glob("*/*_s1.nii.gz"))
+    assert sorted(run(samples=2, seed=1).written) == cases  # more samples than were made: redone
+    assert len(list(out.glob("*/dwi_s1.nii.gz"))) == len(cases)
+    make_model_dir(model, 2)  # retrained in the same folder
+    with pytest.raises(ConfigError, match="model_files"):
+        run(samples=2, seed=1)
+
+
+def test_a_damaged_model_folder_is_a_refused_setting(data, tmp_path):
+    from ldmfast.synthesis import synthesize
+    from synthesize_helpers import make_model_dir
+
+    model = make_model_dir(tmp_path / "model", 1)
+    config = SynthesisConfig(model=str(model), input=str(data), output=str(tmp_path / "out"), steps=1, device="cpu")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short
+    with pytest.raises(ConfigError, match="cannot load the model") as err:
+        synthesize(config, progress=False)
+    assert err.value.key == "model" and not (tmp_path / "out").exists()
+    make_model_dir(model, 1)
+    settings = json.loads((model / "config.json").read_text())
+    del settings["diffusion"]
+    (model / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(ConfigError, match="'diffusion'") as err:
+        synthesize(config, progress=False)
+    assert err.value.key == "model"
+
+
+def test_a_crop_to_the_model_size_is_reported_and_written_as_zero(data, tmp_path, monkeypatch):
+    from ldmfast.synthesis import runner, synthesize
+    from synthesize_helpers import make_model_dir
+
+    case = find_cases(data)[0]
+    prepared = prepare_case(case, frames=15, multiple=8, size=(16, 16))
+    mask = prepared.prepared.mask
+    inside = np.zeros(mask.shape[-2:], dtype=bool)
+    inside[8:24, 8:24] = True
+    assert prepared.cropped_brain == np.count_nonzero(mask & ~inside) > 0
+
+    totals = []  # (n, total) after each update of the progress bar
+
+    class Bar(runner.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            totals.append((self.n, self.total))
+
+    monkeypatch.setattr(runner, "tqdm", Bar)
+    config = SynthesisConfig(model=str(make_model_dir(tmp_path / "model", 1)), input=str(data),
+                             output=str(tmp_path / "out"), steps=1, batch_size=4, device="cpu", size=(16, 16))
+    messages = []
+    summary = synthesize(config, progress=True, log=messages.append)
+    assert any(f"crops {prepared.cropped_brain} brain voxels" in m for m in messages)
+    dwi = np.asarray(nib.load(tmp_path / "out" / case.case_id / "dwi.nii.gz").dataobj)
+    assert not dwi[~inside].any() and dwi[inside].any()
+    # The bar's total is the whole run's from the start (the headers' slices, less the unusable ones
+    # once read) and the bar ends full.
+    headers = sum(nib.load(c.ctp).shape[2] for c in find_cases(data))
+    assert totals[0][1] in range(summary.slices, headers + 1) and totals[-1] == (summary.slices, summary.slices)

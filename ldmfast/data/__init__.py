@@ -35,7 +35,7 @@ from .preprocess import (
     resample_frames,
     usable_slices,
 )
-from .writer import assemble_volume, output_paths, outputs_complete, save_nifti_atomic, write_synthesis
+from .writer import assemble_volume, derived_header, output_paths, outputs_complete, save_nifti_atomic, write_synthesis
 
 __all__ = [
     "LAYOUTS",
@@ -58,6 +58,7 @@ __all__ = [
     "compute_brain_mask",
     "ctp_to_unit",
     "denormalize_mri",
+    "derived_header",
     "detect_layout",
     "ensure_cached",
     "find_cases",

@@ -200,7 +200,7 @@ def manifest_cases(manifest: str | os.PathLike, *, require: Iterable[str] = (), 
     require = _check_require(require)
     if not manifest.is_file():
         raise DataError("manifest not found", path=manifest)
-    with open(manifest, newline="") as f:
+    with open(manifest, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets write a BOM
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or ()]
         unknown = [c for c in columns if c not in MANIFEST_COLUMNS]

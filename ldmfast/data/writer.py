@@ -39,6 +39,20 @@ def save_nifti_atomic(
     return path
 
 
+def derived_header(header: nib.Nifti1Header) -> nib.Nifti1Header:
+    """A copy of an input's header for an image computed from it (a synthesized DWI from a CTP):
+    the grid, units and orientation stay; the display window (cal_min/cal_max), description and
+    intent described the input's values, so they are cleared (a viewer would otherwise window the
+    DWI with the CT's range)."""
+    out = header.copy()
+    out["cal_min"] = 0
+    out["cal_max"] = 0
+    out["descrip"] = b""
+    out["aux_file"] = b""
+    out.set_intent("none")
+    return out
+
+
 def assemble_volume(
     slices: np.ndarray, slice_index: np.ndarray, spatial_shape: tuple[int, int, int], fill: float = 0.0
 ) -> np.ndarray:
@@ -51,6 +65,18 @@ def assemble_volume(
     volume = np.full(spatial_shape, fill, dtype=np.float32)
     volume[:, :, np.asarray(slice_index)] = np.moveaxis(slices, 0, -1)
     return volume
+
+
+def synthesized_volume(slices: np.ndarray, prepared: PreprocessedCase, stats: VolumeStats) -> np.ndarray:
+    """One channel of a case's synthesized slices (S x H x W in the model's [-1, 1], one per entry
+    of prepared.slice_index, H x W the model's slice size) as an X x Y x Z volume on the case's
+    grid and intensity scale: fitted back to the case's plane, and 0 outside the brain mask, where a
+    crop to the model's size left the plane uncovered (no synthesis there), and in the slices not
+    synthesized."""
+    in_plane = prepared.spatial_shape[:2]
+    covered = fit_to_size(np.ones(slices.shape[-2:], dtype=np.float32), in_plane, fill=0.0)
+    values = denormalize_mri(fit_to_size(slices, in_plane, fill=-1.0), stats) * (prepared.mask * covered)
+    return assemble_volume(values, prepared.slice_index, prepared.spatial_shape)
 
 
 def output_paths(out_dir: str | os.PathLike, case_id: str) -> dict[str, Path]:
@@ -72,7 +98,8 @@ def write_synthesis(
         of `prepared.slice_index`; H x W may be a training crop, it is fitted back.
     stats: {"dwi": VolumeStats, "adc": VolumeStats} mapping back to intensities; defaults to
         the case's own (kept from its DWI/ADC), and is required when it has none.
-    Voxels outside the brain mask and slices that were not synthesized are 0.
+    Voxels outside the brain mask or the synthesized slice (a crop) and slices that were not
+    synthesized are 0.
     """
     if stats is None:
         if prepared.dwi_stats is None:
@@ -84,13 +111,11 @@ def write_synthesis(
     n = len(prepared.slice_index)
     if synthesized.ndim != 4 or synthesized.shape[:2] != (n, len(OUTPUT_CHANNELS)):
         raise ValueError(f"synthesized: expected {n} x 2 x H x W for case {prepared.case_id!r}, got {synthesized.shape}")
-    in_plane = prepared.spatial_shape[:2]
     paths = output_paths(out_dir, prepared.case_id)
+    header = derived_header(prepared.header)
     for channel, name in enumerate(OUTPUT_CHANNELS):
-        values = denormalize_mri(fit_to_size(synthesized[:, channel], in_plane, fill=-1.0), stats[name])
-        values *= prepared.mask
-        volume = assemble_volume(values, prepared.slice_index, prepared.spatial_shape)
-        save_nifti_atomic(volume, prepared.affine, prepared.header, paths[name])
+        volume = synthesized_volume(synthesized[:, channel], prepared, stats[name])
+        save_nifti_atomic(volume, prepared.affine, header, paths[name])
     return paths
 
 

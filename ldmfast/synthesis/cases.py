@@ -19,12 +19,15 @@ UNIT_STATS = VolumeStats(0.0, 1.0)
 class SynthesisCase:
     """prepared: the case's usable slices (CTP-based selection) and geometry;
     ctp: S x frames x H x W model input in [-1, 1] at the model slice size;
-    stats: {"dwi", "adc"} clip bounds to write with; scale: "case", "model" or "unit"."""
+    stats: {"dwi", "adc"} clip bounds to write with; scale: "case", "model" or "unit";
+    cropped_brain: brain-mask voxels of the usable slices that a crop to the model's slice size
+    (--size) leaves out (not synthesized: written as 0)."""
 
     prepared: PreprocessedCase
     ctp: np.ndarray
     stats: dict[str, VolumeStats]
     scale: str
+    cropped_brain: int = 0
 
     @property
     def case_id(self) -> str:
@@ -68,10 +71,13 @@ def prepare_case(files: CaseFiles, *, frames: int, multiple: int, size: tuple[in
         stats, chosen = {"dwi": UNIT_STATS, "adc": UNIT_STATS}, "unit"
     prepared = preprocess_case(volumes, options)
     ctp = prepared.ctp
+    cropped_brain = 0
     if size is not None:
         ctp = fit_to_size(ctp, tuple(size), fill=-1.0)  # -1: the model scale of CTP background
+        covered = fit_to_size(np.ones(tuple(size), dtype=bool), prepared.mask.shape[-2:], fill=False)
+        cropped_brain = int(np.count_nonzero(prepared.mask & ~covered))
     elif any(s % multiple for s in ctp.shape[-2:]):
         raise DataError(f"in-plane size {ctp.shape[-2]} x {ctp.shape[-1]} is not divisible by {multiple}, as this "
                         "model needs; give --size H W to crop/pad slices to one that is", case=files.case_id,
                         path=files.ctp)
-    return SynthesisCase(prepared, np.ascontiguousarray(ctp, dtype=np.float32), stats, chosen)
+    return SynthesisCase(prepared, np.ascontiguousarray(ctp, dtype=np.float32), stats, chosen, cropped_brain)

@@ -82,10 +82,17 @@ _KEYS = ("model", "input", "output", "layout", "batch_size", "steps", "eta", "sp
          "size", "scale", "dtype", "cuda_graph", "prefetch", "overwrite")
 
 
-def _raise_exit(signum, frame):
-    # SIGTERM (torchrun stopping a worker, a scheduler's time limit) unwinds like Ctrl-C, so the
-    # files being written are completed or removed rather than left half-written.
-    raise SystemExit(128 + signum)
+class Terminated(BaseException):
+    """SIGTERM (torchrun stopping a worker, a scheduler's time limit), raised so that the run
+    unwinds like Ctrl-C: the files being written are completed or removed, never left half-written."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
 
 
 def run_synthesize(args: argparse.Namespace) -> int:
@@ -98,7 +105,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
     from .config import load_synthesis_config
     from .runner import synthesize
 
-    signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     overrides = {key: getattr(args, key) for key in _KEYS}
     if overrides["size"] is not None:
         overrides["size"] = list(overrides["size"])
@@ -113,6 +120,11 @@ def run_synthesize(args: argparse.Namespace) -> int:
     except (ConfigError, DataError) as err:  # refused settings, or an input with no case at all
         print(f"ldmfast synthesize: error: {err}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as err:
+        print(f"\nldmfast synthesize: {'terminated' if isinstance(err, Terminated) else 'interrupted'}: the cases "
+              f"written so far in {config.output} are complete; run the same command again to go on",
+              file=sys.stderr)
+        return 128 + (err.signum if isinstance(err, Terminated) else signal.SIGINT)
     finally:
         shutdown_distributed()
     if dist.is_main:

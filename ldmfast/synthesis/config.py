@@ -102,6 +102,12 @@ def read_model_config(model_dir: str | os.PathLike) -> dict:
         raise ConfigError("model", f"{path}: not a ConditionalLDM folder (model = {data.get('model')!r})")
     if not (Path(model_dir) / "autoencoder").is_dir():
         raise ConfigError("model", f"{model_dir}: has no autoencoder/ folder, which decoding needs")
+    try:  # the entries synthesis reads before loading the model
+        int(data["diffusion"]["num_train_steps"])
+        model_multiple(data)
+    except (KeyError, TypeError, ValueError) as err:
+        problem = f"no entry {err.args[0]!r}" if isinstance(err, KeyError) else f"a bad entry: {err}"
+        raise ConfigError("model", f"{path}: not a complete ConditionalLDM config ({problem})") from None
     return data
 
 

@@ -4,27 +4,29 @@ Layout: `OUT/<case>/dwi.nii.gz` and `adc.nii.gz` (sample 0, the release layout t
 `ldmfast evaluate` reads), `dwi_s<k>.nii.gz` and `adc_s<k>.nii.gz` for further samples k, and
 `synthesis.json` (settings, scale, slices), written last. Every file is written under a
 temporary name and renamed, and the record is removed before a case is (re)written, so a case
-is finished exactly when its record exists and names its files.
+is finished exactly when its record exists and names its files. A record also says which
+settings made the files (`record_conflict`): a rerun resumes only what the same settings made.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
-from ldmfast.data import assemble_volume, fit_to_size, output_paths, save_nifti_atomic
+from ldmfast.data import derived_header, output_paths, save_nifti_atomic
 from ldmfast.data.atomic import atomic_path
-from ldmfast.data.preprocess import denormalize_mri
-from ldmfast.data.writer import OUTPUT_CHANNELS
+from ldmfast.data.writer import OUTPUT_CHANNELS, synthesized_volume
 
 from .cases import SynthesisCase
 
 RECORD_NAME = "synthesis.json"
 _TEMP_PREFIX = ".tmp-"  # ldmfast.data.atomic's temporary names
+_SAMPLE_FILE = re.compile(r"^(?:%s)_s(\d+)\.nii\.gz$" % "|".join(OUTPUT_CHANNELS))
 
 
 def sample_paths(out_dir: str | os.PathLike, case_id: str, sample: int) -> dict[str, Path]:
@@ -34,15 +36,37 @@ def sample_paths(out_dir: str | os.PathLike, case_id: str, sample: int) -> dict[
     return {name: Path(out_dir) / case_id / f"{name}_s{sample}.nii.gz" for name in OUTPUT_CHANNELS}
 
 
-def case_complete(out_dir: str | os.PathLike, case_id: str, samples: int) -> bool:
-    """Whether the case's record exists and every file of `samples` samples has a readable header."""
-    record = Path(out_dir) / case_id / RECORD_NAME
+def read_record(out_dir: str | os.PathLike, case_id: str) -> dict | None:
+    """A case's synthesis.json, or None when there is none (never written, or being rewritten)."""
     try:
-        json.loads(record.read_text())
+        record = json.loads((Path(out_dir) / case_id / RECORD_NAME).read_text())
     except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def record_conflict(record: dict, settings: dict) -> str | None:
+    """How a case's record differs from this run's settings (those the record has: records of
+    older versions lack some), or None: outputs another run's settings made are not this run's."""
+    differ = []
+    for key, value in settings.items():
+        if key in record and record[key] != value:
+            was, now = repr(record[key]), repr(value)
+            differ.append(f"{key} {was}, now {now}" if len(was) + len(now) <= 100 else key)
+    return "; ".join(differ) or None
+
+
+def case_complete(out_dir: str | os.PathLike, case_id: str, samples: int, record: dict | None = None) -> bool:
+    """Whether the case's record (read from the folder unless given) names every file of `samples`
+    samples, and each has a readable header."""
+    record = read_record(out_dir, case_id) if record is None else record
+    if record is None:
         return False
+    listed = set(record.get("files") or ())
     for sample in range(samples):
         for path in sample_paths(out_dir, case_id, sample).values():
+            if path.name not in listed:
+                return False
             try:
                 nib.load(path)
             except (OSError, ImageFileError, EOFError, ValueError):
@@ -64,8 +88,10 @@ def write_case(out_dir: str | os.PathLike, case: SynthesisCase, images: np.ndarr
 
     images: samples x S x 2 x H x W in the model's [-1, 1], one slice per entry of the case's
     slice_index, H x W the model slice size (fitted back to the case's in-plane size here).
-    Voxels outside the brain mask and slices not synthesized are 0; intensities follow
-    case.stats (its scale). The NIfTI files carry the CTP's affine and header."""
+    Voxels outside the brain mask, outside the model's slice where it was cropped (--size) and
+    slices not synthesized are 0; intensities follow case.stats (its scale). The NIfTI files carry
+    the CTP's affine and header (less its display window, description and intent). Sample files
+    of an earlier run with more samples are removed."""
     prepared = case.prepared
     expected = (len(prepared.slice_index), len(OUTPUT_CHANNELS))
     if images.ndim != 5 or images.shape[1:3] != expected:
@@ -74,14 +100,17 @@ def write_case(out_dir: str | os.PathLike, case: SynthesisCase, images: np.ndarr
     case_dir = Path(out_dir) / case.case_id
     (case_dir / RECORD_NAME).unlink(missing_ok=True)  # unfinished until the record is back
     remove_stale_temporaries(case_dir)
+    header = derived_header(prepared.header)
     written = []
     for sample in range(images.shape[0]):
         paths = sample_paths(out_dir, case.case_id, sample)
         for channel, name in enumerate(OUTPUT_CHANNELS):
-            slices = fit_to_size(images[sample, :, channel], prepared.spatial_shape[:2], fill=-1.0)
-            values = denormalize_mri(slices, case.stats[name]) * prepared.mask
-            volume = assemble_volume(values, prepared.slice_index, prepared.spatial_shape)
-            written.append(save_nifti_atomic(volume, prepared.affine, prepared.header, paths[name]))
+            volume = synthesized_volume(images[sample, :, channel], prepared, case.stats[name])
+            written.append(save_nifti_atomic(volume, prepared.affine, header, paths[name]))
+    for path in case_dir.iterdir():  # an earlier run's further samples are not this run's
+        match = _SAMPLE_FILE.match(path.name)
+        if match and int(match.group(1)) >= images.shape[0]:
+            path.unlink(missing_ok=True)
     record = {**record, "case_id": case.case_id, "scale": case.scale,
               "stats": {name: [s.low, s.high] for name, s in case.stats.items()},
               "slice_index": [int(i) for i in prepared.slice_index],

@@ -6,6 +6,7 @@ is written by one process); the summary is gathered so that every process return
 run's (and the command exits the same way on all of them)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import deque
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import nibabel as nib
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -27,7 +29,7 @@ from .batching import Batch, CaseJob, SliceBatcher, scatter
 from .cases import SynthesisCase, prepare_case
 from .config import (SynthesisConfig, check_against_model, check_output_overlap, check_paths, model_multiple,
                      read_intensity_stats, read_model_config)
-from .outputs import case_complete, write_case
+from .outputs import case_complete, read_record, record_conflict, write_case
 from .seeds import slice_seed
 
 
@@ -79,6 +81,22 @@ def generate_options(config: SynthesisConfig, device: torch.device) -> dict:
     return options
 
 
+def model_files(model_dir: str | os.PathLike) -> list[list]:
+    """The model folder's weight files as [name, bytes, mtime in ns]: a model retrained in place
+    (same folder) tells its outputs from the earlier model's."""
+    root = Path(model_dir)
+    return [[str(path.relative_to(root)), path.stat().st_size, path.stat().st_mtime_ns]
+            for path in sorted(root.rglob("*.safetensors"))]
+
+
+def run_settings(config: SynthesisConfig) -> dict:
+    """The settings that decide a case's voxels, as its record keeps them: a rerun resumes only the
+    cases these same settings made (not the device, dtype or batch size: those only round)."""
+    return {"model": str(Path(config.model).resolve()), "model_files": model_files(config.model),
+            "steps": config.steps, "eta": config.eta, "spacing": config.spacing, "seed": config.seed,
+            "size": list(config.size) if config.size else None, "scale_option": config.scale}
+
+
 def _describe(err: BaseException) -> str:
     text = str(err) or type(err).__name__
     return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
@@ -94,28 +112,47 @@ class _Run:
         self.batcher = SliceBatcher(config.batch_size)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="ldmfast-write")
         self.writes: dict[str, Future] = {}
-        self.record = {"ldmfast": ldmfast.__version__, "model": str(Path(config.model).resolve()),
-                       "steps": config.steps, "eta": config.eta, "spacing": config.spacing, "seed": config.seed,
-                       "samples": config.samples, "batch_size": config.batch_size,
-                       "size": list(config.size) if config.size else None}
+        self.record = {"ldmfast": ldmfast.__version__, **run_settings(config), "samples": config.samples,
+                       "batch_size": config.batch_size}
+        self.expected: dict[str, int] = {}  # slices x samples the progress bar counts on, by case
+
+    def expect(self, cases: list[CaseFiles]) -> None:
+        """Start the progress bar at what the cases' headers promise (every axial slice x samples),
+        so that its percentage and time left cover the whole run from the start; a case's count
+        is corrected once it is read (slices without usable CTP are not synthesized) or fails."""
+        for files in cases:
+            try:
+                self.expected[files.case_id] = int(nib.load(files.ctp).shape[2]) * self.config.samples
+            except Exception:  # a bad file: its case fails when it is read, and reports why
+                self.expected[files.case_id] = 0
+        self._retotal(sum(self.expected.values()))
+
+    def _retotal(self, change: int) -> None:
+        if change:
+            self.bar.total = (self.bar.total or 0) + change
+            self.bar.refresh()
 
     def fail(self, case_id: str, err: BaseException | str) -> None:
         reason = err if isinstance(err, str) else _describe(err)
         self.summary.failed[case_id] = reason
+        self._retotal(-self.expected.pop(case_id, 0))
         self.log(f"case {case_id!r} failed and is skipped: {reason}")
 
     def fail_job(self, job: CaseJob, err: BaseException | str) -> None:
         if not job.failed:
             job.failed = True
             self.batcher.drop(job)
+            self._retotal(-job.remaining)  # its slices not generated yet will not be
             self.fail(job.case_id, err)
 
     def add_case(self, case: SynthesisCase) -> None:
         seeds = np.array([[slice_seed(self.config.seed, case.case_id, int(i), k) for i in case.prepared.slice_index]
                           for k in range(self.config.samples)], dtype=np.int64)
         job = CaseJob(case.case_id, case.ctp, seeds, payload=case)
-        self.bar.total = (self.bar.total or 0) + job.items
-        self.bar.refresh()
+        self._retotal(job.items - self.expected.pop(case.case_id, 0))
+        if case.cropped_brain:
+            self.log(f"case {case.case_id!r}: the slice size {case.ctp.shape[-2]} x {case.ctp.shape[-1]} (--size) "
+                     f"crops {case.cropped_brain} brain voxels away; they are written as 0")
         for batch in self.batcher.add(job):
             self.run_batch(batch)
 
@@ -132,7 +169,7 @@ class _Run:
             if not ok:
                 self.fail_job(job, "the model produced non-finite values")
         self.summary.slices += batch.real
-        self.bar.update(batch.real)
+        self.bar.update(sum(not job.failed for job, _, _ in batch.entries))  # a failed case left the total
         for job in scatter(batch, images):
             self.writes[job.case_id] = self.writer.submit(write_case, self.config.output, job.payload, job.images,
                                                           self.record)
@@ -206,8 +243,14 @@ def synthesize(config: SynthesisConfig, *, dist: DistInfo | None = None, progres
 
     listed = find_cases(config.input, layout=config.layout, skip_bad=True)
     check_output_overlap(config, listed)
+    complete = set() if config.overwrite else completed_cases(config, listed)
     mine = list(listed)[dist.rank::dist.world_size]
-    model = ConditionalLDM.from_pretrained(config.model, dist.device).eval()
+    try:
+        model = ConditionalLDM.from_pretrained(config.model, dist.device).eval()
+    except Exception as err:  # a damaged or mismatched model folder: the setting is wrong, not a case
+        lines = _describe(err).splitlines()  # torch lists every mismatched weight: the first says enough
+        more = f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else ""
+        raise ConfigError("model", f"{config.model}: cannot load the model: {' '.join(line.strip() for line in lines[:2])}{more}") from None
     bar = tqdm(total=0, unit=" slices", desc="synthesize", disable=not (progress and dist.is_main), dynamic_ncols=True)
     run = _Run(config, dist, model, bar, log)
     if dist.is_main:  # every process lists the same cases: report the unlistable ones once
@@ -216,10 +259,11 @@ def synthesize(config: SynthesisConfig, *, dist: DistInfo | None = None, progres
 
     todo = []
     for files in mine:
-        if not config.overwrite and case_complete(config.output, files.case_id, config.samples):
+        if files.case_id in complete:
             run.summary.skipped.append(files.case_id)
         else:
             todo.append(files)
+    run.expect(todo)
 
     def prepare(files: CaseFiles) -> SynthesisCase:
         return prepare_case(files, frames=model.frames, multiple=model_multiple(model_config), size=config.size,
@@ -245,6 +289,29 @@ def synthesize(config: SynthesisConfig, *, dist: DistInfo | None = None, progres
     run.summary.seconds = time.perf_counter() - start
     bar.close()
     return gather_summary(run.summary, dist)
+
+
+def completed_cases(config: SynthesisConfig, cases) -> set[str]:
+    """The ids of the cases whose outputs this run's settings made and finished, to skip. Outputs
+    that other settings made are refused (ConfigError on `output`) rather than kept or replaced:
+    --overwrite replaces them. Every process reads every case's record, so all refuse together."""
+    settings = run_settings(config)
+    complete, conflicts = set(), {}
+    for files in cases:
+        record = read_record(config.output, files.case_id)
+        if record is None:
+            continue
+        conflict = record_conflict(record, settings)
+        if conflict:
+            conflicts[files.case_id] = conflict
+        elif case_complete(config.output, files.case_id, config.samples, record):
+            complete.add(files.case_id)
+    if conflicts:
+        case_id, conflict = next(iter(conflicts.items()))
+        raise ConfigError("output", f"{config.output}: {len(conflicts)} case(s) there were synthesized with other "
+                                    f"settings (case {case_id!r}: {conflict}); pass --overwrite to replace them, "
+                                    "or choose another output folder")
+    return complete
 
 
 def gather_summary(summary: SynthesisSummary, dist: DistInfo) -> SynthesisSummary:
