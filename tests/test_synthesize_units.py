@@ -252,6 +252,8 @@ def test_a_rerun_resumes_only_what_the_same_settings_made(data, tmp_path):
     assert not list(out.glob("*/*_s1.nii.gz"))
     assert sorted(run(samples=2, seed=1).written) == cases  # more samples than were made: redone
     assert len(list(out.glob("*/dwi_s1.nii.gz"))) == len(cases)
+    make_model_dir(model, 1)  # the same weights exported again (a finished training resumed): still this model
+    assert sorted(run(samples=2, seed=1).skipped) == cases
     make_model_dir(model, 2)  # retrained in the same folder
     with pytest.raises(ConfigError, match="model_files"):
         run(samples=2, seed=1)
