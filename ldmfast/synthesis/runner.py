@@ -83,18 +83,21 @@ def generate_options(config: SynthesisConfig, device: torch.device) -> dict:
 
 
 def model_files(model_dir: str | os.PathLike) -> list[list]:
-    """The model folder's weight files as [name, bytes, digest of 16 evenly spaced 64 KiB pieces]:
-    a model retrained in the same folder tells its outputs from the earlier model's (all its weights
-    change), while exporting the same weights again (a finished training run resumed) does not,
-    and reading 1 MiB per file keeps this instant for multi-GB models."""
+    """The model folder's weight files as [name, bytes, digest of 16 evenly spaced 64 KiB pieces of
+    the tensor data]: a model retrained in the same folder tells its outputs from the earlier
+    model's (all its weights change), while exporting the same weights again (a finished training
+    run resumed) does not (safetensors' JSON header is left out: its key order varies from one save
+    to the next), and reading 1 MiB per file keeps this instant for multi-GB models."""
     root, piece, pieces = Path(model_dir), 1 << 16, 16
     out = []
     for path in sorted(root.rglob("*.safetensors")):
         size = path.stat().st_size
         digest = hashlib.sha256()
         with open(path, "rb") as f:
+            start = 8 + int.from_bytes(f.read(8), "little")  # the header's length, then the header
+            span = max(size - start - piece, 0)
             for i in range(pieces):
-                f.seek(max(size - piece, 0) * i // (pieces - 1))
+                f.seek(start + span * i // (pieces - 1))
                 digest.update(f.read(piece))
         out.append([str(path.relative_to(root)), size, digest.hexdigest()[:16]])
     return out
