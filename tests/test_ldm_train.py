@@ -1,6 +1,7 @@
 """`ldmfast train ldm`: the run folder, exact resume, EMA, the latent cache, DDP under torchrun,
 configuration errors naming the key, and the loss going down on phantom data."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -142,6 +143,15 @@ def test_loss_goes_down_on_phantom_data(tmp_path, phantom_root, autoencoder_dir)
     ("train.ema_decay=1.5", "train.ema_decay"),
     ("optim.weight_decay=-1", "optim.weight_decay"),
     ("autoencoder=\"/nonexistent\"", "autoencoder"),
+    ("unet.norm_groups=0", "unet.norm_groups"),
+    ("unet.head_channels=0", "unet.head_channels"),
+    ("unet.num_res_blocks=-1", "unet.num_res_blocks"),
+    ("unet.dropout=2.0", "unet.dropout"),
+    ("unet.dropout=nan", "unet.dropout"),
+    ("optim.lr=nan", "optim.lr"),
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.weight_decay=inf", "optim.weight_decay"),
+    ("train.ema_decay=nan", "train.ema_decay"),
 ])
 def test_bad_configs_are_refused_naming_the_key(tmp_path, phantom_root, autoencoder_dir, override, key):
     with pytest.raises(ConfigError) as err:
@@ -160,6 +170,41 @@ def test_resume_refuses_a_different_unet(tmp_path, phantom_root, autoencoder_dir
     LDMTrainer(load_config(path, LDMTrainConfig, ["train.steps=1", "train.val_every=0"]), progress=False).run()
     with pytest.raises(ConfigError, match="unet.base_channels"):
         LDMTrainer(load_config(path, LDMTrainConfig, ["unet.base_channels=32"]), progress=False)
+
+
+def test_a_head_dim_beyond_the_attention_kernel_is_refused(tmp_path, phantom_root, autoencoder_dir):
+    overrides = ["unet.base_channels=1024", "unet.channel_mult=[1]", "unet.attention_levels=[0]",
+                 "unet.head_channels=1024"]
+    with pytest.raises(ConfigError, match="head dim") as err:
+        load_config(write_config(tmp_path, phantom_root, autoencoder_dir), LDMTrainConfig, overrides)
+    assert err.value.key == "unet.head_channels"
+
+
+def test_sampled_validation_needs_slices(tmp_path, phantom_root, autoencoder_dir):
+    from ldmfast.train.val_metrics import ImageErrorSums
+    path = write_config(tmp_path, phantom_root, autoencoder_dir)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, LDMTrainConfig, ["train.val_sample_steps=2", "train.val_sample_slices=0"])
+    assert err.value.key == "train.val_sample_slices"
+    assert load_config(path, LDMTrainConfig, ["train.val_sample_slices=0"]).train.val_sample_steps == 0
+    # No slice measured: no number to stop early on, rather than a perfect 0.
+    metrics = ImageErrorSums(torch.device("cpu")).reduce()
+    assert metrics["slices"] == 0 and all(math.isnan(metrics[k]) for k in ("mae", "psnr", "lesion_mae"))
+
+
+def test_resume_takes_the_configured_optimizer_and_refuses_switching_ema(tmp_path, phantom_root, autoencoder_dir):
+    path = write_config(tmp_path, phantom_root, autoencoder_dir)
+    LDMTrainer(load_config(path, LDMTrainConfig, ["train.steps=1", "train.val_every=0", "train.ema_decay=0.9"]),
+               progress=False).run()
+    changed = ["train.ema_decay=0.99", "optim.weight_decay=0.05", "optim.betas=[0.8, 0.99]"]
+    resumed = LDMTrainer(load_config(path, LDMTrainConfig, changed), progress=False)
+    assert resumed.step == 1 and resumed.ema.decay == 0.99
+    assert all(g["weight_decay"] == 0.05 and g["betas"] == (0.8, 0.99) for g in resumed.opt.param_groups)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["weight_decay"] == 0.05
+    # EMA on or off is what the checkpoint holds: switching it is refused, naming the key.
+    with pytest.raises(ConfigError, match="EMA off") as err:
+        LDMTrainer(load_config(path, LDMTrainConfig, ["train.ema_decay=0"]), progress=False)
+    assert err.value.key == "train.ema_decay"
 
 
 def test_example_configs_load(autoencoder_dir):

@@ -89,6 +89,59 @@ def test_early_stopping_exports_the_best_model_and_resumes(tmp_path, phantom_roo
     assert resumed.best == summary["best"] and resumed.best_step == summary["best_step"]
 
 
+def test_a_rerun_of_an_early_stopped_run_trains_nothing_and_reports_the_best(tmp_path, phantom_root, init_dir,
+                                                                              capsys):
+    path = write_config(tmp_path, phantom_root, init_dir)
+    overrides = ["train.steps=12", "train.val_every=1", "train.early_stop_patience=2", "optim.lr=0.5",
+                 "train.ckpt_every=0"]
+    summary = PostTrainer(load_config(path, PostTrainConfig, overrides), progress=False).run()
+    assert summary["stopped_early"] and summary["step"] < 12
+    run = tmp_path / "run"
+    log, model = (run / "metrics.jsonl").read_text(), (run / "ldm" / "model.safetensors").read_bytes()
+    args = ["train", "posttrain", "--config", str(path)] + [a for o in overrides for a in ("--set", o)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert (run / "metrics.jsonl").read_text() == log, "the stopped run trained on"
+    assert (run / "ldm" / "model.safetensors").read_bytes() == model, "the best model was replaced"
+    assert f"trained to step {summary['step']} (stopped early)" in out
+    assert f"the model is the best: latent_loss {summary['best']:.4g} at step {summary['best_step']}" in out
+
+
+def test_a_metric_that_is_never_finite_stops_and_exports_the_latest_model(tmp_path, phantom_root, init_dir,
+                                                                         monkeypatch):
+    validate = PostTrainer.validate
+    monkeypatch.setattr(PostTrainer, "validate", lambda self: {**validate(self), "latent_loss": float("nan")})
+    path = write_config(tmp_path, phantom_root, init_dir)
+    trainer = PostTrainer(load_config(path, PostTrainConfig, ["train.steps=6", "train.val_every=1",
+                                                               "train.early_stop_patience=2"]), progress=False)
+    with pytest.warns(RuntimeWarning, match="never finite"):
+        summary = trainer.run()
+    assert summary["stopped_early"] and summary["step"] == 2 and summary["best"] is None
+    exported = ConditionalLDM.from_pretrained(tmp_path / "run" / "ldm").denoiser_state_dict()
+    for key, value in trainer.model.denoiser_state_dict().items():
+        assert torch.equal(exported[key], value), key
+
+
+def test_a_step_without_brain_pixels_is_logged_as_skipped(tmp_path, phantom_root, init_dir, monkeypatch):
+    from ldmfast.train import posttrain
+    real_loss, calls = posttrain.posttrain_loss, []
+
+    def no_brain_in_the_first_batch(*args, **kwargs):
+        args = list(args)
+        if not calls:
+            args[5] = torch.zeros_like(args[5])  # the brain mask
+        calls.append(1)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(posttrain, "posttrain_loss", no_brain_in_the_first_batch)
+    path = write_config(tmp_path, phantom_root, init_dir)
+    with pytest.warns(RuntimeWarning, match="brain"):
+        PostTrainer(load_config(path, PostTrainConfig, ["train.steps=2", "train.val_every=0"]), progress=False).run()
+    first, second = [r for r in records(tmp_path / "run") if r["kind"] == "train"]
+    assert first["skipped"] == 1.0 and first["loss"] is None and first["lesion"] is None
+    assert second["skipped"] == 0.0 and second["loss"] > 0
+
+
 def test_bad_configs_are_refused_naming_the_key(tmp_path, phantom_root, init_dir):
     path = write_config(tmp_path, phantom_root, init_dir)
     for override, key in [("posttrain.image_loss=\"l3\"", "posttrain.image_loss"),

@@ -146,6 +146,79 @@ def test_resume_refuses_a_different_model_and_takes_a_new_learning_rate(tmp_path
     with pytest.raises(ConfigError) as info:
         VQGANTrainer(load_config(path, VQGANTrainConfig, ["model.num_codes=64"]), progress=False)
     assert info.value.key == "model.num_codes"
+    # The discriminator's shape is in the checkpoint too.
+    for override, key in [("loss.disc_channels=16", "loss.disc_channels"), ("loss.disc_layers=3", "loss.disc_layers")]:
+        with pytest.raises(ConfigError, match="shapes") as info:
+            VQGANTrainer(load_config(path, VQGANTrainConfig, [override]), progress=False)
+        assert info.value.key == key
+
+
+def test_resume_applies_the_configured_betas(tmp_path, phantom_root):
+    path = write_config(tmp_path, phantom_root)
+    VQGANTrainer(load_config(path, VQGANTrainConfig, ["train.steps=1", "train.val_every=0"]), progress=False).run()
+    resumed = VQGANTrainer(load_config(path, VQGANTrainConfig, ["optim.betas=[0.8, 0.95]"]), progress=False)
+    assert resumed.step == 1
+    assert all(g["betas"] == (0.8, 0.95) for opt in (resumed.opt_g, resumed.opt_d) for g in opt.param_groups)
+
+
+def _exported_matches_checkpoint(run, step):
+    from safetensors.torch import load_file
+    checkpoint = load_file(str(checkpoint_paths(run / "checkpoints", step)[0]))
+    model = load_file(str(run / "vqgan" / "model.safetensors"))
+    return all(torch.equal(v, checkpoint[f"module.vqgan.{k}"]) for k, v in model.items())
+
+
+def test_a_run_killed_in_its_last_export_exports_again_when_rerun(tmp_path, phantom_root, monkeypatch):
+    path = write_config(tmp_path, phantom_root)
+    overrides = ["train.steps=2", "train.ckpt_every=1", "train.val_every=0", "loss.disc_start=100"]
+    export = VQGANTrainer.export
+
+    def killed_at_step_2(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        export(self)
+
+    monkeypatch.setattr(VQGANTrainer, "export", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        VQGANTrainer(load_config(path, VQGANTrainConfig, overrides), progress=False).run()
+    monkeypatch.setattr(VQGANTrainer, "export", export)
+    run = tmp_path / "run"
+    # No checkpoint claims step 2 while its model folder is unwritten: the rerun trains it again.
+    assert latest_checkpoint(run / "checkpoints") == checkpoint_paths(run / "checkpoints", 1)[1]
+    assert VQGANTrainer(load_config(path, VQGANTrainConfig, overrides), progress=False).run()["step"] == 2
+    assert _exported_matches_checkpoint(run, 2)
+    # A finished run's model folder that is stale (as an older version left it) is exported again.
+    shutil.copy(run / "vqgan" / "model.safetensors", tmp_path / "step2.safetensors")
+    (run / "vqgan" / "model.safetensors").unlink()
+    summary = VQGANTrainer(load_config(path, VQGANTrainConfig, overrides), progress=False).run()
+    assert summary["step"] == 2 and _exported_matches_checkpoint(run, 2)
+
+
+def test_sec_per_step_leaves_out_validation_and_checkpoints(tmp_path, phantom_root, monkeypatch):
+    """A fake clock: each step takes 1 s, each validation 100 s, each checkpoint 1000 s."""
+    from types import SimpleNamespace
+
+    from ldmfast.train import stage
+    now = [0.0]
+    monkeypatch.setattr(stage, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    cfg = load_config(write_config(tmp_path, phantom_root), VQGANTrainConfig,
+                      ["train.log_every=2", "train.val_every=1", "train.ckpt_every=1", "loss.disc_start=100"])
+    trainer = VQGANTrainer(cfg, progress=False)
+
+    def taking(seconds, method):
+        def timed(*args):
+            now[0] += seconds
+            return method(*args)
+        return timed
+
+    trainer.train_step = taking(1.0, trainer.train_step)
+    trainer.validate = taking(100.0, trainer.validate)
+    trainer.save = taking(1000.0, trainer.save)
+    trainer.run()
+    train = [r for r in (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]
+    assert all(r["sec_per_step"] == 1.0 and r["samples_per_sec"] == 8.0 for r in train), train
 
 
 @pytest.mark.parametrize("override, key", [
@@ -166,6 +239,12 @@ def test_resume_refuses_a_different_model_and_takes_a_new_learning_rate(tmp_path
     ("data.root='/nonexistent/folder'", "data.root"),
     ("data.phantom={cases=4}", "data.root"),
     ("seed='zero'", "seed"),
+    ("loss.codebook_weight=nan", "loss.codebook_weight"),
+    ("loss.disc_weight=inf", "loss.disc_weight"),
+    ("optim.lr=nan", "optim.lr"),
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.base_lr=inf", "optim.base_lr"),
+    ("data.augment.max_translation=inf", "data.augment.max_translation"),
 ])
 def test_bad_configs_are_refused_before_training_naming_the_key(tmp_path, phantom_root, override, key):
     with pytest.raises(ConfigError) as info:

@@ -34,6 +34,17 @@ class UNetConfig:
         return cls(base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, head_channels=32, norm_groups=8)
 
     def validate(self) -> None:
+        # Positive first: the divisibility checks below divide by norm_groups and head_channels.
+        for key in ("in_channels", "out_channels", "num_res_blocks", "head_channels", "norm_groups"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelConfigError(key, f"must be a positive integer, got {value!r}")
+        from ldmfast.ops import MAX_HEAD_DIM
+        if self.head_channels > MAX_HEAD_DIM:
+            raise ModelConfigError("head_channels", f"must be <= {MAX_HEAD_DIM} (the attention's head dim), got "
+                                                    f"{self.head_channels}")
+        if not 0.0 <= self.dropout < 1.0:  # (false for NaN too)
+            raise ModelConfigError("dropout", f"must be within [0, 1), got {self.dropout}")
         if self.base_channels < 1 or not self.channel_mult or min(self.channel_mult) < 1:
             raise ModelConfigError("base_channels", f"base_channels and channel_mult must be positive, got "
                                    f"{self.base_channels} and {list(self.channel_mult)}")

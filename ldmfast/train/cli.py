@@ -148,9 +148,18 @@ def run_train_stage(args: argparse.Namespace) -> int:
     finally:
         shutdown_distributed()
     if not args.quiet:
-        print(f"trained to step {summary['step']}" + _validation_summary(summary)
-              + f"; model in {summary['run_dir']}/{model_dir}")
+        print(f"trained to step {summary['step']}" + (" (stopped early)" if summary.get("stopped_early") else "")
+              + _validation_summary(summary) + _best_summary(summary) + f"; model in {summary['run_dir']}/{model_dir}")
     return 0
+
+
+def _best_summary(summary: dict) -> str:
+    """With early stopping, the model folder holds the best validation's model, not the last's."""
+    if "best_metric" not in summary:
+        return ""
+    if summary.get("best") is None:
+        return f"; {summary['best_metric']} was never finite: the model is the latest"
+    return f"; the model is the best: {summary['best_metric']} {summary['best']:.4g} at step {summary['best_step']}"
 
 
 def _validation_summary(summary: dict) -> str:
@@ -161,4 +170,5 @@ def _validation_summary(summary: dict) -> str:
         parts.append(f"latent loss {summary['val_latent_loss']:.4f}")
     if summary.get("val_lesion_mae") is not None:
         parts.append(f"lesion MAE {summary['val_lesion_mae']:.4f}")
-    return (", validation " + ", ".join(parts)) if parts else ""
+    last = "last validation" if "best_metric" in summary else "validation"
+    return (f", {last} " + ", ".join(parts)) if parts else ""

@@ -9,6 +9,7 @@ Supported field types: bool, int, float, str, lists of those, fixed-length tuple
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -36,6 +37,13 @@ def check_device(device: str, key: str = "device") -> None:
     """A training or synthesis device: auto, cpu, cuda or cuda:N."""
     if device != "auto" and device.split(":")[0] not in ("cpu", "cuda"):
         raise ConfigError(key, f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def check_finite_at_least(key: str, value: float, low: float, *, strict: bool = False) -> None:
+    """Refuse a value that is not a finite number >= low (> low when strict), naming `key`; the
+    comparison is written so that NaN fails it too."""
+    if not (math.isfinite(value) and (value > low if strict else value >= low)):
+        raise ConfigError(key, f"must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
 
 
 def check_model_section(section: str, validate) -> None:
@@ -103,6 +111,8 @@ def _convert(value: Any, tp, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
+        if math.isnan(value):  # (TOML has nan; no setting means anything by it)
+            raise ConfigError(key, "expected a number, got nan")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ldmfast.data import (TRAINING_MODALITIES, AugmentConfig, CaseFiles, SliceDataset, augment_slice, find_cases,
                           make_phantom_dataset)
 
-from .config import ConfigError
+from .config import ConfigError, check_finite_at_least
 from .distributed import DistInfo, ShardedSampler, barrier
 
 
@@ -53,8 +53,7 @@ class AugmentSection:
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{prefix}.{key}", f"must be within [0, 1], got {getattr(self, key)}")
         for key in ("max_rotation", "max_translation"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{prefix}.{key}", f"must be >= 0, got {getattr(self, key)}")
+            check_finite_at_least(f"{prefix}.{key}", getattr(self, key), 0.0)
 
     def to_augment_config(self) -> AugmentConfig | None:
         if not self.enabled:

@@ -35,12 +35,18 @@ from .val_metrics import ImageErrorSums
 MODEL_DIR = "ldm"
 
 
+def ema_state(decay: float | None) -> str:
+    """What train.ema_decay puts in a checkpoint: an EMA module or none (its value does not)."""
+    return "EMA on" if decay else "EMA off"
+
+
 class LDMTrainer(StageTrainer):
     """Trains (or continues) the cLDM of `config`; `run()` returns the final step and the last
     validation metrics. Subclassed by post-training, which swaps the loss and the validation."""
 
     stage = "ldm"
     resume_sections = ("unet", "diffusion", "autoencoder")
+    resume_settings = {"train.ema_decay": ema_state}
 
     def __init__(self, config: LDMTrainConfig, *, resume: bool | None = None, progress: bool = True,
                  dist_info: DistInfo | None = None):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ldmfast.models import DiffusionConfig, UNetConfig
 
-from .config import ConfigError, check_device, check_model_section
+from .config import ConfigError, check_device, check_finite_at_least, check_model_section
 from .data import DataSection
 from .vqgan_config import OptimSection, TrainSection
 
@@ -27,8 +27,7 @@ class AdamWSection(OptimSection):
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
-        if self.weight_decay < 0:
-            raise ConfigError(f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check_finite_at_least(f"{prefix}.weight_decay", self.weight_decay, 0.0)
         if self.state_bits not in (8, 32):
             raise ConfigError(f"{prefix}.state_bits", f"must be 8 or 32, got {self.state_bits}")
 
@@ -59,6 +58,10 @@ class LDMTrainSection(TrainSection):
         for key in ("val_sample_steps", "val_sample_slices"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{prefix}.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.val_sample_steps > 0 and self.val_sample_slices == 0:
+            # No slice to synthesize would log made-up image metrics (that early stopping can use).
+            raise ConfigError(f"{prefix}.val_sample_slices", f"must be >= 1 when validation samples "
+                                                             f"(val_sample_steps = {self.val_sample_steps})")
 
 
 @dataclass

@@ -19,6 +19,9 @@ from .ldm import MODEL_DIR, LDMTrainer
 from .posttrain_config import PostTrainConfig
 from .posttrain_loss import NO_BRAIN_WARNING, posttrain_loss
 
+#: what a post-training step logs: every process logs every key (their all-reduce pairs them up)
+LOGGED_LOSSES = ("loss", "latent", "image", "lesion", "skipped")
+
 
 class PostTrainer(LDMTrainer):
     stage = "posttrain"
@@ -41,8 +44,17 @@ class PostTrainer(LDMTrainer):
         model.unet.gradient_checkpointing = self.config.train.unet_checkpoint
         return model
 
+    def train_step(self, batches) -> dict:
+        losses = super().train_step(batches)
+        # A step whose every micro-batch had no brain pixels measured no loss: NaN (logged as
+        # null), not a made-up 0 and not a missing key.
+        measured = losses.get("skipped", 0.0) < 1.0
+        return {k: losses.get(k, 0.0 if (k == "skipped" or measured) else math.nan) for k in LOGGED_LOSSES}
+
     def _postfix(self, losses: dict) -> dict:
-        return {"loss": f"{losses['loss']:.4f}", "les": f"{losses['lesion']:.4f}"}
+        if losses.get("skipped", 0.0) >= 1.0:
+            return {"loss": "skipped (no brain pixels)"}
+        return {"loss": f"{losses.get('loss', math.nan):.4f}", "les": f"{losses.get('lesion', math.nan):.4f}"}
 
     def _describe_validation(self, m: dict) -> str:
         return (super()._describe_validation(m) + f", one-step MAE {m['x0_mae']:.4f}, "
@@ -84,10 +96,11 @@ class PostTrainer(LDMTrainer):
     def _after_validation(self, metrics: dict) -> bool:
         if not self._early_stopping():
             return False
-        value = metrics.get(self.config.train.early_stop_metric)
-        if value is None or not math.isfinite(value):
-            return False
-        if self.best is None or value < self.best:
+        metric = self.config.train.early_stop_metric
+        value = metrics.get(metric)
+        # A value that is not finite (a diverged loss, no lesion pixel) is no better: it counts
+        # toward the patience like any worse one.
+        if value is not None and math.isfinite(value) and (self.best is None or value < self.best):
             self.best, self.best_step, self.bad_validations = value, self.step, 0
             if self.dist.is_main:
                 LDMTrainer.export(self)
@@ -95,12 +108,15 @@ class PostTrainer(LDMTrainer):
         self.bad_validations += 1
         stop = self.bad_validations >= self.config.train.early_stop_patience
         if stop and self.progress:
-            print(f"early stop at step {self.step}: {self.config.train.early_stop_metric} has not improved on "
-                  f"{self.best:.4g} (step {self.best_step}) for {self.bad_validations} validations")
+            since = (f"has not improved on {self.best:.4g} (step {self.best_step})" if self.best is not None
+                     else "has not been finite")
+            print(f"early stop at step {self.step}: {metric} {since} for {self.bad_validations} validations")
         return stop
 
     def export(self) -> None:
-        if not self._early_stopping():
+        # With early stopping, the best model is exported when it is found; until a finite metric
+        # gives one, the model folder holds the latest, so that there is always a model.
+        if not self._early_stopping() or self.best is None:
             LDMTrainer.export(self)
 
     def _extra_state(self) -> dict:
@@ -110,12 +126,19 @@ class PostTrainer(LDMTrainer):
         self.best = state.get("best")
         self.best_step = state.get("best_step", 0)
         self.bad_validations = state.get("bad_validations", 0)
+        # (A checkpoint written before runs saved that they stopped early: its patience ran out.)
+        if self._early_stopping() and self.bad_validations >= self.config.train.early_stop_patience:
+            self.stopped_early = True
 
     def run(self) -> dict:
         summary = super().run()
         summary["model_dir"] = str(self.run_dir / MODEL_DIR)
         if self._early_stopping():
-            summary["best_step"], summary["best"] = self.best_step, self.best
+            metric = self.config.train.early_stop_metric
+            summary["best_metric"], summary["best_step"], summary["best"] = metric, self.best_step, self.best
+            if self.best is None and self.dist.is_main:
+                warnings.warn(f"train.early_stop_metric {metric} was never finite: {summary['model_dir']} holds the "
+                              f"latest model (step {self.step}), not a best one", RuntimeWarning)
         return summary
 
 

@@ -17,6 +17,7 @@ The autoencoder is frozen by construction: `decode_latent` never gives its param
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -62,8 +63,8 @@ class PostTrainLossConfig:
 
         for name in ("lambda_img", "lambda_les"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ConfigError(key(name), f"must be a number >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ConfigError(key(name), f"must be a finite number >= 0, got {value!r}")
         for name, allowed in (("image_loss", IMAGE_LOSSES), ("image_target", IMAGE_TARGETS),
                               ("timestep_weighting", TIMESTEP_WEIGHTS)):
             if getattr(self, name) not in allowed:

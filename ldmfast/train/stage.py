@@ -9,6 +9,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,6 +29,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: optim.* settings that are the optimizers' own (param-group keys), re-applied on resume with lr
+OPTIMIZER_SETTINGS = ("betas", "weight_decay", "eps")
+
+
+def _dotted_get(config: dict, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+class _StepClock:
+    """Seconds of training over the steps since the last restart, leaving out the time spent
+    `paused()` (validation and checkpoints), so that sec_per_step measures the steps alone."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.steps, self._counted, self._since = 0, 0.0, time.perf_counter()
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._counted += time.perf_counter() - self._since
+        try:
+            yield
+        finally:
+            self._since = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self._counted + time.perf_counter() - self._since
+
+
 class StageTrainer:
     """Subclasses set `stage` (the progress-bar name), build their data, modules and optimizers
     in `__init__` after `super().__init__`, then call `self._finish_setup(resume)`; they implement
@@ -37,6 +74,9 @@ class StageTrainer:
     stage = "train"
     #: configuration sections a resumed run must share with its checkpoint
     resume_sections: tuple[str, ...] = ("model",)
+    #: single settings that shape a checkpoint (e.g. whether there is an EMA), each with a function
+    #: of it that must match the checkpoint's (None: the value itself)
+    resume_settings: dict[str, Callable[[Any], Any] | None] = {}
 
     def __init__(self, config, *, progress: bool = True, dist_info: DistInfo | None = None):
         self.config = config
@@ -55,6 +95,8 @@ class StageTrainer:
         seed_everything(config.seed)
         self.effective_batch = t.batch_size * t.grad_accum * self.dist.world_size
         self.step = 0
+        #: set when early stopping ended the run; checkpointed, so that a rerun does not train on
+        self.stopped_early = False
         self.log: MetricsLog | None = None
 
     def _finish_setup(self, resume: bool | None) -> None:
@@ -115,7 +157,25 @@ class StageTrainer:
         if resume is False:
             raise ConfigError("output_dir", f"{self.run_dir} already holds checkpoints; resume it or choose a new "
                                             "output_dir")
-        saved = json.loads(latest.read_text())["meta"]["config"]
+        self._check_resumable(json.loads(latest.read_text())["meta"]["config"], latest)
+        info = load_checkpoint(latest, modules=self._modules(), optimizers=self._optimizers())
+        self.step = info["step"]
+        self.stopped_early = bool(info["meta"].get("stopped_early", False))
+        self._load_extra_state(info["meta"].get("extra", {}))
+        # The optimizer state brings the saved learning rate, betas and weight decay; the configured
+        # ones win, so that a resumed run can change them and config.json tells what is in force
+        # (unchanged, this is a no-op and resuming stays bit-identical).
+        self._apply_optimizer_settings()
+        self._apply_lr()
+        if info["meta"]["world_size"] != self.dist.world_size and self.dist.is_main:
+            tqdm.write(f"note: resuming a {info['meta']['world_size']}-process run with {self.dist.world_size} "
+                       "processes: the batch order differs from an uninterrupted run")
+        if self.progress:
+            tqdm.write(f"resumed from {latest} at step {self.step}")
+
+    def _check_resumable(self, saved: dict, latest: Path) -> None:
+        """Refuse (naming the key) a configuration whose checkpoint-shaping settings differ from
+        the checkpoint's: loading it would fail, or continue a different run."""
         mine = to_dict(self.config)
         for section in self.resume_sections:
             theirs, ours = saved.get(section) or {}, mine.get(section) or {}
@@ -126,24 +186,24 @@ class StageTrainer:
                     dotted = f"{section}.{key}" if key else section
                     raise ConfigError(dotted, f"{ours.get(key)!r} differs from the checkpoint's {theirs.get(key)!r} "
                                               f"in {latest}")
-        info = load_checkpoint(latest, modules=self._modules(), optimizers=self._optimizers())
-        self.step = info["step"]
-        self._load_extra_state(info["meta"].get("extra", {}))
-        # The optimizer state brings the saved learning rate; the configured one wins, so that a
-        # resumed run can lower it (unchanged, this is a no-op and resuming stays bit-identical).
-        self._apply_lr()
-        if info["meta"]["world_size"] != self.dist.world_size and self.dist.is_main:
-            tqdm.write(f"note: resuming a {info['meta']['world_size']}-process run with {self.dist.world_size} "
-                       "processes: the batch order differs from an uninterrupted run")
-        if self.progress:
-            tqdm.write(f"resumed from {latest} at step {self.step}")
+        for dotted, what in self.resume_settings.items():
+            theirs, ours = _dotted_get(saved, dotted), _dotted_get(mine, dotted)
+            if what is None and theirs != ours:
+                raise ConfigError(dotted, f"{ours!r} differs from the checkpoint's {theirs!r} in {latest}, whose "
+                                          "tensors it shapes")
+            if what is not None and what(theirs) != what(ours):
+                raise ConfigError(dotted, f"{ours!r} ({what(ours)}) differs from the checkpoint's {theirs!r} "
+                                          f"({what(theirs)}) in {latest}, whose tensors it shapes")
 
     def save(self) -> None:
         if self.dist.is_main:
-            meta = {"config": to_dict(self.config), "world_size": self.dist.world_size, "extra": self._extra_state()}
+            # The model folder first: a run killed while exporting has no checkpoint of this step
+            # yet, so its rerun trains to it again and exports again.
+            self.export()
+            meta = {"config": to_dict(self.config), "world_size": self.dist.world_size,
+                    "stopped_early": self.stopped_early, "extra": self._extra_state()}
             save_checkpoint(self.checkpoint_dir, self.step, modules=self._modules(), optimizers=self._optimizers(),
                             meta=meta, keep_last=self.config.train.keep_checkpoints)
-            self.export()
         barrier()
 
     # ---- shared step machinery ----------------------------------------------------------------
@@ -156,6 +216,15 @@ class StageTrainer:
     def current_lr(self) -> float:
         o = self.config.optim
         return lr_at(self.step, self.lr, self.config.train.steps, o.schedule, o.warmup_steps, o.min_lr_ratio)
+
+    def _apply_optimizer_settings(self) -> None:
+        o = self.config.optim
+        settings = {k: getattr(o, k) for k in OPTIMIZER_SETTINGS if getattr(o, k, None) is not None}
+        if "betas" in settings:
+            settings["betas"] = tuple(settings["betas"])
+        for optimizer in self._optimizers().values():
+            for group in optimizer.param_groups:
+                group.update({k: v for k, v in settings.items() if k in group})
 
     def _apply_lr(self) -> None:
         self.last_lr = self.current_lr()
@@ -173,41 +242,63 @@ class StageTrainer:
     # ---- the run ----------------------------------------------------------------------------
 
     def run(self) -> dict:
+        try:
+            if self.stopped_early or self.step >= self.config.train.steps:
+                val_metrics = self._rerun_finished()
+            else:
+                val_metrics = self._train()
+        finally:
+            if self.log:
+                self.log.close()
+        return {"step": self.step, "run_dir": str(self.run_dir), "stopped_early": self.stopped_early,
+                **{f"val_{k}": v for k, v in val_metrics.items()}}
+
+    def _rerun_finished(self) -> dict:
+        """A run whose checkpoint already reached train.steps or stopped early trains nothing; it
+        exports again, which mends a model folder left behind by a kill during the last export."""
+        if self.progress:
+            done = (f"stopped early at step {self.step}" if self.stopped_early
+                    else f"is at step {self.step} of train.steps = {self.config.train.steps}")
+            tqdm.write(f"{self.stage}: the run in {self.run_dir} {done}: nothing to train")
+        if self.dist.is_main:
+            self.export()
+        barrier()
+        return {}
+
+    def _train(self) -> dict:
+        """Train to train.steps (or an early stop); returns the last validation's metrics."""
         t = self.config.train
         batches = self.batch_iterator()
         val_metrics: dict = {}
         bar = tqdm(total=t.steps, initial=self.step, desc=self.stage, unit="step", disable=not self.progress,
                    dynamic_ncols=True)
-        window_start, window_steps = time.perf_counter(), 0
-        stopped_early = False
+        clock = _StepClock()
         try:
-            while self.step < t.steps and not stopped_early:
+            while self.step < t.steps and not self.stopped_early:
                 losses = self.train_step(batches)
-                window_steps += 1
+                clock.tick()
                 bar.update(1)
                 last = self.step == t.steps
                 if t.log_every and (self.step % t.log_every == 0 or last):
                     losses = self._reduce_for_log(losses)
-                    elapsed = time.perf_counter() - window_start
-                    losses["sec_per_step"] = elapsed / window_steps
-                    losses["samples_per_sec"] = window_steps * self.effective_batch / elapsed
+                    elapsed = clock.seconds()
+                    losses["sec_per_step"] = elapsed / clock.steps
+                    losses["samples_per_sec"] = clock.steps * self.effective_batch / elapsed
                     losses["lr"] = self.last_lr
-                    window_start, window_steps = time.perf_counter(), 0
+                    clock.restart()
                     if self.log:
                         self.log.write(self.step, "train", losses)
                     bar.set_postfix(**self._postfix(losses))
-                if (t.val_every and self.step % t.val_every == 0) or last:
-                    val_metrics = self.validate()
-                    if self.log:
-                        self.log.write(self.step, "val", val_metrics)
-                    if self.progress:
-                        bar.write(f"step {self.step}: validation {self._describe_validation(val_metrics)}")
-                    stopped_early = self._after_validation(val_metrics)
-                if (t.ckpt_every and self.step % t.ckpt_every == 0) or last or stopped_early:
-                    self.save()
+                with clock.paused():
+                    if (t.val_every and self.step % t.val_every == 0) or last:
+                        val_metrics = self.validate()
+                        if self.log:
+                            self.log.write(self.step, "val", val_metrics)
+                        if self.progress:
+                            bar.write(f"step {self.step}: validation {self._describe_validation(val_metrics)}")
+                        self.stopped_early = self._after_validation(val_metrics)
+                    if (t.ckpt_every and self.step % t.ckpt_every == 0) or last or self.stopped_early:
+                        self.save()
         finally:
             bar.close()
-            if self.log:
-                self.log.close()
-        return {"step": self.step, "run_dir": str(self.run_dir), "stopped_early": stopped_early,
-                **{f"val_{k}": v for k, v in val_metrics.items()}}
+        return val_metrics

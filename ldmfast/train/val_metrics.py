@@ -39,7 +39,8 @@ class ImageErrorSums:
     def reduce(self) -> dict:
         all_reduce_sum(self.totals)
         t = self.totals.tolist()
-        return {"psnr": t[0] / max(t[1], 1), "mae": t[2] / max(t[3], 1),
+        # No slice measured is no measurement: NaN (logged as null), never a perfect-looking 0.
+        return {"psnr": t[0] / t[1] if t[1] > 0 else math.nan, "mae": t[2] / t[3] if t[3] > 0 else math.nan,
                 "lesion_mae": t[4] / t[5] if t[5] > 0 else math.nan, "slices": int(t[1])}
 
     def preview_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -50,6 +50,8 @@ class VQGANTrainer(StageTrainer):
     checkpoint when `resume` is None (auto) or True (required)."""
 
     stage = "vqgan"
+    # The discriminator's width and depth shape its tensors in the checkpoint.
+    resume_settings = {"loss.disc_channels": None, "loss.disc_layers": None}
 
     def __init__(self, config: VQGANTrainConfig, *, resume: bool | None = None, progress: bool = True,
                  dist_info: DistInfo | None = None):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ldmfast.models import VQGANConfig
 
-from .config import ConfigError, check_device, check_model_section
+from .config import ConfigError, check_device, check_finite_at_least, check_model_section
 from .data import DataSection
 from .lr_schedule import LR_SCHEDULES
 
@@ -29,9 +29,10 @@ class LossSection:
     perceptual_weights: str | None = None
 
     def check(self, prefix: str) -> None:
-        for key in ("codebook_weight", "disc_weight", "perceptual_weight", "disc_start"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{prefix}.{key}", f"must be >= 0, got {getattr(self, key)}")
+        for key in ("codebook_weight", "disc_weight", "perceptual_weight"):
+            check_finite_at_least(f"{prefix}.{key}", getattr(self, key), 0.0)
+        if self.disc_start < 0:
+            raise ConfigError(f"{prefix}.disc_start", f"must be >= 0, got {self.disc_start}")
         for key in ("disc_channels", "disc_layers"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}.{key}", f"must be >= 1, got {getattr(self, key)}")
@@ -62,10 +63,9 @@ class OptimSection:
             raise ConfigError(f"{prefix}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"{prefix}.min_lr_ratio", f"must be within [0, 1], got {self.min_lr_ratio}")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"{prefix}.lr", f"must be > 0, got {self.lr}")
-        if self.base_lr <= 0:
-            raise ConfigError(f"{prefix}.base_lr", f"must be > 0, got {self.base_lr}")
+        if self.lr is not None:
+            check_finite_at_least(f"{prefix}.lr", self.lr, 0.0, strict=True)
+        check_finite_at_least(f"{prefix}.base_lr", self.base_lr, 0.0, strict=True)
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"{prefix}.betas", f"must be within [0, 1), got {list(self.betas)}")
 
