@@ -245,6 +245,8 @@ def test_sec_per_step_leaves_out_validation_and_checkpoints(tmp_path, phantom_ro
     ("optim.lr=inf", "optim.lr"),
     ("optim.base_lr=inf", "optim.base_lr"),
     ("data.augment.max_translation=inf", "data.augment.max_translation"),
+    ("model.beta=inf", "model.beta"),
+    ("model.dead_code_threshold=inf", "model.dead_code_threshold"),
 ])
 def test_bad_configs_are_refused_before_training_naming_the_key(tmp_path, phantom_root, override, key):
     with pytest.raises(ConfigError) as info:

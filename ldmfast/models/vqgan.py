@@ -1,6 +1,8 @@
 """The VQGAN autoencoder of stage 1: convolutional encoder, vector quantizer, decoder."""
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -118,12 +120,11 @@ class VQGANConfig(ConfigDict):
                                                      f"divide the width, with head dim <= {MAX_HEAD_DIM}")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError("dropout", f"must be within [0, 1), got {self.dropout}")
-        if self.beta < 0:
-            raise ModelConfigError("beta", f"must be >= 0, got {self.beta}")
+        for key in ("beta", "dead_code_threshold"):  # (written so that NaN and inf fail too)
+            if not 0.0 <= getattr(self, key) < math.inf:
+                raise ModelConfigError(key, f"must be a finite number >= 0, got {getattr(self, key)}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ModelConfigError("ema_decay", f"must be within (0, 1), got {self.ema_decay}")
-        if self.dead_code_threshold < 0:
-            raise ModelConfigError("dead_code_threshold", f"must be >= 0, got {self.dead_code_threshold}")
         return self
 
 
