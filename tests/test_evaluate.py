@@ -118,6 +118,29 @@ def test_cli_end_to_end_and_errors(runs, tmp_path):
     assert missing.returncode == 2 and "prediction folder not found" in missing.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--error-max", "0"], "--error-max: must be a positive number"),
+    (["--error-max", "nan"], "--error-max: must be a positive number"),
+    (["--figure-cases", "-1"], "--figure-cases: must be >= 0"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["--device", "bogus"], "--device:"),
+    (["--device", "cuda:99"], "--device: cuda:99 is not available"),
+    (["--figure-slice", "phantom_999:2"], "figure slice: no evaluated case ['phantom_999']"),
+])
+def test_cli_refuses_bad_arguments_before_writing(runs, tmp_path, capsys, args, message):
+    from ldmfast.cli import main
+
+    out = tmp_path / "out"
+    assert main(["evaluate", "--pred", str(runs / "base"), "--ref", str(runs / "ref"), "--out", str(out),
+                 "--ms-ssim-scales", "2", "--quiet", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())  # no result beside an error
+    (tmp_path / "file").write_text("")
+    assert main(["evaluate", "--pred", str(runs / "base"), "--ref", str(runs / "ref"), "--out",
+                 str(tmp_path / "file" / "out"), "--quiet"]) == 2
+    assert "--out: cannot create" in capsys.readouterr().err
+
+
 def test_pairing_and_shape_errors(runs, tmp_path):
     import shutil
 
@@ -142,6 +165,15 @@ def test_pairing_and_shape_errors(runs, tmp_path):
     (pred / "phantom_000" / "dwi.nii.gz").unlink()
     with pytest.raises(DataError, match=r"case 'phantom_000'.*missing synthesized DWI"):
         evaluate(runs / "ref", [("p", pred)], OPTIONS, progress=False)
+    # Damaged gzip data (the header reads, the voxels do not): named like any unreadable file.
+    shutil.rmtree(pred / "phantom_000")
+    shutil.copytree(runs / "base" / "phantom_000", pred / "phantom_000")
+    path = pred / "phantom_001" / "dwi.nii.gz"
+    data = bytearray(path.read_bytes())
+    data[200:208] = bytes(b ^ 0xFF for b in data[200:208])
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"case 'phantom_001', file .*dwi.nii.gz: cannot read as NIfTI"):
+        evaluate(runs / "ref", [("p", pred)], OPTIONS, progress=False, figure_cases=0)
 
 
 def _decode_png(data: bytes) -> np.ndarray:

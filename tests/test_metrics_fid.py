@@ -95,5 +95,9 @@ def test_extractor_weight_file_errors(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read"):
         load_extractor("inception", garbage)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\xff" * 100)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_extractor("inception", damaged)
     with pytest.raises(ValueError, match="kind"):
         load_extractor("vgg", garbage)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -88,8 +89,28 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"ldmfast evaluate: error: {message}", file=sys.stderr)
         return 2
 
+    # Arguments checked before minutes of metrics, and before anything is written.
+    if not 0 < args.error_max < float("inf"):
+        return fail(f"--error-max: must be a positive number, got {args.error_max}")
+    if args.figure_cases < 0:
+        return fail(f"--figure-cases: must be >= 0, got {args.figure_cases}")
+    if args.batch_size < 1:
+        return fail(f"--batch-size: must be >= 1, got {args.batch_size}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        return fail(f"--device: {err}")
+    if parsed.type == "cuda" and not (torch.cuda.is_available() and (parsed.index or 0) < torch.cuda.device_count()):
+        return fail(f"--device: {device} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return fail(f"--out: cannot create {out}: {err}")
+    if not os.access(out, os.W_OK):
+        return fail(f"--out: {out} is not writable")
+    try:
         options = EvaluateOptions(region=args.region, ms_ssim_scales=args.ms_ssim_scales, device=device,
                                   batch_size=args.batch_size)
         folders = [args.pred] + ([args.compare] if args.compare else [])
@@ -103,13 +124,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         evaluation = evaluate(args.ref, list(zip(labels, folders)), options, layout=args.layout, extractor=extractor,
                               fid_unavailable=reason, figure_cases=args.figure_cases,
                               figure_slices=_figure_slices(args.figure_slice), progress=not args.quiet)
-        out = Path(args.out)
         write_csv(out / "cases.csv", evaluation, "cases")
         write_csv(out / "slices.csv", evaluation, "slices")
         write_summary(out / "summary.json", evaluation)
         report = write_report(out, evaluation, error_max=args.error_max)
     except (DataError, ValueError, FileNotFoundError) as err:
         return fail(str(err))
+    except OSError as err:  # writing the results (a full disk, a file removed meanwhile)
+        return fail(f"--out: {err}")
     if not args.quiet:
         if evaluation.not_predicted:
             print(f"{len(evaluation.not_predicted)} reference case(s) without prediction, not evaluated")

@@ -27,6 +27,7 @@ volumes; the mean over all slices too). FID is per data set, in the normalized s
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def read_prediction(case: PreprocessedCase, paths: dict[str, Path]) -> np.ndarra
             if gap > AFFINE_TOLERANCE:
                 raise DataError(f"affine differs from the reference's by up to {gap:.4g}", case=case.case_id, path=path)
             data = img.get_fdata(dtype=np.float32).reshape(shape)
-        except (ImageFileError, OSError, EOFError, ValueError) as err:
+        except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as err:  # zlib: damaged gzip data
             if isinstance(err, DataError):
                 raise
             raise DataError(f"cannot read as NIfTI: {err}", case=case.case_id, path=path) from err
@@ -392,6 +393,12 @@ def evaluate(
     feature_stats = None
     if extractor is not None:
         feature_stats = {name: {ch: FeatureStatistics() for ch in CHANNELS} for name in ["reference"] + labels}
+    if figure_cases < 0:
+        raise ValueError(f"figure_cases: must be >= 0, got {figure_cases}")
+    unknown = sorted({cid for cid, _ in figure_slices} - set(run_paths[0]))
+    if unknown:  # found before minutes of metrics, not silently drawn nowhere
+        raise ValueError(f"figure slice: no evaluated case {unknown} (the cases with a prediction: "
+                         f"{sorted(run_paths[0])[:10]}{' ...' if len(run_paths[0]) > 10 else ''})")
     picker = _FigurePicker(figure_cases, list(figure_slices))
 
     for case_files, _ in tqdm(pairs, desc="evaluate", unit="case", disable=not progress):

@@ -279,7 +279,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors' own error type for a damaged file
+            raise ValueError(f"fid weights: cannot read {path}: {err}") from err
     # weights_only: a weights file is data; never run the code a pickle may carry.
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
