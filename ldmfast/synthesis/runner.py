@@ -119,14 +119,15 @@ def _describe(err: BaseException) -> str:
 class _Run:
     """The state of one process's synthesis loop."""
 
-    def __init__(self, config: SynthesisConfig, dist: DistInfo, model, bar: tqdm, log: Callable[[str], None]):
+    def __init__(self, config: SynthesisConfig, dist: DistInfo, model, bar: tqdm, log: Callable[[str], None],
+                 settings: dict):
         self.config, self.dist, self.model, self.bar, self.log = config, dist, model, bar, log
         self.summary = SynthesisSummary()
         self.options = generate_options(config, dist.device)
         self.batcher = SliceBatcher(config.batch_size)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="ldmfast-write")
         self.writes: dict[str, Future] = {}
-        self.record = {"ldmfast": ldmfast.__version__, **run_settings(config), "samples": config.samples,
+        self.record = {"ldmfast": ldmfast.__version__, **settings, "samples": config.samples,
                        "batch_size": config.batch_size}
         self.expected: dict[str, int] = {}  # slices x samples the progress bar counts on, by case
 
@@ -257,16 +258,18 @@ def synthesize(config: SynthesisConfig, *, dist: DistInfo | None = None, progres
 
     listed = find_cases(config.input, layout=config.layout, skip_bad=True)
     check_output_overlap(config, listed)
-    complete = set() if config.overwrite else completed_cases(config, listed)
+    settings = run_settings(config)
+    complete = set() if config.overwrite else completed_cases(config, settings, listed)
     mine = list(listed)[dist.rank::dist.world_size]
     try:
         model = ConditionalLDM.from_pretrained(config.model, dist.device).eval()
     except Exception as err:  # a damaged or mismatched model folder: the setting is wrong, not a case
         lines = _describe(err).splitlines()  # torch lists every mismatched weight: the first says enough
         more = f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else ""
-        raise ConfigError("model", f"{config.model}: cannot load the model: {' '.join(line.strip() for line in lines[:2])}{more}") from None
+        first = " ".join(line.strip() for line in lines[:2])
+        raise ConfigError("model", f"{config.model}: cannot load the model: {first}{more}") from None
     bar = tqdm(total=0, unit=" slices", desc="synthesize", disable=not (progress and dist.is_main), dynamic_ncols=True)
-    run = _Run(config, dist, model, bar, log)
+    run = _Run(config, dist, model, bar, log, settings)
     if dist.is_main:  # every process lists the same cases: report the unlistable ones once
         for err in listed.errors:
             run.fail(err.case or str(err.path), err)
@@ -305,11 +308,11 @@ def synthesize(config: SynthesisConfig, *, dist: DistInfo | None = None, progres
     return gather_summary(run.summary, dist)
 
 
-def completed_cases(config: SynthesisConfig, cases) -> set[str]:
-    """The ids of the cases whose outputs this run's settings made and finished, to skip. Outputs
-    that other settings made are refused (ConfigError on `output`) rather than kept or replaced:
-    --overwrite replaces them. Every process reads every case's record, so all refuse together."""
-    settings = run_settings(config)
+def completed_cases(config: SynthesisConfig, settings: dict, cases) -> set[str]:
+    """The ids of the cases whose outputs this run's settings (run_settings) made and finished, to
+    skip. Outputs that other settings made are refused (ConfigError on `output`) rather than kept or
+    replaced: --overwrite replaces them. Every process reads every case's record, so all refuse
+    together."""
     complete, conflicts = set(), {}
     for files in cases:
         record = read_record(config.output, files.case_id)
