@@ -84,6 +84,33 @@ def test_cross_attention_with_group_norm_and_rescale():
                                attn.processor.fallback(attn, x, context, mask), rtol=0, atol=0)
 
 
+def test_cross_attention_norm_stays_a_group_norm():
+    """diffusers asserts that norm_cross is an nn.GroupNorm (or LayerNorm) before running it."""
+    from diffusers.models.attention_processor import Attention
+    fresh_seed()
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4, cross_attention_norm="group_norm",
+                     cross_attention_norm_num_groups=2)
+    x, context = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    want = attn(x, context)
+    report = ldmfast.accelerate(attn)
+    assert report.counts() == {"attention": 1, "group_norm": 1}
+    torch.testing.assert_close(attn(x, context), want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_accelerated_attention_is_freed():
+    """The processor's undo (the root's set_processor) must not hold the module the report is kept for."""
+    import gc
+    import weakref
+
+    from diffusers.models.attention_processor import Attention
+    attn = Attention(16, heads=2, dim_head=8)
+    ldmfast.accelerate(attn)
+    ref = weakref.ref(attn)
+    del attn
+    gc.collect()
+    assert ref() is None
+
+
 def test_unknown_processor_left_alone_and_processors_restored():
     from diffusers.models.attention_processor import Attention, AttnProcessor
 

@@ -2,6 +2,7 @@
 custom op's dispatcher round trip; anything that must see the custom op still does."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ldmfast.ops as ops
@@ -76,3 +77,54 @@ def test_fast_path_applies_only_in_plain_eager_mode():
     seen = []
     torch.func.vmap(lambda t: seen.append(_eager.applies(t)) or t)(x)
     assert seen == [False]
+
+
+def _penalty_grads(fn, leaves):
+    """Gradients of a gradient penalty, |d(sum(fn(leaves) * dout))/d leaves[0]|^2, in every leaf:
+    a double backward through fn."""
+    xs = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*xs)
+    dout = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    grad, = torch.autograd.grad((out * dout).sum(), xs[0], create_graph=True)
+    grad.square().sum().backward()
+    return [grad.detach()] + [t.grad for t in xs]
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_double_backward_matches_torch(activation):
+    """The kernels' backward is not differentiable: a backward that autograd records runs on the
+    reference instead (it used to raise: once_differentiable)."""
+    x, w, b = fresh(2, 12, 5, 7), fresh(12), fresh(12)
+
+    def torch_norm(x, w, b):
+        y = F.group_norm(x, 4, w, b, 1e-5)
+        return F.silu(y) if activation else y
+
+    got = _penalty_grads(lambda *t: ops.group_norm(*t[:1], 4, *t[1:], activation=activation), [x, w, b])
+    want = _penalty_grads(torch_norm, [x, w, b])
+    for g, t in zip(got, want):
+        torch.testing.assert_close(g, t, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_double_backward_matches_torch():
+    q, k, v = fresh(2, 3, 9, 16), fresh(2, 3, 11, 16), fresh(2, 3, 11, 16)
+    got = _penalty_grads(lambda q, k, v: ops.attention(q, k, v, scale=0.25), [q, k, v])
+    want = _penalty_grads(lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1) @ v, [q, k, v])
+    for g, t in zip(got, want):
+        torch.testing.assert_close(g, t, rtol=1e-4, atol=1e-5)
+
+
+def test_double_backward_passes_gradgradcheck_without_affine_parameters():
+    """float64 (the reference backend, on the fast path too); weight and bias None."""
+    x = fresh(1, 4, 3, 2).double().requires_grad_()
+    q = fresh(1, 2, 3, 4).double().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: ops.group_norm(x, 2, activation="silu"), (x,))
+    assert torch.autograd.gradgradcheck(lambda q: ops.attention(q, q * 2, q.flip(-2)), (q,))
+
+
+def test_a_backward_without_create_graph_runs_the_kernels(monkeypatch):
+    """The fast backward is unchanged: the reference forward is recomputed only for create_graph."""
+    monkeypatch.setattr(_eager, "_differentiable_backward", lambda *a: pytest.fail("reference recomputed"))
+    x, q = fresh(2, 4, 3, 3).requires_grad_(), fresh(1, 2, 5, 8).requires_grad_()
+    (ops.group_norm(x, 2, activation="silu").square().sum() + ops.attention(q, q, q).sum()).backward()
+    assert x.grad is not None and q.grad is not None

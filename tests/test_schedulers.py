@@ -75,6 +75,30 @@ def test_accelerated_sampling_loop_and_restore(family):
     assert "step" not in sched.__dict__
 
 
+@pytest.mark.parametrize("family", ["diffusers", "monai"])
+def test_accelerated_scheduler_pickles_keeps_its_signature_and_is_freed(family):
+    """scheduler.step pickles (a bound method pickled as getattr(scheduler, "_diffusers_step"), which
+    failed to load), keeps the signature diffusers' pipelines inspect (eta, generator), and the
+    report kept per scheduler does not keep it alive."""
+    import gc
+    import inspect
+    import pickle
+    import weakref
+    sched = _make(family, "epsilon", False)
+    fused.accelerate(sched)
+    assert {"eta", "generator"} <= set(inspect.signature(sched.step).parameters)
+    x, out = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    want = sched.step(out, sched.timesteps[1], x)
+    twin = pickle.loads(pickle.dumps(sched))
+    assert "step" in twin.__dict__
+    got = twin.step(out, sched.timesteps[1], x)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    ref = weakref.ref(sched)
+    del sched
+    gc.collect()
+    assert ref() is None
+
+
 def test_diffusers_step_keeps_its_return_types():
     diffusers = pytest.importorskip("diffusers")
     sched = _make("diffusers", "epsilon", False)

@@ -75,8 +75,10 @@ def accelerate(model: nn.Module, *, group_norm: bool = True, attention: bool = T
         else:
             rule.apply(path, module, report)
     if group_norm:
-        generic.fuse_sequentials(modules, report)
+        # Swaps first: the Sequential rule then sees the replaced norms (a GroupNorm subclass with a
+        # forward of its own is fused only once the swap has checked it computes GroupNorm).
         generic.swap_group_norms(model, report)
+        generic.fuse_sequentials(modules, report)
     if channels_last:
         memory_format.convs_to_channels_last(model, report)
     generic.list_left_alone(model, report, attention)

@@ -171,7 +171,7 @@ def _attention_rule(cls) -> Rule:
         detail = (f"Attention: {type(old).__name__} -> LdmfastAttnProcessor ({attn.heads} heads of {head_dim}"
                   f"{', cross-attention' if attn.is_cross_attention else ''})")
         set_attribute(report, attn, "processor", LdmfastAttnProcessor(old), Change(path, "attention", detail),
-                      setter=attn.set_processor)
+                      setter=lambda module, processor: module.set_processor(processor))
 
     return class_rule(cls, "diffusers Attention", "attention", why_not, apply)
 

@@ -25,8 +25,8 @@ def _child_slots(model: nn.Module):
 def swap_group_norms(model: nn.Module, report: AccelerationReport) -> None:
     replacements: dict[int, AcceleratedGroupNorm] = {}  # one replacement per shared module
     for path, parent, name, child in list(_child_slots(model)):
-        if not isinstance(child, nn.GroupNorm):
-            continue
+        if not isinstance(child, nn.GroupNorm) or isinstance(child, AcceleratedGroupNorm):
+            continue  # (an AcceleratedGroupNorm is an nn.GroupNorm too: the walk listed it already)
         reason = why_not_group_norm(child)
         if reason is not None:
             report.leave(path, child, reason)
@@ -34,7 +34,7 @@ def swap_group_norms(model: nn.Module, report: AccelerationReport) -> None:
         new = replacements.setdefault(id(child), accelerated_group_norm(child))
         swap_child(report, parent, name, new, Change(path, "group_norm", f"{type(child).__name__} -> ldmfast "
                                                                          "fused GroupNorm"))
-    if isinstance(model, nn.GroupNorm):
+    if isinstance(model, nn.GroupNorm) and not isinstance(model, AcceleratedGroupNorm):
         report.leave("", model, "the root module cannot be replaced in place; accelerate its parent, or use "
                                 "ldmfast.nn.GroupNormAct.from_module")
 
@@ -42,7 +42,7 @@ def swap_group_norms(model: nn.Module, report: AccelerationReport) -> None:
 # ---- GroupNorm then SiLU inside an nn.Sequential ----------------------------------------------
 
 def _is_group_norm_like(module: nn.Module) -> bool:
-    return fusable_norm_params(module) is not None  # an nn.GroupNorm or an unfused GroupNormAct
+    return fusable_norm_params(module) is not None  # a plain or accelerated GroupNorm, or an unfused GroupNormAct
 
 
 def _fusable_pairs(seq: nn.Sequential) -> list[int]:

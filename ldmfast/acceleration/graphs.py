@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..diffusion.cuda_graph import GraphCache, capture, static_like, warm_up
-from .patcher import fused_forward
+from .patcher import bind, fused_forward, has_fused_forward
 from .report import AccelerationReport, Change
 
 # Non-tensor leaves that may be part of a signature and of an output (immutable values).
@@ -76,11 +76,9 @@ class _CapturedCall:
 
 class _GraphState:
     """A module's graphs, the parameter addresses they were captured with, and the signatures
-    whose capture failed (those run eagerly, with one warning each). `inner` is the function of the
-    forward the graphs replay (unbound: the state must not keep its module alive)."""
+    whose capture failed (those run eagerly, with one warning each)."""
 
-    def __init__(self, inner: Callable, max_graphs: int = 2):
-        self.inner = inner
+    def __init__(self, max_graphs: int = 2):
         self.cache = GraphCache(max_graphs)
         self.failed: dict = {}
         self.addresses: tuple = ()  # of the module's parameters and buffers at capture
@@ -121,14 +119,24 @@ def _signature(module: nn.Module, leaves: list, spec) -> tuple:
 _THRASH_CAPTURES = 8
 
 
+# Made on a module's first call: a deepcopy (or an unpickled copy) of a graphed model gets its
+# graphed forward, bound to the copy, but no state of its own, and must not share the original's.
 _STATES: "weakref.WeakKeyDictionary[nn.Module, _GraphState]" = weakref.WeakKeyDictionary()
 
 
+def _state(module: nn.Module) -> _GraphState:
+    state = _STATES.get(module)
+    if state is None:
+        state = _STATES[module] = _GraphState()
+    return state
+
+
 @fused_forward
-def _graphed_forward(self, *args, **kwargs):
-    """The module's forward, replayed from a CUDA graph where the call allows (see the module doc)."""
-    state = _STATES[self]
-    inner = state.inner.__get__(self)
+def _graphed_forward(self, inner_function: Callable, *args, **kwargs):
+    """The module's forward, replayed from a CUDA graph where the call allows (see the module doc).
+    inner_function: the function of the forward the graphs replay, bound to self at each call."""
+    state = _state(self)
+    inner = inner_function.__get__(self)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     if why_not_graphed(leaves) is not None:
         return inner(*args, **kwargs)
@@ -160,27 +168,42 @@ def _graphed_forward(self, *args, **kwargs):
     return call(leaves)
 
 
+def _forward_function(model: nn.Module):
+    """(function, rebind) of the forward the model runs now: its class's (rebind None), an ldmfast
+    fused forward a rule set, or a method bound to it; rebind(function, model) puts the latter two
+    back. None where the forward is some other instance attribute."""
+    previous = model.__dict__.get("forward")
+    if previous is None:
+        return type(model).forward, None
+    if has_fused_forward(model):
+        return previous.func, bind
+    if isinstance(previous, types.MethodType) and previous.__self__ is model:
+        return previous.__func__, types.MethodType
+    return None
+
+
 def graph_forward(model: nn.Module, report: AccelerationReport) -> None:
     """Give `model` (the root) the graphed forward, over whatever forward it has now (an ldmfast
     fused forward a rule set, or its class's)."""
-    previous = model.__dict__.get("forward")
-    if previous is not None and getattr(previous, "__self__", None) is not model:
-        report.leave("", model, f"cuda_graphs: the root's forward is an instance attribute ({type(previous).__name__}), "
-                                "not a method of it, which the graphs cannot wrap without keeping the model alive")
+    found = _forward_function(model)
+    if found is None:
+        kind = type(model.__dict__["forward"]).__name__
+        report.leave("", model, f"cuda_graphs: the root's forward is an instance attribute ({kind}), not a "
+                                "method of it, which the graphs cannot wrap without keeping the model alive")
         return
-    previous_func = previous.__func__ if previous is not None else None
-    _STATES[model] = _GraphState(previous_func if previous_func is not None else type(model).forward)
-    model.forward = types.MethodType(_graphed_forward, model)
+    inner, rebind = found
+    _STATES[model] = _GraphState()
+    model.forward = bind(_graphed_forward, model, inner)
     model_ref = weakref.ref(model)  # the report is kept per model with a weak key: no strong path back
 
     def undo():
         module = model_ref()
         if module is None:
             return
-        if previous_func is None:
+        if rebind is None:
             module.__dict__.pop("forward", None)
         else:
-            module.forward = types.MethodType(previous_func, module)
+            module.forward = rebind(inner, module)
         _STATES.pop(module, None)
 
     report.record(Change("", "cuda_graphs", f"{type(model).__name__}: inference forward replayed from CUDA "

@@ -1,7 +1,9 @@
 """UNets in the style of the reference release (guided-diffusion / latent-diffusion `openaimodel`):
 their attention is a QKVAttention or QKVAttentionLegacy module mapping a (B, 3*H*C, T) qkv tensor to
 (B, H*C, T). These live in the user's own code, so they are recognized by class name and shape
-(an `n_heads` attribute, no parameters) and must compute what those classes compute:
+(an `n_heads` attribute, no parameters, a forward(self, qkv)) and must compute what those classes
+compute, which a probe input checks before the forward is replaced (other projects reuse the names:
+GLIDE's QKVAttention has the legacy layout and an optional encoder_kv argument):
 
     legacy: qkv.reshape(B*H, 3*C, T).split(C)     -> per head q, k, v consecutive
     new:    qkv.chunk(3) then each .view(B*H, C, T) -> all q, then all k, then all v
@@ -12,6 +14,7 @@ which the generic Sequential rule fuses when the Sequential runs whole, and leav
 the block slices it (use_scale_shift_norm, up/down resampling)."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -49,10 +52,42 @@ def _matches(module: nn.Module) -> bool:
             and next(module.parameters(recurse=True), None) is None)
 
 
+def _takes_qkv_only(forward) -> bool:
+    """forward(self, qkv), nothing else: GLIDE's QKVAttention.forward(self, qkv, encoder_kv=None),
+    say, is another computation, which a caller passing encoder_kv would reach."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return (len(params) == 2 and params[1].name == "qkv"
+            and all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in params))
+
+
+def _why_not_probe(module: nn.Module) -> str | None:
+    """None where the fused forward computes what the module's own does, on a small float32 CPU
+    probe input: the class name says the layout only for guided-diffusion's classes (GLIDE's
+    QKVAttention has the legacy layout under the new name). No parameters: any device will do."""
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 3 * module.n_heads * 4, 5, generator=gen, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        try:
+            want = type(module).forward(module, qkv)
+        except Exception as err:  # noqa: BLE001 - any failure means: not a module we can check
+            return f"its forward fails on a float32 CPU probe input ({type(err).__name__})"
+        got = _qkv_attention_forward(module, qkv)
+    if not (isinstance(want, torch.Tensor) and want.shape == got.shape
+            and torch.allclose(got, want.float(), rtol=1e-4, atol=1e-5)):
+        return (f"its forward differs from the {'legacy' if type(module).__name__ == LEGACY else 'new'}-order "
+                "q,k,v layout its class name implies (checked on a probe input)")
+    return None
+
+
 def _why_not(module: nn.Module):
     if forward_patched_elsewhere(module):
         return "its forward is already patched by someone else"
-    return None
+    if not _takes_qkv_only(type(module).forward):
+        return "its forward takes more than (self, qkv) (e.g. GLIDE's encoder_kv)"
+    return _why_not_probe(module)
 
 
 def _apply(path: str, module: nn.Module, report: AccelerationReport) -> None:
