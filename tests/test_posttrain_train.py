@@ -105,6 +105,10 @@ def test_a_rerun_of_an_early_stopped_run_trains_nothing_and_reports_the_best(tmp
     assert (run / "ldm" / "model.safetensors").read_bytes() == model, "the best model was replaced"
     assert f"trained to step {summary['step']} (stopped early)" in out
     assert f"the model is the best: latent_loss {summary['best']:.4g} at step {summary['best_step']}" in out
+    # More patience than ran out: the run goes on from where it stopped.
+    patient = [o if not o.startswith("train.early_stop_patience") else "train.early_stop_patience=50"
+               for o in overrides]
+    assert PostTrainer(load_config(path, PostTrainConfig, patient), progress=False).run()["step"] == 12
 
 
 def test_a_metric_that_is_never_finite_stops_and_exports_the_latest_model(tmp_path, phantom_root, init_dir,

@@ -126,9 +126,11 @@ class PostTrainer(LDMTrainer):
         self.best = state.get("best")
         self.best_step = state.get("best_step", 0)
         self.bad_validations = state.get("bad_validations", 0)
-        # (A checkpoint written before runs saved that they stopped early: its patience ran out.)
-        if self._early_stopping() and self.bad_validations >= self.config.train.early_stop_patience:
-            self.stopped_early = True
+        # Stopped is what the configured patience says of the checkpoint's count: a rerun with more
+        # patience (or without early stopping) goes on training, one with the same stays stopped
+        # (so do checkpoints written before runs saved that they stopped).
+        self.stopped_early = (self._early_stopping()
+                              and self.bad_validations >= self.config.train.early_stop_patience)
 
     def run(self) -> dict:
         summary = super().run()
