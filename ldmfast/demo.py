@@ -4,10 +4,14 @@ phantom data set -> VQGAN -> cLDM -> lesion-aware post-training -> synthesis of 
 cases with the base and the post-trained model -> evaluation of both -> report and a summary
 table. Each stage is the real command's code with the demo configuration shipped in
 ldmfast/configs/*_demo.toml; every stage resumes where an interrupted demo stopped, and a
-finished stage is not run again.
+finished stage is not run again. OUT/demo.json records the settings: a rerun with other ones
+redoes what they change (and what depends on it), never mixes the two.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -61,6 +65,78 @@ def stage_config(stage: str, settings: DemoSettings, **paths) -> dict:
     for assignment in settings.overrides.get(stage, []):
         set_dotted(data, assignment)
     return data
+
+
+#: the demo's record of its settings in OUT, and what makes a folder a demo's
+RECORD_NAME = "demo.json"
+#: OUT's folders after the training stages, in the order they are made
+RESULTS = ("synthesis", "report")
+
+
+def demo_record(settings: DemoSettings) -> dict:
+    """What decides the demo's results, stage by stage (steps as the stage will train them)."""
+    return {"data": {"cases": settings.cases, "shape": list(settings.shape), "seed": settings.seed},
+            "stages": {stage: {"steps": settings.steps.get(stage, demo_config(stage)["train"]["steps"]),
+                               "overrides": list(settings.overrides.get(stage, []))} for stage in STAGES},
+            "sample_steps": settings.sample_steps}
+
+
+def stale_outputs(old: dict, new: dict) -> tuple[list[str], str] | None:
+    """The folders of OUT that `old` settings made and `new` ones would not (the first change and all
+    that depends on it), and what changed; None when nothing did. A stage asked for more steps
+    trains on from its checkpoint; fewer steps or other overrides start it again."""
+    if old.get("data") != new["data"]:
+        return ["phantom", "cache", *STAGES, *RESULTS], f"data {old.get('data')} -> {new['data']}"
+    for i, stage in enumerate(STAGES):
+        was, now = old["stages"][stage], new["stages"][stage]
+        if was != now:
+            goes_on = now["steps"] > was["steps"] and now["overrides"] == was["overrides"]
+            change = (f"{stage} steps {was['steps']} -> {now['steps']}" if was["steps"] != now["steps"]
+                      else f"{stage} overrides {was['overrides']} -> {now['overrides']}")
+            return ([] if goes_on else [stage]) + list(STAGES[i + 1:]) + list(RESULTS), change
+    if old.get("sample_steps") != new["sample_steps"]:
+        return list(RESULTS), f"sample steps {old.get('sample_steps')} -> {new['sample_steps']}"
+    return None
+
+
+def prepare_output(settings: DemoSettings) -> None:
+    """Make OUT a demo folder for these settings: refuse a file or another program's folder, and
+    remove what a run with other settings made there (said), then record these settings."""
+    from ldmfast.train.checkpoint import write_json_atomic
+
+    out = settings.output_dir
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output: {out} exists and is not a folder")
+    record_path = out / RECORD_NAME
+    new = demo_record(settings)
+    if record_path.is_file():
+        try:
+            old = json.loads(record_path.read_text())
+            stale = stale_outputs(old, new)
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"--output: {record_path} is damaged; delete {out} or choose another folder") from None
+        if stale:
+            folders, change = stale
+            gone = [name for name in folders if (out / name).exists()]
+            if gone:
+                _say(settings, f"settings changed since the last run in {out} ({change}): redoing {', '.join(gone)}")
+            for name in gone:
+                shutil.rmtree(out / name)
+    elif out.is_dir() and any(out.iterdir()) and not (out / "phantom").is_dir():  # (older demos had no record)
+        raise ValueError(f"--output: {out} holds files that are not a demo run's; choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(new, record_path)
+
+
+def phantom_complete(phantom: Path, cases: int) -> bool:
+    """Whether the phantom data set has all its cases with every file (files are renamed into place
+    whole, so a present file is a finished one; an interrupted generation leaves a case short)."""
+    from ldmfast.data import TRAINING_MODALITIES, find_cases
+
+    if not phantom.is_dir():
+        return False
+    found = find_cases(phantom, require=TRAINING_MODALITIES, skip_bad=True)
+    return len(found) == cases and not found.errors
 
 
 def _say(settings: DemoSettings, text: str) -> None:
@@ -172,8 +248,11 @@ def run_demo(settings: DemoSettings) -> dict:
     from ldmfast.metrics.results import write_csv, write_summary
     from ldmfast.train.checkpoint import write_json_atomic
 
-    out = Path(settings.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Absolute: the stages' checkpoints record paths, and a rerun from another folder (or with the
+    # same folder spelled otherwise) must find them the same.
+    settings = dataclasses.replace(settings, output_dir=Path(settings.output_dir).resolve())
+    out = settings.output_dir
+    prepare_output(settings)
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -185,7 +264,8 @@ def run_demo(settings: DemoSettings) -> dict:
 
     _say(settings, f"[1/6] phantom data set: {settings.cases} cases of {settings.shape} in {out / 'phantom'}")
     phantom = out / "phantom"
-    if len(list(phantom.glob("phantom_*"))) != settings.cases:
+    if not phantom_complete(phantom, settings.cases):
+        shutil.rmtree(phantom, ignore_errors=True)  # an interrupted generation's cases and temporaries
         timed("phantom", make_phantom_dataset, phantom, n_cases=settings.cases, shape=settings.shape,
               seed=settings.seed, lesion_fraction=0.75, progress=settings.progress)
     _say(settings, "[2/6] VQGAN (stage 1)")
@@ -235,7 +315,8 @@ def run_demo(settings: DemoSettings) -> dict:
     }
     write_json_atomic(summary, out / "summary.json")
     (out / "summary.txt").write_text(table + "\n")
-    _say(settings, "\nheld-out cases, normalized scale, mean of DWI and ADC over volumes:\n" + table)
-    _say(settings, f"\nreport: {report}\nsummary: {out / 'summary.json'}  "
-                   f"({summary['seconds']['total']:.0f} s in all)")
+    # The results, with or without progress output (--quiet).
+    print("\nheld-out cases, normalized scale, mean of DWI and ADC over volumes:\n" + table)
+    print(f"\nreport: {report}\nsummary: {out / 'summary.json'}  ({summary['seconds']['total']:.0f} s in all)",
+          flush=True)
     return summary

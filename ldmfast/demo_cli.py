@@ -28,7 +28,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     demo.add_argument("--steps", default="", metavar="STAGE=N,...",
                       help="training steps per stage instead of the demo configuration's, e.g. ldm=100")
     demo.add_argument("--sample-steps", type=int, default=10, metavar="N", help="DDIM steps of the syntheses")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars or stage messages (the results still)")
     demo.set_defaults(func=run_demo_command)
     return demo
 
@@ -47,10 +47,12 @@ def _parse_steps(text: str) -> dict[str, int]:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     from ldmfast.data import DataError
+    from ldmfast.interrupts import INTERRUPTIONS, report_interruption, stop_on_sigterm
     from ldmfast.train.config import ConfigError
 
     from .demo import DemoSettings, run_demo
 
+    stop_on_sigterm()
     try:
         if args.sample_steps < 1:
             raise ValueError(f"--sample-steps: must be >= 1, got {args.sample_steps}")
@@ -60,4 +62,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError, DataError, RuntimeError) as err:
         print(f"ldmfast demo: error: {err}", file=sys.stderr)
         return 2
+    except INTERRUPTIONS as err:
+        return report_interruption("ldmfast demo", err, "run the same command again to continue: finished "
+                                                        "stages are kept")
     return 0

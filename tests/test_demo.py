@@ -43,6 +43,42 @@ def test_a_rerun_keeps_finished_stages(demo_run):
     again = run_demo(settings)
     assert {p: p.stat().st_mtime_ns for p in kept} == before, "finished stages and cases are not redone"
     assert again["metrics"] == summary["metrics"]
+    assert again["training"] == summary["training"], "a finished stage still reports its last validation"
+
+
+def test_other_settings_redo_what_they_change(demo_run):
+    settings, _ = demo_run
+    out = settings.output_dir
+
+    def stamps(pattern):
+        return {p: p.stat().st_mtime_ns for p in out.glob(pattern)}
+
+    vqgan, ldm = stamps("vqgan/checkpoints/*"), stamps("ldm/checkpoints/*")
+    synthesis = stamps("synthesis/*/*/*.nii.gz")
+    # A phantom case cut short (an interrupted generation) is made again, the same.
+    (out / "phantom" / "phantom_003" / "dwi.nii.gz").unlink()
+    # More post-training steps: post-training trains on; the syntheses and the report are redone.
+    more = DemoSettings(**{**vars(settings), "steps": {**settings.steps, "posttrain": 3}, "sample_steps": 2})
+    summary = run_demo(more)
+    assert stamps("vqgan/checkpoints/*") == vqgan and stamps("ldm/checkpoints/*") == ldm
+    assert summary["training"]["posttrain"]["step"] == 3
+    assert set(stamps("synthesis/*/*/*.nii.gz")) == set(synthesis)
+    assert all(t != synthesis[p] for p, t in stamps("synthesis/*/*/*.nii.gz").items())
+    assert json.loads((out / "synthesis" / "base" / summary["held_out_cases"][0] / "synthesis.json").read_text()
+                      )["steps"] == 2
+    # Fewer VQGAN steps than it trained: every stage from the VQGAN on starts again.
+    fewer = DemoSettings(**{**vars(more), "steps": {**more.steps, "vqgan": 1}})
+    summary = run_demo(fewer)
+    assert summary["training"]["vqgan"]["step"] == 1
+    assert all(t != ldm.get(p) for p, t in stamps("ldm/checkpoints/*").items()), "the cLDM was trained again"
+
+
+def test_the_output_must_be_a_demo_folder(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--output", str(tmp_path), "--steps", "vqgan=1"]) == 2
+    assert "not a demo run's" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"
+    assert main(["demo", "--output", str(tmp_path / "notes.txt")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
 
 
 def test_bad_steps_are_refused(capsys, tmp_path):

@@ -127,6 +127,23 @@ def test_resume_continues_bit_identically(tmp_path, phantom_root, autoencoder_di
     assert val(tmp_path / "straight") == val(tmp_path / "halves")
 
 
+def test_a_run_that_finds_its_latents_cached_trains_as_one_that_encodes_them(tmp_path, phantom_root,
+                                                                             autoencoder_dir):
+    # (Encoding once drew from the global RNG, so the noise of a resumed demo stage differed.)
+    import shutil
+
+    trainers = []
+    for name in ("encodes", "finds"):
+        if name == "finds":  # the first run's latents, where the second run looks for them
+            shutil.copytree(tmp_path / "encodes" / "cache", tmp_path / "finds" / "cache", dirs_exist_ok=True)
+        trainers.append(LDMTrainer(load_config(write_config(tmp_path, phantom_root, autoencoder_dir, name),
+                                               LDMTrainConfig, ["train.steps=2"]), progress=False))
+        trainers[-1].run()
+    a, b = (_state(t) for t in trainers)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_loss_goes_down_on_phantom_data(tmp_path, phantom_root, autoencoder_dir):
     config = load_config(write_config(tmp_path, phantom_root, autoencoder_dir), LDMTrainConfig,
                          ["train.steps=30", "train.grad_accum=1", "train.val_every=0", "train.log_every=5",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 from ldmfast.data.layouts import LAYOUTS
@@ -82,30 +81,18 @@ _KEYS = ("model", "input", "output", "layout", "batch_size", "steps", "eta", "sp
          "size", "scale", "dtype", "cuda_graph", "prefetch", "overwrite")
 
 
-class Terminated(BaseException):
-    """SIGTERM (torchrun stopping a worker, a scheduler's time limit), raised so that the run
-    unwinds like Ctrl-C: the files being written are completed or removed, never left half-written."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated(signum)
-
-
 def run_synthesize(args: argparse.Namespace) -> int:
     """Handler of `ldmfast synthesize`: 0 when every case was written or skipped, 1 when any case
     failed, 2 on a refused configuration."""
     from ldmfast.data import DataError
+    from ldmfast.interrupts import INTERRUPTIONS, report_interruption, stop_on_sigterm
     from ldmfast.train.config import ConfigError
     from ldmfast.train.distributed import init_distributed, shutdown_distributed
 
     from .config import load_synthesis_config
     from .runner import synthesize
 
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    stop_on_sigterm()
     overrides = {key: getattr(args, key) for key in _KEYS}
     if overrides["size"] is not None:
         overrides["size"] = list(overrides["size"])
@@ -120,11 +107,9 @@ def run_synthesize(args: argparse.Namespace) -> int:
     except (ConfigError, DataError) as err:  # refused settings, or an input with no case at all
         print(f"ldmfast synthesize: error: {err}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, Terminated) as err:
-        print(f"\nldmfast synthesize: {'terminated' if isinstance(err, Terminated) else 'interrupted'}: the cases "
-              f"written so far in {config.output} are complete; run the same command again to go on",
-              file=sys.stderr)
-        return 128 + (err.signum if isinstance(err, Terminated) else signal.SIGINT)
+    except INTERRUPTIONS as err:
+        return report_interruption("ldmfast synthesize", err, f"the cases written so far in {config.output} are "
+                                                              "complete; run the same command again to go on")
     finally:
         shutdown_distributed()
     if dist.is_main:

@@ -132,6 +132,7 @@ def run_train_stage(args: argparse.Namespace) -> int:
     import importlib
 
     from ldmfast.data import DataError
+    from ldmfast.interrupts import INTERRUPTIONS, report_interruption, stop_on_sigterm
 
     from .config import ConfigError, load_config
     from .distributed import shutdown_distributed
@@ -139,12 +140,16 @@ def run_train_stage(args: argparse.Namespace) -> int:
     stage, loop_module, loop_name, config_module, config_name, model_dir = args.stage_handler
     train = getattr(importlib.import_module(f"ldmfast.train.{loop_module}"), loop_name)
     config_cls = getattr(importlib.import_module(f"ldmfast.train.{config_module}"), config_name)
+    stop_on_sigterm()
     try:
         config = load_config(args.config, config_cls, args.overrides)
         summary = train(config, resume=args.resume, progress=not args.quiet)
     except (ConfigError, DataError) as err:
         print(f"ldmfast train {stage}: error: {err}", file=sys.stderr)
         return 2
+    except INTERRUPTIONS as err:
+        return report_interruption(f"ldmfast train {stage}", err, "the run goes on from its latest checkpoint "
+                                                                  "when the same command is run again")
     finally:
         shutdown_distributed()
     if not args.quiet:

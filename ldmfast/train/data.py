@@ -117,15 +117,17 @@ def split_cases(cases: list[CaseFiles], val_fraction: float, seed: int) -> tuple
     return [cases[i] for i in train], [cases[i] for i in val]
 
 
-def build_datasets(data: DataSection, run_dir: Path, seed: int, dist_info: DistInfo) -> tuple[SliceDataset, SliceDataset]:
-    """Train and validation slice datasets (no augmentation: `EpochAugmented` adds it)."""
+def build_datasets(data: DataSection, run_dir: Path, seed: int, dist_info: DistInfo,
+                   progress: bool = True) -> tuple[SliceDataset, SliceDataset]:
+    """Train and validation slice datasets (no augmentation: `EpochAugmented` adds it); `progress`:
+    a bar while slices are cached."""
     train_cases, val_cases = split_cases(find_training_cases(data, run_dir, dist_info), data.val_fraction, seed)
     cache = Path(data.cache_dir) if data.cache_dir else run_dir / "cache"
     datasets = None
     # Rank 0 fills the cache first; the others then only read it.
     for turn in ("main", "others"):
         if dist_info.is_main == (turn == "main"):
-            datasets = (SliceDataset(train_cases, cache, size=data.size, progress=dist_info.is_main),
+            datasets = (SliceDataset(train_cases, cache, size=data.size, progress=progress and dist_info.is_main),
                         SliceDataset(val_cases, cache, size=data.size, progress=False))
         barrier()
     return datasets

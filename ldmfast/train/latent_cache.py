@@ -38,7 +38,10 @@ def latent_key(autoencoder: nn.Module, datasets: list[SliceDataset], size) -> st
 def encode_dataset(encode, dataset: Dataset, device: torch.device, batch_size: int = 16,
                    progress: bool = False, desc: str = "latents") -> torch.Tensor:
     """encode(targets) for every slice of `dataset`, in order, as float32 on the CPU."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+    # A generator of its own: a DataLoader draws a seed from the one it has even unshuffled, and
+    # the global one would then differ between a run that encodes and its resumption that finds
+    # the cache (different training noise after an interruption).
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
                         collate_fn=lambda samples: torch.stack([s["target"] for s in samples]))
     out = []
     for target in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):

@@ -60,7 +60,7 @@ class LDMTrainer(StageTrainer):
         if c.data.size[0] % f or c.data.size[1] % f:
             raise ConfigError("data.size", f"{list(c.data.size)} gives no whole latent: the autoencoder downsamples "
                                            f"by {f}; use multiples of {f}")
-        self.train_set, self.val_set = build_datasets(c.data, self.run_dir, c.seed, self.dist)
+        self.train_set, self.val_set = build_datasets(c.data, self.run_dir, c.seed, self.dist, self.progress)
         train_data, augment = self.train_set, c.data.augment.to_augment_config()
         if t.latent_cache:
             latents = cached_latents(self.model.encode, self.model.autoencoder,

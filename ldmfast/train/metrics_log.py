@@ -31,6 +31,19 @@ class MetricsLog:
     def close(self) -> None:
         self._file.close()
 
+    def last(self, kind: str) -> dict:
+        """The values of the last record of `kind` ("train", "val"), without its step, kind and
+        time ({} when there is none); null values come back as NaN."""
+        for line in reversed(self.path.read_text().splitlines()):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("kind") == kind:
+                return {k: math.nan if v is None else v for k, v in record.items()
+                        if k not in ("step", "kind", "time")}
+        return {}
+
 
 def _step_of(line: str) -> float:
     """The step of a log line; a line cut short by a killed run counts as past every step."""

@@ -263,7 +263,7 @@ class StageTrainer:
         if self.dist.is_main:
             self.export()
         barrier()
-        return {}
+        return self.log.last("val") if self.log else {}  # what the run's last validation measured
 
     def _train(self) -> dict:
         """Train to train.steps (or an early stop); returns the last validation's metrics."""

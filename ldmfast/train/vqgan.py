@@ -57,7 +57,7 @@ class VQGANTrainer(StageTrainer):
                  dist_info: DistInfo | None = None):
         super().__init__(config, progress=progress, dist_info=dist_info)
         t, c = config.train, config
-        self.train_set, self.val_set = build_datasets(c.data, self.run_dir, c.seed, self.dist)
+        self.train_set, self.val_set = build_datasets(c.data, self.run_dir, c.seed, self.dist, self.progress)
         self.batches = TrainBatches(self.train_set, batch_size=t.batch_size, seed=c.seed, dist_info=self.dist,
                                     augment=c.data.augment.to_augment_config(), num_workers=c.data.num_workers)
 
