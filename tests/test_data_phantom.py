@@ -110,6 +110,11 @@ def test_cli_hook(tmp_path, capsys):
     bad = parser.parse_args(["phantom", str(tmp_path / "q"), "--cases", "0"])
     assert bad.func(bad) == 2
     assert "n_cases" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    for where in (tmp_path / "file", tmp_path / "file" / "below"):  # a file, and a folder under one
+        bad = parser.parse_args(["phantom", str(where), "--cases", "1", "--quiet"])
+        assert bad.func(bad) == 2
+        assert "out_dir:" in capsys.readouterr().err
 
     with pytest.raises(SystemExit):
         parser.parse_args(["phantom", "--help"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .phantom import make_phantom_dataset
@@ -42,7 +43,10 @@ def add_phantom_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_phantom(args: argparse.Namespace) -> int:
-    """Handler of `ldmfast phantom`: 0 on success, 2 on invalid arguments."""
+    """Handler of `ldmfast phantom`: 0 on success, 2 on invalid arguments or an unwritable folder."""
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        print(f"ldmfast phantom: error: out_dir: {args.out_dir} exists and is not a folder", file=sys.stderr)
+        return 2
     try:
         folders = make_phantom_dataset(
             args.out_dir,
@@ -55,6 +59,9 @@ def run_phantom(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         print(f"ldmfast phantom: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a folder that cannot be written, a full disk
+        print(f"ldmfast phantom: error: out_dir: {err}", file=sys.stderr)
         return 2
     if not args.quiet:
         print(f"wrote {len(folders)} cases to {args.out_dir}")
