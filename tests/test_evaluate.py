@@ -141,6 +141,19 @@ def test_cli_refuses_bad_arguments_before_writing(runs, tmp_path, capsys, args, 
     assert "--out: cannot create" in capsys.readouterr().err
 
 
+def test_ctrl_c_ends_with_a_message(runs, tmp_path, capsys, monkeypatch):
+    from ldmfast.cli import main
+    from ldmfast.metrics import evaluate as evaluate_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "evaluate", interrupted)
+    assert main(["evaluate", "--pred", str(runs / "base"), "--ref", str(runs / "ref"), "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 130
+    assert "ldmfast evaluate: interrupted: results are written at the end only" in capsys.readouterr().err
+
+
 def test_pairing_and_shape_errors(runs, tmp_path):
     import shutil
 

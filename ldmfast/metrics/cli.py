@@ -79,6 +79,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from ldmfast.data import DataError
+    from ldmfast.interrupts import INTERRUPTIONS, report_interruption, stop_on_sigterm
 
     from .evaluate import EvaluateOptions, evaluate
     from .extractors import load_extractor
@@ -89,6 +90,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"ldmfast evaluate: error: {message}", file=sys.stderr)
         return 2
 
+    stop_on_sigterm()
     # Arguments checked before minutes of metrics, and before anything is written.
     if not 0 < args.error_max < float("inf"):
         return fail(f"--error-max: must be a positive number, got {args.error_max}")
@@ -132,6 +134,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return fail(str(err))
     except OSError as err:  # writing the results (a full disk, a file removed meanwhile)
         return fail(f"--out: {err}")
+    except INTERRUPTIONS as err:
+        return report_interruption("ldmfast evaluate", err, "results are written at the end only; run it again")
     if not args.quiet:
         if evaluation.not_predicted:
             print(f"{len(evaluation.not_predicted)} reference case(s) without prediction, not evaluated")
