@@ -268,7 +268,9 @@ def synthesize(config: SynthesisConfig, *, dist: DistInfo | None = None, progres
         more = f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else ""
         first = " ".join(line.strip() for line in lines[:2])
         raise ConfigError("model", f"{config.model}: cannot load the model: {first}{more}") from None
-    bar = tqdm(total=0, unit=" slices", desc="synthesize", disable=not (progress and dist.is_main), dynamic_ncols=True)
+    # (delay: shown once the headers' total is in, not as "0 slices" first)
+    bar = tqdm(total=0, unit=" slices", desc="synthesize", disable=not (progress and dist.is_main), dynamic_ncols=True,
+               delay=0.5)
     run = _Run(config, dist, model, bar, log, settings)
     if dist.is_main:  # every process lists the same cases: report the unlistable ones once
         for err in listed.errors:
