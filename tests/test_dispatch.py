@@ -37,6 +37,32 @@ def test_use_backend_as_context_manager_and_as_call():
     assert ops.get_backend() == "auto"
 
 
+def test_a_block_forces_its_backend_in_its_own_thread_only():
+    import threading
+
+    seen, entered, leave = [], threading.Event(), threading.Event()
+
+    def other():
+        entered.wait()
+        seen.append(ops.get_backend())
+        leave.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with ops.use_backend("reference"):
+        entered.set()
+        leave.wait()
+        assert ops.get_backend() == "reference"
+    thread.join()
+    assert seen == ["auto"] and ops.get_backend() == "auto"
+    # A use_backend object opened as a block later still forces its backend there.
+    block = ops.use_backend("cpu")
+    ops.use_backend("auto")
+    with block:
+        assert ops.get_backend() == "cpu"
+    assert ops.get_backend() == "auto"
+
+
 def test_unknown_backend_name_is_a_value_error():
     with pytest.raises(ValueError, match="unknown backend 'fastest'"):
         ops.use_backend("fastest")

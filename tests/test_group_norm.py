@@ -216,6 +216,17 @@ def test_deterministic(backend):
         assert torch.equal(g1, g2)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_batch_zero_and_empty_groups(backend):
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    for shape in ((0, 6, 3), (2, 6, 0)):
+        x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+        with ops.use_backend(backend):
+            y = ops.group_norm(x, 3, activation="silu")
+            y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape and torch.isfinite(y).all()
+
+
 def test_reference_matches_the_module_chain():
     """The reference backend is torch's GroupNorm then SiLU, in the input's memory format."""
     x, w, b, _ = make_inputs((2, 8, 6, 5), torch.float32, "cpu", 0, "channels_last")

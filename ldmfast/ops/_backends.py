@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import threading
 
 import torch
 
@@ -51,29 +52,56 @@ def _check_choice(name: str, source: str) -> str:
 
 
 _env_choice = os.environ.get("LDMFAST_BACKEND", "auto").strip().lower() or "auto"
+# The process-wide choice: LDMFAST_BACKEND, or a plain use_backend(...) call.
 _state = {"backend": _env_choice, "source": "LDMFAST_BACKEND" if _env_choice != "auto" else "default"}
+# The choices of open `with use_backend(...)` blocks, per thread (innermost last), and how many are
+# open in all threads: while none is, the ops read only _state (a plain dict, which torch.compile
+# traces without a break).
+_blocks = threading.local()
+_open_blocks = [0]
 
 
 class use_backend:
-    """Force a backend for every ldmfast op: `use_backend("triton")` sets it until changed, and
-    `with use_backend("cpu"): ...` sets it for the block only. "auto" restores automatic choice."""
+    """Force a backend for every ldmfast op: `use_backend("triton")` sets it for the process until
+    changed, and `with use_backend("cpu"): ...` for the block only, in this thread only (other
+    threads keep their choice). "auto" restores automatic choice."""
 
     def __init__(self, name: str):
+        self._name = _check_choice(str(name).lower(), "use_backend")
         self._previous = dict(_state)
-        _state["backend"] = _check_choice(str(name).lower(), "use_backend")
-        _state["source"] = "use_backend()"
+        self._set = {"backend": self._name, "source": "use_backend()"}
+        _state.update(self._set)
 
     def __enter__(self):
+        # A block: the process-wide choice goes back to what it was (unless changed since), and the
+        # block's holds in this thread, however long after its creation the block opens.
+        if _state == self._set:
+            _state.update(self._previous)
+        stack = getattr(_blocks, "stack", None)
+        if stack is None:
+            stack = _blocks.stack = []
+        stack.append((self._name, "use_backend()"))
+        _open_blocks[0] += 1
         return self
 
     def __exit__(self, *exc):
-        _state.update(self._previous)
+        _blocks.stack.pop()
+        _open_blocks[0] -= 1
         return False
 
 
+def _forced() -> tuple[str, str]:
+    """(backend, what set it) in force in this thread."""
+    if _open_blocks[0]:
+        stack = getattr(_blocks, "stack", None)
+        if stack:
+            return stack[-1]
+    return _state["backend"], _state["source"]
+
+
 def get_backend() -> str:
-    """The forced backend, or "auto"."""
-    return _state["backend"]
+    """The forced backend in this thread, or "auto"."""
+    return _forced()[0]
 
 
 # ---- availability -----------------------------------------------------------------------------
@@ -132,19 +160,19 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 def resolve(op: str, t: torch.Tensor) -> str:
     """The backend that runs `op` on tensor `t` now."""
     spec = OPS[op]
-    forced = _state["backend"]
+    forced, source = _forced()
     if forced != "auto":
-        _check_choice(forced, _state["source"])
+        _check_choice(forced, source)
         if forced not in spec.backends:
             raise BackendUnavailableError(
-                f"{op}: backend {forced!r} (set by {_state['source']}) is not implemented for this op; "
+                f"{op}: backend {forced!r} (set by {source}) is not implemented for this op; "
                 f"it has {', '.join(spec.backends)}")
         reason = unavailable_reason(forced, t.device)
         if reason is None and forced != "reference" and t.dtype not in spec.kernel_dtypes:
             reason = f"it supports {', '.join(str(d) for d in spec.kernel_dtypes)}, got {t.dtype}"
         if reason is not None:
             raise BackendUnavailableError(
-                f"{op}: backend {forced!r} (set by {_state['source']}) is unavailable: {reason}")
+                f"{op}: backend {forced!r} (set by {source}) is unavailable: {reason}")
         return forced
     if t.dtype in spec.kernel_dtypes:
         for backend in spec.auto_order.get(t.device.type, ()):

@@ -79,9 +79,17 @@ def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5, activa
     return out
 
 
+def _group_size(x, num_groups) -> int:
+    """Elements per (sample, group): given, not inferred, so that batch 0 reshapes too."""
+    return (x.shape[1] // num_groups) * math.prod(x.shape[2:])
+
+
 def _reference_stats(x, num_groups, eps):
     ct = _stats_dtype(x)
-    xg = x.to(ct).reshape(x.shape[0], num_groups, -1)
+    xg = x.to(ct).reshape(x.shape[0], num_groups, _group_size(x, num_groups))
+    if xg.numel() == 0:  # no sample, or empty groups: the kernels' statistics of nothing
+        mean = xg.new_zeros(xg.shape[:2])
+        return mean, torch.full_like(mean, 1.0 / math.sqrt(eps))
     var, mean = torch.var_mean(xg, dim=-1, correction=0)
     return mean, (var + eps).rsqrt()
 
@@ -98,7 +106,8 @@ def _reference_backward(dy, x, weight, bias, mean, rstd, num_groups, activation)
     """The backward formulas of the module docstring in plain torch (float32, float64 for float64)."""
     ct = _stats_dtype(x)
     n, c = x.shape[:2]
-    xg = x.to(ct).reshape(n, num_groups, -1)
+    m = _group_size(x, num_groups)
+    xg = x.to(ct).reshape(n, num_groups, m)
     xhat = ((xg - mean.to(ct)[..., None]) * rstd.to(ct)[..., None]).reshape(x.shape)
     w, b = _affine_views(x, weight, bias, ct)
     g = dy.to(ct)
@@ -109,8 +118,8 @@ def _reference_backward(dy, x, weight, bias, mean, rstd, num_groups, activation)
     reduce_dims = [0] + list(range(2, x.dim()))
     dbias = g.sum(reduce_dims)
     dweight = (g * xhat).sum(reduce_dims)
-    gw = (g * w).reshape(n, num_groups, -1)
-    xh = xhat.reshape(n, num_groups, -1)
+    gw = (g * w).reshape(n, num_groups, m)
+    xh = xhat.reshape(n, num_groups, m)
     a = gw.mean(-1, keepdim=True)
     bb = (gw * xh).mean(-1, keepdim=True)
     dx = (rstd.to(ct)[..., None] * (gw - a - xh * bb)).reshape(x.shape)
