@@ -56,5 +56,10 @@ def test_bad_arguments_name_themselves():
         lnn.GroupNormAct(3, 32)
     with pytest.raises(ValueError, match="activation"):
         lnn.GroupNormAct(4, 32, activation="gelu")
+    with pytest.raises(ValueError, match="num_channels"):
+        lnn.GroupNormAct(3, "6")
+    for eps in (-1.0, 0.0, float("nan"), True):
+        with pytest.raises(ValueError, match="eps"):
+            lnn.GroupNormAct(4, 32, eps=eps)
     with pytest.raises(ValueError, match="module"):
         lnn.GroupNormAct.from_module(nn.LayerNorm(4))

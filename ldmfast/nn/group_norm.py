@@ -20,8 +20,11 @@ class GroupNormAct(nn.Module):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  activation: Optional[str] = "silu", device=None, dtype=None):
         super().__init__()
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-            raise ValueError(f"num_groups: must be a positive int, got {num_groups!r}")
+        for name, value in (("num_groups", num_groups), ("num_channels", num_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive int, got {value!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+            raise ValueError(f"eps: must be a positive number, got {eps!r}")  # (the op refuses it at each call)
         if num_channels % num_groups:
             raise ValueError(f"num_groups: num_channels={num_channels} must be divisible by num_groups={num_groups}")
         if activation not in ACTIVATIONS:
