@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .acceleration.patcher import bind
+from .acceleration.patcher import override_method
 from .acceleration.report import AccelerationReport, Change
 from .acceleration.rules import peer_class
 
@@ -172,27 +172,16 @@ def accelerate(scheduler) -> AccelerationReport:
     if "step" in scheduler.__dict__:
         raise ValueError("scheduler: its step is already patched by someone else")
     report = AccelerationReport(type(scheduler).__name__)
-    # A functools.partial, not a bound method: that pickles as getattr(scheduler, "_diffusers_step"),
-    # which fails to load; inspect.signature of either is the step's (diffusers' pipelines read it).
-    scheduler.step = bind(_diffusers_step if family == "diffusers" else _monai_step, scheduler)
-    report.record(Change("", "ddim_step", f"{family} DDIMScheduler.step -> ldmfast fused ddim_step"),
-                  _undo_step(weakref.ref(scheduler)))
+    # Bound as a functools.partial (patcher.bind), which pickles; inspect.signature of it is the
+    # step's (diffusers' pipelines read it).
+    override_method(report, scheduler, "step", _diffusers_step if family == "diffusers" else _monai_step,
+                    Change("", "ddim_step", f"{family} DDIMScheduler.step -> ldmfast fused ddim_step"))
     _, prediction_type, _, ready = _config(scheduler, family)
     if not ready or prediction_type not in _PARAMETERIZATION:
         report.leave("", scheduler, "its settings (thresholding, an asymmetric clip or an unknown prediction "
                                     "type) make every step fall back to the scheduler's own")
     _REPORTS[scheduler] = report
     return report
-
-
-def _undo_step(scheduler_ref: weakref.ref):
-    """The undo of accelerate: by weak reference, since the report is kept with the scheduler as
-    its weak key (a strong path back would keep the scheduler alive for ever)."""
-    def undo():
-        scheduler = scheduler_ref()
-        if scheduler is not None:
-            scheduler.__dict__.pop("step", None)
-    return undo
 
 
 def restore(scheduler) -> AccelerationReport:

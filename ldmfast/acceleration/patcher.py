@@ -69,18 +69,24 @@ def swap_child(report: AccelerationReport, parent: nn.Module, name: str, new: nn
     report.record(change, undo)
 
 
+def override_method(report: AccelerationReport, obj, name: str, fn: Callable, change: Change) -> None:
+    """obj.<name> = fn bound to obj, on this instance only (its class is untouched); the undo
+    removes the instance attribute, so the class's method shows again."""
+    setattr(obj, name, bind(fn, obj))
+    obj_ref = weakref.ref(obj)
+
+    def undo():
+        target = obj_ref()
+        if target is not None:
+            target.__dict__.pop(name, None)
+
+    report.record(change, undo)
+
+
 def override_forward(report: AccelerationReport, module: nn.Module, fn: Callable, change: Change) -> None:
     """module.forward = fn bound to module, on this instance only: its class, state_dict and hooks
     are untouched (nn.Module.__call__ still runs the hooks around the new forward)."""
-    module.forward = bind(fn, module)
-    module_ref = weakref.ref(module)
-
-    def undo():
-        module = module_ref()
-        if module is not None:
-            module.__dict__.pop("forward", None)
-
-    report.record(change, undo)
+    override_method(report, module, "forward", fn, change)
 
 
 def set_attribute(report: AccelerationReport, obj, name: str, value, change: Change,
