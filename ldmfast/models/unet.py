@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import AttnBlock, Downsample, ResnetBlock, Upsample, norm_act
-from .vqgan import ModelConfigError
+from .vqgan import ModelConfigError, check_positive_ints
 
 
 @dataclasses.dataclass
@@ -35,10 +35,7 @@ class UNetConfig:
 
     def validate(self) -> None:
         # Positive first: the divisibility checks below divide by norm_groups and head_channels.
-        for key in ("in_channels", "out_channels", "num_res_blocks", "head_channels", "norm_groups"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ModelConfigError(key, f"must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("in_channels", "out_channels", "num_res_blocks", "head_channels", "norm_groups"))
         from ldmfast.ops import MAX_HEAD_DIM
         if self.head_channels > MAX_HEAD_DIM:
             raise ModelConfigError("head_channels", f"must be <= {MAX_HEAD_DIM} (the attention's head dim), got "

@@ -24,6 +24,15 @@ class ModelConfigError(ValueError):
         self.key = key
 
 
+def check_positive_ints(config, keys) -> None:
+    """Raise ModelConfigError naming the first of `keys` whose value in `config` is not an int >= 1
+    (bools refused: True is an int to Python)."""
+    for key in keys:
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelConfigError(key, f"must be a positive integer, got {value!r}")
+
+
 class ConfigDict:
     """to_dict, and a from_dict that refuses an unknown key by name (ModelConfigError) and
     validates, for the model configuration dataclasses; `kind` names the model in the message."""
@@ -91,11 +100,8 @@ class VQGANConfig(ConfigDict):
 
     def validate(self) -> "VQGANConfig":
         """Raise ModelConfigError naming the first field that cannot build a model."""
-        for key in ("in_channels", "out_channels", "base_channels", "num_res_blocks", "attn_heads",
-                    "norm_groups", "latent_channels", "num_codes"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ModelConfigError(key, f"must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("in_channels", "out_channels", "base_channels", "num_res_blocks", "attn_heads",
+                                   "norm_groups", "latent_channels", "num_codes"))
         if not self.channel_mult or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
                                         for m in self.channel_mult):
             raise ModelConfigError("channel_mult", f"must be a non-empty list of positive integers, got "
