@@ -277,6 +277,7 @@ def test_compiles_with_fullgraph(compiler):
     (dict(k=torch.zeros(2, 2, 0, 8), v=torch.zeros(2, 2, 0, 8)), "k: needs at least one key"),
     (dict(v=torch.zeros(2, 2, 5, 8, dtype=torch.float64)), "v: dtype"),
     (dict(scale=float("nan")), "scale"),
+    (dict(scale=True), "scale"),
 ])
 def test_bad_input_names_the_argument(change, argument):
     args = dict(q=torch.zeros(2, 2, 7, 8), k=torch.zeros(2, 2, 5, 8), v=torch.zeros(2, 2, 5, 8))

@@ -236,6 +236,9 @@ def test_compiles_with_fullgraph(compiler):
     (dict(eta=-1.0), "eta"),
     (dict(eta=math.inf), "eta"),
     (dict(clip_x0=0.0), "clip_x0"),
+    (dict(eta=True), "eta"),             # a bool is no number (True would pass as 1)
+    (dict(clip_x0=True), "clip_x0"),
+    (dict(abar_t=True), "abar_t"),
     (dict(x_t=torch.zeros(2, 3, 4, dtype=torch.int64)), "x_t"),
     (dict(x_t=torch.tensor(1.0), model_output=torch.tensor(1.0)), "x_t"),
 ])

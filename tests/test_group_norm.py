@@ -296,6 +296,7 @@ def test_compiles_with_fullgraph(compiler, layout):
     (dict(x=torch.zeros(2, 8, 1, 1, 1, 1)), "x"),
     (dict(eps=0.0), "eps"),
     (dict(eps=float("nan")), "eps"),
+    (dict(eps=True), "eps"),
     (dict(activation="relu"), "activation"),
 ])
 def test_bad_input_names_the_argument(kwargs, argument):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._args import is_number
 from ..ops.group_norm import ACTIVATIONS
 
 
@@ -23,7 +24,7 @@ class GroupNormAct(nn.Module):
         for name, value in (("num_groups", num_groups), ("num_channels", num_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive int, got {value!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        if not is_number(eps) or not 0 < eps < float("inf"):
             raise ValueError(f"eps: must be a positive number, got {eps!r}")  # (the op refuses it at each call)
         if num_channels % num_groups:
             raise ValueError(f"num_groups: num_channels={num_channels} must be divisible by num_groups={num_groups}")

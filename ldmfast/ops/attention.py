@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from . import _backends, _eager, _native
+from ._args import is_number
 
 OP = "attention"
 MAX_HEAD_DIM = 512
@@ -184,7 +185,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     _check(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[3])
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif not is_number(scale) or not math.isfinite(scale):
         raise ValueError(f"scale: must be a finite number, got {scale!r}")
     backend = _backends.resolve(OP, q)
     if backend == "cuda" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import _backends, _native
+from ._args import is_number
 
 PARAMETERIZATIONS = ("eps", "v", "x0")
 OP = "ddim_step"
@@ -230,7 +231,7 @@ def _check_abar(value: Abar, name: str, x_t: torch.Tensor) -> torch.Tensor:
             a = value.detach().cpu().double().reshape(n)
         else:
             raise ValueError(f"{name}: must hold 1 or N={n} values (one per sample), got shape {tuple(value.shape)}")
-    elif isinstance(value, (int, float)):
+    elif is_number(value):
         if not torch.compiler.is_compiling() and not 0 < value <= 1:
             raise ValueError(f"{name}: must lie in (0, 1], got {value}")
         a = torch.full((n,), float(value), dtype=torch.float64)
@@ -302,9 +303,9 @@ def _check_options(x_t, model_output, noise, eta, parameterization, clip_x0) -> 
     _check_tensors(x_t, model_output, noise)
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"parameterization: must be one of {', '.join(PARAMETERIZATIONS)}, got {parameterization!r}")
-    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+    if not is_number(eta) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta: must be a finite number >= 0, got {eta!r}")
-    if clip_x0 is not None and (not isinstance(clip_x0, (int, float)) or not clip_x0 > 0):
+    if clip_x0 is not None and (not is_number(clip_x0) or not clip_x0 > 0):
         raise ValueError(f"clip_x0: must be None or a number > 0, got {clip_x0!r}")
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backends, _eager, _native
+from ._args import is_number
 
 ACTIVATIONS = (None, "silu")
 OP = "group_norm"
@@ -340,7 +341,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
         raise ValueError(f"num_groups: C={x.shape[1]} must be divisible by num_groups={num_groups}")
     _check_affine(weight, "weight", x)
     _check_affine(bias, "bias", x)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+    if not is_number(eps) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps: must be a finite number > 0, got {eps!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: must be None or 'silu', got {activation!r}")
