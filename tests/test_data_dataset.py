@@ -84,6 +84,19 @@ def test_changed_input_or_options_rebuild(root, tmp_path, count_loads):
     assert len(count_loads) == 4
 
 
+def test_ids_sharing_a_folder_stem_keep_their_own_caches(root, tmp_path):
+    # "case 1" and "case_1" (or "Müller" and "Möller") both become the stem "case_1": building
+    # one must not delete the other's folder as a stale version of itself.
+    (root / "phantom_000").rename(root / "case 1")
+    (root / "phantom_001").rename(root / "case_1")
+    cases = [c for c in _cases(root) if c.case_id.startswith("case")]
+    for case in cases:  # one at a time, as a training set and a validation set are built
+        SliceDataset([case], tmp_path / "cache", progress=False)
+    dataset = SliceDataset(cases, tmp_path / "cache", progress=False)
+    assert (dataset.n_built, dataset.n_reused) == (0, 2)
+    assert {dataset[i]["case_id"] for i in range(len(dataset))} == {"case 1", "case_1"}
+
+
 def test_samples_match_preprocessing(root, tmp_path):
     cases = _cases(root)
     dataset = SliceDataset(cases, tmp_path / "cache", progress=False)

@@ -81,6 +81,13 @@ def _folder_stem(case_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", case_id)
 
 
+def _recorded_case_id(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("case_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _read_entry(folder: Path) -> CacheEntry | None:
     try:
         meta = json.loads((folder / "meta.json").read_text())
@@ -127,10 +134,12 @@ def _build(case: CaseFiles, folder: Path, options: PreprocessOptions) -> CacheEn
         # Another process renamed the same folder into place first: both are identical.
         if _read_entry(folder) is None:
             raise
-    # Drop this case's folders for earlier versions of its files or options.
+    # Drop this case's folders for earlier versions of its files or options. Ids that differ only
+    # in characters the folder name replaces ("case 1", "case_1") share a stem: the id recorded in
+    # the folder decides, so that one case never deletes another's.
     stale = re.compile(re.escape(_folder_stem(case.case_id)) + rf"-[0-9a-f]{{{_KEY_CHARS}}}")
     for other in folder.parent.iterdir():
-        if other != folder and stale.fullmatch(other.name):
+        if other != folder and stale.fullmatch(other.name) and _recorded_case_id(other) == case.case_id:
             shutil.rmtree(other, ignore_errors=True)
     return _read_entry(folder)
 
