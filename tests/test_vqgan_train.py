@@ -238,6 +238,9 @@ def test_sec_per_step_leaves_out_validation_and_checkpoints(tmp_path, phantom_ro
     ("data.val_fraction=1.5", "data.val_fraction"),
     ("data.root='/nonexistent/folder'", "data.root"),
     ("data.phantom={cases=4}", "data.root"),
+    ("data.layout='bids'", "data.layout"),
+    ("data.cache_dir='{file}'", "data.cache_dir"),          # a file where a folder must be
+    ("data.cache_dir='{file}/cache'", "data.cache_dir"),    # a folder under a file
     ("seed='zero'", "seed"),
     ("loss.codebook_weight=nan", "loss.codebook_weight"),
     ("loss.disc_weight=inf", "loss.disc_weight"),
@@ -249,6 +252,8 @@ def test_sec_per_step_leaves_out_validation_and_checkpoints(tmp_path, phantom_ro
     ("model.dead_code_threshold=inf", "model.dead_code_threshold"),
 ])
 def test_bad_configs_are_refused_before_training_naming_the_key(tmp_path, phantom_root, override, key):
+    (tmp_path / "a_file").write_text("")
+    override = override.replace("{file}", str(tmp_path / "a_file"))
     with pytest.raises(ConfigError) as info:
         load_config(write_config(tmp_path, phantom_root), VQGANTrainConfig, [override])
     assert info.value.key == key

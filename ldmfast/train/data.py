@@ -3,7 +3,9 @@ folder), a train/validation split by case, and batches whose order and augmentat
 on (seed, epoch, sample), never on RNG state, so that a resumed run sees the same batches."""
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ldmfast.data import (TRAINING_MODALITIES, AugmentConfig, CaseFiles, SliceDataset, augment_slice, find_cases,
-                          make_phantom_dataset)
+from ldmfast.data import (LAYOUTS, TRAINING_MODALITIES, AugmentConfig, CaseFiles, SliceDataset, augment_slice,
+                          find_cases, make_phantom_dataset)
 
+from .checkpoint import write_json_atomic
 from .config import ConfigError, check_finite_at_least
 from .distributed import DistInfo, ShardedSampler, barrier
 
@@ -81,6 +84,10 @@ class DataSection:
             raise ConfigError(f"{prefix}.root", "give exactly one of data.root (a data folder) and data.phantom")
         if self.root is not None and not Path(self.root).exists():
             raise ConfigError(f"{prefix}.root", f"{self.root} does not exist")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"{prefix}.layout", f"must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.cache_dir is not None:
+            _check_folder_possible(f"{prefix}.cache_dir", Path(self.cache_dir))
         if min(self.size) < 1:
             raise ConfigError(f"{prefix}.size", f"must be positive, got {list(self.size)}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -89,16 +96,41 @@ class DataSection:
             raise ConfigError(f"{prefix}.num_workers", f"must be >= 0, got {self.num_workers}")
 
 
+def _check_folder_possible(key: str, path: Path) -> None:
+    """A folder that exists or can be made: not a file, nor under one."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(key, f"{path} is not a folder ({p} is a file)")
+            return
+
+
+PHANTOM_RECORD = "phantom.json"
+
+
+def ensure_phantom(p: PhantomSource, root: Path) -> None:
+    """The phantom set of `p`'s settings in `root` (a folder of the run): reused when its record
+    says a generation of these settings finished, else generated anew, whatever `root` held (the
+    cases of other settings, or what an interrupted generation left) removed first. The record is
+    written last, so a set without one is never trusted."""
+    settings = {"cases": p.cases, "shape": list(p.shape), "seed": p.seed, "lesion_fraction": p.lesion_fraction}
+    try:
+        if json.loads((root / PHANTOM_RECORD).read_text()) == settings:
+            return
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(root, ignore_errors=True)
+    make_phantom_dataset(root, n_cases=p.cases, shape=p.shape, seed=p.seed, lesion_fraction=p.lesion_fraction,
+                         progress=True)
+    write_json_atomic(settings, root / PHANTOM_RECORD)
+
+
 def find_training_cases(data: DataSection, run_dir: Path, dist_info: DistInfo) -> list[CaseFiles]:
     """The cases of `data.root`, or of a phantom set rank 0 generates under `run_dir/phantom`."""
     if data.phantom is not None:
         root = run_dir / "phantom"
-        p = data.phantom
         if dist_info.is_main:
-            # Generation is deterministic and written atomically: regenerating reproduces the files.
-            if len(list(root.glob("phantom_*"))) != p.cases:
-                make_phantom_dataset(root, n_cases=p.cases, shape=p.shape, seed=p.seed,
-                                     lesion_fraction=p.lesion_fraction, progress=True)
+            ensure_phantom(data.phantom, root)
         barrier()
     else:
         root = Path(data.root)
