@@ -109,6 +109,18 @@ def test_unreadable_file(root):
     _names(_load_error(root), "phantom_001", "adc.nii.gz")
 
 
+def test_header_nibabel_rejects(root):
+    # An unknown data type code: nibabel raises HeaderDataError, which escaped as a traceback.
+    path = root / "phantom_001" / "dwi.nii.gz"
+    img = nib.load(path)
+    raw = bytearray(nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header).to_bytes())
+    raw[70:72] = np.int16(9999).tobytes()  # the datatype field
+    plain = root / "phantom_001" / "dwi.nii"
+    plain.write_bytes(bytes(raw))
+    path.unlink()
+    _names(_load_error(root), "phantom_001", "dwi.nii")
+
+
 def test_wrong_frame_count_refused_or_resampled(root):
     path = root / "phantom_001" / "ctp.nii.gz"
     _rewrite(path, np.asarray(nib.load(path).dataobj)[..., :12])

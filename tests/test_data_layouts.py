@@ -174,6 +174,13 @@ def test_manifest_errors_name_case_and_file(phantom, tmp_path):
     cases = manifest_cases(manifest, skip_bad=True)
     assert [c.case_id for c in cases] == ["ok"] and cases.errors[0].case == "bad"
 
+    manifest.write_text(f"case_id,ctp,dwi\nok,{a}/ctp.nii.gz,{a}/dwi.nii.gz\nbad,{a}/ctp.nii.gz,{a}/dwi.nii.gz,\n")
+    with pytest.raises(DataError, match="line 3: 4 cells, but the header has 3 columns"):
+        manifest_cases(manifest)  # a trailing comma: an AttributeError before
+    assert [c.case_id for c in manifest_cases(manifest, skip_bad=True)] == ["ok"]
+    manifest.write_text(f"case_id,ctp,dwi,dwi\nx,{a}/ctp.nii.gz,{a}/dwi.nii.gz,\n")
+    with pytest.raises(DataError, match="dwi more than once"):
+        manifest_cases(manifest)  # the last dwi column silently won
     manifest.write_text(f"case_id,ctp,flair\nx,{a}/ctp.nii.gz,\n")
     with pytest.raises(DataError, match="flair"):
         manifest_cases(manifest)

@@ -176,6 +176,10 @@ MANIFEST_COLUMNS = ("case_id",) + MODALITIES
 
 def _read_manifest_row(row: dict[str, str], line: int, base: Path, manifest: Path, require: tuple[str, ...]) -> CaseFiles:
     case_id = (row.get("case_id") or "").strip()
+    if None in row:
+        columns = len(row) - 1
+        raise DataError(f"line {line}: {columns + len(row[None])} cells, but the header has {columns} columns "
+                        "(a stray comma?)", case=case_id or None, path=manifest)
     if not case_id:
         raise DataError(f"line {line}: empty case_id", path=manifest)
     files: dict[str, Path | None] = {}
@@ -209,7 +213,11 @@ def manifest_cases(manifest: str | os.PathLike, *, require: Iterable[str] = (), 
                 f"header must name case_id and ctp, and only columns among {MANIFEST_COLUMNS}; got {columns}",
                 path=manifest,
             )
-        rows = [({k.strip(): v for k, v in row.items()}, i) for i, row in enumerate(reader, start=2)]
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:  # DictReader would keep the last column of a name and drop the others unseen
+            raise DataError(f"header names {', '.join(repeated)} more than once", path=manifest)
+        # DictReader files cells beyond the header's columns under the key None
+        rows = [({k if k is None else k.strip(): v for k, v in row.items()}, i) for i, row in enumerate(reader, start=2)]
     return _collect(rows, lambda r: _read_manifest_row(r[0], r[1], manifest.parent, manifest, require), skip_bad)
 
 

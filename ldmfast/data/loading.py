@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 
 from .brainmask import compute_brain_mask
 from .errors import DataError
@@ -50,7 +51,8 @@ def _open(case_id: str, path: Path) -> nib.Nifti1Image:
         img = nib.load(path)
     except FileNotFoundError:
         raise DataError("file not found", case=case_id, path=path) from None
-    except (ImageFileError, OSError, EOFError, zlib.error) as err:
+    except (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError) as err:
+        # HeaderDataError, ValueError: a header nibabel rejects (unknown data type, bad offsets)
         raise DataError(f"cannot read as NIfTI: {err}", case=case_id, path=path) from err
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(f"not a NIfTI image ({type(img).__name__})", case=case_id, path=path)
@@ -70,7 +72,7 @@ def _spatial_shape(case_id: str, path: Path, img: nib.Nifti1Image) -> tuple[int,
 def _read(case_id: str, path: Path, img: nib.Nifti1Image, shape: tuple[int, ...]) -> np.ndarray:
     try:
         data = img.get_fdata(dtype=np.float32, caching="unchanged").reshape(shape)
-    except (OSError, EOFError, zlib.error, ValueError) as err:
+    except (OSError, EOFError, zlib.error, ValueError, HeaderDataError) as err:
         raise DataError(f"cannot read the voxel data: {err}", case=case_id, path=path) from err
     bad = data.size - np.count_nonzero(np.isfinite(data))
     if bad:
