@@ -2,6 +2,7 @@
 
 import argparse
 import filecmp
+from unittest import mock
 
 import nibabel as nib
 import numpy as np
@@ -88,6 +89,8 @@ def test_invalid_arguments():
         make_phantom_dataset("unused", lesion_fraction=1.5)
     with pytest.raises(ValueError, match="shape"):
         make_phantom_dataset("unused", shape=(64, 64))
+    with pytest.raises(ValueError, match="seed: must be >= 0"):
+        make_phantom_dataset("unused", seed=-1)
 
 
 def _parser():
@@ -115,6 +118,11 @@ def test_cli_hook(tmp_path, capsys):
         bad = parser.parse_args(["phantom", str(where), "--cases", "1", "--quiet"])
         assert bad.func(bad) == 2
         assert "out_dir:" in capsys.readouterr().err
+
+    interrupted = parser.parse_args(["phantom", str(tmp_path / "r"), "--cases", "2", "--quiet"])
+    with mock.patch("ldmfast.data.cli.make_phantom_dataset", side_effect=KeyboardInterrupt):
+        assert interrupted.func(interrupted) == 130  # one line, no traceback
+    assert "ldmfast phantom: interrupted: " in capsys.readouterr().err
 
     with pytest.raises(SystemExit):
         parser.parse_args(["phantom", "--help"])

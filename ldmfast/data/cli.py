@@ -44,9 +44,12 @@ def add_phantom_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_phantom(args: argparse.Namespace) -> int:
     """Handler of `ldmfast phantom`: 0 on success, 2 on invalid arguments or an unwritable folder."""
+    from ldmfast.interrupts import INTERRUPTIONS, report_interruption, stop_on_sigterm
+
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         print(f"ldmfast phantom: error: out_dir: {args.out_dir} exists and is not a folder", file=sys.stderr)
         return 2
+    stop_on_sigterm()
     try:
         folders = make_phantom_dataset(
             args.out_dir,
@@ -63,6 +66,9 @@ def run_phantom(args: argparse.Namespace) -> int:
     except OSError as err:  # a folder that cannot be written, a full disk
         print(f"ldmfast phantom: error: out_dir: {err}", file=sys.stderr)
         return 2
+    except INTERRUPTIONS as err:
+        return report_interruption("ldmfast phantom", err, "every file written is whole, but cases may be missing "
+                                                         "files; run the same command again")
     if not args.quiet:
         print(f"wrote {len(folders)} cases to {args.out_dir}")
     return 0

@@ -154,6 +154,8 @@ def make_phantom_dataset(
         raise ValueError(f"n_frames: must be >= 2, got {n_frames}")
     if not 0.0 <= lesion_fraction <= 1.0:
         raise ValueError(f"lesion_fraction: must be within [0, 1], got {lesion_fraction}")
+    if seed < 0:  # numpy's generators take none ("expected non-negative integer", naming nothing)
+        raise ValueError(f"seed: must be >= 0, got {seed}")
     shape = tuple(int(s) for s in shape)
     n_lesion = round(n_cases * lesion_fraction)
     with_lesion = set(np.random.default_rng(seed).permutation(n_cases)[:n_lesion].tolist())
