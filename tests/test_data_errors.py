@@ -109,6 +109,17 @@ def test_unreadable_file(root):
     _names(_load_error(root), "phantom_001", "adc.nii.gz")
 
 
+def test_volumes_not_sliced_axially(root):
+    # The head stored as X, Z, Y (a valid NIfTI whose third axis runs anterior-posterior): coronal
+    # slices would pass for axial ones.
+    affine = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 4.0, 0, 0], [0, 0, 0, 1]])
+    for name in ("ctp", "dwi", "adc", "mask", "lesion"):
+        _rewrite(root / "phantom_001" / f"{name}.nii.gz", affine=affine)
+    err = _load_error(root)
+    _names(err, "phantom_001", "ctp.nii.gz")
+    assert "runs A by the affine" in err.reason
+
+
 def test_header_nibabel_rejects(root):
     # An unknown data type code: nibabel raises HeaderDataError, which escaped as a traceback.
     path = root / "phantom_001" / "dwi.nii.gz"
@@ -129,7 +140,8 @@ def test_wrong_frame_count_refused_or_resampled(root):
         preprocess_case(volumes, PreprocessOptions(frame_policy="refuse"))
     _names(info.value, "phantom_001", "ctp.nii.gz")
     assert "12 time frames" in info.value.reason
-    assert preprocess_case(volumes, PreprocessOptions(frame_policy="resample")).ctp.shape[1] == 15
+    with pytest.warns(UserWarning, match="phantom_001.*ctp.nii.gz: CTP has 12 time frames, resampled"):
+        assert preprocess_case(volumes, PreprocessOptions(frame_policy="resample")).ctp.shape[1] == 15
 
 
 def test_constant_dwi_inside_mask(root):

@@ -94,6 +94,13 @@ def load_case(case: CaseFiles) -> CaseVolumes:
             case=cid,
             path=case.ctp,
         )
+    slice_axis = nib.aff2axcodes(ctp_img.affine)[2]
+    if slice_axis not in ("S", "I"):
+        # Slices are taken along the third array axis: another orientation would train on (or
+        # synthesize) coronal or sagittal slices without a word.
+        raise DataError(f"the third axis, along which slices are taken, runs {slice_axis} by the affine, not "
+                        "inferior-superior: reorient the volumes to axial slices (e.g. fslreorient2std)",
+                        case=cid, path=case.ctp)
     grid = ctp_img.shape[:3]
     others = {}
     for modality, path in case.files().items():

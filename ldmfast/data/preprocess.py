@@ -7,6 +7,7 @@ test, then to [-1, 1] for the models. DWI and ADC keep their per-volume clip bou
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -157,6 +158,9 @@ def preprocess_case(
             case=cid,
             path=files.ctp,
         )
+    if frames != options.n_frames:  # resampled: said, as a model trained on other timing may not transfer
+        warnings.warn(f"case {cid!r}, file {files.ctp}: CTP has {frames} time frames, resampled in time to the "
+                      f"model's {options.n_frames} (frame_policy='refuse' makes this an error)", stacklevel=2)
     mask = volumes.mask
     ctp = ctp_to_unit(resample_frames(volumes.ctp, options.n_frames), mask, options.ctp_window)
 
