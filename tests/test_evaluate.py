@@ -72,6 +72,32 @@ def test_metrics_equal_direct_computations(runs):
         volume["normalized_dwi_mae"] * (case.dwi_stats.high - case.dwi_stats.low) / 2, rel=0.05)
 
 
+def test_predictions_are_read_back_on_the_scale_their_record_names(runs, tmp_path):
+    # The same synthesis written on the [0, 1] `unit` scale (as `ldmfast synthesize` writes a case
+    # without DWI/ADC) with its synthesis.json: the metrics equal those of the case-scale files,
+    # in both scales. Read as intensities, a perfect prediction scored MAE 0.5 before.
+    from ldmfast.synthesis.cases import UNIT_STATS
+
+    rng = np.random.default_rng(1)
+    for case in find_cases(runs / "ref"):
+        prepared = preprocess_case(load_case(case))
+        pred = prepared.target + rng.normal(0, 0.1, prepared.target.shape).astype(np.float32)
+        write_synthesis(tmp_path / "case", prepared, pred)
+        write_synthesis(tmp_path / "unit", prepared, pred, stats={"dwi": UNIT_STATS, "adc": UNIT_STATS})
+        (tmp_path / "unit" / case.case_id / "synthesis.json").write_text(json.dumps(
+            {"scale": "unit", "stats": {"dwi": [0.0, 1.0], "adc": [0.0, 1.0]}}))
+    result = evaluate(runs / "ref", [("case", tmp_path / "case"), ("unit", tmp_path / "unit")], OPTIONS,
+                      progress=False, figure_cases=0)
+    assert result.settings["prediction_scales"] == {"case": {"none": 3}, "unit": {"unit": 3}}
+    case_rows, unit_rows = result.runs[0].case_rows, result.runs[1].case_rows
+    for a, b in zip(case_rows, unit_rows):
+        for key in ("normalized_dwi_mae", "normalized_adc_ssim", "original_dwi_mae", "original_adc_psnr"):
+            assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-5), key
+    (tmp_path / "unit" / find_cases(runs / "ref")[0].case_id / "synthesis.json").write_text('{"scale": "unit"}')
+    with pytest.raises(DataError, match="no usable 'stats'"):
+        evaluate(runs / "ref", [("unit", tmp_path / "unit")], OPTIONS, progress=False, figure_cases=0)
+
+
 def test_outputs_and_report_with_comparison(runs, tmp_path):
     result = evaluate(runs / "ref", [("base", runs / "base"), ("post", runs / "pt")], OPTIONS, progress=False,
                       figure_cases=2)

@@ -26,6 +26,7 @@ volumes; the mean over all slices too). FID is per data set, in the normalized s
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from ldmfast.data import (
     DataError,
     PreprocessedCase,
     PreprocessOptions,
+    VolumeStats,
     find_cases,
     load_case,
     output_paths,
@@ -158,14 +160,58 @@ def read_prediction(case: PreprocessedCase, paths: dict[str, Path]) -> np.ndarra
     return np.stack(out, axis=1)
 
 
-def _normalize(pred: np.ndarray, case: PreprocessedCase) -> np.ndarray:
-    """Stored intensities -> the model scale with the reference's clip bounds, the inverse of
-    the writer's mapping (what is outside [low, high] clips to -1 or 1)."""
+#: the record `ldmfast synthesize` writes last in each case folder (ldmfast.synthesis.RECORD_NAME)
+SYNTHESIS_RECORD = "synthesis.json"
+
+
+def prediction_stats(case_id: str, paths: dict[str, Path]) -> tuple[dict[str, VolumeStats] | None, str]:
+    """The clip bounds a prediction's [0, 1] output was mapped to stored values with, and its
+    scale, from the case's synthesis record: ({"dwi": stats, "adc": stats}, "case" | "unit" |
+    "model"), or (None, "none") for a folder without one (another tool's output, taken as
+    intensities on the reference's bounds). A record without usable bounds is a DataError."""
+    path = paths[CHANNELS[0]].parent / SYNTHESIS_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, "none"
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read the synthesis record: {err}", case=case_id, path=path) from None
+    try:
+        stats = {name: VolumeStats(float(record["stats"][name][0]), float(record["stats"][name][1]))
+                 for name in CHANNELS}
+        if not all(np.isfinite([s.low, s.high]).all() and s.high > s.low for s in stats.values()):
+            raise ValueError
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise DataError("the synthesis record has no usable 'stats' ({'dwi': [low, high], 'adc': [low, high]})",
+                        case=case_id, path=path) from None
+    return stats, str(record.get("scale", "unknown"))
+
+
+def _normalize(pred: np.ndarray, stats: tuple[VolumeStats, VolumeStats]) -> np.ndarray:
+    """Stored values -> the model scale with the clip bounds they were written with, the inverse
+    of the writer's mapping (what is outside [low, high] clips to -1 or 1)."""
     out = np.empty_like(pred)
-    for c, stats in enumerate((case.dwi_stats, case.adc_stats)):
-        unit = np.clip((pred[:, c] - stats.low) / (stats.high - stats.low), 0.0, 1.0)
+    for c, st in enumerate(stats):
+        unit = np.clip((pred[:, c] - st.low) / (st.high - st.low), 0.0, 1.0)
         out[:, c] = 2 * unit - 1
     return out
+
+
+def _predictions(stored: np.ndarray, written_with: dict[str, VolumeStats] | None,
+                 case: PreprocessedCase) -> dict[str, np.ndarray]:
+    """A prediction in both scales: mapped to the model scale with the bounds it was written with
+    (its record's; the reference's for a folder without one), and in intensities on the
+    reference's bounds: as stored, or, when it was written on other bounds (a [0, 1] `unit` output,
+    a model's stats), mapped onto the reference's, as `--scale case` would have written it (zero
+    outside the brain mask, like the reference)."""
+    ref_stats = (case.dwi_stats, case.adc_stats)
+    own = ref_stats if written_with is None else tuple(written_with[name] for name in CHANNELS)
+    normalized = _normalize(stored, own)
+    if own == ref_stats:
+        return {"normalized": normalized, "original": stored}
+    original = np.stack([st.low + (normalized[:, c] + 1) / 2 * (st.high - st.low) for c, st in enumerate(ref_stats)],
+                        axis=1) * case.mask[:, None]
+    return {"normalized": normalized, "original": original.astype(stored.dtype)}
 
 
 def _original_reference(volumes, case: PreprocessedCase) -> np.ndarray:
@@ -401,6 +447,7 @@ def evaluate(
                          f"{sorted(run_paths[0])[:10]}{' ...' if len(run_paths[0]) > 10 else ''})")
     picker = _FigurePicker(figure_cases, list(figure_slices))
 
+    scales_found: dict[str, dict[str, int]] = {run.label: {} for run in runs}  # cases per scale of the records
     for case_files, _ in tqdm(pairs, desc="evaluate", unit="case", disable=not progress):
         volumes = load_case(case_files)
         case = preprocess_case(volumes, options.preprocess, require_target=True)
@@ -413,8 +460,9 @@ def evaluate(
                 feature_stats["reference"][ch].update(extract_features(extractor, _extractor_input(case.target[:, c])))
         predictions = {}
         for run, paths in zip(runs, run_paths):
-            stored = read_prediction(case, paths[case.case_id])
-            preds = {"normalized": _normalize(stored, case), "original": stored}
+            written_with, scale = prediction_stats(case.case_id, paths[case.case_id])
+            scales_found[run.label][scale] = scales_found[run.label].get(scale, 0) + 1
+            preds = _predictions(read_prediction(case, paths[case.case_id]), written_with, case)
             predictions[run.label] = preds["normalized"]
             _add_rows(run, case, preds, refs, ranges, options)
             if feature_stats is not None:
@@ -435,10 +483,13 @@ def evaluate(
         "default_scale": DEFAULT_SCALE,
         "scales": {
             "normalized": "model scale [-1, 1]: reference preprocessed as for training, prediction mapped with the "
-                          "reference volume's clip bounds; data_range 2",
+                          "clip bounds its synthesis.json records (the reference volume's where it has none); "
+                          "data_range 2",
             "original": "stored intensities; reference zero outside the brain mask; data_range = the reference "
-                        "volume's clip bounds (high - low) per channel",
+                        "volume's clip bounds (high - low) per channel; a prediction written on other bounds "
+                        "(scale 'unit' or 'model') mapped onto the reference's",
         },
+        "prediction_scales": scales_found,
         "region": options.region,
         "region_meaning": "whole slice" if options.region == "slice" else "brain mask only",
         "ms_ssim": {"window": image.WINDOW_SIZE, "sigma": image.WINDOW_SIGMA, "weights": list(options.ms_ssim_weights)},
