@@ -146,6 +146,14 @@ def test_argument_errors():
         mae(pred, ref, reduction="sum")
     with pytest.raises(ValueError, match="does not broadcast"):
         psnr(pred, ref, data_range=torch.ones(3))
+    # A NaN or inf pixel would make its slice's value NaN, which the mean drops as "empty mask".
+    bad = pred.clone()
+    bad[0, 0, 3, 4] = float("nan")
+    for fn, kwargs in ((mae, {}), (psnr, {"data_range": 2.0}), (ssim, {"data_range": 2.0})):
+        with pytest.raises(ValueError, match="pred: holds NaN or inf"):
+            fn(bad, ref, reduction="mean", **kwargs)
+    with pytest.raises(ValueError, match="ref: holds NaN or inf"):
+        mae(pred, ref.clone().fill_(float("inf")))
 
 
 def test_identical_images_score_perfectly_and_mean_reduces():

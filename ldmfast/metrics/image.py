@@ -38,6 +38,11 @@ def _check_pair(pred: torch.Tensor, ref: torch.Tensor) -> None:
         raise ValueError(f"pred and ref: shapes differ, {tuple(pred.shape)} vs {tuple(ref.shape)}")
     if pred.device != ref.device:
         raise ValueError(f"pred and ref: on different devices, {pred.device} vs {ref.device}")
+    # NaN in a result means "no pixel to measure" (an empty mask), which the mean leaves out: a
+    # NaN or inf in the images themselves must not pass for that and drop its slice unseen.
+    for name, t in (("pred", pred), ("ref", ref)):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: holds NaN or inf values")
 
 
 def _work_dtype(pred: torch.Tensor) -> torch.dtype:
