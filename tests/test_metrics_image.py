@@ -160,3 +160,16 @@ def test_identical_images_score_perfectly_and_mean_reduces():
     _, ref = pair(h=180, w=180)
     assert torch.allclose(ms_ssim(ref, ref, data_range=1.0), torch.ones(2, 2, dtype=torch.float64))
     assert mae(ref, ref, reduction="mean").item() == 0.0
+
+
+@pytest.mark.cuda
+def test_ssim_on_a_gpu_equals_the_cpu_in_float32():
+    # cuDNN's default TF32 for float32 convolutions would move SSIM by ~1e-3 to 1e-2.
+    g = torch.Generator().manual_seed(5)
+    ref = torch.rand(4, 2, 96, 112, generator=g) * 2 - 1
+    pred = (ref + 0.2 * torch.randn(ref.shape, generator=g)).clamp(-1, 1)
+    cpu = ms_ssim(pred, ref, data_range=2.0, weights=MS_SSIM_WEIGHTS[:3])
+    gpu = ms_ssim(pred.cuda(), ref.cuda(), data_range=2.0, weights=MS_SSIM_WEIGHTS[:3]).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ssim(pred.cuda(), ref.cuda(), data_range=2.0).cpu(), ssim(pred, ref, data_range=2.0),
+                               rtol=1e-5, atol=1e-6)

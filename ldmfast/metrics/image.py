@@ -148,9 +148,12 @@ def _filter_valid(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     as the reference SSIM implementation: the result is (H - size + 1) x (W - size + 1)."""
     size = window.numel()
     if x.device.type == "cuda":
-        k = x.shape[1]
+        # In float64: cuDNN may run float32 convolutions in TF32 (10-bit mantissas, its default),
+        # which moved SSIM by up to 0.01 in a simulation; TF32 never applies to float64.
+        k, dtype = x.shape[1], x.dtype
+        x, window = x.double(), window.double()
         x = F.conv2d(x, window.view(1, 1, 1, size).expand(k, 1, 1, size), groups=k)
-        return F.conv2d(x, window.view(1, 1, size, 1).expand(k, 1, size, 1), groups=k)
+        return F.conv2d(x, window.view(1, 1, size, 1).expand(k, 1, size, 1), groups=k).to(dtype)
     # On the CPU, depthwise convolution is slow; summing shifted views (11 multiply-adds per
     # axis) is about twice as fast for 192 x 224 slices, with the same result.
     taps = window.tolist()
