@@ -191,10 +191,19 @@ def test_pairing_and_shape_errors(runs, tmp_path):
     with pytest.raises(DataError, match=r"case 'stranger'.*no reference case"):
         evaluate(runs / "ref", [("p", pred)], OPTIONS, progress=False)
     shutil.rmtree(pred / "stranger")
-    # A reference case without prediction is left out and listed.
+    # A reference case without prediction is left out and listed, even one without DWI/ADC; the
+    # results folder inside the prediction folder is no case.
     shutil.rmtree(pred / "phantom_002")
-    result = evaluate(runs / "ref", [("p", pred)], OPTIONS, progress=False, figure_cases=0)
+    ref = tmp_path / "ref"
+    shutil.copytree(runs / "ref", ref)
+    (ref / "phantom_002" / "dwi.nii.gz").unlink()
+    (pred / "eval").mkdir()
+    result = evaluate(ref, [("p", pred)], OPTIONS, progress=False, figure_cases=0, exclude=(pred / "eval",))
     assert result.not_predicted == ["phantom_002"] and len(result.runs[0].case_rows) == 2
+    shutil.rmtree(pred / "eval")
+    (ref / "phantom_001" / "adc.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"case 'phantom_001'.*no ADC file to compare with"):
+        evaluate(ref, [("p", pred)], OPTIONS, progress=False)
     # A prediction on another grid: named by case and file.
     path = pred / "phantom_000" / "adc.nii.gz"
     img = nib.load(path)

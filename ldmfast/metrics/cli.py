@@ -125,7 +125,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
             extractor = load_extractor(args.fid_extractor, args.fid_weights).to(device)
         evaluation = evaluate(args.ref, list(zip(labels, folders)), options, layout=args.layout, extractor=extractor,
                               fid_unavailable=reason, figure_cases=args.figure_cases,
-                              figure_slices=_figure_slices(args.figure_slice), progress=not args.quiet)
+                              figure_slices=_figure_slices(args.figure_slice), progress=not args.quiet,
+                              exclude=(out,))
         write_csv(out / "cases.csv", evaluation, "cases")
         write_csv(out / "slices.csv", evaluation, "slices")
         write_summary(out / "summary.json", evaluation)

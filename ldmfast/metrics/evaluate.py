@@ -39,7 +39,6 @@ from nibabel.filebasedimages import ImageFileError
 from tqdm.auto import tqdm
 
 from ldmfast.data import (
-    TRAINING_MODALITIES,
     CaseFiles,
     DataError,
     PreprocessedCase,
@@ -101,17 +100,22 @@ def column(scale: str, channel: str, metric: str) -> str:
 # --- pairing cases ---------------------------------------------------------------------------
 
 
-def pair_cases(pred_dir: str | os.PathLike, ref_cases: list[CaseFiles]) -> tuple[list[tuple[CaseFiles, dict[str, Path]]], list[str]]:
+def pair_cases(pred_dir: str | os.PathLike, ref_cases: list[CaseFiles], *, exclude: tuple = ()
+               ) -> tuple[list[tuple[CaseFiles, dict[str, Path]]], list[str]]:
     """Match the prediction folder's cases to reference cases by case id.
 
     Returns the pairs (reference files, prediction paths) in reference order and the ids of
     reference cases with no prediction (left out: a test split is often a subset). A
-    prediction case with no reference, or with a missing channel file, is a DataError.
+    prediction case with no reference, or with a missing channel file, and a predicted
+    reference case without its DWI or ADC, are DataErrors. Folders in `exclude` (the results
+    folder, when it lies inside the prediction folder) are not cases.
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise DataError("prediction folder not found", path=pred_dir)
-    predicted = sorted(p.name for p in pred_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    skip = {Path(p).resolve() for p in exclude}
+    predicted = sorted(p.name for p in pred_dir.iterdir()
+                       if p.is_dir() and not p.name.startswith(".") and p.resolve() not in skip)
     if not predicted:
         raise DataError("no case folder inside the prediction folder", path=pred_dir)
     by_id = {c.case_id: c for c in ref_cases}
@@ -123,6 +127,10 @@ def pair_cases(pred_dir: str | os.PathLike, ref_cases: list[CaseFiles]) -> tuple
     for case in ref_cases:
         if case.case_id not in predicted:
             continue
+        for name in ("dwi", "adc"):  # needed only for the cases evaluated
+            if getattr(case, name) is None:
+                raise DataError(f"the reference case has no {name.upper()} file to compare with",
+                                case=case.case_id, path=case.ctp.parent)
         paths = output_paths(pred_dir, case.case_id)
         for name, path in paths.items():
             if not path.is_file():
@@ -412,23 +420,27 @@ def evaluate(
     figure_cases: int = 4,
     figure_slices: list[tuple[str, int]] = (),
     progress: bool = True,
+    exclude: tuple = (),
 ) -> Evaluation:
     """Evaluate one or more prediction folders, `[(label, folder), ...]`, against `ref_source`.
 
     The first folder decides the cases; every other must hold the same ones (a side-by-side
     comparison of different cases would mislead). `extractor` (from `load_extractor`) turns
     FID on; without one FID is reported as unavailable with `fid_unavailable` as the reason.
+    `exclude`: folders inside a prediction folder that are not cases (the results folder).
     """
     if not pred_dirs:
         raise ValueError("pred_dirs: at least one prediction folder is needed")
     labels = [label for label, _ in pred_dirs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"labels: must differ, got {labels}")
-    ref_cases = find_cases(ref_source, layout=layout, require=TRAINING_MODALITIES)
-    pairs, not_predicted = pair_cases(pred_dirs[0][1], ref_cases)
+    # DWI and ADC are required of the evaluated cases only (pair_cases): a reference case that was
+    # not synthesized may lack them.
+    ref_cases = find_cases(ref_source, layout=layout)
+    pairs, not_predicted = pair_cases(pred_dirs[0][1], ref_cases, exclude=exclude)
     run_paths = [{case.case_id: paths for case, paths in pairs}]
     for label, folder in pred_dirs[1:]:
-        other, _ = pair_cases(folder, ref_cases)
+        other, _ = pair_cases(folder, ref_cases, exclude=exclude)
         other_ids = [c.case_id for c, _ in other]
         if other_ids != list(run_paths[0]):
             raise DataError(f"run {label!r} has cases {other_ids}, run {labels[0]!r} has {list(run_paths[0])}: "
