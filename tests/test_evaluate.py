@@ -122,6 +122,14 @@ def test_outputs_and_report_with_comparison(runs, tmp_path):
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n")
     assert "<th>DWI &Delta;</th>" in html and "FID unavailable: no FID weights file given" in html
+    assert "MS-SSIM: 2 scales" in html and "the paper's has 5 scales" in html
+    # A second report into the same folder keeps only its own figures (the first one's would
+    # travel with it when the folder is copied).
+    (out / "figures" / "old-run.png").write_bytes(b"")
+    one = evaluate(runs / "ref", [("base", runs / "base")], OPTIONS, progress=False, figure_cases=1)
+    html = write_report(out, one).read_text()
+    shown = {part.split('"')[0] for part in html.split('<img src="')[1:]}
+    assert {f"figures/{p.name}" for p in (out / "figures").iterdir()} == shown
 
 
 def test_cli_end_to_end_and_errors(runs, tmp_path):
@@ -271,8 +279,10 @@ class _TinyExtractor(torch.nn.Module):
 def test_fid_is_reported_with_an_extractor(runs):
     torch.manual_seed(0)
     model = _TinyExtractor().eval()
+    model.description = "tiny features (weights tiny.pth)"  # as load_extractor names what it loaded
     result = evaluate(runs / "ref", [("base", runs / "base"), ("post", runs / "pt")], OPTIONS, extractor=model,
                       progress=False, figure_cases=0)
+    assert result.settings["fid_features"] == "tiny features (weights tiny.pth)"
     base, post = (run.fid for run in result.runs)
     assert base["available"] and base["n_slices"] == len(result.runs[0].slice_rows)
     assert post["dwi"] < base["dwi"] and post["adc"] < base["adc"]  # less noise, closer features

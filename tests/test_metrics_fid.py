@@ -68,6 +68,7 @@ def test_extractor_loads_a_state_dict_saved_from_itself(tmp_path, kind, size):
     state["fc.weight"] = torch.zeros(1008, 2048)  # a classifier head in the file is ignored
     torch.save(state, path)
     loaded = load_extractor(kind, path)
+    assert loaded.description == f"{kind} features (weights {kind}.pth)"
     x = torch.rand(2, 1, size, size + 4)
     with torch.no_grad():
         want = model(model.prepare(x))

@@ -508,6 +508,7 @@ def evaluate(
         "volume_level": "MAE, lesion MAE, PSNR pooled over the volume's evaluated pixels; SSIM, MS-SSIM mean of slices",
         "slices": "the reference case's usable slices (DWI, ADC and CTP non-zero inside the brain mask)",
         "fid_scale": "normalized, per channel",
+        "fid_features": None if extractor is None else getattr(extractor, "description", type(extractor).__name__),
         "device": options.device,
     }
     return Evaluation(settings=settings, runs=runs, not_predicted=not_predicted, figures=picker.kept)

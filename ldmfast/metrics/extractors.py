@@ -329,6 +329,9 @@ def load_extractor(kind: str, weights_path: str | os.PathLike | None) -> nn.Modu
             + "; ".join(problems)
         )
     model.load_state_dict(state, strict=False)
+    # What the evaluation's settings and report say the FID was computed with: the numbers of
+    # two extractors (or weights) do not compare.
+    model.description = f"{kind} features (weights {path.name})"
     return model.eval()
 
 

@@ -9,6 +9,7 @@ import datetime
 import html
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ import numpy as np
 from ldmfast.data.atomic import atomic_path
 
 from . import png
+from .extractors import FEATURE_DIM
+from .image import MS_SSIM_WEIGHTS
 from .evaluate import CHANNELS, CTP_WINDOW, DEFAULT_SCALE, HIGHER_IS_BETTER, METRICS, SCALES, Evaluation, FigureSlice, column
 from .results import summary
 
@@ -106,17 +109,30 @@ def _dataset_table(info: dict, labels: list[str], scale: str) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
-def _fid_html(info: dict, labels: list[str]) -> str:
+def _ms_ssim_text(ms: dict) -> str:
+    """What MS-SSIM was computed with: the paper's is 5 scales; fewer (small slices) give other values."""
+    scales = len(ms["weights"])
+    return (f"MS-SSIM: {scales} scale{'s' if scales > 1 else ''} (weights {', '.join(f'{w:g}' for w in ms['weights'])}), "
+            f"Gaussian window {ms['window']}, sigma {ms['sigma']:g}"
+            + ("." if scales == len(MS_SSIM_WEIGHTS) else f"; the paper's has {len(MS_SSIM_WEIGHTS)} scales."))
+
+
+def _fid_html(info: dict, labels: list[str], features: str | None) -> str:
     runs = info["runs"]
     if not any(runs[label]["fid"]["available"] for label in labels):
         reason = runs[labels[0]]["fid"]["reason"]
         return f"<p>FID unavailable: {html.escape(reason)}.</p>"
+    n = max(runs[label]["fid"].get("n_slices", 0) for label in labels)
+    note = (f"<p class=note>Fréchet distance of {html.escape(features or 'extractor')} over {n} slices per run "
+            "and channel, normalized scale; lower is better. Values from other extractors or weights do not compare"
+            + (f"; with fewer slices than the {FEATURE_DIM} feature dimensions FID is biased upwards and compares only "
+               "between runs of the same slice count" if n < FEATURE_DIM else "") + ".</p>")
     rows = ["<tr><th class=name>run</th>" + "".join(f"<th>FID {c.upper()}</th>" for c in CHANNELS) + "</tr>"]
     for label in labels:
         fid = runs[label]["fid"]
         cells = [f"<td>{_fmt(fid.get(c))}</td>" if fid["available"] else f"<td>{html.escape(fid['reason'])}</td>" for c in CHANNELS]
         rows.append(f"<tr><td class=name>{html.escape(label)}</td>{''.join(cells)}</tr>")
-    return "<table>" + "".join(rows) + "</table>"
+    return note + "<table>" + "".join(rows) + "</table>"
 
 
 def _case_table(evaluation: Evaluation, labels: list[str]) -> str:
@@ -175,14 +191,15 @@ def write_report(out_dir: str | os.PathLike, evaluation: Evaluation, *, error_ma
 
     parts.append("<h2>Data set</h2>")
     parts.append("<p class=note>Mean &plusmn; standard deviation over volumes; n counts volumes where the metric is "
-                 "defined (lesion MAE: volumes with a lesion). &uarr;/&darr;: higher/lower is better."
+                 "defined (lesion MAE: volumes with a lesion). &uarr;/&darr;: higher/lower is better. "
+                 + _ms_ssim_text(settings["ms_ssim"])
                  + (f" &Delta;: {html.escape(labels[1])} minus {html.escape(labels[0])}, green where better." if len(labels) > 1 else "")
                  + "</p>")
     for scale in SCALES:
         parts.append(f"<h3>{scale} scale{' (default, as in the paper)' if scale == DEFAULT_SCALE else ''}</h3>"
                      f"<p class=note>{html.escape(settings['scales'][scale])}.</p>")
         parts.append(_dataset_table(info, labels, scale))
-    parts.append("<h3>FID</h3>" + _fid_html(info, labels))
+    parts.append("<h3>FID</h3>" + _fid_html(info, labels, settings.get("fid_features")))
 
     parts.append("<h2>Slices</h2>")
     parts.append(
@@ -202,6 +219,13 @@ def write_report(out_dir: str | os.PathLike, evaluation: Evaluation, *, error_ma
     parts.append("</body></html>\n")
 
     path = out_dir / "report.html"
+    text = "".join(parts)
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(parts))
+        tmp.write_text(text)
+    # An earlier report's figures in the same folder (other cases, runs, slices) would travel with
+    # this one when the folder is copied: only what this report shows stays.
+    shown = {html.unescape(name) for name in re.findall(r'src="figures/([^"]+)"', text)}
+    for old in figures.glob("*.png"):
+        if old.name not in shown:
+            old.unlink(missing_ok=True)
     return path
