@@ -145,7 +145,8 @@ def test_cli_end_to_end_and_errors(runs, tmp_path):
     assert (tmp_path / "e" / "figures" / "phantom_000_z002_dwi_ref.png").is_file()
     # 64 x 64 slices and 5 scales: the error says why and what to do.
     small = run("--pred", runs / "base", "--ref", runs / "ref", "--out", tmp_path / "f")
-    assert small.returncode == 2 and "too small for 5-scale SSIM" in small.stderr
+    assert small.returncode == 2 and "ms_ssim_scales: 5 scales need slices of at least 176" in small.stderr
+    assert "(at most 3 scales fit: --ms-ssim-scales 3)" in small.stderr
     bad = run("--pred", runs / "base", "--ref", runs / "ref", "--out", tmp_path / "g", "--fid-weights", tmp_path / "none.pth")
     assert bad.returncode == 2 and "none.pth not found" in bad.stderr
     missing = run("--pred", tmp_path / "nowhere", "--ref", runs / "ref", "--out", tmp_path / "h")

@@ -463,6 +463,7 @@ def evaluate(
     for case_files, _ in tqdm(pairs, desc="evaluate", unit="case", disable=not progress):
         volumes = load_case(case_files)
         case = preprocess_case(volumes, options.preprocess, require_target=True)
+        _check_ms_ssim_fits(case, options.ms_ssim_scales)
         refs = {"normalized": case.target, "original": _original_reference(volumes, case)}
         ranges = {"normalized": np.array([2.0, 2.0]),
                   "original": np.array([s.high - s.low for s in (case.dwi_stats, case.adc_stats)])}
@@ -512,6 +513,17 @@ def evaluate(
         "device": options.device,
     }
     return Evaluation(settings=settings, runs=runs, not_predicted=not_predicted, figures=picker.kept)
+
+
+def _check_ms_ssim_fits(case: PreprocessedCase, scales: int) -> None:
+    """Slices too small for the MS-SSIM scales asked for: said in the option's terms (the metric's
+    own error names its arguments), with the most scales that fit."""
+    side = min(case.target.shape[-2:])
+    if side < image._min_size(scales):
+        fits = max((k for k in range(1, scales) if image._min_size(k) <= side), default=0)
+        raise ValueError(f"ms_ssim_scales: {scales} scales need slices of at least {image._min_size(scales)} pixels a "
+                         f"side; case {case.case_id!r} has {case.target.shape[-2]} x {case.target.shape[-1]}"
+                         + (f" (at most {fits} scales fit: --ms-ssim-scales {fits})" if fits else ""))
 
 
 def _add_rows(run: RunResult, case: PreprocessedCase, preds, refs, ranges, options: EvaluateOptions) -> None:
