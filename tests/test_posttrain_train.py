@@ -146,11 +146,76 @@ def test_a_step_without_brain_pixels_is_logged_as_skipped(tmp_path, phantom_root
     assert second["skipped"] == 0.0 and second["loss"] > 0
 
 
+def test_a_skipped_micro_batch_is_left_out_of_the_step_mean(tmp_path, phantom_root, init_dir, monkeypatch):
+    # grad_accum = 2, the first micro-batch without brain pixels: the step's loss (and gradient) is
+    # the other one's, not half of it.
+    from ldmfast.train import posttrain
+    real_loss, totals, own_grads = posttrain.posttrain_loss, [], []
+    path = write_config(tmp_path, phantom_root, init_dir)
+    config = load_config(path, PostTrainConfig, ["train.steps=1", "train.val_every=0", "train.grad_accum=2",
+                                                 "train.batch_size=2"])
+    trainer = PostTrainer(config, progress=False)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def no_brain_in_the_first_batch(*args, **kwargs):
+        args = list(args)
+        if not totals:
+            args[5] = torch.zeros_like(args[5])  # the brain mask
+        out = real_loss(*args, **kwargs)
+        totals.append(None if out is None else out.total.item())
+        if out is not None:  # the measured micro-batch's own gradient
+            own_grads.extend(torch.autograd.grad(out.total, params, retain_graph=True, allow_unused=True))
+        return out
+
+    monkeypatch.setattr(posttrain, "posttrain_loss", no_brain_in_the_first_batch)
+    stepped = []
+    trainer.opt.step = lambda *a, _step=trainer.opt.step: stepped.append([p.grad for p in params]) or _step(*a)
+    with pytest.warns(RuntimeWarning, match="brain"):
+        trainer.run()
+    (record,) = [r for r in records(tmp_path / "run") if r["kind"] == "train"]
+    assert totals[0] is None and record["skipped"] == 0.5
+    assert record["loss"] == pytest.approx(totals[1], rel=1e-6)
+    compared = [(g, own) for g, own in zip(stepped[0], own_grads) if own is not None]
+    assert compared
+    for g, own in compared:
+        torch.testing.assert_close(g, own, rtol=1e-5, atol=1e-7)
+
+
+def test_init_folder_without_weights_and_a_missing_gpu_are_config_errors(tmp_path, phantom_root, init_dir):
+    import shutil
+
+    broken = tmp_path / "cldm"
+    shutil.copytree(init_dir, broken)
+    (broken / "model.safetensors").unlink()
+    path = write_config(tmp_path, phantom_root, broken)
+    with pytest.raises(ConfigError) as err:  # a FileNotFoundError traceback from the CLI before
+        PostTrainer(load_config(path, PostTrainConfig, []), progress=False)
+    assert err.value.key == "init" and "model.safetensors" in str(err.value)
+    if not torch.cuda.is_available():
+        from ldmfast.train.distributed import resolve_device
+        with pytest.raises(ConfigError) as err:
+            resolve_device("cuda")
+        assert err.value.key == "device"
+
+
+def test_decoder_checkpointing_may_be_switched_on_when_resuming(tmp_path, phantom_root, init_dir):
+    path = write_config(tmp_path, phantom_root, init_dir)
+    common = ["train.val_every=0", "train.ckpt_every=2"]
+    PostTrainer(load_config(path, PostTrainConfig, [*common, "train.steps=2"]), progress=False).run()
+    trainer = PostTrainer(load_config(path, PostTrainConfig, [*common, "posttrain.decoder_checkpoint=true"]),
+                          progress=False)
+    assert trainer.step == 2
+    with pytest.raises(ConfigError) as err:  # a setting of the loss itself still refuses
+        PostTrainer(load_config(path, PostTrainConfig, [*common, "posttrain.lambda_les=0.5"]), progress=False)
+    assert err.value.key == "posttrain.lambda_les"
+
+
 def test_bad_configs_are_refused_naming_the_key(tmp_path, phantom_root, init_dir):
     path = write_config(tmp_path, phantom_root, init_dir)
     for override, key in [("posttrain.image_loss=\"l3\"", "posttrain.image_loss"),
                           ("train.early_stop_metric=\"lesion_mae\"", "train.early_stop_metric"),
-                          (f"init=\"{tmp_path}\"", "init")]:
+                          (f"init=\"{tmp_path}\"", "init"),
+                          ("posttrain.min_snr_gamma=inf", "posttrain.min_snr_gamma")]:
         with pytest.raises(ConfigError) as err:
             load_config(path, PostTrainConfig, [override])
         assert err.value.key == key
@@ -222,8 +287,9 @@ def test_8bit_moments_train_alike_inside_the_backward_and_resume(tmp_path, phant
     resumed = ConditionalLDM.from_pretrained(tmp_path / "resumed8" / "ldm").denoiser_state_dict()
     for key, value in models["plain8"].items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
-    with pytest.raises(ValueError, match="state_bits = 8"):
+    with pytest.raises(ConfigError, match="state_bits = 8") as refused:  # a traceback from the CLI before
         resume("plain8", "refused", [])
+    assert refused.value.key == "optim.state_bits"
     PostTrainer(load_config(path, PostTrainConfig, [f"output_dir=\"{tmp_path / 'plain32'}\"", "train.val_every=0",
                                                     "train.ckpt_every=2"]), progress=False).run()
     trainer = resume("plain32", "from32", ["optim.state_bits=8"])

@@ -21,6 +21,7 @@ from torch import nn
 from ldmfast.data.atomic import atomic_path
 
 from .adamw8bit import AdamW8bit
+from .config import ConfigError
 from .optim import IMPLEMENTATION_KEYS
 
 _NAME = re.compile(r"^step-(\d{8})\.json$")
@@ -97,8 +98,8 @@ def _load_optimizer_state(name: str, optimizer: torch.optim.Optimizer, tensors: 
     for index, entries in meta["scalars"].items():
         state.setdefault(int(index), {}).update(entries)
     if any("m_codes" in entries for entries in state.values()) and not _takes_8bit_state(optimizer):
-        raise ValueError(f"optimizer {name!r}: the checkpoint holds 8-bit AdamW moments; resume it with "
-                         f"optim.state_bits = 8")
+        raise ConfigError("optim.state_bits", f"the checkpoint holds 8-bit AdamW moments (optimizer {name!r}); "
+                                              "resume it with optim.state_bits = 8")
     # JSON turned tuples (Adam's betas) into lists; the optimizer expects what it was given.
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
               for g in meta["param_groups"]]

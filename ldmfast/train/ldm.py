@@ -142,6 +142,7 @@ class LDMTrainer(StageTrainer):
         self._apply_lr()
         self.model.train()
         sums: dict[str, float] = defaultdict(float)
+        measured = 0
         for micro in range(t.grad_accum):
             sync = micro == t.grad_accum - 1
             no_sync = self.ddp.no_sync if (self.dist.distributed and not sync) else contextlib.nullcontext
@@ -149,6 +150,14 @@ class LDMTrainer(StageTrainer):
                 loss = self._batch_loss(next(batches), sums)
                 if loss is not None:
                     (loss / t.grad_accum).backward()
+                    measured += 1
+        if 0 < measured < t.grad_accum:
+            # A skipped micro-batch (post-training's without brain pixels) adds no gradient: the
+            # step's is the mean over the measured ones. (grad_accum > 1 rules out step_in_backward,
+            # whose optimizer would have stepped by now.)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(t.grad_accum / measured)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:

@@ -26,6 +26,9 @@ LOGGED_LOSSES = ("loss", "latent", "image", "lesion", "skipped")
 class PostTrainer(LDMTrainer):
     stage = "posttrain"
     resume_sections = ("init", "posttrain")
+    #: decoder checkpointing trades memory for compute with the same gradients: a run that ran out
+    #: of memory may resume with it on
+    resume_exempt = ("posttrain.decoder_checkpoint",)
     validate_one_step = True
 
     def __init__(self, config: PostTrainConfig, *, resume: bool | None = None, progress: bool = True,
@@ -37,7 +40,12 @@ class PostTrainer(LDMTrainer):
         super().__init__(config, resume=resume, progress=progress, dist_info=dist_info)
 
     def _build_model(self) -> ConditionalLDM:
-        model = ConditionalLDM.from_pretrained(self.config.init, self.device)
+        try:
+            model = ConditionalLDM.from_pretrained(self.config.init, self.device)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:  # a damaged or incomplete folder
+            raise ConfigError("init", f"cannot load the cLDM from {self.config.init}: "
+                                      f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+                              ) from err
         if model.diffusion.latent_scale != 1.0:
             raise ConfigError("init", f"latent_scale {model.diffusion.latent_scale}: post-training decodes x0_hat "
                                       "as it is and supports latent scale 1 only (PAPER.md's)")
@@ -45,11 +53,13 @@ class PostTrainer(LDMTrainer):
         return model
 
     def train_step(self, batches) -> dict:
-        losses = super().train_step(batches)
-        # A step whose every micro-batch had no brain pixels measured no loss: NaN (logged as
-        # null), not a made-up 0 and not a missing key.
-        measured = losses.get("skipped", 0.0) < 1.0
-        return {k: losses.get(k, 0.0 if (k == "skipped" or measured) else math.nan) for k in LOGGED_LOSSES}
+        losses = super().train_step(batches)  # sums over the step's micro-batches / grad_accum
+        # The parts average over the micro-batches that had brain pixels (as the gradient does); a
+        # step with none measured no loss: NaN (logged as null), not a made-up 0 and not a missing key.
+        skipped = losses.get("skipped", 0.0)  # the fraction of micro-batches skipped
+        measured = 1.0 - skipped
+        return {k: skipped if k == "skipped" else (losses.get(k, 0.0) / measured if measured > 0 else math.nan)
+                for k in LOGGED_LOSSES}
 
     def _postfix(self, losses: dict) -> dict:
         if losses.get("skipped", 0.0) >= 1.0:

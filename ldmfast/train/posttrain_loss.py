@@ -70,8 +70,9 @@ class PostTrainLossConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(key(name), f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         gamma = self.min_snr_gamma
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
-            raise ConfigError(key("min_snr_gamma"), f"must be a number > 0, got {gamma!r}")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
+            # inf would make every timestep's weight min(SNR, inf) / inf = 0: no image or lesion term
+            raise ConfigError(key("min_snr_gamma"), f"must be a finite number > 0, got {gamma!r}")
         dc = self.decoder_checkpoint
         if not isinstance(dc, (bool, int)) or (not isinstance(dc, bool) and dc < 0):
             raise ConfigError(key("decoder_checkpoint"),

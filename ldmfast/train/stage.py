@@ -77,6 +77,8 @@ class StageTrainer:
     #: single settings that shape a checkpoint (e.g. whether there is an EMA), each with a function
     #: of it that must match the checkpoint's (None: the value itself)
     resume_settings: dict[str, Callable[[Any], Any] | None] = {}
+    #: keys of `resume_sections` that a resumed run may change (they leave its results alone)
+    resume_exempt: tuple[str, ...] = ()
 
     def __init__(self, config, *, progress: bool = True, dist_info: DistInfo | None = None):
         self.config = config
@@ -182,8 +184,8 @@ class StageTrainer:
             if not isinstance(ours, dict):
                 theirs, ours = {"": theirs}, {"": ours}
             for key in sorted(set(theirs) | set(ours)):
-                if theirs.get(key) != ours.get(key):
-                    dotted = f"{section}.{key}" if key else section
+                dotted = f"{section}.{key}" if key else section
+                if theirs.get(key) != ours.get(key) and dotted not in self.resume_exempt:
                     raise ConfigError(dotted, f"{ours.get(key)!r} differs from the checkpoint's {theirs.get(key)!r} "
                                               f"in {latest}")
         for dotted, what in self.resume_settings.items():
