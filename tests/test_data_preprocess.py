@@ -132,3 +132,12 @@ def test_computed_brain_mask_ignores_padding_outside_the_field_of_view(volumes):
     assert (ctp == 0).sum() / ctp.shape[-1] > truth.sum()
     mask = compute_brain_mask(ctp)
     assert 2 * np.sum(mask & truth) / (mask.sum() + truth.sum()) > 0.95
+
+
+def test_computed_brain_mask_of_a_skull_stripped_ctp(volumes):
+    """Skull-stripped CTP with the background filled with 0 HU (inside the tissue range): the
+    mask is the brain, not the whole field of view."""
+    ctp = np.where(volumes.mask[..., None], volumes.ctp, 0.0).astype(volumes.ctp.dtype)
+    mask = compute_brain_mask(ctp)
+    truth = volumes.mask
+    assert 2 * np.sum(mask & truth) / (mask.sum() + truth.sum()) > 0.95

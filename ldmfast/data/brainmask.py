@@ -13,7 +13,7 @@ TISSUE_HU = (-10.0, 100.0)
 def compute_brain_mask(ctp: np.ndarray, tissue_hu: tuple[float, float] = TISSUE_HU) -> np.ndarray:
     """Brain mask (bool, X x Y x Z) of a CTP series (X x Y x Z x frames, in HU).
 
-    A heuristic for skull-on CT: voxels whose median over time (the median ignores the
+    A heuristic for skull-on (or skull-stripped, zero-filled) CT: voxels whose median over time (the median ignores the
     contrast bolus, which passes in a minority of frames) is in `tissue_hu`, opened in-plane
     to cut thin bridges to scalp and neck tissue, then the largest 3D component that does
     not touch the in-plane border (the brain sits inside the skull; zero padding outside
@@ -24,6 +24,10 @@ def compute_brain_mask(ctp: np.ndarray, tissue_hu: tuple[float, float] = TISSUE_
         raise ValueError(f"ctp: expected X x Y x Z x frames, got shape {ctp.shape}")
     baseline = np.median(ctp, axis=-1)
     tissue = (baseline > tissue_hu[0]) & (baseline < tissue_hu[1])
+    # Skull-stripped or masked series fill the background with 0, which lies in the tissue range:
+    # a voxel at exactly 0 HU in every frame is fill, not tissue (inside the brain the holes are
+    # filled again below). Otherwise the mask covered the whole field of view.
+    tissue &= np.any(ctp != 0, axis=-1)
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
     tissue = ndimage.binary_opening(tissue, structure=in_plane, iterations=2)
