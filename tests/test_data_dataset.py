@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -145,3 +146,17 @@ def test_dataloader_with_two_workers(root, tmp_path):
 
     # Seeded per worker from torch's seed: reproducible, and different under another seed.
     assert torch.equal(epoch(1), epoch(1)) and not torch.equal(epoch(1), epoch(2))
+
+
+def test_a_crop_that_cuts_brain_is_reported(root, tmp_path):
+    # The phantom's 32 x 40 slices cropped to 16 x 40: most of the brain is cut away, which a
+    # training on finer-than-1-mm data would otherwise do without a word.
+    with pytest.warns(UserWarning, match=r"crop to 16 x 40 cuts away brain in 4 of 4 cases"):
+        SliceDataset(_cases(root), tmp_path / "cache", size=(16, 40), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SliceDataset(_cases(root), tmp_path / "cache", size=(32, 48), progress=False)  # padding only
+    entry = SliceDataset(_cases(root), tmp_path / "cache", progress=False).entries[0]
+    lost, total = entry.brain_cut_by((16, 40))
+    mask = np.load(entry.array_path("mask")).astype(bool)
+    assert total == mask.sum() and lost == total - mask[:, 8:24, :].sum()

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .errors import DataError
+from .geometry import crop_window
 from .layouts import MODALITIES, CaseFiles
 from .loading import load_case
 from .preprocess import PreprocessedCase, PreprocessOptions, VolumeStats, preprocess_case
@@ -47,10 +48,25 @@ class CacheEntry:
     dwi_stats: VolumeStats
     adc_stats: VolumeStats
     has_lesion: bool
+    #: brain voxels of the cached slices per in-plane row (X) and column (Y): what a centre crop
+    #: to the training size cuts away (None for folders of older versions)
+    brain_rows: tuple[int, ...] | None = None
+    brain_cols: tuple[int, ...] | None = None
 
     @property
     def n_slices(self) -> int:
         return len(self.slice_index)
+
+    def brain_cut_by(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(at least how many brain voxels a centre crop to `size` cuts away, brain voxels): the
+        larger of the rows' and the columns' loss (exact when only one axis is cropped)."""
+        if self.brain_rows is None or self.brain_cols is None:
+            return 0, 0
+        lost = []
+        for counts, want in ((self.brain_rows, size[0]), (self.brain_cols, size[1])):
+            kept = crop_window(len(counts), want)
+            lost.append(sum(counts) - sum(counts[kept]))
+        return max(lost), sum(self.brain_rows)
 
     def array_path(self, name: str) -> Path:
         return self.folder / f"{name}.npy"
@@ -101,6 +117,8 @@ def _read_entry(folder: Path) -> CacheEntry | None:
         dwi_stats=VolumeStats(**meta["dwi_stats"]),
         adc_stats=VolumeStats(**meta["adc_stats"]),
         has_lesion=meta["has_lesion"],
+        brain_rows=tuple(meta["brain_rows"]) if "brain_rows" in meta else None,
+        brain_cols=tuple(meta["brain_cols"]) if "brain_cols" in meta else None,
     )
 
 
@@ -121,6 +139,8 @@ def _write_folder(folder: Path, prepared: PreprocessedCase) -> None:
         "dwi_stats": dataclasses.asdict(prepared.dwi_stats),
         "adc_stats": dataclasses.asdict(prepared.adc_stats),
         "has_lesion": prepared.has_lesion,
+        "brain_rows": prepared.mask.sum(axis=(0, 2)).tolist(),
+        "brain_cols": prepared.mask.sum(axis=(0, 1)).tolist(),
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 

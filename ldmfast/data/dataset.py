@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -67,6 +68,24 @@ class SliceDataset(Dataset):
         self._starts = np.cumsum([0] + [e.n_slices for e in self.entries]).tolist()
         self._by_case = {e.case_id: e for e in self.entries}
         self._process_state()
+        if self.size is not None:
+            self._warn_about_cut_brain()
+
+    def _warn_about_cut_brain(self, share: float = 0.01) -> None:
+        """Say which cases a centre crop to `size` cuts brain from (more than `share` of it): their
+        in-plane pixels are likely finer than the models' ~1 mm, or the size too small."""
+        cut = []
+        for e in self.entries:
+            lost, total = e.brain_cut_by(self.size)
+            if total and lost > share * total:
+                cut.append((lost / total, e))
+        if cut:
+            cut.sort(key=lambda c: -c[0])
+            worst = ", ".join(f"{e.case_id} ({100 * f:.0f} %, {e.spatial_shape[0]} x {e.spatial_shape[1]})"
+                              for f, e in cut[:3])
+            warnings.warn(f"the centre crop to {self.size[0]} x {self.size[1]} cuts away brain in {len(cut)} of "
+                          f"{len(self.entries)} cases, at least: {worst}{' ...' if len(cut) > 3 else ''}; resample "
+                          "them to the models' in-plane spacing (~1 mm) or choose a larger size", stacklevel=3)
 
     def _process_state(self) -> None:
         """Per-process handles: open memory maps and the augmentation generator."""

@@ -17,12 +17,15 @@ def fit_to_size(array: np.ndarray, size: tuple[int, int], fill: float = 0.0) -> 
     if array.shape[-2:] == (h, w):
         return array
     out = np.full(array.shape[:-2] + (h, w), fill, dtype=array.dtype)
-    src, dst = [], []
-    for have, want in zip(array.shape[-2:], (h, w)):
-        n = min(have, want)
-        a = (have - n) // 2  # crop offset in the source
-        b = (want - n) // 2  # pad offset in the destination
-        src.append(slice(a, a + n))
-        dst.append(slice(b, b + n))
+    src = [crop_window(have, want) for have, want in zip(array.shape[-2:], (h, w))]
+    dst = [crop_window(want, have) for have, want in zip(array.shape[-2:], (h, w))]
     out[(..., *dst)] = array[(..., *src)]
     return out
+
+
+def crop_window(have: int, want: int) -> slice:
+    """The part of an axis of `have` pixels that fitting it to `want` keeps (all of it when it
+    is padded); swapped, where those pixels land in the fitted axis."""
+    n = min(have, want)
+    a = (have - n) // 2
+    return slice(a, a + n)
