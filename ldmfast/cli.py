@@ -38,7 +38,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         devices.append(torch.device("cuda"))
     else:
         lines.append("GPU      none visible to torch")
-    lines.append(f"forced backend: {_backends.get_backend()} (LDMFAST_BACKEND / ldmfast.ops.use_backend)")
+    forced, source = _backends._forced()
+    try:
+        _backends._check_choice(forced, source)
+    except ValueError as err:  # every op call would raise it: said here, and the exit status says so
+        lines.append(f"forced backend: error: {err}")
+        print("\n".join(lines))
+        return 2
+    lines.append(f"forced backend: {forced} (LDMFAST_BACKEND / ldmfast.ops.use_backend)")
     print("\n".join(lines))
     for device in devices:
         print(f"\nbackends on {device.type} tensors:")

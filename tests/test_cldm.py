@@ -76,3 +76,67 @@ def test_bad_input_is_refused_by_name(model, tmp_path):
         ConditionalLDM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="unet"):
         ConditionalLDM(UNetConfig(in_channels=5, out_channels=3))
+    # H, W not multiples of 8 (factor 4 autoencoder, 2-level UNet): a 35 x 33 CTP came out 32 x 32.
+    for size in ((35, 33), (34, 36)):
+        with pytest.raises(ValueError, match="ctp: H and W must be multiples of 8"):
+            model.generate(torch.randn(1, 15, *size), [1], steps=2)
+    for bad in ({"steps": 2.0}, {"steps": True}, {"eta": "x"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            model.generate(torch.randn(1, 15, 32, 32), [1], **{"steps": 2, **bad})
+    # An autoencoder of another factor or latent width than the model's settings.
+    eight = VQGAN(VQGANConfig(base_channels=16, channel_mult=[1, 2, 2, 2], num_res_blocks=1, norm_groups=8,
+                              num_codes=32))
+    with pytest.raises(ValueError, match="halvings"):
+        ConditionalLDM(UNET, autoencoder=eight)
+    wide = VQGAN(VQGANConfig(base_channels=16, channel_mult=[1, 2, 2], num_res_blocks=1, norm_groups=8, num_codes=32,
+                             latent_channels=4))
+    with pytest.raises(ValueError, match="latent_channels"):
+        ConditionalLDM(UNET, autoencoder=wide)
+    with pytest.raises(ValueError, match="latent_scale"):
+        DiffusionConfig(latent_scale=float("nan")).validate()
+
+
+def test_loaded_models_are_in_eval_mode_and_generation_ignores_the_mode(tmp_path):
+    # A loaded VQGAN in training mode rewrote its codebook on quantize (dead-code restarts); a
+    # UNet with dropout made generate depend on more than the CTP and seed.
+    torch.manual_seed(0)
+    unet = UNetConfig(**{**UNET.__dict__, "dropout": 0.5})
+    model = ConditionalLDM(unet, autoencoder=tiny_vqgan())
+    model.save_pretrained(tmp_path / "m")
+    loaded = ConditionalLDM.from_pretrained(tmp_path / "m")
+    assert not any(m.training for m in loaded.modules())
+    assert not VQGAN.from_pretrained(tmp_path / "m" / "autoencoder").training
+    loaded.train()
+    loaded.autoencoder.eval()  # as post-training holds it: each module's mode comes back
+    ctp = torch.randn(1, 15, 32, 32)
+    first, second = loaded.generate(ctp, [3], steps=2), loaded.generate(ctp, [3], steps=2)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert loaded.unet.training and not loaded.autoencoder.training
+
+
+def test_config_files_name_their_faults(tmp_path, model):
+    import json
+
+    model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    data = json.loads(path.read_text())
+    for change, key in (({"unet": {**data["unet"], "width": 3}}, "unet.width"),
+                        ({"diffusion": {**data["diffusion"], "steps": 3}}, "diffusion.steps"),
+                        ({"halvings": None}, "halvings")):
+        broken = {k: v for k, v in {**data, **change}.items() if v is not None}
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=rf"{key}: .*config.json"):
+            ConditionalLDM.from_pretrained(tmp_path / "m")
+
+
+def test_unet_config_checks_the_middle_block_and_types():
+    from ldmfast.models.vqgan import ModelConfigError
+
+    for change, key in (({"channel_mult": (2, 3), "attention_levels": (0,), "head_channels": 64, "base_channels": 32},
+                         "head_channels"),
+                        ({"base_channels": 8.0}, "base_channels"),
+                        ({"channel_mult": (1.5, 2)}, "channel_mult"),
+                        ({"attention_levels": 1}, "attention_levels")):
+        with pytest.raises(ModelConfigError) as err:
+            UNetConfig(**{**UNET.__dict__, **change}).validate()
+        assert err.value.key == key

@@ -21,6 +21,15 @@ def test_info_lists_versions_and_backends():
     assert re.search(r"^\s+group_norm\s+cpu\s+yes$", out, re.M)
 
 
+def test_info_refuses_an_unknown_forced_backend():
+    # It printed "forced backend: bogus" and exit 0, while every op call then raised.
+    import os
+    result = subprocess.run([sys.executable, "-m", "ldmfast", "info"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "LDMFAST_BACKEND": "bogus"})
+    assert result.returncode == 2
+    assert "forced backend: error: LDMFAST_BACKEND: unknown backend 'bogus'" in result.stdout
+
+
 def test_console_script_is_installed():
     exe = Path(sys.executable).with_name("ldmfast")  # installed beside the interpreter running the tests
     if not exe.exists():

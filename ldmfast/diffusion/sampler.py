@@ -30,8 +30,12 @@ Denoiser = Callable[..., torch.Tensor]  # (x_t, t) -> output, or (x_t, t, condit
 
 
 def ddim_timesteps(num_train_steps: int, num_steps: int, spacing: str = "uniform") -> list[int]:
-    """Descending timesteps for num_steps DDIM steps. "uniform": 0, c, 2c, ... (c = T // steps), as the
-    latent-diffusion release samples; "trailing": ending at T - 1 (Lin et al. 2024), better for few steps."""
+    """Descending timesteps for num_steps DDIM steps. "uniform": 0, c, 2c, ... (c = T // steps; the
+    latent-diffusion release's make_ddim_timesteps adds 1 to each, and its last step ends at
+    alphas_cumprod[0] where this one ends at 1); "trailing": ending at T - 1 (Lin et al. 2024),
+    better for few steps."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
+        raise ValueError(f"steps: must be an integer in 1..{num_train_steps}, got {num_steps!r}")
     if not 1 <= num_steps <= num_train_steps:
         raise ValueError(f"steps: must be in 1..{num_train_steps}, got {num_steps}")
     if spacing == "uniform":

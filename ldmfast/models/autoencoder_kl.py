@@ -142,7 +142,9 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "AutoencoderKL":
-        """An AutoencoderKL from a folder written by `save_pretrained`."""
+        """An AutoencoderKL from a folder written by `save_pretrained`, in eval mode."""
         model = cls(AutoencoderKLConfig.from_dict(read_model_config(path, MODEL_NAME)))
         model.load_state_dict(read_model_weights(path, device))
-        return model.to(device)
+        # In eval mode, as loaded models are (Hugging Face's too): in training mode a VQGAN's
+        # dead-code restarts rewrite its codebook during inference. `.train()` to train it.
+        return model.to(device).eval()

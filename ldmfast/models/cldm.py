@@ -8,6 +8,7 @@ model.safetensors (condition + UNet) and autoencoder/ (the autoencoder's own fol
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,17 +45,31 @@ class DiffusionConfig:
         if self.parameterization not in PARAMETERIZATIONS:
             raise ModelConfigError("parameterization", f"must be one of {', '.join(PARAMETERIZATIONS)}, "
                                                        f"got {self.parameterization!r}")
+        if isinstance(self.num_train_steps, bool) or not isinstance(self.num_train_steps, int):
+            raise ModelConfigError("num_train_steps", f"must be an integer, got {self.num_train_steps!r}")
         if self.num_train_steps < 2:
             raise ModelConfigError("num_train_steps", f"must be >= 2, got {self.num_train_steps}")
         if not 0 < self.beta_start <= self.beta_end < 1:
             raise ModelConfigError("beta_start", f"need 0 < beta_start <= beta_end < 1, got {self.beta_start} and "
                                                  f"{self.beta_end}")
-        if self.latent_scale <= 0:
-            raise ModelConfigError("latent_scale", f"must be > 0, got {self.latent_scale}")
+        if not 0 < self.latent_scale < math.inf:  # (false for NaN too)
+            raise ModelConfigError("latent_scale", f"must be a finite number > 0, got {self.latent_scale}")
         return self
 
     def make_schedule(self) -> NoiseSchedule:
         return NoiseSchedule(self.schedule, self.num_train_steps, self.beta_start, self.beta_end)
+
+
+def _settings(config_class, data, section: str) -> dict:
+    """A config.json table as keyword arguments of `config_class` (lists as tuples); an unknown key
+    is a ModelConfigError naming it, not a TypeError from the constructor."""
+    if not isinstance(data, dict):
+        raise ModelConfigError(section, f"must be a table of settings, got {data!r}")
+    names = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ModelConfigError(f"{section}.{unknown[0]}", f"unknown setting; known: {', '.join(sorted(names))}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
 
 
 class CTPCondition(nn.Module):
@@ -92,6 +107,16 @@ class ConditionalLDM(nn.Module):
         self.condition = CTPCondition(frames, halvings)
         self.unet = UNet(unet_config)
         self.autoencoder = autoencoder if autoencoder is not None else vqgan
+        config = getattr(self.autoencoder, "config", None)
+        if config is not None and hasattr(config, "downsampling"):
+            # The CTP condition halves `halvings` times to meet the latent, and the UNet works on
+            # `latent_channels`: an autoencoder of another factor or width would meet neither.
+            if config.downsampling != 2 ** halvings:
+                raise ModelConfigError("halvings", f"{halvings} (factor {2 ** halvings}) differs from the autoencoder's "
+                                                   f"downsampling factor {config.downsampling}")
+            if config.latent_channels != latent_channels:
+                raise ModelConfigError("latent_channels", f"{latent_channels} differs from the autoencoder's "
+                                                          f"{config.latent_channels}")
         # One persistent callable: the sampler keys its CUDA graphs by the denoiser's identity.
         self._denoise_fn = self._denoise_with_condition
         if self.autoencoder is not None:
@@ -156,6 +181,11 @@ class ConditionalLDM(nn.Module):
         reused from batch to batch (call `clear_samplers()` after moving the model)."""
         if spacing not in SPACINGS:
             raise ValueError(f"spacing: must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+        # Checked before they key the kept samplers: 2.0 would find the sampler of steps=2, True that of 1.
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise ValueError(f"steps: must be an integer, got {steps!r}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+            raise ValueError(f"eta: must be a finite number >= 0, got {eta!r}")
         key = (steps, float(eta), spacing, samples_per_input, autocast, channels_last, cuda_graph)
         cache = self.__dict__.setdefault("_samplers", {})
         if key not in cache:
@@ -183,10 +213,28 @@ class ConditionalLDM(nn.Module):
                                autocast=autocast, channels_last=channels_last, cuda_graph=cuda_graph)
         if ctp.dim() != 4 or ctp.shape[1] != self.frames:
             raise ValueError(f"ctp: expected (N, {self.frames}, H, W), got {tuple(ctp.shape)}")
-        cond = self.condition(ctp)
-        z = sampler.sample(self._denoise_fn, self.latent_size(ctp.shape[-2:]), seeds, device=ctp.device,
-                           dtype=ctp.dtype, progress=progress, condition=cond)
-        return self.decode(z).clamp(-1, 1)
+        multiple = self.size_multiple()
+        if ctp.shape[-2] % multiple or ctp.shape[-1] % multiple:
+            raise ValueError(f"ctp: H and W must be multiples of {multiple} (the autoencoder's and the UNet's "
+                             f"halvings), got {ctp.shape[-2]} x {ctp.shape[-1]}: crop or pad the slices (ldmfast "
+                             "synthesize --size)")
+        # In eval mode whatever the caller's (dropout would make the result depend on more than the
+        # CTP and seed), each module's own mode restored after.
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            cond = self.condition(ctp)
+            z = sampler.sample(self._denoise_fn, self.latent_size(ctp.shape[-2:]), seeds, device=ctp.device,
+                               dtype=ctp.dtype, progress=progress, condition=cond)
+            return self.decode(z).clamp(-1, 1)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def size_multiple(self) -> int:
+        """What slice heights and widths must be multiples of: the latent's halvings times the
+        UNet's (its levels but the last halve)."""
+        return 2 ** self.halvings * 2 ** (len(self.unet.config.channel_mult) - 1)
 
     # ---- files ----------------------------------------------------------------------------------
 
@@ -210,22 +258,27 @@ class ConditionalLDM(nn.Module):
 
     @classmethod
     def from_config_dict(cls, data: dict, autoencoder: nn.Module | None = None) -> "ConditionalLDM":
-        unet = data["unet"]
-        unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in unet.items()})
+        missing = [k for k in ("unet", "frames", "latent_channels", "halvings", "diffusion") if k not in data]
+        if missing:
+            raise ModelConfigError(missing[0], "missing from the model's configuration")
+        unet = UNetConfig(**_settings(UNetConfig, data["unet"], "unet"))
         return cls(unet, data["frames"], data["latent_channels"], data["halvings"], autoencoder=autoencoder,
-                   diffusion=DiffusionConfig(**data["diffusion"]))
+                   diffusion=DiffusionConfig(**_settings(DiffusionConfig, data["diffusion"], "diffusion")))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "ConditionalLDM":
-        """A model folder written by `save_pretrained` (or a training run's export)."""
+        """A model folder written by `save_pretrained` (or a training run's export), in eval mode."""
         path = Path(path)
         data = read_model_config(path, "ConditionalLDM", unnamed_ok=False)
         ae_dir = path / AUTOENCODER_DIR
         autoencoder = load_autoencoder(ae_dir, device) if ae_dir.exists() else None
-        model = cls.from_config_dict(data, autoencoder)
+        try:
+            model = cls.from_config_dict(data, autoencoder)
+        except ModelConfigError as err:
+            raise ModelConfigError(err.key, f"{str(err)[len(err.key) + 2:]} (in {path / 'config.json'})") from None
         missing, unexpected = model.load_state_dict(read_model_weights(path, device), strict=False)
         missing = [k for k in missing if not k.startswith("autoencoder.")]
         if missing or unexpected:
             raise ValueError(f"{path / WEIGHTS_NAME}: weights do not match the config (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
-        return model.to(device)
+        return model.to(device).eval()  # as loaded models are; `.train()` to train it

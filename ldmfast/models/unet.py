@@ -35,7 +35,13 @@ class UNetConfig:
 
     def validate(self) -> None:
         # Positive first: the divisibility checks below divide by norm_groups and head_channels.
-        check_positive_ints(self, ("in_channels", "out_channels", "num_res_blocks", "head_channels", "norm_groups"))
+        check_positive_ints(self, ("in_channels", "out_channels", "base_channels", "num_res_blocks", "head_channels",
+                                   "norm_groups"))
+        for key in ("channel_mult", "attention_levels"):
+            values = getattr(self, key)
+            if not isinstance(values, (tuple, list)) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise ModelConfigError(key, f"must be a list of integers, got {values!r}")
         from ldmfast.ops import MAX_HEAD_DIM
         if self.head_channels > MAX_HEAD_DIM:
             raise ModelConfigError("head_channels", f"must be <= {MAX_HEAD_DIM} (the attention's head dim), got "
@@ -53,6 +59,10 @@ class UNetConfig:
             if level in self.attention_levels and width % self.head_channels:
                 raise ModelConfigError("head_channels",
                                        f"{self.head_channels} does not divide {width} channels (level {level})")
+        middle = self.base_channels * self.channel_mult[-1]  # the middle block always attends
+        if middle % self.head_channels:
+            raise ModelConfigError("head_channels", f"{self.head_channels} does not divide the middle block's "
+                                                    f"{middle} channels")
         bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channel_mult)]
         if bad:
             raise ModelConfigError("attention_levels",

@@ -274,7 +274,9 @@ class VQGAN(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "VQGAN":
-        """A VQGAN from a folder written by `save_pretrained` (or a training run's export)."""
+        """A VQGAN from a folder written by `save_pretrained` (or a training run's export), in eval mode."""
         model = cls(VQGANConfig.from_dict(read_model_config(path, "VQGAN")))
         model.load_state_dict(read_model_weights(path, device))
-        return model.to(device)
+        # In eval mode, as loaded models are (Hugging Face's too): in training mode a VQGAN's
+        # dead-code restarts rewrite its codebook during inference. `.train()` to train it.
+        return model.to(device).eval()
