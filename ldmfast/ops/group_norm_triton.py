@@ -21,12 +21,12 @@ from ._backends import _TRITON_INTERPRET
 
 
 @triton.jit
-def _channel_affine(w_ptr, b_ptr, g, CG, cc, cm, mean, rstd):
-    """z = x * sc + sh for channels g * CG + cc of the group (cm: those that exist)."""
+def _channel_affine(w_ptr, b_ptr, g, CG, cc, cm, rstd):
+    """(sc, b) of z = (x - mean) * sc + b for channels g * CG + cc of the group (cm: those that
+    exist); not x * sc + (b - mean * sc), which cancels when |mean| >> std."""
     w = tl.load(w_ptr + g * CG + cc, mask=cm, other=0.0)
     b = tl.load(b_ptr + g * CG + cc, mask=cm, other=0.0)
-    sc = rstd * w
-    return sc, b - mean * sc
+    return rstd * w, b
 
 
 @triton.jit
@@ -90,11 +90,11 @@ def _norm_kernel(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, mean_ptr, rstd_ptr, C, S,
     for c0 in range(0, CG, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cm = cc < CG
-        sc, sh = _channel_affine(w_ptr, b_ptr, g, CG, cc, cm, mean, rstd)
+        sc, bc = _channel_affine(w_ptr, b_ptr, g, CG, cc, cm, rstd)
         for s0 in range(s_begin, s_end, BLOCK_S):
             idx, mask = _tile(offset, cc, cm, s0, s_end, stride_c, stride_s, BLOCK_S)
             v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            z = v * sc[:, None] + sh[:, None]
+            z = (v - mean) * sc[:, None] + bc[:, None]
             if SILU:
                 z = z * tl.sigmoid(z)
             tl.store(y_ptr + idx, z.to(y_ptr.dtype.element_ty), mask=mask)
@@ -125,14 +125,14 @@ def _bwd_sums_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, 
     for c0 in range(0, CG, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cm = cc < CG
-        sc, sh = _channel_affine(w_ptr, b_ptr, g, CG, cc, cm, mean, rstd)
+        sc, bc = _channel_affine(w_ptr, b_ptr, g, CG, cc, cm, rstd)
         acc1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         for s0 in range(s_begin, s_end, BLOCK_S):
             idx, mask = _tile(offset, cc, cm, s0, s_end, stride_c, stride_s, BLOCK_S)
             v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            gv = tl.where(mask, _act_grad(dy, v * sc[:, None] + sh[:, None], SILU), 0.0)
+            gv = tl.where(mask, _act_grad(dy, (v - mean) * sc[:, None] + bc[:, None], SILU), 0.0)
             acc1 += gv
             acc2 += gv * ((v - mean) * rstd)
         tl.store(out + cc, tl.sum(acc1, axis=1), mask=cm)
@@ -160,12 +160,12 @@ def _bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, gsum
     for c0 in range(0, CG, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cm = cc < CG
-        sc, sh = _channel_affine(w_ptr, b_ptr, g, CG, cc, cm, mean, rstd)
+        sc, bc = _channel_affine(w_ptr, b_ptr, g, CG, cc, cm, rstd)
         for s0 in range(s_begin, s_end, BLOCK_S):
             idx, mask = _tile(offset, cc, cm, s0, s_end, stride_c, stride_s, BLOCK_S)
             v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            gv = _act_grad(dy, v * sc[:, None] + sh[:, None], SILU)
+            gv = _act_grad(dy, (v - mean) * sc[:, None] + bc[:, None], SILU)
             dx = sc[:, None] * gv + cb * (v - mean) + cd
             tl.store(dx_ptr + idx, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
