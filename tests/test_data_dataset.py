@@ -1,5 +1,7 @@
 """The slice dataset: cache reuse and invalidation, sample layout, DataLoader workers."""
 
+import dataclasses
+import json
 import os
 import shutil
 import warnings
@@ -160,3 +162,25 @@ def test_a_crop_that_cuts_brain_is_reported(root, tmp_path):
     lost, total = entry.brain_cut_by((16, 40))
     mask = np.load(entry.array_path("mask")).astype(bool)
     assert total == mask.sum() and lost == total - mask[:, 8:24, :].sum()
+
+
+def test_cases_with_computed_masks_are_rebuilt_when_the_mask_algorithm_changes(root, monkeypatch):
+    with_mask, = [c for c in _cases(root) if c.case_id == "phantom_000"]
+    computed = dataclasses.replace(with_mask, mask=None)
+    before = [cache_module.case_key(c, PreprocessOptions()) for c in (with_mask, computed)]
+    monkeypatch.setattr(cache_module, "BRAIN_MASK_VERSION", cache_module.BRAIN_MASK_VERSION + 1)
+    after = [cache_module.case_key(c, PreprocessOptions()) for c in (with_mask, computed)]
+    assert before[0] == after[0] and before[1] != after[1]
+
+
+def test_folders_of_an_earlier_version_get_their_brain_counts(root, tmp_path):
+    # meta.json of folders built before the counts existed: counted from mask.npy, written back.
+    SliceDataset(_cases(root), tmp_path / "cache", progress=False)
+    for meta_path in (tmp_path / "cache").glob("*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        del meta["brain_rows"], meta["brain_cols"]
+        meta_path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="cuts away brain in 4 of 4 cases"):
+        dataset = SliceDataset(_cases(root), tmp_path / "cache", size=(16, 40), progress=False)
+    assert dataset.n_reused == 4
+    assert all("brain_rows" in json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/meta.json"))

@@ -34,3 +34,19 @@ def test_an_interrupted_generation_is_redone(tmp_path):
     os.remove(root / "phantom_002" / "lesion.nii.gz")
     ensure_phantom(source, root)
     assert (root / "phantom_002" / "lesion.nii.gz").exists() and (root / PHANTOM_RECORD).exists()
+
+
+def test_a_complete_set_of_an_earlier_version_is_adopted(tmp_path):
+    # Run folders of the version before the record: their complete set is kept (regenerating it
+    # would change its mtimes and rebuild the slice cache); an incomplete one is regenerated.
+    root = tmp_path / "phantom"
+    source = PhantomSource(cases=3, shape=(16, 16, 2))
+    ensure_phantom(source, root)
+    os.remove(root / PHANTOM_RECORD)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.nii.gz")}
+    ensure_phantom(source, root)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.nii.gz")} == before
+    assert (root / PHANTOM_RECORD).exists()
+    os.remove(root / PHANTOM_RECORD)
+    ensure_phantom(PhantomSource(cases=3, shape=(20, 16, 2)), root)  # another shape: regenerated
+    assert nib.load(find_cases(root)[0].dwi).shape == (20, 16, 2)

@@ -8,6 +8,9 @@ from scipy import ndimage
 #: Unenhanced brain tissue and CSF lie in this HU range; air (about -1000) and bone
 #: (several hundred) do not, which is what separates the brain from its surroundings.
 TISSUE_HU = (-10.0, 100.0)
+#: Changes when compute_brain_mask computes other masks (2: zero-filled backgrounds are not tissue);
+#: part of the slice cache's key for cases whose mask is computed.
+BRAIN_MASK_VERSION = 2
 
 
 def compute_brain_mask(ctp: np.ndarray, tissue_hu: tuple[float, float] = TISSUE_HU) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
+from .brainmask import BRAIN_MASK_VERSION
 from .errors import DataError
 from .geometry import crop_window
 from .layouts import MODALITIES, CaseFiles
@@ -49,9 +50,9 @@ class CacheEntry:
     adc_stats: VolumeStats
     has_lesion: bool
     #: brain voxels of the cached slices per in-plane row (X) and column (Y): what a centre crop
-    #: to the training size cuts away (None for folders of older versions)
-    brain_rows: tuple[int, ...] | None = None
-    brain_cols: tuple[int, ...] | None = None
+    #: to the training size cuts away
+    brain_rows: tuple[int, ...] = ()
+    brain_cols: tuple[int, ...] = ()
 
     @property
     def n_slices(self) -> int:
@@ -60,8 +61,6 @@ class CacheEntry:
     def brain_cut_by(self, size: tuple[int, int]) -> tuple[int, int]:
         """(at least how many brain voxels a centre crop to `size` cuts away, brain voxels): the
         larger of the rows' and the columns' loss (exact when only one axis is cropped)."""
-        if self.brain_rows is None or self.brain_cols is None:
-            return 0, 0
         lost = []
         for counts, want in ((self.brain_rows, size[0]), (self.brain_cols, size[1])):
             kept = crop_window(len(counts), want)
@@ -87,7 +86,10 @@ def case_key(case: CaseFiles, options: PreprocessOptions) -> str:
             raise DataError(f"cannot read: {err.strerror}", case=case.case_id, path=path) from None
         files[modality] = [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
     blob = json.dumps(
-        {"version": CACHE_VERSION, "case": case.case_id, "files": files, "options": dataclasses.asdict(options)},
+        {"version": CACHE_VERSION, "case": case.case_id, "files": files, "options": dataclasses.asdict(options),
+         # A mask computed from the CTP changes with the algorithm: its cases are rebuilt when it
+         # does (cases with a mask file keep their folders).
+         **({"computed_mask": BRAIN_MASK_VERSION} if case.mask is None else {})},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:_KEY_CHARS]
@@ -109,6 +111,12 @@ def _read_entry(folder: Path) -> CacheEntry | None:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
         return None
+    return _read_entry_from(folder, meta)
+
+
+def _read_entry_from(folder: Path, meta: dict) -> CacheEntry | None:
+    if "brain_rows" not in meta:
+        return _with_brain_counts(folder, meta)
     return CacheEntry(
         case_id=meta["case_id"],
         folder=folder,
@@ -117,9 +125,29 @@ def _read_entry(folder: Path) -> CacheEntry | None:
         dwi_stats=VolumeStats(**meta["dwi_stats"]),
         adc_stats=VolumeStats(**meta["adc_stats"]),
         has_lesion=meta["has_lesion"],
-        brain_rows=tuple(meta["brain_rows"]) if "brain_rows" in meta else None,
-        brain_cols=tuple(meta["brain_cols"]) if "brain_cols" in meta else None,
+        brain_rows=tuple(meta["brain_rows"]),
+        brain_cols=tuple(meta["brain_cols"]),
     )
+
+
+def _brain_counts(mask: np.ndarray) -> dict[str, list[int]]:
+    """Brain voxels (mask: S x X x Y) per in-plane row and column, over the cached slices."""
+    return {"brain_rows": mask.sum(axis=(0, 2)).tolist(), "brain_cols": mask.sum(axis=(0, 1)).tolist()}
+
+
+def _with_brain_counts(folder: Path, meta: dict) -> CacheEntry | None:
+    """A folder of an earlier version, whose meta.json lacks the brain counts: counted from its
+    mask once and written back (atomically; a read-only cache is counted each time)."""
+    try:
+        meta = {**meta, **_brain_counts(np.load(folder / "mask.npy", mmap_mode="r").astype(bool))}
+    except (OSError, ValueError):
+        return None  # no usable mask: rebuilt
+    try:
+        with atomic_path(folder / "meta.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=1))
+    except OSError:
+        pass
+    return _read_entry_from(folder, meta)
 
 
 def _write_folder(folder: Path, prepared: PreprocessedCase) -> None:
@@ -139,8 +167,7 @@ def _write_folder(folder: Path, prepared: PreprocessedCase) -> None:
         "dwi_stats": dataclasses.asdict(prepared.dwi_stats),
         "adc_stats": dataclasses.asdict(prepared.adc_stats),
         "has_lesion": prepared.has_lesion,
-        "brain_rows": prepared.mask.sum(axis=(0, 2)).tolist(),
-        "brain_cols": prepared.mask.sum(axis=(0, 1)).tolist(),
+        **_brain_counts(prepared.mask),
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 

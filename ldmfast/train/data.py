@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -117,12 +118,30 @@ def ensure_phantom(p: PhantomSource, root: Path) -> None:
     try:
         if json.loads((root / PHANTOM_RECORD).read_text()) == settings:
             return
+    except FileNotFoundError:
+        if _complete_phantom(root, p):
+            # A run folder of an earlier version (no record): its complete set of the same size is
+            # adopted, as that version reused it, rather than regenerated (new mtimes would rebuild
+            # the slice cache).
+            write_json_atomic(settings, root / PHANTOM_RECORD)
+            return
     except (OSError, ValueError):
         pass
     shutil.rmtree(root, ignore_errors=True)
     make_phantom_dataset(root, n_cases=p.cases, shape=p.shape, seed=p.seed, lesion_fraction=p.lesion_fraction,
                          progress=True)
     write_json_atomic(settings, root / PHANTOM_RECORD)
+
+
+def _complete_phantom(root: Path, p: PhantomSource) -> bool:
+    """Whether `root` holds exactly p.cases complete phantom cases of p.shape (every file is written
+    whole, so a present one is finished)."""
+    if not root.is_dir():
+        return False
+    found = find_cases(root, require=TRAINING_MODALITIES + ("mask", "lesion"), skip_bad=True)
+    if found.errors or [c.case_id for c in found] != [f"phantom_{i:03d}" for i in range(p.cases)]:
+        return False
+    return all(tuple(nib.load(c.dwi).shape) == tuple(p.shape) for c in found)
 
 
 def find_training_cases(data: DataSection, run_dir: Path, dist_info: DistInfo) -> list[CaseFiles]:

@@ -46,6 +46,8 @@ class LDMTrainer(StageTrainer):
 
     stage = "ldm"
     resume_sections = ("unet", "diffusion", "autoencoder")
+    #: whether _batch_loss may skip a micro-batch (counting it in sums["skipped"])
+    skips_batches = False
     resume_settings = {"train.ema_decay": ema_state}
 
     def __init__(self, config: LDMTrainConfig, *, resume: bool | None = None, progress: bool = True,
@@ -142,7 +144,6 @@ class LDMTrainer(StageTrainer):
         self._apply_lr()
         self.model.train()
         sums: dict[str, float] = defaultdict(float)
-        measured = 0
         for micro in range(t.grad_accum):
             sync = micro == t.grad_accum - 1
             no_sync = self.ddp.no_sync if (self.dist.distributed and not sync) else contextlib.nullcontext
@@ -150,20 +151,34 @@ class LDMTrainer(StageTrainer):
                 loss = self._batch_loss(next(batches), sums)
                 if loss is not None:
                     (loss / t.grad_accum).backward()
-                    measured += 1
-        if 0 < measured < t.grad_accum:
-            # A skipped micro-batch (post-training's without brain pixels) adds no gradient: the
-            # step's is the mean over the measured ones. (grad_accum > 1 rules out step_in_backward,
-            # whose optimizer would have stepped by now.)
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(t.grad_accum / measured)
+        if self.skips_batches:
+            self._average_over_measured(t.grad_accum - sums.get("skipped", 0.0))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
         return {k: v / t.grad_accum for k, v in sums.items()}
+
+    def _average_over_measured(self, measured: float) -> None:
+        """Make the step's gradient the mean over the micro-batches measured, of every process: a
+        skipped one (post-training's without brain pixels) adds none, and the backward divided by
+        grad_accum (and DDP by the number of processes) counting it. The same factor on every
+        process (the counts are summed over them), so their parameters stay equal; no host sync.
+        (grad_accum > 1 rules out step_in_backward, whose optimizer would have stepped by now.)"""
+        grad_accum = self.config.train.grad_accum
+        if not self.dist.distributed:
+            if 0 < measured < grad_accum:
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(grad_accum / measured)
+            return
+        everyone = grad_accum * torch.distributed.get_world_size()  # the group DDP averaged over
+        total = all_reduce_sum(torch.tensor([measured], dtype=torch.float32, device=self.device))
+        factor = torch.where(total > 0, everyone / total.clamp_min(1.0), torch.ones_like(total))
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor.to(p.grad.dtype))
 
     # ---- validation ---------------------------------------------------------------------------
 

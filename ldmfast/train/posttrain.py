@@ -29,6 +29,7 @@ class PostTrainer(LDMTrainer):
     #: decoder checkpointing trades memory for compute with the same gradients: a run that ran out
     #: of memory may resume with it on
     resume_exempt = ("posttrain.decoder_checkpoint",)
+    skips_batches = True
     validate_one_step = True
 
     def __init__(self, config: PostTrainConfig, *, resume: bool | None = None, progress: bool = True,
