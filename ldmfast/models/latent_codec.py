@@ -146,7 +146,7 @@ def freeze_autoencoder(autoencoder: Autoencoder) -> Autoencoder:
 def load_autoencoder(path: str | os.PathLike, device: str | torch.device = "cpu", *,
                      frozen: bool = True) -> Autoencoder:
     """The VQGAN or AutoencoderKL of a `save_pretrained` folder, by config.json's "model" field;
-    frozen (eval mode, no parameter gradients) unless `frozen=False`."""
+    frozen (eval mode, no parameter gradients) unless `frozen=False` (training mode, to train it)."""
     path = Path(path)
     config = path / CONFIG_NAME
     if not config.is_file():
@@ -159,4 +159,4 @@ def load_autoencoder(path: str | os.PathLike, device: str | torch.device = "cpu"
     if kind not in AUTOENCODERS:
         raise ValueError(f"{config}: \"model\" is {kind!r}; expected one of {', '.join(AUTOENCODERS)}")
     model = AUTOENCODERS[kind](path, device)
-    return freeze_autoencoder(model) if frozen else model
+    return freeze_autoencoder(model) if frozen else model.train()
