@@ -9,6 +9,7 @@ redoes what they change (and what depends on it), never mixes the two.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -122,7 +123,8 @@ def prepare_output(settings: DemoSettings) -> None:
                 _say(settings, f"settings changed since the last run in {out} ({change}): redoing {', '.join(gone)}")
             for name in gone:
                 shutil.rmtree(out / name)
-    elif out.is_dir() and any(out.iterdir()) and not (out / "phantom").is_dir():  # (older demos had no record)
+    elif (out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())
+          and not (out / "phantom").is_dir()):  # (older demos had no record)
         raise ValueError(f"--output: {out} holds files that are not a demo run's; choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(new, record_path)
@@ -238,8 +240,41 @@ def synthesize_held_out(model_dir: Path, manifest: Path, out_dir: Path, settings
     return summary
 
 
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Hold OUT/.lock exclusively for the block (released at exit, even a killed process's): a second
+    demo in the same folder would delete and rewrite what the first is using (two at once: one's
+    slice cache rebuilt under the other, which then failed reading it). Where the platform has no
+    fcntl (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--output: another ldmfast demo is running in {folder}; wait for it to end or "
+                             "choose another folder") from None
+        yield
+
+
 def run_demo(settings: DemoSettings) -> dict:
-    """The whole demo (module docstring); returns the summary written to OUT/summary.json."""
+    """The whole demo (module docstring); returns the summary written to OUT/summary.json. One
+    demo at a time per folder (folder_lock)."""
+    out = Path(settings.output_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output: {out} exists and is not a folder")
+    with folder_lock(out):
+        return _run_demo(settings)
+
+
+def _run_demo(settings: DemoSettings) -> dict:
     import torch
 
     from ldmfast.data import make_phantom_dataset

@@ -81,6 +81,19 @@ def test_the_output_must_be_a_demo_folder(capsys, tmp_path):
     assert "is not a folder" in capsys.readouterr().err
 
 
+def test_a_second_demo_in_the_same_folder_is_refused(capsys, tmp_path):
+    # Two at once in one folder: one rebuilt the slice cache under the other, which then failed.
+    import fcntl
+
+    from ldmfast.demo import LOCK_NAME, folder_lock
+    with folder_lock(tmp_path):
+        assert main(["demo", "--output", str(tmp_path), "--steps", "vqgan=1"]) == 2
+        assert "another ldmfast demo is running in" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]  # nothing else touched
+    with open(tmp_path / LOCK_NAME) as f:  # released at the end of the block
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_bad_steps_are_refused(capsys, tmp_path):
     assert main(["demo", "--output", str(tmp_path), "--steps", "unet=3"]) == 2
     assert "--steps" in capsys.readouterr().err
