@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -119,7 +120,10 @@ def test_prepare_case_chooses_the_scale_and_fits_the_size(data):
     assert (fitted.ctp[..., :4, :] == -1).all()
     with pytest.raises(DataError, match="not divisible by 64"):
         prepare_case(case, frames=15, multiple=64)
-    assert prepare_case(case, frames=7, multiple=8).ctp.shape[1] == 7  # frames resampled to the model's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said in the run's log (add_case), not as a warning mid-bar
+        resampled = prepare_case(case, frames=7, multiple=8)
+    assert resampled.ctp.shape[1] == 7 and resampled.prepared.source_frames == 15  # frames resampled
     with pytest.raises(DataError, match="path separator"):
         prepare_case(type(case)(case_id="../escape", ctp=case.ctp), frames=15, multiple=8)
 
@@ -303,9 +307,31 @@ def test_a_crop_to_the_model_size_is_reported_and_written_as_zero(data, tmp_path
     messages = []
     summary = synthesize(config, progress=True, log=messages.append)
     assert any(f"crops {prepared.cropped_brain} brain voxels" in m for m in messages)
+    assert not any("resampled" in m for m in messages)  # the model's 15 frames: nothing to say
     dwi = np.asarray(nib.load(tmp_path / "out" / case.case_id / "dwi.nii.gz").dataobj)
     assert not dwi[~inside].any() and dwi[inside].any()
     # The bar's total is the whole run's from the start (the headers' slices, less the unusable ones
     # once read) and the bar ends full.
     headers = sum(nib.load(c.ctp).shape[2] for c in find_cases(data))
     assert totals[0][1] in range(summary.slices, headers + 1) and totals[-1] == (summary.slices, summary.slices)
+
+
+def test_a_ctp_resampled_in_time_is_said_in_the_log(data, tmp_path):
+    # A model of 7 frames on 15-frame CTPs: one line per case in the run's log (a Python warning
+    # printed in the middle of the progress bar before).
+    from ldmfast.models import VQGAN, ConditionalLDM, UNetConfig, VQGANConfig
+    from ldmfast.synthesis import synthesize
+
+    torch.manual_seed(0)
+    unet = UNetConfig(in_channels=10, out_channels=3, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_levels=(1,), head_channels=16, norm_groups=8)
+    vqgan = VQGAN(VQGANConfig(base_channels=16, channel_mult=[1, 2, 2], num_res_blocks=1, norm_groups=8, num_codes=64))
+    ConditionalLDM(unet, frames=7, autoencoder=vqgan).save_pretrained(tmp_path / "model")
+    config = SynthesisConfig(model=str(tmp_path / "model"), input=str(data), output=str(tmp_path / "out"), steps=1,
+                             device="cpu")
+    messages = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        synthesize(config, progress=False, log=messages.append)
+    said = [m for m in messages if "resampled in time" in m]
+    assert len(said) == len(find_cases(data)) and "has 15 time frames" in said[0] and "model's 7" in said[0]

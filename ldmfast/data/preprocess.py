@@ -76,6 +76,7 @@ class PreprocessedCase:
     affine: np.ndarray
     header: nib.Nifti1Header
     has_lesion: bool
+    source_frames: int = 0  # the CTP's time frames before resampling to the model's
 
 
 def resample_frames(ctp: np.ndarray, n_frames: int) -> np.ndarray:
@@ -144,9 +145,11 @@ def _slices_first(volume: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 def preprocess_case(
-    volumes: CaseVolumes, options: PreprocessOptions = PreprocessOptions(), *, require_target: bool = False
+    volumes: CaseVolumes, options: PreprocessOptions = PreprocessOptions(), *, require_target: bool = False,
+    warn_resampled: bool = True,
 ) -> PreprocessedCase:
-    """Preprocess a loaded case and keep its usable slices. Raises `DataError` naming the case
+    """Preprocess a loaded case and keep its usable slices; a CTP resampled in time is warned about
+    unless `warn_resampled` is False (the caller says it its own way). Raises `DataError` naming the case
     and file for a wrong number of CTP frames under frame_policy="refuse", a constant DWI/ADC
     inside the mask, a missing DWI/ADC when `require_target`, or no usable slice."""
     cid, files = volumes.case_id, volumes.files
@@ -158,7 +161,7 @@ def preprocess_case(
             case=cid,
             path=files.ctp,
         )
-    if frames != options.n_frames:  # resampled: said, as a model trained on other timing may not transfer
+    if frames != options.n_frames and warn_resampled:  # said: a model trained on other timing may not transfer
         warnings.warn(f"case {cid!r}, file {files.ctp}: CTP has {frames} time frames, resampled in time to the "
                       f"model's {options.n_frames} (frame_policy='refuse' makes this an error)", stacklevel=2)
     mask = volumes.mask
@@ -203,4 +206,5 @@ def preprocess_case(
         affine=volumes.affine,
         header=volumes.header,
         has_lesion=volumes.lesion is not None,
+        source_frames=frames,
     )

@@ -69,7 +69,7 @@ def prepare_case(files: CaseFiles, *, frames: int, multiple: int, size: tuple[in
         stats, chosen = {k: VolumeStats(*v) for k, v in reference_stats.items()}, "model"
     else:
         stats, chosen = {"dwi": UNIT_STATS, "adc": UNIT_STATS}, "unit"
-    prepared = preprocess_case(volumes, options)
+    prepared = preprocess_case(volumes, options, warn_resampled=False)  # the run's log says it (add_case)
     ctp = prepared.ctp
     cropped_brain = 0
     if size is not None:

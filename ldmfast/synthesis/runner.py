@@ -165,6 +165,9 @@ class _Run:
                           for k in range(self.config.samples)], dtype=np.int64)
         job = CaseJob(case.case_id, case.ctp, seeds, payload=case)
         self._retotal(job.items - self.expected.pop(case.case_id, 0))
+        if case.prepared.source_frames != case.ctp.shape[1]:
+            self.log(f"case {case.case_id!r}: its CTP has {case.prepared.source_frames} time frames, resampled in time "
+                     f"to the model's {case.ctp.shape[1]}")
         if case.cropped_brain:
             self.log(f"case {case.case_id!r}: the slice size {case.ctp.shape[-2]} x {case.ctp.shape[-1]} (--size) "
                      f"crops {case.cropped_brain} brain voxels away; they are written as 0")
