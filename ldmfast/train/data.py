@@ -113,7 +113,8 @@ def ensure_phantom(p: PhantomSource, root: Path) -> None:
     """The phantom set of `p`'s settings in `root` (a folder of the run): reused when its record
     says a generation of these settings finished, else generated anew, whatever `root` held (the
     cases of other settings, or what an interrupted generation left) removed first. The record is
-    written last, so a set without one is never trusted."""
+    written last; a set without one is adopted only when complete and of these settings' size (a
+    run folder of the version before the record), else regenerated."""
     settings = {"cases": p.cases, "shape": list(p.shape), "seed": p.seed, "lesion_fraction": p.lesion_fraction}
     try:
         if json.loads((root / PHANTOM_RECORD).read_text()) == settings:
