@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldmfast import ops
+from ldmfast._values import is_integer, is_number
 
 from .cuda_graph import GraphCache, GraphedStep
 from .schedule import PARAMETERIZATIONS, NoiseSchedule
@@ -34,7 +35,7 @@ def ddim_timesteps(num_train_steps: int, num_steps: int, spacing: str = "uniform
     latent-diffusion release's make_ddim_timesteps adds 1 to each, and its last step ends at
     alphas_cumprod[0] where this one ends at 1); "trailing": ending at T - 1 (Lin et al. 2024),
     better for few steps."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
+    if not is_integer(num_steps):
         raise ValueError(f"steps: must be an integer in 1..{num_train_steps}, got {num_steps!r}")
     if not 1 <= num_steps <= num_train_steps:
         raise ValueError(f"steps: must be in 1..{num_train_steps}, got {num_steps}")
@@ -109,14 +110,14 @@ class DDIMSampler:
     def __init__(self, schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0, spacing: str = "uniform",
                  parameterization: str = "eps", clip_x0: float | None = None, samples_per_input: int = 1,
                  autocast: Optional[torch.dtype] = None, channels_last: bool = False, cuda_graph: bool = False):
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        if not is_number(eta) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta: must be a finite number >= 0, got {eta!r}")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization: must be one of {', '.join(PARAMETERIZATIONS)}, "
                              f"got {parameterization!r}")
         if clip_x0 is not None and (not isinstance(clip_x0, (int, float)) or not clip_x0 > 0):
             raise ValueError(f"clip_x0: must be None or a number > 0, got {clip_x0!r}")
-        if isinstance(samples_per_input, bool) or not isinstance(samples_per_input, int) or samples_per_input < 1:
+        if not is_integer(samples_per_input) or samples_per_input < 1:
             raise ValueError(f"samples_per_input: must be an int >= 1, got {samples_per_input!r}")
         if autocast is not None and autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast: must be None, torch.bfloat16 or torch.float16, got {autocast!r}")

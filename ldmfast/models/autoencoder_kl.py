@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldmfast._values import is_number
+
 from .model_folder import read_model_config, read_model_weights, write_model_folder
 from .vqgan import ConfigDict, Decoder, Encoder, ModelConfigError, VQGANConfig
 
@@ -64,7 +66,7 @@ class AutoencoderKLConfig(ConfigDict):
     def validate(self) -> "AutoencoderKLConfig":
         """Raise ModelConfigError naming the first field that cannot build a model."""
         self.backbone().validate()  # the architecture fields, with VQGANConfig's rules and messages
-        if isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
+        if not is_number(self.kl_weight) or self.kl_weight < 0:
             raise ModelConfigError("kl_weight", f"must be a number >= 0, got {self.kl_weight!r}")
         return self
 

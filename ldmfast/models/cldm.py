@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldmfast._values import is_integer, is_number
 from ldmfast.diffusion import PARAMETERIZATIONS, SCHEDULES, SPACINGS, DDIMSampler, NoiseSchedule
 
 from .latent_codec import decode_latent, load_autoencoder, to_latent
@@ -45,7 +46,7 @@ class DiffusionConfig:
         if self.parameterization not in PARAMETERIZATIONS:
             raise ModelConfigError("parameterization", f"must be one of {', '.join(PARAMETERIZATIONS)}, "
                                                        f"got {self.parameterization!r}")
-        if isinstance(self.num_train_steps, bool) or not isinstance(self.num_train_steps, int):
+        if not is_integer(self.num_train_steps):
             raise ModelConfigError("num_train_steps", f"must be an integer, got {self.num_train_steps!r}")
         if self.num_train_steps < 2:
             raise ModelConfigError("num_train_steps", f"must be >= 2, got {self.num_train_steps}")
@@ -182,9 +183,9 @@ class ConditionalLDM(nn.Module):
         if spacing not in SPACINGS:
             raise ValueError(f"spacing: must be one of {', '.join(SPACINGS)}, got {spacing!r}")
         # Checked before they key the kept samplers: 2.0 would find the sampler of steps=2, True that of 1.
-        if isinstance(steps, bool) or not isinstance(steps, int):
+        if not is_integer(steps):
             raise ValueError(f"steps: must be an integer, got {steps!r}")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        if not is_number(eta):
             raise ValueError(f"eta: must be a finite number >= 0, got {eta!r}")
         key = (steps, float(eta), spacing, samples_per_input, autocast, channels_last, cuda_graph)
         cache = self.__dict__.setdefault("_samplers", {})

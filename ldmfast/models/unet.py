@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldmfast._values import is_integer
+
 from .layers import AttnBlock, Downsample, ResnetBlock, Upsample, norm_act
 from .vqgan import ModelConfigError, check_positive_ints
 
@@ -39,8 +41,7 @@ class UNetConfig:
                                    "norm_groups"))
         for key in ("channel_mult", "attention_levels"):
             values = getattr(self, key)
-            if not isinstance(values, (tuple, list)) or not all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in values):
+            if not isinstance(values, (tuple, list)) or not all(is_integer(v) for v in values):
                 raise ModelConfigError(key, f"must be a list of integers, got {values!r}")
         from ldmfast.ops import MAX_HEAD_DIM
         if self.head_channels > MAX_HEAD_DIM:

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldmfast._values import is_integer
+
 from .layers import AttnBlock, Downsample, ResnetBlock, Upsample, norm_act
 from .model_folder import read_model_config, read_model_weights, write_model_folder
 from .quantizer import QuantizerOutput, VectorQuantizer
@@ -29,7 +31,7 @@ def check_positive_ints(config, keys) -> None:
     (bools refused: True is an int to Python)."""
     for key in keys:
         value = getattr(config, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ModelConfigError(key, f"must be a positive integer, got {value!r}")
 
 
@@ -102,7 +104,7 @@ class VQGANConfig(ConfigDict):
         """Raise ModelConfigError naming the first field that cannot build a model."""
         check_positive_ints(self, ("in_channels", "out_channels", "base_channels", "num_res_blocks", "attn_heads",
                                    "norm_groups", "latent_channels", "num_codes"))
-        if not self.channel_mult or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+        if not self.channel_mult or any(not is_integer(m) or m < 1
                                         for m in self.channel_mult):
             raise ModelConfigError("channel_mult", f"must be a non-empty list of positive integers, got "
                                                    f"{self.channel_mult!r}")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops._args import is_number
+from .._values import is_integer, is_number
 from ..ops.group_norm import ACTIVATIONS
 
 
@@ -22,7 +22,7 @@ class GroupNormAct(nn.Module):
                  activation: Optional[str] = "silu", device=None, dtype=None):
         super().__init__()
         for name, value in (("num_groups", num_groups), ("num_channels", num_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name}: must be a positive int, got {value!r}")
         if not is_number(eps) or not 0 < eps < float("inf"):
             raise ValueError(f"eps: must be a positive number, got {eps!r}")  # (the op refuses it at each call)

@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
+from .._values import is_number
 from . import _backends, _eager, _native
-from ._args import is_number
 
 OP = "attention"
 MAX_HEAD_DIM = 512

@@ -24,8 +24,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .._values import is_number
 from . import _backends, _native
-from ._args import is_number
 
 PARAMETERIZATIONS = ("eps", "v", "x0")
 OP = "ddim_step"

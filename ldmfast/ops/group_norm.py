@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._values import is_integer, is_number
 from . import _backends, _eager, _native
-from ._args import is_number
 
 ACTIVATIONS = (None, "silu")
 OP = "group_norm"
@@ -335,7 +335,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
         raise ValueError(f"x: must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if not 3 <= x.dim() <= 5:
         raise ValueError(f"x: must have shape (N, C, *spatial) with 1 to 3 spatial dims, got {tuple(x.shape)}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+    if not is_integer(num_groups) or num_groups < 1:
         raise ValueError(f"num_groups: must be a positive int, got {num_groups!r}")
     if x.shape[1] % num_groups:
         raise ValueError(f"num_groups: C={x.shape[1]} must be divisible by num_groups={num_groups}")

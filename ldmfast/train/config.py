@@ -17,6 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ldmfast._values import is_integer, is_number
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10
@@ -105,11 +107,11 @@ def _convert(value: Any, tp, key: str) -> Any:
             raise ConfigError(key, f"expected true or false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_integer(value):
             raise ConfigError(key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             raise ConfigError(key, f"expected a number, got {value!r}")
         if math.isnan(value):  # (TOML has nan; no setting means anything by it)
             raise ConfigError(key, "expected a number, got nan")

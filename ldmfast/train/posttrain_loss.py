@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ldmfast._values import is_number
 from ldmfast.diffusion import NoiseSchedule, sample_timesteps
 from ldmfast.diffusion.loss import Denoiser
 from ldmfast.models.latent_codec import Autoencoder, decode_latent
@@ -63,14 +64,14 @@ class PostTrainLossConfig:
 
         for name in ("lambda_img", "lambda_les"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            if not is_number(value) or not 0 <= value < math.inf:
                 raise ConfigError(key(name), f"must be a finite number >= 0, got {value!r}")
         for name, allowed in (("image_loss", IMAGE_LOSSES), ("image_target", IMAGE_TARGETS),
                               ("timestep_weighting", TIMESTEP_WEIGHTS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(key(name), f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         gamma = self.min_snr_gamma
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
+        if not is_number(gamma) or not 0 < gamma < math.inf:
             # inf would make every timestep's weight min(SNR, inf) / inf = 0: no image or lesion term
             raise ConfigError(key("min_snr_gamma"), f"must be a finite number > 0, got {gamma!r}")
         dc = self.decoder_checkpoint
