@@ -130,17 +130,6 @@ def prepare_output(settings: DemoSettings) -> None:
     write_json_atomic(new, record_path)
 
 
-def phantom_complete(phantom: Path, cases: int) -> bool:
-    """Whether the phantom data set has all its cases with every file (files are renamed into place
-    whole, so a present file is a finished one; an interrupted generation leaves a case short)."""
-    from ldmfast.data import TRAINING_MODALITIES, find_cases
-
-    if not phantom.is_dir():
-        return False
-    found = find_cases(phantom, require=TRAINING_MODALITIES, skip_bad=True)
-    return len(found) == cases and not found.errors
-
-
 def _say(settings: DemoSettings, text: str) -> None:
     if settings.progress:
         print(text, flush=True)
@@ -277,7 +266,7 @@ def run_demo(settings: DemoSettings) -> dict:
 def _run_demo(settings: DemoSettings) -> dict:
     import torch
 
-    from ldmfast.data import make_phantom_dataset
+    from ldmfast.data import make_phantom_dataset, phantom_complete
     from ldmfast.metrics.evaluate import EvaluateOptions, evaluate
     from ldmfast.metrics.report import write_report
     from ldmfast.metrics.results import write_csv, write_summary
@@ -299,7 +288,7 @@ def _run_demo(settings: DemoSettings) -> dict:
 
     _say(settings, f"[1/6] phantom data set: {settings.cases} cases of {settings.shape} in {out / 'phantom'}")
     phantom = out / "phantom"
-    if not phantom_complete(phantom, settings.cases):
+    if not phantom_complete(phantom, settings.cases, settings.shape):
         shutil.rmtree(phantom, ignore_errors=True)  # an interrupted generation's cases and temporaries
         timed("phantom", make_phantom_dataset, phantom, n_cases=settings.cases, shape=settings.shape,
               seed=settings.seed, lesion_fraction=0.75, progress=settings.progress)

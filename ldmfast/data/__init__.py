@@ -23,7 +23,7 @@ from .layouts import (
     release_cases,
 )
 from .loading import CaseVolumes, load_case
-from .phantom import make_phantom_dataset
+from .phantom import make_phantom_dataset, phantom_complete
 from .preprocess import (
     PreprocessedCase,
     PreprocessOptions,
@@ -66,6 +66,7 @@ __all__ = [
     "isles24_cases",
     "load_case",
     "make_phantom_dataset",
+    "phantom_complete",
     "manifest_cases",
     "mri_to_unit",
     "output_paths",

@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from .layouts import OPTIONAL_MODALITIES, find_cases
 from .writer import save_nifti_atomic
 
 VOXEL_MM = (1.0, 1.0, 4.0)
@@ -172,3 +173,16 @@ def make_phantom_dataset(
             save_nifti_atomic(data, affine, _header(affine, data.shape), folder / f"{name}.nii.gz", dtype=data.dtype)
         folders.append(folder)
     return folders
+
+
+def phantom_complete(root: str | os.PathLike, n_cases: int, shape: tuple[int, int, int]) -> bool:
+    """Whether `root` holds exactly the `n_cases` cases make_phantom_dataset writes, each with every
+    file and of `shape` (files are renamed into place whole, so a present file is a finished one;
+    an interrupted generation leaves a case short)."""
+    root = Path(root)
+    if not root.is_dir():
+        return False
+    found = find_cases(root, require=OPTIONAL_MODALITIES, skip_bad=True)
+    if found.errors or [c.case_id for c in found] != [f"phantom_{i:03d}" for i in range(n_cases)]:
+        return False
+    return all(tuple(nib.load(c.dwi).shape) == tuple(shape) for c in found)

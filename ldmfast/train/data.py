@@ -10,13 +10,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ldmfast.data import (LAYOUTS, TRAINING_MODALITIES, AugmentConfig, CaseFiles, SliceDataset, augment_slice,
-                          find_cases, make_phantom_dataset)
+                          find_cases, make_phantom_dataset, phantom_complete)
 
 from .checkpoint import write_json_atomic
 from .config import ConfigError, check_finite_at_least
@@ -120,7 +119,7 @@ def ensure_phantom(p: PhantomSource, root: Path) -> None:
         if json.loads((root / PHANTOM_RECORD).read_text()) == settings:
             return
     except FileNotFoundError:
-        if _complete_phantom(root, p):
+        if phantom_complete(root, p.cases, p.shape):
             # A run folder of an earlier version (no record): its complete set of the same size is
             # adopted, as that version reused it, rather than regenerated (new mtimes would rebuild
             # the slice cache).
@@ -132,17 +131,6 @@ def ensure_phantom(p: PhantomSource, root: Path) -> None:
     make_phantom_dataset(root, n_cases=p.cases, shape=p.shape, seed=p.seed, lesion_fraction=p.lesion_fraction,
                          progress=True)
     write_json_atomic(settings, root / PHANTOM_RECORD)
-
-
-def _complete_phantom(root: Path, p: PhantomSource) -> bool:
-    """Whether `root` holds exactly p.cases complete phantom cases of p.shape (every file is written
-    whole, so a present one is finished)."""
-    if not root.is_dir():
-        return False
-    found = find_cases(root, require=TRAINING_MODALITIES + ("mask", "lesion"), skip_bad=True)
-    if found.errors or [c.case_id for c in found] != [f"phantom_{i:03d}" for i in range(p.cases)]:
-        return False
-    return all(tuple(nib.load(c.dwi).shape) == tuple(p.shape) for c in found)
 
 
 def find_training_cases(data: DataSection, run_dir: Path, dist_info: DistInfo) -> list[CaseFiles]:
