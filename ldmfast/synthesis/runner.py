@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import ldmfast
 from ldmfast.data import CaseFiles, find_cases
-from ldmfast.train.config import ConfigError
+from ldmfast.train.config import ConfigError, unloadable_model
 from ldmfast.train.distributed import DistInfo
 
 from .batching import Batch, CaseJob, SliceBatcher, scatter
@@ -267,10 +267,7 @@ def synthesize(config: SynthesisConfig, *, dist: DistInfo | None = None, progres
     try:
         model = ConditionalLDM.from_pretrained(config.model, dist.device).eval()
     except Exception as err:  # a damaged or mismatched model folder: the setting is wrong, not a case
-        lines = _describe(err).splitlines()  # torch lists every mismatched weight: the first says enough
-        more = f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else ""
-        first = " ".join(line.strip() for line in lines[:2])
-        raise ConfigError("model", f"{config.model}: cannot load the model: {first}{more}") from None
+        raise unloadable_model("model", f"{config.model}: cannot load the model", _describe(err)) from None
     # (delay: shown once the headers' total is in, not as "0 slices" first)
     bar = tqdm(total=0, unit=" slices", desc="synthesize", disable=not (progress and dist.is_main), dynamic_ncols=True,
                delay=0.5)

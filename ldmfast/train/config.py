@@ -41,6 +41,15 @@ def check_device(device: str, key: str = "device") -> None:
         raise ConfigError(key, f"must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
+def unloadable_model(key: str, message: str, description: str) -> ConfigError:
+    """A model folder that would not load, refused as the setting `key` that names it: `message`,
+    then the first two lines of the error's `description` (torch lists every mismatched weight:
+    the first says enough) and how many more there were."""
+    lines = description.strip().splitlines() or [description]
+    more = f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else ""
+    return ConfigError(key, f"{message}: {' '.join(line.strip() for line in lines[:2])}{more}")
+
+
 def check_finite_at_least(key: str, value: float, low: float, *, strict: bool = False) -> None:
     """Refuse a value that is not a finite number >= low (> low when strict), naming `key`; the
     comparison is written so that NaN fails it too."""

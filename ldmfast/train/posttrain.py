@@ -13,7 +13,7 @@ import torch
 
 from ldmfast.models import ConditionalLDM
 
-from .config import ConfigError
+from .config import ConfigError, unloadable_model
 from .distributed import DistInfo
 from .ldm import MODEL_DIR, LDMTrainer
 from .posttrain_config import PostTrainConfig
@@ -44,9 +44,8 @@ class PostTrainer(LDMTrainer):
         try:
             model = ConditionalLDM.from_pretrained(self.config.init, self.device)
         except (OSError, ValueError, KeyError, RuntimeError) as err:  # a damaged or incomplete folder
-            raise ConfigError("init", f"cannot load the cLDM from {self.config.init}: "
-                                      f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
-                              ) from err
+            raise unloadable_model("init", f"cannot load the cLDM from {self.config.init}",
+                                   str(err) or type(err).__name__) from err
         if model.diffusion.latent_scale != 1.0:
             raise ConfigError("init", f"latent_scale {model.diffusion.latent_scale}: post-training decodes x0_hat "
                                       "as it is and supports latent scale 1 only (PAPER.md's)")
