@@ -101,13 +101,12 @@ def stale_outputs(old: dict, new: dict) -> tuple[list[str], str] | None:
 
 
 def prepare_output(settings: DemoSettings) -> None:
-    """Make OUT a demo folder for these settings: refuse a file or another program's folder, and
-    remove what a run with other settings made there (said), then record these settings."""
+    """Make OUT (a folder: run_demo refused a file) a demo folder for these settings: refuse another
+    program's folder, and remove what a run with other settings made there (said), then record these
+    settings."""
     from ldmfast.train.checkpoint import write_json_atomic
 
     out = settings.output_dir
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output: {out} exists and is not a folder")
     record_path = out / RECORD_NAME
     new = demo_record(settings)
     if record_path.is_file():
@@ -256,10 +255,12 @@ def folder_lock(folder: Path):
 def run_demo(settings: DemoSettings) -> dict:
     """The whole demo (module docstring); returns the summary written to OUT/summary.json. One
     demo at a time per folder (folder_lock)."""
-    out = Path(settings.output_dir).resolve()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output: {out} exists and is not a folder")
-    with folder_lock(out):
+    # Absolute: the stages' checkpoints record paths, and a rerun from another folder (or with the
+    # same folder spelled otherwise) must find them the same.
+    settings = dataclasses.replace(settings, output_dir=Path(settings.output_dir).resolve())
+    if settings.output_dir.exists() and not settings.output_dir.is_dir():
+        raise ValueError(f"--output: {settings.output_dir} exists and is not a folder")
+    with folder_lock(settings.output_dir):
         return _run_demo(settings)
 
 
@@ -272,9 +273,6 @@ def _run_demo(settings: DemoSettings) -> dict:
     from ldmfast.metrics.results import write_csv, write_summary
     from ldmfast.train.checkpoint import write_json_atomic
 
-    # Absolute: the stages' checkpoints record paths, and a rerun from another folder (or with the
-    # same folder spelled otherwise) must find them the same.
-    settings = dataclasses.replace(settings, output_dir=Path(settings.output_dir).resolve())
     out = settings.output_dir
     prepare_output(settings)
     started = time.perf_counter()
