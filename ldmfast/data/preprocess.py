@@ -76,7 +76,7 @@ class PreprocessedCase:
     affine: np.ndarray
     header: nib.Nifti1Header
     has_lesion: bool
-    source_frames: int = 0  # the CTP's time frames before resampling to the model's
+    source_frames: int  # the CTP's time frames before resampling to the model's
 
 
 def resample_frames(ctp: np.ndarray, n_frames: int) -> np.ndarray:

@@ -15,6 +15,9 @@ from .preprocess import PreprocessedCase, VolumeStats, denormalize_mri
 
 #: Files a finished case has in the output folder, one per synthesized channel.
 OUTPUT_CHANNELS = ("dwi", "adc")
+#: the record `ldmfast synthesize` writes last in each case folder (settings, scale and clip bounds),
+#: which the evaluation reads back
+SYNTHESIS_RECORD = "synthesis.json"
 
 
 def save_nifti_atomic(

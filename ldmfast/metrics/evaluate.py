@@ -50,7 +50,7 @@ from ldmfast.data import (
     preprocess_case,
 )
 from ldmfast.data.loading import AFFINE_TOLERANCE
-from ldmfast.data.writer import OUTPUT_CHANNELS
+from ldmfast.data.writer import OUTPUT_CHANNELS, SYNTHESIS_RECORD
 
 from . import image
 from .extractors import extract_features
@@ -166,10 +166,6 @@ def read_prediction(case: PreprocessedCase, paths: dict[str, Path]) -> np.ndarra
             raise DataError("non-finite voxels (NaN or inf)", case=case.case_id, path=path)
         out.append(np.moveaxis(data[:, :, case.slice_index], -1, 0))
     return np.stack(out, axis=1)
-
-
-#: the record `ldmfast synthesize` writes last in each case folder (ldmfast.synthesis.RECORD_NAME)
-SYNTHESIS_RECORD = "synthesis.json"
 
 
 def prediction_stats(case_id: str, paths: dict[str, Path]) -> tuple[dict[str, VolumeStats] | None, str]:

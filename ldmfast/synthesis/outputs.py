@@ -20,11 +20,11 @@ from nibabel.filebasedimages import ImageFileError
 
 from ldmfast.data import derived_header, output_paths, save_nifti_atomic
 from ldmfast.data.atomic import atomic_path
-from ldmfast.data.writer import OUTPUT_CHANNELS, synthesized_volume
+from ldmfast.data.writer import OUTPUT_CHANNELS, SYNTHESIS_RECORD, synthesized_volume
 
 from .cases import SynthesisCase
 
-RECORD_NAME = "synthesis.json"
+RECORD_NAME = SYNTHESIS_RECORD
 _TEMP_PREFIX = ".tmp-"  # ldmfast.data.atomic's temporary names
 _SAMPLE_FILE = re.compile(r"^(?:%s)_s(\d+)\.nii\.gz$" % "|".join(OUTPUT_CHANNELS))
 
