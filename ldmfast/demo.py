@@ -25,6 +25,11 @@ STAGES = ("vqgan", "ldm", "posttrain")
 # their pixels come back as surrounding tissue, 0.18-0.26 once learned); they are learned late in
 # stage 1 (300 steps missed them in some seeds; the demo runs 600).
 LESION_RECONSTRUCTED = 0.5
+# Draws per held-out case that the table averages: the base and the post-trained model differ by
+# less than one draw's noise (4 volumes of 8 slices; per draw, the MAE difference spread 0.004 in
+# two runs whose 8-draw means were -0.002 and -0.003), so a single draw's sign is a coin toss.
+# Synthesis of a draw is cheap (32 slices x 10 DDIM steps, about a second on 2 cores).
+SAMPLES = 16
 SUMMARY_METRICS = (("mae", "MAE", "lower"), ("psnr", "PSNR (dB)", "higher"), ("ms_ssim", "MS-SSIM", "higher"),
                    ("lesion_mae", "lesion MAE", "lower"))
 
@@ -41,6 +46,7 @@ class DemoSettings:
     shape: tuple[int, int, int] = (64, 64, 8)
     seed: int = 0
     sample_steps: int = 10
+    samples: int = SAMPLES
     steps: dict[str, int] = field(default_factory=dict)
     overrides: dict[str, list[str]] = field(default_factory=dict)
     progress: bool = True
@@ -75,11 +81,13 @@ RESULTS = ("synthesis", "report")
 
 
 def demo_record(settings: DemoSettings) -> dict:
-    """What decides the demo's results, stage by stage (steps as the stage will train them)."""
+    """What decides the demo's results, stage by stage (steps as the stage will train them, and the
+    shipped configuration, which another ldmfast version may change)."""
     return {"data": {"cases": settings.cases, "shape": list(settings.shape), "seed": settings.seed},
             "stages": {stage: {"steps": settings.steps.get(stage, demo_config(stage)["train"]["steps"]),
-                               "overrides": list(settings.overrides.get(stage, []))} for stage in STAGES},
-            "sample_steps": settings.sample_steps}
+                               "overrides": list(settings.overrides.get(stage, [])),
+                               "config": demo_config(stage)} for stage in STAGES},
+            "sample_steps": settings.sample_steps, "samples": settings.samples}
 
 
 def stale_outputs(old: dict, new: dict) -> tuple[list[str], str] | None:
@@ -90,6 +98,8 @@ def stale_outputs(old: dict, new: dict) -> tuple[list[str], str] | None:
         return ["phantom", "cache", *STAGES, *RESULTS], f"data {old.get('data')} -> {new['data']}"
     for i, stage in enumerate(STAGES):
         was, now = old["stages"][stage], new["stages"][stage]
+        if was.get("config") != now["config"]:  # (records of older demos have none)
+            return [stage, *STAGES[i + 1:], *RESULTS], f"{stage}'s demo configuration changed (another ldmfast version)"
         if was != now:
             goes_on = now["steps"] > was["steps"] and now["overrides"] == was["overrides"]
             change = (f"{stage} steps {was['steps']} -> {now['steps']}" if was["steps"] != now["steps"]
@@ -97,6 +107,8 @@ def stale_outputs(old: dict, new: dict) -> tuple[list[str], str] | None:
             return ([] if goes_on else [stage]) + list(STAGES[i + 1:]) + list(RESULTS), change
     if old.get("sample_steps") != new["sample_steps"]:
         return list(RESULTS), f"sample steps {old.get('sample_steps')} -> {new['sample_steps']}"
+    if old.get("samples", 1) != new["samples"]:  # (records of older demos: one draw)
+        return list(RESULTS), f"samples {old.get('samples', 1)} -> {new['samples']}"
     return None
 
 
@@ -220,7 +232,8 @@ def synthesize_held_out(model_dir: Path, manifest: Path, out_dir: Path, settings
     from ldmfast.synthesis import SynthesisConfig, synthesize
 
     config = SynthesisConfig(model=str(model_dir), input=str(manifest), output=str(out_dir),
-                             steps=settings.sample_steps, seed=settings.seed, device=settings.device)
+                             steps=settings.sample_steps, samples=settings.samples, seed=settings.seed,
+                             device=settings.device)
     config.check()
     summary = synthesize(config, progress=settings.progress)
     if summary.failed:
@@ -307,7 +320,7 @@ def _run_demo(settings: DemoSettings) -> dict:
     manifest = write_manifest(held_out, out / "held_out.csv")
     models = {"base": out / "ldm" / "ldm", "post-trained": out / "posttrain" / "ldm"}
     _say(settings, f"[5/6] synthesis of the {len(held_out)} held-out cases with both models "
-                   f"({settings.sample_steps} DDIM steps)")
+                   f"({settings.samples} draws each, {settings.sample_steps} DDIM steps)")
     for label, model_dir in models.items():
         timed(f"synthesize {label}", synthesize_held_out, model_dir, manifest, out / "synthesis" / label, settings)
 
@@ -330,6 +343,7 @@ def _run_demo(settings: DemoSettings) -> dict:
     lesion = dict(rows)["lesion MAE"]
     summary = {
         "output_dir": str(out), "report": str(report), "held_out_cases": [c.case_id for c in held_out],
+        "samples": settings.samples,
         "metrics": {label: dict(zip(models, values)) for label, values in rows},
         "lesion_mae_improved": None if None in lesion else lesion[1] < lesion[0],
         "seconds": {**timings, "total": round(time.perf_counter() - started, 1)},
@@ -338,7 +352,8 @@ def _run_demo(settings: DemoSettings) -> dict:
     write_json_atomic(summary, out / "summary.json")
     (out / "summary.txt").write_text(table + "\n")
     # The results, with or without progress output (--quiet).
-    print("\nheld-out cases, normalized scale, mean of DWI and ADC over volumes:\n" + table)
+    draws = f" and {settings.samples} draws each" if settings.samples > 1 else ""
+    print(f"\nheld-out cases, normalized scale, mean of DWI and ADC over volumes{draws}:\n" + table)
     print(f"\nreport: {report}\nsummary: {out / 'summary.json'}  ({summary['seconds']['total']:.0f} s in all)",
           flush=True)
     return summary

@@ -28,6 +28,9 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     demo.add_argument("--steps", default="", metavar="STAGE=N,...",
                       help="training steps per stage instead of the demo configuration's, e.g. ldm=100")
     demo.add_argument("--sample-steps", type=int, default=10, metavar="N", help="DDIM steps of the syntheses")
+    demo.add_argument("--samples", type=int, default=None, metavar="N",
+                      help="draws per held-out case that the metrics average (default 16: one draw's noise exceeds "
+                      "the models' difference)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars or stage messages (the results still)")
     demo.set_defaults(func=run_demo_command)
     return demo
@@ -56,8 +59,11 @@ def run_demo_command(args: argparse.Namespace) -> int:
     try:
         if args.sample_steps < 1:
             raise ValueError(f"--sample-steps: must be >= 1, got {args.sample_steps}")
+        if args.samples is not None and args.samples < 1:
+            raise ValueError(f"--samples: must be >= 1, got {args.samples}")
         settings = DemoSettings(output_dir=Path(args.output), device=args.device, steps=_parse_steps(args.steps),
-                                sample_steps=args.sample_steps, progress=not args.quiet)
+                                sample_steps=args.sample_steps, progress=not args.quiet,
+                                **({} if args.samples is None else {"samples": args.samples}))
         run_demo(settings)
     except (ValueError, ConfigError, DataError, RuntimeError) as err:
         print(f"ldmfast demo: error: {err}", file=sys.stderr)

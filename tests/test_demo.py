@@ -12,7 +12,7 @@ from ldmfast.demo import DemoSettings, format_table, run_demo
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     settings = DemoSettings(output_dir=out, device="cpu", cases=4, shape=(32, 32, 3),
-                            steps={"vqgan": 2, "ldm": 2, "posttrain": 2}, sample_steps=1, progress=False,
+                            steps={"vqgan": 2, "ldm": 2, "posttrain": 2}, sample_steps=1, samples=2, progress=False,
                             overrides={stage: ["train.batch_size=2"] for stage in ("vqgan", "ldm", "posttrain")})
     return settings, run_demo(settings)
 
@@ -27,12 +27,16 @@ def test_demo_writes_models_syntheses_and_a_report(demo_run):
     for label in ("base", "post-trained"):
         for case in held_out:
             assert (out / "synthesis" / label / case / "dwi.nii.gz").is_file()
+            assert (out / "synthesis" / label / case / "adc_s1.nii.gz").is_file()  # the second draw
     assert (out / "report" / "report.html").is_file()
     on_disk = json.loads((out / "summary.json").read_text())
     assert set(on_disk["metrics"]) == {"MAE", "PSNR (dB)", "MS-SSIM", "lesion MAE"}
     for values in on_disk["metrics"].values():
         assert set(values) == {"base", "post-trained"}
     assert "lesion MAE" in (out / "summary.txt").read_text()
+    assert on_disk["samples"] == 2
+    evaluation = json.loads((out / "report" / "summary.json").read_text())["settings"]
+    assert evaluation["draws_per_case"] == {label: {"2": len(held_out)} for label in ("base", "post-trained")}
 
 
 def test_a_rerun_keeps_finished_stages(demo_run):
@@ -71,6 +75,11 @@ def test_other_settings_redo_what_they_change(demo_run):
     summary = run_demo(fewer)
     assert summary["training"]["vqgan"]["step"] == 1
     assert all(t != ldm.get(p) for p, t in stamps("ldm/checkpoints/*").items()), "the cLDM was trained again"
+    # More draws per case: only the syntheses and what follows are redone.
+    trained = stamps("*/checkpoints/*")
+    summary = run_demo(DemoSettings(**{**vars(fewer), "samples": 3}))
+    assert stamps("*/checkpoints/*") == trained and summary["samples"] == 3
+    assert (out / "synthesis" / "post-trained" / summary["held_out_cases"][0] / "dwi_s2.nii.gz").is_file()
 
 
 def test_the_output_must_be_a_demo_folder(capsys, tmp_path):
@@ -103,3 +112,22 @@ def test_summary_table_marks_the_direction_of_each_metric():
     rows = [("MAE", [0.2, 0.1]), ("PSNR (dB)", [20.0, 19.0]), ("MS-SSIM", [None, 0.5]), ("lesion MAE", [0.5, 0.4])]
     lines = format_table(["base", "post-trained"], rows).splitlines()
     assert "better" in lines[2] and "worse" in lines[3] and "n/a" in lines[4] and "better" in lines[5]
+
+
+def test_a_changed_shipped_configuration_redoes_its_stage_and_what_follows():
+    # Another ldmfast version may ship another demo configuration: its stage is trained again, not
+    # taken for finished (the record of an older demo, without configurations, redoes everything).
+    from ldmfast.demo import RESULTS, STAGES, demo_record, stale_outputs
+
+    new = demo_record(DemoSettings())
+    assert stale_outputs(new, demo_record(DemoSettings())) is None
+    old = json.loads(json.dumps(new))
+    old["stages"]["ldm"]["config"]["optim"]["lr"] = 1.0
+    folders, change = stale_outputs(old, new)
+    assert folders == ["ldm", "posttrain", *RESULTS] and "ldm's demo configuration changed" in change
+    for stage in STAGES:
+        del old["stages"][stage]["config"]
+    assert stale_outputs(old, new)[0] == [*STAGES, *RESULTS]
+    old = json.loads(json.dumps(new))
+    del old["samples"]  # an older demo: one draw per case
+    assert stale_outputs(old, new) == (list(RESULTS), "samples 1 -> 16")

@@ -288,3 +288,77 @@ def test_fid_is_reported_with_an_extractor(runs):
     assert base["available"] and base["n_slices"] == len(result.runs[0].slice_rows)
     assert post["dwi"] < base["dwi"] and post["adc"] < base["adc"]  # less noise, closer features
     assert summary(result)["differences"]["post - base"]["fid"]["dwi"]["improved"] is True
+
+
+def _write_draws(runs, out, draws: int, record_samples=None, seed=0):
+    """Each reference case synthesized `draws` times (reference + noise of another size per
+    draw), as `ldmfast synthesize --samples` writes them; returns nothing."""
+    from ldmfast.synthesis import prepare_case, write_case
+
+    rng = np.random.default_rng(seed)
+    for files in find_cases(runs / "ref"):
+        case = prepare_case(files, frames=15, multiple=8)
+        target = preprocess_case(load_case(files)).target
+        assert target.shape[0] == len(case.prepared.slice_index)  # (phantom: the same usable slices)
+        images = np.stack([target + rng.normal(0, 0.05 * (k + 1), target.shape) for k in range(draws)])
+        write_case(out, case, images.astype(np.float32), {"samples": draws if record_samples is None else record_samples})
+
+
+def test_several_samples_per_case_are_averaged_over_their_draws(runs, tmp_path):
+    # Two draws per case: with samples "all" (the default) each slice and volume value is the mean
+    # of the values the draws score alone; "first" scores draw 0 alone.
+    import shutil
+
+    from ldmfast.data import sample_paths
+
+    _write_draws(runs, tmp_path / "two", 2)
+    for k in range(2):  # each draw alone, as a one-sample folder
+        for files in find_cases(runs / "ref"):
+            case_dir = tmp_path / f"draw{k}" / files.case_id
+            case_dir.mkdir(parents=True)
+            for name, path in sample_paths(tmp_path / "two", files.case_id, k).items():
+                shutil.copy(path, case_dir / f"{name}.nii.gz")
+            record = json.loads((tmp_path / "two" / files.case_id / "synthesis.json").read_text())
+            (case_dir / "synthesis.json").write_text(json.dumps({**record, "samples": 1}))
+    result = evaluate(runs / "ref", [("two", tmp_path / "two"), ("d0", tmp_path / "draw0"), ("d1", tmp_path / "draw1")],
+                      OPTIONS, progress=False, figure_cases=1)
+    assert result.settings["samples"] == "all"
+    assert result.settings["draws_per_case"] == {"two": {"2": 3}, "d0": {"1": 3}, "d1": {"1": 3}}
+    two, d0, d1 = result.runs
+    keys = [k for k in two.case_rows[0] if k.startswith(("normalized_", "original_"))]
+    assert len(keys) == 20
+    for level in ("case_rows", "slice_rows"):
+        for a, b, c in zip(getattr(two, level), getattr(d0, level), getattr(d1, level)):
+            for key in keys:
+                assert a[key] == pytest.approx((b[key] + c[key]) / 2, rel=1e-9, nan_ok=True), (level, key)
+    assert two.case_rows[0]["normalized_dwi_mae"] != pytest.approx(d0.case_rows[0]["normalized_dwi_mae"], rel=0.05)
+    np.testing.assert_array_equal(result.figures[0].predictions["two"], result.figures[0].predictions["d0"])
+    html = write_report(tmp_path / "eval", result).read_text()
+    assert "mean over a case's draws" in html and "two: 3 case(s) x 2" in html
+
+    first = evaluate(runs / "ref", [("two", tmp_path / "two"), ("d0", tmp_path / "draw0")],
+                     EvaluateOptions(ms_ssim_scales=2, samples="first"), progress=False, figure_cases=0)
+    assert first.settings["draws_per_case"] == {"two": {"1": 3}, "d0": {"1": 3}}
+    for a, b in zip(first.runs[0].case_rows, first.runs[1].case_rows):
+        assert a.keys() == b.keys()
+        assert all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a), a["case_id"]  # (NaN == NaN)
+    with pytest.raises(ValueError, match="samples"):
+        EvaluateOptions(samples="mean")
+
+
+def test_a_missing_sample_or_a_bad_sample_count_is_named(runs, tmp_path):
+    _write_draws(runs, tmp_path / "two", 2)
+    case_id = find_cases(runs / "ref")[1].case_id
+    (tmp_path / "two" / case_id / "adc_s1.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"adc_s1\.nii\.gz: missing synthesized ADC file of sample 1 \(the synthesis record lists 2 samples"):
+        evaluate(runs / "ref", [("two", tmp_path / "two")], OPTIONS, progress=False, figure_cases=0)
+    # draw 0 alone is still measurable (the command line's --samples first)
+    from ldmfast.cli import main
+
+    args = ["evaluate", "--pred", str(tmp_path / "two"), "--ref", str(runs / "ref"), "--ms-ssim-scales", "2", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "all")]) == 2
+    assert main([*args, "--out", str(tmp_path / "first"), "--samples", "first"]) == 0
+    assert json.loads((tmp_path / "first" / "summary.json").read_text())["settings"]["samples"] == "first"
+    _write_draws(runs, tmp_path / "bad", 1, record_samples="2")
+    with pytest.raises(DataError, match="'samples' must be an integer >= 1, got '2'"):
+        evaluate(runs / "ref", [("bad", tmp_path / "bad")], OPTIONS, progress=False, figure_cases=0)

@@ -35,7 +35,8 @@ from .preprocess import (
     resample_frames,
     usable_slices,
 )
-from .writer import assemble_volume, derived_header, output_paths, outputs_complete, save_nifti_atomic, write_synthesis
+from .writer import (assemble_volume, derived_header, output_paths, outputs_complete, sample_paths, save_nifti_atomic,
+                     write_synthesis)
 
 __all__ = [
     "LAYOUTS",
@@ -70,6 +71,7 @@ __all__ = [
     "manifest_cases",
     "mri_to_unit",
     "output_paths",
+    "sample_paths",
     "outputs_complete",
     "preprocess_case",
     "release_cases",

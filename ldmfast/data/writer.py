@@ -88,6 +88,14 @@ def output_paths(out_dir: str | os.PathLike, case_id: str) -> dict[str, Path]:
     return {name: Path(out_dir) / case_id / f"{name}.nii.gz" for name in OUTPUT_CHANNELS}
 
 
+def sample_paths(out_dir: str | os.PathLike, case_id: str, sample: int) -> dict[str, Path]:
+    """{"dwi": path, "adc": path} of one sample of a case: `output_paths` for sample 0,
+    `<case>/{dwi,adc}_s<k>.nii.gz` for the further samples k of `ldmfast synthesize --samples`."""
+    if sample == 0:
+        return output_paths(out_dir, case_id)
+    return {name: Path(out_dir) / case_id / f"{name}_s{sample}.nii.gz" for name in OUTPUT_CHANNELS}
+
+
 def write_synthesis(
     out_dir: str | os.PathLike,
     prepared: PreprocessedCase,

@@ -47,6 +47,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                         help="MAE/PSNR/SSIM/MS-SSIM over the whole slice (default, as usually reported) or the brain mask")
     parser.add_argument("--ms-ssim-scales", type=int, default=5,
                         help="MS-SSIM scales, 1-5 (default 5: slices need >= 176 pixels a side; fewer for small slices)")
+    parser.add_argument("--samples", default="all", choices=("all", "first"),
+                        help="cases synthesized with several samples (synthesize --samples): all, each value the mean "
+                        "over the draws (default), or first, draw 0 alone")
     parser.add_argument("--fid-weights", help="weights file of the FID extractor; without it FID is reported unavailable")
     parser.add_argument("--fid-extractor", default="inception", choices=("inception", "radimagenet"),
                         help="inception: pt_inception-2015-12-05-6726825d.pth (standard FID); radimagenet: "
@@ -114,7 +117,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return fail(f"--out: {out} is not writable")
     try:
         options = EvaluateOptions(region=args.region, ms_ssim_scales=args.ms_ssim_scales, device=device,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, samples=args.samples)
         folders = [args.pred] + ([args.compare] if args.compare else [])
         labels = args.labels[: len(folders)] if args.labels else [Path(f).resolve().name for f in folders]
         if len(labels) > 1 and labels[0] == labels[1]:

@@ -22,6 +22,11 @@ CSV, null in the JSON) where a slice or case has no lesion.
 Levels: per slice; per volume (MAE, lesion MAE and PSNR pooled over the volume's evaluated
 pixels, SSIM and MS-SSIM the mean of its slices); per data set (mean, std, median over
 volumes; the mean over all slices too). FID is per data set, in the normalized scale.
+
+Samples: a case synthesized with `ldmfast synthesize --samples K` has K draws; by default
+(samples "all") its slice and volume values are the means over the draws (the expected value of
+one draw, with less noise than a single one), and FID takes every draw's slices; "first" measures
+draw 0 alone (`<case>/{dwi,adc}.nii.gz`). The report's figures show draw 0.
 """
 
 from __future__ import annotations
@@ -48,7 +53,9 @@ from ldmfast.data import (
     load_case,
     output_paths,
     preprocess_case,
+    sample_paths,
 )
+from ldmfast._values import is_integer
 from ldmfast.data.loading import AFFINE_TOLERANCE
 from ldmfast.data.writer import OUTPUT_CHANNELS, SYNTHESIS_RECORD
 
@@ -65,22 +72,29 @@ METRICS = ("mae", "psnr", "ssim", "ms_ssim", "lesion_mae")
 HIGHER_IS_BETTER = {"mae": False, "psnr": True, "ssim": True, "ms_ssim": True, "lesion_mae": False, "fid": False}
 #: CTP display window of the figures, in the normalized scale: 0 to 100 HU of the 0-200 HU window.
 CTP_WINDOW = (-1.0, 0.0)
+#: EvaluateOptions.samples: every draw of a case ("all", their mean) or draw 0 alone ("first")
+SAMPLE_MODES = ("all", "first")
 
 
 @dataclass(frozen=True)
 class EvaluateOptions:
     """region: "slice" or "brain"; ms_ssim_scales: 1 to 5 (the first standard weights,
-    renormalized, for slices too small for 5); batch_size: slices per metric batch."""
+    renormalized, for slices too small for 5); batch_size: slices per metric batch; samples:
+    "all" (a case's values are the means over the draws its synthesis record lists) or "first"
+    (draw 0 only)."""
 
     region: str = "slice"
     ms_ssim_scales: int = 5
     device: str = "cpu"
     batch_size: int = 64
     preprocess: PreprocessOptions = PreprocessOptions()
+    samples: str = "all"
 
     def __post_init__(self):
         if self.region not in REGIONS:
             raise ValueError(f"region: {self.region!r} is not one of {REGIONS}")
+        if self.samples not in SAMPLE_MODES:
+            raise ValueError(f"samples: {self.samples!r} is not one of {SAMPLE_MODES}")
         if not 1 <= self.ms_ssim_scales <= len(image.MS_SSIM_WEIGHTS):
             raise ValueError(f"ms_ssim_scales: must be within 1..{len(image.MS_SSIM_WEIGHTS)}, got {self.ms_ssim_scales}")
         if self.batch_size < 1:
@@ -168,16 +182,26 @@ def read_prediction(case: PreprocessedCase, paths: dict[str, Path]) -> np.ndarra
     return np.stack(out, axis=1)
 
 
-def prediction_stats(case_id: str, paths: dict[str, Path]) -> tuple[dict[str, VolumeStats] | None, str]:
-    """The clip bounds a prediction's [0, 1] output was mapped to stored values with, and its
-    scale, from the case's synthesis record: ({"dwi": stats, "adc": stats}, "case" | "unit" |
-    "model"), or (None, "none") for a folder without one (another tool's output, taken as
-    intensities on the reference's bounds). A record without usable bounds is a DataError."""
+@dataclass(frozen=True)
+class PredictionRecord:
+    """What a case's synthesis record says of its files: the clip bounds its [0, 1] output was
+    mapped to stored values with ({"dwi": stats, "adc": stats}; None without a record), its scale
+    ("case", "unit", "model"; "none" without a record) and how many samples it holds."""
+
+    stats: dict[str, VolumeStats] | None
+    scale: str
+    samples: int
+
+
+def prediction_record(case_id: str, paths: dict[str, Path]) -> PredictionRecord:
+    """The synthesis record of a prediction case; a folder without one (another tool's output)
+    holds one sample taken as intensities on the reference's bounds. A record without usable
+    bounds or sample count is a DataError."""
     path = paths[CHANNELS[0]].parent / SYNTHESIS_RECORD
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
-        return None, "none"
+        return PredictionRecord(None, "none", 1)
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read the synthesis record: {err}", case=case_id, path=path) from None
     try:
@@ -188,7 +212,26 @@ def prediction_stats(case_id: str, paths: dict[str, Path]) -> tuple[dict[str, Vo
     except (TypeError, KeyError, IndexError, ValueError):
         raise DataError("the synthesis record has no usable 'stats' ({'dwi': [low, high], 'adc': [low, high]})",
                         case=case_id, path=path) from None
-    return stats, str(record.get("scale", "unknown"))
+    samples = record.get("samples", 1)  # (records of older versions wrote one sample and no count)
+    if not is_integer(samples) or samples < 1:
+        raise DataError(f"the synthesis record's 'samples' must be an integer >= 1, got {samples!r}",
+                        case=case_id, path=path)
+    return PredictionRecord(stats, str(record.get("scale", "unknown")), int(samples))
+
+
+def read_draws(case: PreprocessedCase, pred_dir: Path, record: PredictionRecord, mode: str) -> list[np.ndarray]:
+    """The stored volumes (`read_prediction`) of the draws `mode` measures: every sample the record
+    lists ("all") or draw 0 ("first"). A listed sample's missing file is a DataError naming it."""
+    draws = []
+    for k in range(record.samples if mode == "all" else 1):
+        paths = sample_paths(pred_dir, case.case_id, k)
+        for name, path in paths.items():
+            if not path.is_file():
+                raise DataError(f"missing synthesized {name.upper()} file of sample {k} (the synthesis record lists "
+                                f"{record.samples} samples; --samples first measures sample 0 alone)",
+                                case=case.case_id, path=path)
+        draws.append(read_prediction(case, paths))
+    return draws
 
 
 def _normalize(pred: np.ndarray, stats: tuple[VolumeStats, VolumeStats]) -> np.ndarray:
@@ -456,6 +499,7 @@ def evaluate(
     picker = _FigurePicker(figure_cases, list(figure_slices))
 
     scales_found: dict[str, dict[str, int]] = {run.label: {} for run in runs}  # cases per scale of the records
+    draws_found: dict[str, dict[int, int]] = {run.label: {} for run in runs}  # cases per number of draws measured
     for case_files, _ in tqdm(pairs, desc="evaluate", unit="case", disable=not progress):
         volumes = load_case(case_files)
         # (the metrics leave the CTP out: a reference CTP of other timing needs no word here)
@@ -470,14 +514,18 @@ def evaluate(
                 feature_stats["reference"][ch].update(extract_features(extractor, _extractor_input(case.target[:, c])))
         predictions = {}
         for run, paths in zip(runs, run_paths):
-            written_with, scale = prediction_stats(case.case_id, paths[case.case_id])
-            scales_found[run.label][scale] = scales_found[run.label].get(scale, 0) + 1
-            preds = _predictions(read_prediction(case, paths[case.case_id]), written_with, case)
-            predictions[run.label] = preds["normalized"]
-            _add_rows(run, case, preds, refs, ranges, options)
+            record = prediction_record(case.case_id, paths[case.case_id])
+            scales_found[run.label][record.scale] = scales_found[run.label].get(record.scale, 0) + 1
+            draws = [_predictions(stored, record.stats, case)
+                     for stored in read_draws(case, run.pred_dir, record, options.samples)]
+            draws_found[run.label][len(draws)] = draws_found[run.label].get(len(draws), 0) + 1
+            predictions[run.label] = draws[0]["normalized"]
+            _add_rows(run, case, draws, refs, ranges, options)
             if feature_stats is not None:
-                for c, ch in enumerate(CHANNELS):
-                    feature_stats[run.label][ch].update(extract_features(extractor, _extractor_input(preds["normalized"][:, c])))
+                for preds in draws:
+                    for c, ch in enumerate(CHANNELS):
+                        feature_stats[run.label][ch].update(
+                            extract_features(extractor, _extractor_input(preds["normalized"][:, c])))
         for i in figure_at:
             frame = _peak_frame(case.ctp[i], case.mask[i])
             picker.offer(FigureSlice(
@@ -500,6 +548,10 @@ def evaluate(
                         "(scale 'unit' or 'model') mapped onto the reference's",
         },
         "prediction_scales": scales_found,
+        "samples": options.samples,
+        "samples_meaning": ("a case's values are the means over its draws (synthesize --samples); FID takes every "
+                            "draw's slices; figures show draw 0" if options.samples == "all" else "draw 0 of each case"),
+        "draws_per_case": {label: {str(k): n for k, n in sorted(found.items())} for label, found in draws_found.items()},
         "region": options.region,
         "region_meaning": "whole slice" if options.region == "slice" else "brain mask only",
         "ms_ssim": {"window": image.WINDOW_SIZE, "sigma": image.WINDOW_SIGMA, "weights": list(options.ms_ssim_weights)},
@@ -523,16 +575,20 @@ def _check_ms_ssim_fits(case: PreprocessedCase, scales: int) -> None:
                          + (f" (at most {fits} scales fit: --ms-ssim-scales {fits})" if fits else ""))
 
 
-def _add_rows(run: RunResult, case: PreprocessedCase, preds, refs, ranges, options: EvaluateOptions) -> None:
-    """Append the case's per-slice and per-volume rows to the run."""
+def _add_rows(run: RunResult, case: PreprocessedCase, draws: list[dict], refs, ranges, options: EvaluateOptions
+              ) -> None:
+    """Append the case's per-slice and per-volume rows to the run: each value the mean over the
+    draws (`_predictions` of each) of that draw's value."""
     n = len(case.slice_index)
     lesion_px = case.lesion.sum(axis=(1, 2))
     slice_rows = [{"case_id": case.case_id, "slice": int(z), "lesion_pixels": int(lp)}
                   for z, lp in zip(case.slice_index, lesion_px)]
     case_row = {"case_id": case.case_id, "n_slices": n, "lesion_voxels": int(lesion_px.sum())}
     for scale in SCALES:
-        per_slice = slice_metrics(preds[scale], refs[scale], case.mask, case.lesion, ranges[scale], options)
-        per_volume = volume_metrics(per_slice, ranges[scale])
+        per_draw = [slice_metrics(preds[scale], refs[scale], case.mask, case.lesion, ranges[scale], options)
+                    for preds in draws]
+        per_slice = _mean_over_draws(per_draw)
+        per_volume = _mean_over_draws([volume_metrics(m, ranges[scale]) for m in per_draw])
         for c, channel in enumerate(CHANNELS):
             for metric in METRICS:
                 key = column(scale, channel, metric)
@@ -541,6 +597,12 @@ def _add_rows(run: RunResult, case: PreprocessedCase, preds, refs, ranges, optio
                 case_row[key] = float(per_volume[metric][c])
     run.slice_rows.extend(slice_rows)
     run.case_rows.append(case_row)
+
+
+def _mean_over_draws(values: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Key by key, the mean of the draws' arrays (NaN where undefined stays NaN: a lesion MAE is
+    undefined in every draw or in none)."""
+    return {key: np.mean([v[key] for v in values], axis=0) for key in values[0]}
 
 
 def _fid(feature_stats, label: str, unavailable: str) -> dict:

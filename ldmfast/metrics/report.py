@@ -57,6 +57,17 @@ def _panel(path: Path, rgb: np.ndarray) -> str:
     return f'<img src="figures/{html.escape(path.name)}" alt="{html.escape(path.stem)}">'
 
 
+def _draws_text(settings: dict) -> str:
+    """A sentence on the draws measured per case where some case had more than one (else "")."""
+    draws = settings.get("draws_per_case", {})
+    if all(set(found) <= {"1"} for found in draws.values()):
+        return ""
+    per_run = "; ".join(f"{html.escape(label)}: " + ", ".join(f"{n} case(s) x {k}" for k, n in found.items())
+                        for label, found in draws.items())
+    return (f"Several synthesized samples per case ({per_run}): every value is the mean over a case's draws; the "
+            "figures show draw 0, with the slice's mean values under them. ")
+
+
 def _figure_html(fig: FigureSlice, labels: list[str], folder: Path, error_max: float, metrics: dict) -> str:
     """Rows DWI and ADC; columns CTP, reference, then each run's synthesis and error map."""
     stem = f"{fig.case_id}_z{fig.z:03d}"
@@ -184,7 +195,8 @@ def write_report(out_dir: str | os.PathLike, evaluation: Evaluation, *, error_ma
     parts.append(
         f"<p class=note>Reference: {html.escape(settings['reference'])}. Runs: {runs_text}. "
         f"{info['runs'][labels[0]]['n_cases']} cases, {info['runs'][labels[0]]['n_slices']} slices. "
-        f"Region: {html.escape(settings['region_meaning'])}. Written {datetime.datetime.now():%Y-%m-%d %H:%M}.</p>")
+        f"Region: {html.escape(settings['region_meaning'])}. {_draws_text(settings)}"
+        f"Written {datetime.datetime.now():%Y-%m-%d %H:%M}.</p>")
     if evaluation.not_predicted:
         parts.append(f"<p class=note>Reference cases without prediction (not evaluated): "
                      f"{html.escape(', '.join(evaluation.not_predicted))}.</p>")

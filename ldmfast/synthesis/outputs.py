@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
-from ldmfast.data import derived_header, output_paths, save_nifti_atomic
+from ldmfast.data import derived_header, sample_paths, save_nifti_atomic
 from ldmfast.data.atomic import atomic_path
 from ldmfast.data.writer import OUTPUT_CHANNELS, SYNTHESIS_RECORD, synthesized_volume
 
@@ -27,13 +27,6 @@ from .cases import SynthesisCase
 RECORD_NAME = SYNTHESIS_RECORD
 _TEMP_PREFIX = ".tmp-"  # ldmfast.data.atomic's temporary names
 _SAMPLE_FILE = re.compile(r"^(?:%s)_s(\d+)\.nii\.gz$" % "|".join(OUTPUT_CHANNELS))
-
-
-def sample_paths(out_dir: str | os.PathLike, case_id: str, sample: int) -> dict[str, Path]:
-    """{"dwi": path, "adc": path} of one sample of a case."""
-    if sample == 0:
-        return output_paths(out_dir, case_id)
-    return {name: Path(out_dir) / case_id / f"{name}_s{sample}.nii.gz" for name in OUTPUT_CHANNELS}
 
 
 def read_record(out_dir: str | os.PathLike, case_id: str) -> dict | None:
