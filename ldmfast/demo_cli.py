@@ -62,8 +62,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
         if args.samples is not None and args.samples < 1:
             raise ValueError(f"--samples: must be >= 1, got {args.samples}")
         settings = DemoSettings(output_dir=Path(args.output), device=args.device, steps=_parse_steps(args.steps),
-                                sample_steps=args.sample_steps, progress=not args.quiet,
-                                **({} if args.samples is None else {"samples": args.samples}))
+                                sample_steps=args.sample_steps, progress=not args.quiet)
+        if args.samples is not None:  # (else the demo's default, kept in one place)
+            settings.samples = args.samples
         run_demo(settings)
     except (ValueError, ConfigError, DataError, RuntimeError) as err:
         print(f"ldmfast demo: error: {err}", file=sys.stderr)

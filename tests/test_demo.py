@@ -106,6 +106,9 @@ def test_a_second_demo_in_the_same_folder_is_refused(capsys, tmp_path):
 def test_bad_steps_are_refused(capsys, tmp_path):
     assert main(["demo", "--output", str(tmp_path), "--steps", "unet=3"]) == 2
     assert "--steps" in capsys.readouterr().err
+    assert main(["demo", "--output", str(tmp_path), "--samples", "0"]) == 2
+    assert "--samples: must be >= 1, got 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before the folder was touched
 
 
 def test_summary_table_marks_the_direction_of_each_metric():
