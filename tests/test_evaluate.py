@@ -325,6 +325,7 @@ def test_several_samples_per_case_are_averaged_over_their_draws(runs, tmp_path):
     assert result.settings["samples"] == "all"
     assert result.settings["draws_per_case"] == {"two": {"2": 3}, "d0": {"1": 3}, "d1": {"1": 3}}
     two, d0, d1 = result.runs
+    assert [r["draws"] for r in two.case_rows] == [2] * 3 and d0.case_rows[0]["draws"] == 1  # (cases.csv's column)
     keys = [k for k in two.case_rows[0] if k.startswith(("normalized_", "original_"))]
     assert len(keys) == 20
     for level in ("case_rows", "slice_rows"):

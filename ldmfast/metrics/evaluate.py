@@ -583,7 +583,7 @@ def _add_rows(run: RunResult, case: PreprocessedCase, draws: list[dict], refs, r
     lesion_px = case.lesion.sum(axis=(1, 2))
     slice_rows = [{"case_id": case.case_id, "slice": int(z), "lesion_pixels": int(lp)}
                   for z, lp in zip(case.slice_index, lesion_px)]
-    case_row = {"case_id": case.case_id, "n_slices": n, "lesion_voxels": int(lesion_px.sum())}
+    case_row = {"case_id": case.case_id, "n_slices": n, "lesion_voxels": int(lesion_px.sum()), "draws": len(draws)}
     for scale in SCALES:
         per_draw = [slice_metrics(preds[scale], refs[scale], case.mask, case.lesion, ranges[scale], options)
                     for preds in draws]
