@@ -9,6 +9,7 @@ _EXAMPLE = """examples:
   ldmfast demo                          # everything, on the CPU or the GPU, in minutes
   ldmfast demo --output runs/demo --device cpu
   ldmfast demo --steps ldm=100,posttrain=20 --sample-steps 5   # a quicker, rougher look
+  ldmfast demo --output ldmfast-demo-seed1 --seed 1              # another run: other phantom cases and models
 
 What it does: generates a phantom data set (CTP, DWI, ADC, brain and lesion masks), trains a small
 VQGAN, a cLDM on its latents, post-trains the cLDM with the lesion-aware loss, synthesizes DWI/ADC
@@ -31,6 +32,9 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=None, metavar="N",
                       help="draws per held-out case that the metrics average (default 16: one draw's noise exceeds "
                       "the models' difference)")
+    demo.add_argument("--seed", type=int, default=0, metavar="N",
+                      help="seed of the phantom data, the split and the training (default 0); another seed is "
+                      "another whole run")
     demo.add_argument("--quiet", action="store_true", help="no progress bars or stage messages (the results still)")
     demo.set_defaults(func=run_demo_command)
     return demo
@@ -59,10 +63,12 @@ def run_demo_command(args: argparse.Namespace) -> int:
     try:
         if args.sample_steps < 1:
             raise ValueError(f"--sample-steps: must be >= 1, got {args.sample_steps}")
+        if not 0 <= args.seed < 2**31:
+            raise ValueError(f"--seed: must be in [0, 2^31), got {args.seed}")
         if args.samples is not None and args.samples < 1:
             raise ValueError(f"--samples: must be >= 1, got {args.samples}")
         settings = DemoSettings(output_dir=Path(args.output), device=args.device, steps=_parse_steps(args.steps),
-                                sample_steps=args.sample_steps, progress=not args.quiet)
+                                sample_steps=args.sample_steps, seed=args.seed, progress=not args.quiet)
         if args.samples is not None:  # (else the demo's default, kept in one place)
             settings.samples = args.samples
         run_demo(settings)

@@ -108,6 +108,8 @@ def test_bad_steps_are_refused(capsys, tmp_path):
     assert "--steps" in capsys.readouterr().err
     assert main(["demo", "--output", str(tmp_path), "--samples", "0"]) == 2
     assert "--samples: must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["demo", "--output", str(tmp_path), "--seed", "-1"]) == 2
+    assert "--seed: must be in [0, 2^31), got -1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before the folder was touched
 
 
