@@ -98,7 +98,10 @@ def stale_outputs(old: dict, new: dict) -> tuple[list[str], str] | None:
         return ["phantom", "cache", *STAGES, *RESULTS], f"data {old.get('data')} -> {new['data']}"
     for i, stage in enumerate(STAGES):
         was, now = old["stages"][stage], new["stages"][stage]
-        if was.get("config") != now["config"]:  # (records of older demos have none)
+        if "config" not in was:  # nothing tells which of its configurations differ from these
+            return [stage, *STAGES[i + 1:], *RESULTS], ("its demo.json, from an older ldmfast, does not record the "
+                                                        "stages' configurations")
+        if was["config"] != now["config"]:
             return [stage, *STAGES[i + 1:], *RESULTS], f"{stage}'s demo configuration changed (another ldmfast version)"
         if was != now:
             goes_on = now["steps"] > was["steps"] and now["overrides"] == was["overrides"]

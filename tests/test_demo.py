@@ -132,7 +132,8 @@ def test_a_changed_shipped_configuration_redoes_its_stage_and_what_follows():
     assert folders == ["ldm", "posttrain", *RESULTS] and "ldm's demo configuration changed" in change
     for stage in STAGES:
         del old["stages"][stage]["config"]
-    assert stale_outputs(old, new)[0] == [*STAGES, *RESULTS]
+    assert stale_outputs(old, new) == ([*STAGES, *RESULTS], "its demo.json, from an older ldmfast, does not record "
+                                                            "the stages' configurations")
     old = json.loads(json.dumps(new))
     del old["samples"]  # an older demo: one draw per case
     assert stale_outputs(old, new) == (list(RESULTS), "samples 1 -> 16")

@@ -363,3 +363,17 @@ def test_a_missing_sample_or_a_bad_sample_count_is_named(runs, tmp_path):
     _write_draws(runs, tmp_path / "bad", 1, record_samples="2")
     with pytest.raises(DataError, match="'samples' must be an integer >= 1, got '2'"):
         evaluate(runs / "ref", [("bad", tmp_path / "bad")], OPTIONS, progress=False, figure_cases=0)
+
+
+def test_fid_counts_every_draw_and_runs_of_other_counts_are_not_compared(runs, tmp_path):
+    torch.manual_seed(0)
+    model = _TinyExtractor().eval()
+    _write_draws(runs, tmp_path / "two", 2)
+    result = evaluate(runs / "ref", [("base", runs / "base"), ("two", tmp_path / "two")], OPTIONS, extractor=model,
+                      progress=False, figure_cases=0)
+    base, two = (run.fid for run in result.runs)
+    assert two["n_slices"] == 2 * base["n_slices"] == 2 * len(result.runs[0].slice_rows)
+    assert "fid" not in summary(result)["differences"]["two - base"]  # FID depends on the count
+    html = write_report(tmp_path / "eval", result).read_text()
+    assert f"over {base['n_slices']} slices (base), {two['n_slices']} slices (two)" in html
+    assert "do not compare" in html

@@ -85,6 +85,27 @@ def test_a_rerun_skips_finished_cases(setup, reference_run):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
 
 
+def test_a_rerun_asking_fewer_samples_keeps_the_first_of_each_finished_case(setup, reference_run, tmp_path):
+    # Sample k does not depend on how many were asked: a rerun with fewer keeps the first ones, and
+    # the folder becomes what a run of that count writes (records included), so that evaluation,
+    # which measures the samples a record lists, sees one count in every case.
+    import shutil
+
+    out, _ = reference_run
+    shutil.copytree(out, tmp_path / "kept")
+    def one_sample(out):
+        args = list(synth_args(setup, out))
+        args[args.index("--samples") + 1] = 1
+        return args
+
+    again = run_cli(*one_sample(tmp_path / "kept"))
+    assert again.returncode == 0, again.stderr
+    assert "written 0 cases" in again.stdout and f"skipped {CASES}" in again.stdout
+    fresh = run_cli(*one_sample(tmp_path / "fresh"))
+    assert fresh.returncode == 0, fresh.stderr
+    assert_same_outputs(tmp_path / "kept", tmp_path / "fresh")
+
+
 def _kill_after_a_new_record(args, out, sig) -> tuple[int, str]:
     """Start a run, send `sig` once a case record appears that was not there before; the exit status
     and what the run wrote to stderr."""

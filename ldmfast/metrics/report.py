@@ -133,8 +133,14 @@ def _fid_html(info: dict, labels: list[str], features: str | None) -> str:
     if not any(runs[label]["fid"]["available"] for label in labels):
         reason = runs[labels[0]]["fid"]["reason"]
         return f"<p>FID unavailable: {html.escape(reason)}.</p>"
-    n = max(runs[label]["fid"].get("n_slices", 0) for label in labels)
-    note = (f"<p class=note>Fréchet distance of {html.escape(features or 'extractor')} over {n} slices per run "
+    counts = {label: runs[label]["fid"]["n_slices"] for label in labels if runs[label]["fid"]["available"]}
+    n = min(counts.values())
+    if len(set(counts.values())) == 1:
+        over = f"over {n} slices per run"
+    else:  # (several draws per case count each draw's slices)
+        over = ("over " + ", ".join(f"{k} slices ({html.escape(label)})" for label, k in counts.items())
+                + " per channel, FID depending on that count: the runs' values do not compare")
+    note = (f"<p class=note>Fréchet distance of {html.escape(features or 'extractor')} {over} "
             "and channel, normalized scale; lower is better. Values from other extractors or weights do not compare"
             + (f"; with fewer slices than the {FEATURE_DIM} feature dimensions FID is biased upwards and compares only "
                "between runs of the same slice count" if n < FEATURE_DIM else "") + ".</p>")

@@ -65,7 +65,9 @@ def summary(evaluation: Evaluation) -> dict:
         out["differences"] = {}
         for run in evaluation.runs[1:]:
             diff = differences(runs[base.label]["dataset"], runs[run.label]["dataset"])
-            if base.fid.get("available") and run.fid.get("available"):
+            # FID depends on the slice count (draws included): only runs of the same count compare.
+            if (base.fid.get("available") and run.fid.get("available")
+                    and base.fid["n_slices"] == run.fid["n_slices"]):
                 diff["fid"] = {ch: {"difference": run.fid[ch] - base.fid[ch], "improved": run.fid[ch] < base.fid[ch]}
                                for ch in ("dwi", "adc")}
             out["differences"][f"{run.label} - {base.label}"] = diff

@@ -67,6 +67,27 @@ def case_complete(out_dir: str | os.PathLike, case_id: str, samples: int, record
     return True
 
 
+def keep_first_samples(out_dir: str | os.PathLike, case_id: str, samples: int, record: dict) -> None:
+    """Make a finished case of more samples one of its first `samples`, as a rerun asking fewer
+    would have written it (sample k's seeds do not depend on how many were asked): the record,
+    rewritten first, lists only those and says `samples`; then the further files go. Evaluation
+    measures the samples a record lists, so the folder's cases keep one count."""
+    keep = {path.name for k in range(samples) for path in sample_paths(out_dir, case_id, k).values()}
+    case_dir = Path(out_dir) / case_id
+    trimmed = {**record, "samples": samples, "files": [name for name in record.get("files", []) if name in keep]}
+    with atomic_path(case_dir / RECORD_NAME) as tmp:
+        tmp.write_text(json.dumps(trimmed, indent=1) + "\n")
+    remove_samples_from(case_dir, samples)
+
+
+def remove_samples_from(case_dir: Path, first: int) -> None:
+    """Delete a case's sample files of sample `first` on (`first` >= 1: sample 0 is the case)."""
+    for path in case_dir.iterdir():
+        match = _SAMPLE_FILE.match(path.name)
+        if match and int(match.group(1)) >= first:
+            path.unlink(missing_ok=True)
+
+
 def remove_stale_temporaries(case_dir: Path) -> None:
     """Delete temporary files a killed run left in a case folder. Only one process writes a
     case, so any temporary there at the start of its writing is a dead run's."""
@@ -100,10 +121,7 @@ def write_case(out_dir: str | os.PathLike, case: SynthesisCase, images: np.ndarr
         for channel, name in enumerate(OUTPUT_CHANNELS):
             volume = synthesized_volume(images[sample, :, channel], prepared, case.stats[name])
             written.append(save_nifti_atomic(volume, prepared.affine, header, paths[name]))
-    for path in case_dir.iterdir():  # an earlier run's further samples are not this run's
-        match = _SAMPLE_FILE.match(path.name)
-        if match and int(match.group(1)) >= images.shape[0]:
-            path.unlink(missing_ok=True)
+    remove_samples_from(case_dir, images.shape[0])  # an earlier run's further samples are not this run's
     record = {**record, "case_id": case.case_id, "scale": case.scale,
               "stats": {name: [s.low, s.high] for name, s in case.stats.items()},
               "slice_index": [int(i) for i in prepared.slice_index],

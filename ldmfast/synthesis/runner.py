@@ -30,7 +30,7 @@ from .batching import Batch, CaseJob, SliceBatcher, scatter
 from .cases import SynthesisCase, prepare_case
 from .config import (SynthesisConfig, check_against_model, check_output_overlap, check_paths, model_multiple,
                      read_intensity_stats, read_model_config)
-from .outputs import case_complete, read_record, record_conflict, write_case
+from .outputs import case_complete, keep_first_samples, read_record, record_conflict, write_case
 from .seeds import slice_seed
 
 
@@ -325,6 +325,8 @@ def completed_cases(config: SynthesisConfig, settings: dict, cases) -> set[str]:
             conflicts[files.case_id] = conflict
         elif case_complete(config.output, files.case_id, config.samples, record):
             complete.add(files.case_id)
+            if record.get("samples", 1) > config.samples:  # kept, as a run of this count would have written it
+                keep_first_samples(config.output, files.case_id, config.samples, record)
     if conflicts:
         case_id, conflict = next(iter(conflicts.items()))
         raise ConfigError("output", f"{config.output}: {len(conflicts)} case(s) there were synthesized with other "
