@@ -42,7 +42,9 @@ class DemoSettings:
 
     output_dir: Path = Path("ldmfast-demo")
     device: str = "auto"
-    cases: int = 16
+    # 24: six held-out cases (val_fraction 0.25); with 16, four volumes left the global metrics'
+    # sign to chance (see SAMPLES) and a second seed ended with MAE +0.0009 where 24 cases give -0.005.
+    cases: int = 24
     shape: tuple[int, int, int] = (64, 64, 8)
     seed: int = 0
     sample_steps: int = 10
