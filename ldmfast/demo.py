@@ -28,7 +28,7 @@ LESION_RECONSTRUCTED = 0.5
 # Draws per held-out case that the table averages: the base and the post-trained model differ by
 # less than one draw's noise (4 volumes of 8 slices; per draw, the MAE difference spread 0.004 in
 # two runs whose 8-draw means were -0.002 and -0.003), so a single draw's sign is a coin toss.
-# Synthesis of a draw is cheap (32 slices x 10 DDIM steps, about a second on 2 cores).
+# Synthesis of a draw is cheap (the 48 held-out slices x 10 DDIM steps: about a second on 2 cores).
 SAMPLES = 16
 SUMMARY_METRICS = (("mae", "MAE", "lower"), ("psnr", "PSNR (dB)", "higher"), ("ms_ssim", "MS-SSIM", "higher"),
                    ("lesion_mae", "lesion MAE", "lower"))

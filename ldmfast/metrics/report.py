@@ -135,13 +135,12 @@ def _fid_html(info: dict, labels: list[str], features: str | None) -> str:
         return f"<p>FID unavailable: {html.escape(reason)}.</p>"
     counts = {label: runs[label]["fid"]["n_slices"] for label in labels if runs[label]["fid"]["available"]}
     n = min(counts.values())
-    if len(set(counts.values())) == 1:
-        over = f"over {n} slices per run"
-    else:  # (several draws per case count each draw's slices)
-        over = ("over " + ", ".join(f"{k} slices ({html.escape(label)})" for label, k in counts.items())
-                + " per channel, FID depending on that count: the runs' values do not compare")
-    note = (f"<p class=note>Fréchet distance of {html.escape(features or 'extractor')} {over} "
+    same = len(set(counts.values())) == 1
+    over = (f"{n} slices per run" if same  # (several draws per case count each draw's slices)
+            else ", ".join(f"{k} slices ({html.escape(label)})" for label, k in counts.items()))
+    note = (f"<p class=note>Fréchet distance of {html.escape(features or 'extractor')} over {over} "
             "and channel, normalized scale; lower is better. Values from other extractors or weights do not compare"
+            + ("" if same else "; nor do these runs' values, FID depending on the slice count")
             + (f"; with fewer slices than the {FEATURE_DIM} feature dimensions FID is biased upwards and compares only "
                "between runs of the same slice count" if n < FEATURE_DIM else "") + ".</p>")
     rows = ["<tr><th class=name>run</th>" + "".join(f"<th>FID {c.upper()}</th>" for c in CHANNELS) + "</tr>"]
