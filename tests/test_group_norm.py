@@ -366,8 +366,32 @@ def test_cpu_kernel_variants_for_other_cpus(isa):
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_contiguous_group_ranges_over_thread_counts(dtype, request):
+    """The contiguous CPU kernels give each thread a contiguous range of groups and run a group's first
+    pass in the same loop as the previous group's second: ranges of one group (2 groups, 3 threads),
+    uneven ranges (15 groups), rows of whole vectors, rows over one block that end in a partial vector,
+    rows of 168 (12x14). Every thread count gives the same bits."""
+    shapes = [((1, 2, 4, 8), 2), ((5, 6, 4, 8), 3), ((2, 4, 23, 29), 2), ((2, 6, 12, 14), 3)]
+    before = torch.get_num_threads()
+    try:
+        for shape, groups in shapes:
+            x, w, b, dy = make_inputs(shape, dtype, "cpu", fresh_seed(request))
+            for activation in ("silu", None):
+                results = []
+                for threads in (1, 2, 3):
+                    torch.set_num_threads(threads)
+                    results.append(check_all("cpu", x, groups, w, b, dy, activation))
+                for y, grads in results[1:]:
+                    assert torch.equal(y, results[0][0]), (shape, activation)
+                    assert all(torch.equal(g, g0) for g, g0 in zip(grads, results[0][1])), (shape, activation)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpu_backward_of_a_group_too_large_for_its_scratch_buffer(request):
-    """Groups over 4M elements recompute the SiLU derivative instead of buffering it."""
+    """Groups over 2M elements (the per-thread buffer holds two groups of 2M floats) recompute the
+    SiLU derivative instead of buffering it."""
     x, w, b, dy = make_inputs((1, 2, 1500, 1400), torch.float32, "cpu", fresh_seed(request))
     check_all("cpu", x, 1, w, b, dy, "silu")
 
