@@ -309,6 +309,13 @@ LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
   }
 }
 
+// Whether the contiguous kernels pair one group's first pass with the previous group's second:
+// float32 only. 16-bit data (half the memory traffic, conversions in the loop) ran no faster paired,
+// or slower (bfloat16 forward 0.40 -> 0.49 ns per element at (4, 896, 24x28), backward 0.72 -> 0.79
+// at (2, 512, 48x56)), so it runs the passes of each group one after the other.
+template <typename T>
+constexpr bool kPairsGroups = std::is_same_v<T, float>;
+
 // ---- forward, contiguous, pipelined: the statistics of a group in the same loop as the normalization
 // of the one before
 
@@ -339,14 +346,9 @@ template <typename T, bool kSilu, bool kAvx2, bool kStats, bool kNorm, bool kFol
 LDMFAST_AI void fwd_contig_rows(StatsRow<T>& p, const NormRow<T>& q, int64_t s) {
   float xb[kBlock], xq[kBlock];
   auto row = [&](int64_t from, int64_t len, auto skip) {
-    const InStage<T>* __restrict xv = nullptr;
-    const InStage<T>* __restrict xv2 = nullptr;
-    OutStage<T>* __restrict yv = nullptr;
-    if constexpr (kStats) xv = view_in<T, kAvx2>(p.x + from, xb, len);
-    if constexpr (kNorm) {
-      xv2 = view_in<T, kAvx2>(q.x + from, xq, len);
-      yv = view_out<T>(q.y + from, xq);
-    }
+    const InStage<T>* __restrict xv = kStats ? view_in<T, kAvx2>(p.x + from, xb, len) : nullptr;
+    const InStage<T>* __restrict xv2 = kNorm ? view_in<T, kAvx2>(q.x + from, xq, len) : nullptr;
+    OutStage<T>* __restrict yv = kNorm ? view_out<T>(q.y + from, xq) : nullptr;
     const float k = p.k, mean = q.mean, sc = q.sc, sh = q.sh, bc = q.bc;
     float a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
@@ -370,46 +372,45 @@ LDMFAST_AI void fwd_contig_rows(StatsRow<T>& p, const NormRow<T>& q, int64_t s) 
   for (int64_t off = 0; off < s; off += kBlock) over_vectors(off, std::min(kBlock, s - off), row);
 }
 
-template <typename T, bool kSilu, bool kAvx2, bool kFold>
-LDMFAST_AI void fwd_contig_row_pair(bool stats, bool norm, StatsRow<T>& p, const NormRow<T>& q, int64_t s) {
-  if (stats && norm) return fwd_contig_rows<T, kSilu, kAvx2, true, true, kFold>(p, q, s);
-  if (stats) return fwd_contig_rows<T, kSilu, kAvx2, true, false, kFold>(p, q, s);
-  fwd_contig_rows<T, kSilu, kAvx2, false, true, kFold>(p, q, s);
+// One loop over the rows of group si's statistics (kStats) and group di's normalization (kNorm);
+// which passes run is a template argument, as in the backward's bwd_contig_step below.
+template <typename T, bool kSilu, bool kAvx2, bool kStats, bool kNorm>
+LDMFAST_AI void fwd_contig_step(const FwdArgs& a, int64_t si, int64_t di) {
+  const Sizes& z = a.z;
+  const int64_t m = z.m();
+  const T* xs = static_cast<const T*>(a.x) + si * m;
+  const float k = kStats ? to_float(xs[0]) : 0.0f;
+  const float mean = kNorm ? a.mean[di] : 0.0f, rstd = kNorm ? a.rstd[di] : 0.0f;
+  const bool fold = folds(mean, rstd);
+  double s1 = 0, s2 = 0;
+  for (int64_t j = 0; j < z.cg; ++j) {
+    StatsRow<T> p{};
+    NormRow<T> q{};
+    if constexpr (kStats) p = StatsRow<T>{xs + j * z.s, k};
+    if constexpr (kNorm) {
+      const int64_t c = di % z.groups * z.cg + j;
+      const float sc = rstd * a.weight[c];
+      q = NormRow<T>{static_cast<const T*>(a.x) + di * m + j * z.s, static_cast<T*>(a.y) + di * m + j * z.s, mean, sc,
+                     a.bias[c] - mean * sc, a.bias[c]};
+    }
+    if (fold) {
+      fwd_contig_rows<T, kSilu, kAvx2, kStats, kNorm, true>(p, q, z.s);
+    } else {
+      fwd_contig_rows<T, kSilu, kAvx2, kStats, kNorm, false>(p, q, z.s);
+    }
+    s1 += p.s1;
+    s2 += p.s2;
+  }
+  if constexpr (kStats) finish_stats(s1, s2, static_cast<double>(m), k, a.eps, &a.mean[si], &a.rstd[si]);
 }
 
-// Groups [first, last) of a thread.
+// Groups [first, last) of a thread (float32: see kPairsGroups).
 template <typename T, bool kSilu, bool kAvx2>
 LDMFAST_AI void fwd_contig_range(const FwdArgs& a, int64_t first, int64_t last) {
   if (first >= last) return;
-  const Sizes& z = a.z;
-  const int64_t m = z.m();
-  NormRow<T> q{};
-  for (int64_t item = first; item <= last; ++item) {
-    const bool stats = item < last, norm = item > first;
-    const int64_t prev = item - 1;
-    const T* xg = static_cast<const T*>(a.x) + item * m;
-    const float k = stats ? to_float(xg[0]) : 0.0f;
-    const float mean = norm ? a.mean[prev] : 0.0f, rstd = norm ? a.rstd[prev] : 0.0f;
-    const bool fold = folds(mean, rstd);
-    double s1 = 0, s2 = 0;
-    for (int64_t j = 0; j < z.cg; ++j) {
-      StatsRow<T> p{xg + j * z.s, k};
-      if (norm) {
-        const int64_t c = prev % z.groups * z.cg + j;
-        const float sc = rstd * a.weight[c];
-        q = NormRow<T>{static_cast<const T*>(a.x) + prev * m + j * z.s, static_cast<T*>(a.y) + prev * m + j * z.s,
-                       mean, sc, a.bias[c] - mean * sc, a.bias[c]};
-      }
-      if (fold) {
-        fwd_contig_row_pair<T, kSilu, kAvx2, true>(stats, norm, p, q, z.s);
-      } else {
-        fwd_contig_row_pair<T, kSilu, kAvx2, false>(stats, norm, p, q, z.s);
-      }
-      s1 += p.s1;
-      s2 += p.s2;
-    }
-    if (stats) finish_stats(s1, s2, static_cast<double>(m), k, a.eps, &a.mean[item], &a.rstd[item]);
-  }
+  fwd_contig_step<T, kSilu, kAvx2, true, false>(a, first, -1);
+  for (int64_t item = first + 1; item < last; ++item) fwd_contig_step<T, kSilu, kAvx2, true, true>(a, item, item - 1);
+  fwd_contig_step<T, kSilu, kAvx2, false, true>(a, -1, last - 1);
 }
 
 // ---- forward, channels-last: partial sums per (sample, chunk of rows), then normalize ----------
@@ -581,22 +582,12 @@ template <typename T, bool kSilu, bool kAvx2, bool kSums, bool kDx>
 LDMFAST_AI void bwd_contig_rows(SumsRow<T>& p, const DxRow<T>& q, int64_t s) {
   float xb[kBlock], db[kBlock], xq[kBlock];
   auto row = [&](int64_t from, int64_t len, auto skip) {
-    const InStage<T>* __restrict xv = nullptr;
-    const InStage<T>* __restrict dv = nullptr;
-    float* __restrict gout = nullptr;
-    const InStage<T>* __restrict xv2 = nullptr;
-    OutStage<T>* __restrict ov = nullptr;
-    const float* __restrict gin = nullptr;
-    if constexpr (kSums) {
-      xv = view_in<T, kAvx2>(p.x + from, xb, len);
-      dv = view_in<T, kAvx2>(p.dy + from, db, len);
-      gout = p.g + from;
-    }
-    if constexpr (kDx) {
-      xv2 = view_in<T, kAvx2>(q.x + from, xq, len);
-      ov = view_out<T>(q.dx + from, xq);
-      gin = q.g + from;
-    }
+    const InStage<T>* __restrict xv = kSums ? view_in<T, kAvx2>(p.x + from, xb, len) : nullptr;
+    const InStage<T>* __restrict dv = kSums ? view_in<T, kAvx2>(p.dy + from, db, len) : nullptr;
+    float* __restrict gout = kSums ? p.g + from : nullptr;
+    const InStage<T>* __restrict xv2 = kDx ? view_in<T, kAvx2>(q.x + from, xq, len) : nullptr;
+    OutStage<T>* __restrict ov = kDx ? view_out<T>(q.dx + from, xq) : nullptr;
+    const float* __restrict gin = kDx ? q.g + from : nullptr;
     const float mean = p.mean, sc = p.sc, bc = p.bc;
     const float mean2 = q.mean, sc2 = q.sc, cb = q.cb, cd = q.cd;
     float a1 = 0, a2 = 0;
@@ -621,57 +612,74 @@ LDMFAST_AI void bwd_contig_rows(SumsRow<T>& p, const DxRow<T>& q, int64_t s) {
   for (int64_t off = 0; off < s; off += kBlock) over_vectors(off, std::min(kBlock, s - off), row);
 }
 
-// Groups [first, last) of a thread, each group's g in one half of the thread's buffer (2 m floats).
+// The backward's state across the groups of one thread's range: each group's g in one half of the
+// thread's buffer (paired) or the whole of it, and the dx coefficients of the group in each half.
+struct BwdRange {
+  int64_t first;
+  int64_t halves;  // 2 where the passes of two groups run paired, else 1 (g of one group in cache)
+  float* gbuf;     // halves * m floats
+  float cb[2] = {0, 0}, cd[2] = {0, 0};
+};
+
+// One loop over the rows of pass 1 of group si (kSums) and pass 2 of group di (kDx). A function, not
+// a lambda: GCC compiles a lambda that it does not inline for the baseline ISA, whatever the
+// enclosing function's target (3x slower here). Which passes run is a template argument: with
+// run-time flags, GCC left the bfloat16 loops of the unpaired schedule scalar (5 ns per element).
+template <typename T, bool kSilu, bool kAvx2, bool kSums, bool kDx>
+LDMFAST_AI void bwd_contig_step(const BwdArgs& a, BwdRange& r, int64_t si, int64_t di) {
+  const Sizes& z = a.z;
+  const int64_t m = z.m();
+  const int64_t hs = (si - r.first) % r.halves, hd = (di - r.first) % r.halves;
+  const float mean = kSums ? a.mean[si] : 0.0f, rstd = kSums ? a.rstd[si] : 0.0f;
+  const float mean2 = kDx ? a.mean[di] : 0.0f, rstd2 = kDx ? a.rstd[di] : 0.0f;
+  double ga = 0, gb = 0;  // sums over the group of weight * g and weight * g * xhat
+  for (int64_t j = 0; j < z.cg; ++j) {
+    SumsRow<T> p{};
+    DxRow<T> q{};
+    if constexpr (kSums) {
+      const int64_t c = si % z.groups * z.cg + j;
+      p = SumsRow<T>{static_cast<const T*>(a.x) + si * m + j * z.s, static_cast<const T*>(a.dy) + si * m + j * z.s,
+                     r.gbuf + hs * m + j * z.s, mean, rstd * a.weight[c], a.bias[c]};
+    }
+    if constexpr (kDx) {
+      const int64_t c = di % z.groups * z.cg + j;
+      q = DxRow<T>{static_cast<const T*>(a.x) + di * m + j * z.s, static_cast<T*>(a.dx) + di * m + j * z.s,
+                   r.gbuf + hd * m + j * z.s, mean2, rstd2 * a.weight[c], r.cb[hd], r.cd[hd]};
+    }
+    bwd_contig_rows<T, kSilu, kAvx2, kSums, kDx>(p, q, z.s);
+    if constexpr (kSums) {
+      const int64_t n = si / z.groups, c = si % z.groups * z.cg + j;
+      const double s2 = p.s2 * rstd;
+      a.sum_g[n * z.c + c] = p.s1;
+      a.sum_gx[n * z.c + c] = s2;
+      ga += a.weight[c] * p.s1;
+      gb += a.weight[c] * s2;
+    }
+  }
+  if constexpr (kSums) {  // dx = rstd * weight * g + cb * (x - mean) + cd: x - mean first, as
+                          // cb * x - cb * mean cancels when |mean| >> std
+    const double inv_m = 1.0 / static_cast<double>(m);
+    r.cb[hs] = static_cast<float>(-static_cast<double>(rstd) * rstd * gb * inv_m);
+    r.cd[hs] = static_cast<float>(-static_cast<double>(rstd) * ga * inv_m);
+  }
+}
+
+// Groups [first, last) of a thread.
 template <typename T, bool kSilu, bool kAvx2>
 LDMFAST_AI void bwd_contig_range(const BwdArgs& a, int64_t first, int64_t last) {
   if (first >= last) return;
-  const Sizes& z = a.z;
-  const int64_t m = z.m();
-  float* const gbuf = thread_scratch(2 * m);
-  DxRow<T> q{};             // the previous group's current row (pass 2)
-  float cb = 0, cd = 0;     // the previous group's dx coefficients
-  for (int64_t item = first; item <= last; ++item) {
-    const bool sums = item < last, dx = item > first;
-    const int64_t ng = item, n = item / z.groups, g = item % z.groups;
-    const int64_t prev = item - 1;
-    float* const gcur = gbuf + (item - first) % 2 * m;
-    float* const gprev = gbuf + (item - first + 1) % 2 * m;
-    const float mean = sums ? a.mean[ng] : 0.0f, rstd = sums ? a.rstd[ng] : 0.0f;
-    const float mean2 = dx ? a.mean[prev] : 0.0f, rstd2 = dx ? a.rstd[prev] : 0.0f;
-    double ga = 0, gb = 0;  // sums over the group of weight * g and weight * g * xhat
-    for (int64_t j = 0; j < z.cg; ++j) {
-      SumsRow<T> p{};
-      if (sums) {
-        const int64_t c = g * z.cg + j;
-        p = SumsRow<T>{static_cast<const T*>(a.x) + ng * m + j * z.s, static_cast<const T*>(a.dy) + ng * m + j * z.s,
-                       gcur + j * z.s, mean, rstd * a.weight[c], a.bias[c]};
-      }
-      if (dx) {
-        const int64_t c = prev % z.groups * z.cg + j;
-        q = DxRow<T>{static_cast<const T*>(a.x) + prev * m + j * z.s, static_cast<T*>(a.dx) + prev * m + j * z.s,
-                     gprev + j * z.s, mean2, rstd2 * a.weight[c], cb, cd};
-      }
-      if (sums && dx) {
-        bwd_contig_rows<T, kSilu, kAvx2, true, true>(p, q, z.s);
-      } else if (sums) {
-        bwd_contig_rows<T, kSilu, kAvx2, true, false>(p, q, z.s);
-      } else {
-        bwd_contig_rows<T, kSilu, kAvx2, false, true>(p, q, z.s);
-      }
-      if (sums) {
-        const int64_t c = g * z.cg + j;
-        const double s2 = p.s2 * rstd;
-        a.sum_g[n * z.c + c] = p.s1;
-        a.sum_gx[n * z.c + c] = s2;
-        ga += a.weight[c] * p.s1;
-        gb += a.weight[c] * s2;
-      }
+  const int64_t halves = kPairsGroups<T> ? 2 : 1;
+  BwdRange r{first, halves, thread_scratch(halves * a.z.m())};
+  if constexpr (kPairsGroups<T>) {
+    bwd_contig_step<T, kSilu, kAvx2, true, false>(a, r, first, -1);
+    for (int64_t item = first + 1; item < last; ++item) {
+      bwd_contig_step<T, kSilu, kAvx2, true, true>(a, r, item, item - 1);
     }
-    if (sums) {  // dx = rstd * weight * g + cb * (x - mean) + cd: x - mean first, as cb * x - cb * mean
-                 // cancels when |mean| >> std
-      const double inv_m = 1.0 / static_cast<double>(m);
-      cb = static_cast<float>(-static_cast<double>(rstd) * rstd * gb * inv_m);
-      cd = static_cast<float>(-static_cast<double>(rstd) * ga * inv_m);
+    bwd_contig_step<T, kSilu, kAvx2, false, true>(a, r, -1, last - 1);
+  } else {
+    for (int64_t item = first; item < last; ++item) {
+      bwd_contig_step<T, kSilu, kAvx2, true, false>(a, r, item, -1);
+      bwd_contig_step<T, kSilu, kAvx2, false, true>(a, r, -1, item);
     }
   }
 }
@@ -831,10 +839,11 @@ void split_rows(const Sizes& z, int num_threads, int64_t* chunks, int64_t* rows_
 template <typename T, bool kSilu>
 void forward_typed(FwdArgs& a, bool channels_last, int num_threads) {
   const Sizes& z = a.z;
-  // Short rows that end in a partial vector (12x14 maps: 168) run one group at a time: pairing a
-  // statistics row with a normalize row doubled their per-row overhead (forward 0.36 -> 0.41 ns per
-  // element at (4, 1792, 12x14)).
-  if (!channels_last && (z.s % kLanes == 0 || z.s > kBlock)) {
+  // Short rows that end in a partial vector (12x14 maps: 168) run one group at a time (the item
+  // function's statistics pass runs over the whole group, not row by row): pairing a statistics row
+  // with a normalize row doubled their per-row overhead (forward 0.36 -> 0.41 ns per element at
+  // (4, 1792, 12x14)).
+  if (kPairsGroups<T> && !channels_last && (z.s % kLanes == 0 || z.s > kBlock)) {
     parallel_ranges<FwdArgs>(pick<RangeFn<FwdArgs>>(fwd_contig_range_base<T, kSilu>, fwd_contig_range_avx2<T, kSilu>,
                                                     fwd_contig_range_avx512<T, kSilu>), a, z.n * z.groups, num_threads);
     return;
