@@ -378,7 +378,7 @@ template <typename T, bool kSilu, bool kAvx2, bool kStats, bool kNorm>
 LDMFAST_AI void fwd_contig_step(const FwdArgs& a, int64_t si, int64_t di) {
   const Sizes& z = a.z;
   const int64_t m = z.m();
-  const T* xs = static_cast<const T*>(a.x) + si * m;
+  const T* xs = kStats ? static_cast<const T*>(a.x) + si * m : nullptr;
   const float k = kStats ? to_float(xs[0]) : 0.0f;
   const float mean = kNorm ? a.mean[di] : 0.0f, rstd = kNorm ? a.rstd[di] : 0.0f;
   const bool fold = folds(mean, rstd);
@@ -618,10 +618,14 @@ LDMFAST_AI void bwd_contig_rows(SumsRow<T>& p, const DxRow<T>& q, int64_t s) {
 // thread's buffer (paired) or the whole of it, and the dx coefficients of the group in each half.
 struct BwdRange {
   int64_t first;
-  int64_t halves;  // 2 where the passes of two groups run paired, else 1 (g of one group in cache)
-  float* gbuf;     // halves * m floats
+  float* gbuf;  // kHalves<T> * m floats
   float cb[2] = {0, 0}, cd[2] = {0, 0};
 };
+
+// Groups whose g the backward's buffer holds at once: 2 where the passes of two groups run paired,
+// else 1 (g of one group stays in cache).
+template <typename T>
+constexpr int64_t kHalves = kPairsGroups<T> ? 2 : 1;
 
 // One loop over the rows of pass 1 of group si (kSums) and pass 2 of group di (kDx). A function, not
 // a lambda: GCC compiles a lambda that it does not inline for the baseline ISA, whatever the
@@ -631,7 +635,7 @@ template <typename T, bool kSilu, bool kAvx2, bool kSums, bool kDx>
 LDMFAST_AI void bwd_contig_step(const BwdArgs& a, BwdRange& r, int64_t si, int64_t di) {
   const Sizes& z = a.z;
   const int64_t m = z.m();
-  const int64_t hs = (si - r.first) % r.halves, hd = (di - r.first) % r.halves;
+  const int64_t hs = kSums ? (si - r.first) % kHalves<T> : 0, hd = kDx ? (di - r.first) % kHalves<T> : 0;
   const float mean = kSums ? a.mean[si] : 0.0f, rstd = kSums ? a.rstd[si] : 0.0f;
   const float mean2 = kDx ? a.mean[di] : 0.0f, rstd2 = kDx ? a.rstd[di] : 0.0f;
   double ga = 0, gb = 0;  // sums over the group of weight * g and weight * g * xhat
@@ -670,8 +674,7 @@ LDMFAST_AI void bwd_contig_step(const BwdArgs& a, BwdRange& r, int64_t si, int64
 template <typename T, bool kSilu, bool kAvx2>
 LDMFAST_AI void bwd_contig_range(const BwdArgs& a, int64_t first, int64_t last) {
   if (first >= last) return;
-  const int64_t halves = kPairsGroups<T> ? 2 : 1;
-  BwdRange r{first, halves, thread_scratch(halves * a.z.m())};
+  BwdRange r{first, thread_scratch(kHalves<T> * a.z.m())};
   if constexpr (kPairsGroups<T>) {
     bwd_contig_step<T, kSilu, kAvx2, true, false>(a, r, first, -1);
     for (int64_t item = first + 1; item < last; ++item) {
@@ -761,35 +764,21 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
 
 // The same source compiled three times: baseline x86-64, AVX2 (8 floats per instruction) and
 // AVX-512 (16; about 15% faster on the SiLU's exp than AVX2 on Zen 4). The last two use F16C.
-#define LDMFAST_GN_VARIANTS(NAME, ARGS, ...)                                                        \
+// PARAMS and CALL: the functions' parameter list and the call's arguments, in parentheses.
+#define LDMFAST_GN_VARIANTS_OF(NAME, PARAMS, CALL, ...)                                              \
   template <__VA_ARGS__>                                                                           \
-  void NAME##_base(const ARGS& a, int64_t item) { NAME<LDMFAST_GN_TPL, false>(a, item); }           \
+  void NAME##_base PARAMS { NAME<LDMFAST_GN_TPL, false> CALL; }                                    \
   template <__VA_ARGS__>                                                                           \
-  __attribute__((target("avx2,fma,f16c"))) void NAME##_avx2(const ARGS& a, int64_t item) {          \
-    NAME<LDMFAST_GN_TPL, true>(a, item);                                                           \
-  }                                                                                                \
+  __attribute__((target("avx2,fma,f16c"))) void NAME##_avx2 PARAMS { NAME<LDMFAST_GN_TPL, true> CALL; } \
   template <__VA_ARGS__>                                                                           \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512"))) \
-  void NAME##_avx512(const ARGS& a, int64_t item) {                                                \
-    NAME<LDMFAST_GN_TPL, true>(a, item);                                                           \
-  }
+  void NAME##_avx512 PARAMS { NAME<LDMFAST_GN_TPL, true> CALL; }
 
-// The same for functions over a range of items [first, last).
-#define LDMFAST_GN_RANGE_VARIANTS(NAME, ARGS, ...)                                                  \
-  template <__VA_ARGS__>                                                                           \
-  void NAME##_base(const ARGS& a, int64_t first, int64_t last) {                                   \
-    NAME<LDMFAST_GN_TPL, false>(a, first, last);                                                   \
-  }                                                                                                \
-  template <__VA_ARGS__>                                                                           \
-  __attribute__((target("avx2,fma,f16c")))                                                         \
-  void NAME##_avx2(const ARGS& a, int64_t first, int64_t last) {                                   \
-    NAME<LDMFAST_GN_TPL, true>(a, first, last);                                                    \
-  }                                                                                                \
-  template <__VA_ARGS__>                                                                           \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512"))) \
-  void NAME##_avx512(const ARGS& a, int64_t first, int64_t last) {                                 \
-    NAME<LDMFAST_GN_TPL, true>(a, first, last);                                                    \
-  }
+// Functions of one item, and of a range of items [first, last).
+#define LDMFAST_GN_VARIANTS(NAME, ARGS, ...) \
+  LDMFAST_GN_VARIANTS_OF(NAME, (const ARGS& a, int64_t item), (a, item), __VA_ARGS__)
+#define LDMFAST_GN_RANGE_VARIANTS(NAME, ARGS, ...) \
+  LDMFAST_GN_VARIANTS_OF(NAME, (const ARGS& a, int64_t first, int64_t last), (a, first, last), __VA_ARGS__)
 
 #define LDMFAST_GN_TPL T, kSilu
 LDMFAST_GN_RANGE_VARIANTS(bwd_contig_range, BwdArgs, typename T, bool kSilu)
@@ -815,17 +804,22 @@ using ItemFn = void (*)(const Args&, int64_t);
 template <typename Args>
 using RangeFn = void (*)(const Args&, int64_t, int64_t);
 
+// Threads for `items` work items: at least one, at most one per item.
+int threads_for(int64_t items, int num_threads) {
+  return static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), std::max<int64_t>(items, 1)));
+}
+
 // Items split into one contiguous range per thread (items of equal cost: whole groups).
 template <typename Args>
 void parallel_ranges(RangeFn<Args> fn, const Args& a, int64_t items, int num_threads) {
-  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), std::max<int64_t>(items, 1)));
+  const int threads = threads_for(items, num_threads);
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
   for (int t = 0; t < threads; ++t) fn(a, items * t / threads, items * (t + 1) / threads);
 }
 
 template <typename Args>
 void parallel_items(ItemFn<Args> fn, const Args& a, int64_t items, int num_threads) {
-  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), std::max<int64_t>(items, 1)));
+  const int threads = threads_for(items, num_threads);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t item = 0; item < items; ++item) fn(a, item);
 }
