@@ -103,7 +103,10 @@ class Setup:
             self.z0 = to_latent(self.vqgan, self.image).float()
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        # Without autocast's weight cache, as the trainers (ldmfast.train.stage: it would hold a 16-bit
+        # copy of every UNet weight through the forward, which checkpointing cannot drop).
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
+                              cache_enabled=False)
 
     def init_optimizer_state(self) -> None:
         """AdamW's moments exist from here on, as in a run past its first step (a zero-gradient

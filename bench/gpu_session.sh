@@ -47,7 +47,7 @@ stage build 240 python3 -m pip install --no-build-isolation --no-deps -e .
 python3 -c "import ldmfast._cuda as m; print('ldmfast._cuda', m.__file__)" 2>&1 | tee -a "$OUT/summary.txt"
 
 # STAGES picks and orders what runs after the build (default: all, in this order).
-STAGES=${STAGES:-"pytest_cuda profile_group_norm bench_group_norm bench_attention profile_attention sweep_attention bench_vqgan bench_synthesis bench_posttrain bench_accelerate profile_accelerate bench_ddim bench_metrics bench_synthesize"}
+STAGES=${STAGES:-"pytest_cuda profile_group_norm bench_group_norm bench_attention profile_attention sweep_attention bench_vqgan bench_synthesis bench_posttrain profile_posttrain bench_accelerate profile_accelerate bench_ddim bench_metrics bench_synthesize"}
 for s in $STAGES; do
   case $s in
     # PYTEST_K="group_norm or accelerate" runs a subset.
@@ -73,6 +73,8 @@ for s in $STAGES; do
     bench_synthesis) stage $s 300 python3 bench/bench_synthesis_throughput.py --device cuda --repeats 1 ;;
     # POSTTRAIN_ARGS="--max-batch" adds the largest-batch search; ACCEL_MODELS="monai-unet,..." a subset.
     bench_posttrain) stage $s 200 python3 bench/bench_posttrain.py --device cuda --rounds 2 ${POSTTRAIN_ARGS:-} ;;
+    profile_posttrain) stage $s 90 python3 bench/profile_posttrain.py ${PROFILE_VARIANTS:+--variants "$PROFILE_VARIANTS"}
+                       cat "$LOGS/profile_posttrain.log" >> "$OUT/summary.txt" ;;
     bench_accelerate) stage $s 170 python3 bench/bench_accelerate.py --device cuda --dtype bfloat16 --min-run-time 0.3 \
                         ${ACCEL_MODELS:+--models "$ACCEL_MODELS"} ;;
     bench_ddim) stage $s 25 python3 bench/bench_ddim.py --device cuda --min-run-time 0.1 ;;

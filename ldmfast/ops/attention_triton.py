@@ -305,7 +305,9 @@ def backward(q, k, v, out, lse, dout, dq, dk, dv, scale: float) -> None:
             *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), h, lq, lk, d, scale, k_blocks)
     settings = dict(BLOCK_MQ=bm, BLOCK_NQ=bn, BLOCK_MK=bm_k, BLOCK_NK=bn_k, BLOCK_D=bd, UPCAST=_upcast(q),
                     PRECISION=_precision(q), EVEN_NQ=lk % bn == 0, EVEN_K=lq % bm_k == 0 and lk % bn_k == 0)
-    if lq <= ONE_LAUNCH_MAX_LQ and launch == launch_k:
+    # (Not for head dims over 256: float32 at D=512 would need both parts' shared memory in one
+    # program, 262 KB on an H100 against its 227.)
+    if lq <= ONE_LAUNCH_MAX_LQ and bd <= 256 and launch == launch_k:
         _bwd_kernel[(k_blocks + q_blocks, b * h)](*args, PART="both", **settings, **launch)
         return
     _bwd_kernel[(q_blocks, b * h)](*args, PART="dq", **settings, **launch)  # (writes delta: first)

@@ -213,7 +213,12 @@ class StageTrainer:
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # No weight cache: autocast would keep a 16-bit copy of every weight that requires gradients
+        # until the region ends, after the whole forward; with UNet checkpointing that is most of
+        # the forward's memory (the release UNet's copies are 1.5 GB), and each weight is used once
+        # per forward, so there is nothing to reuse (the ops that need a copy for their backward
+        # save it themselves; a checkpointed block casts again when it recomputes).
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
 
     def current_lr(self) -> float:
         o = self.config.optim
