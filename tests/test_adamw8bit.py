@@ -217,6 +217,28 @@ def test_state_is_in_logical_order_whatever_the_layout():
     assert torch.equal(b, c)
 
 
+@pytest.mark.parametrize("grad_format", [torch.channels_last, torch.contiguous_format])
+def test_triton_kernel_steps_a_channels_last_weight_in_place(monkeypatch, grad_format):
+    """The Triton kernel reads and writes a channels-last weight (and its gradient, in either
+    layout) where they lie, in logical order: bitwise what the contiguous copy's steps give."""
+    if not adamw8bit_triton._TRITON_INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    monkeypatch.setattr(adamw8bit_triton, "ON_CPU", True)
+    w = torch.randn(24, 20, 3, 3)  # 4320 values: 17 blocks, the last one partial
+    a = torch.nn.Parameter(w.clone().contiguous(memory_format=torch.channels_last))
+    b = torch.nn.Parameter(w.clone())
+    oa, ob = AdamW8bit([a], lr=1e-2), AdamW8bit([b], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grad = torch.randn(w.shape, generator=g)
+        a.grad, b.grad = grad.contiguous(memory_format=grad_format), grad.clone()
+        oa.step()
+        ob.step()
+    assert a.is_contiguous(memory_format=torch.channels_last) and torch.equal(a, b)
+    for key in ("m_codes", "m_scale", "r_codes", "r_scale"):
+        assert torch.equal(oa.state[a][key], ob.state[b][key]), key
+
+
 def test_float32_state_of_a_channels_last_weight_quantizes_in_place():
     """A float32 AdamW state as a checkpoint stores it (contiguous) for a channels-last weight: each
     value's moments stay its own."""

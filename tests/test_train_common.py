@@ -210,3 +210,16 @@ def test_optimizers_fuse_on_cuda_only_and_a_resume_keeps_its_own_implementation(
     load_checkpoint(checkpoint_paths(tmp_path, 1)[1], modules={"m": model}, optimizers={"m": plain})
     assert plain.param_groups[0]["fused"] is None and plain.param_groups[0]["lr"] == 1e-2
     assert torch.equal(plain.state[model.weight]["exp_avg"], fused.state[model.weight]["exp_avg"])
+
+
+def test_training_autocast_keeps_no_weight_cache():
+    """The trainers' autocast casts each weight where it is used, keeping no 16-bit copy of every
+    weight through the forward (with UNet checkpointing that copy was the largest part of a
+    post-training step's memory), and casts as asked."""
+    from types import SimpleNamespace
+
+    from ldmfast.train.stage import StageTrainer
+    trainer = SimpleNamespace(device=torch.device("cpu"), amp_dtype=torch.bfloat16)
+    with StageTrainer._autocast(trainer):
+        assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_cache_enabled()
+        assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.bfloat16

@@ -67,21 +67,41 @@ def _requantize(x, table, codes_ptr, scale_ptr, b, offs, key, SQUARED: tl.conste
 
 
 @triton.jit
+def _strided(offs, size1, size2, size3, stride0, stride1, stride2, stride3):
+    """Memory offsets of the elements at logical (row-major) positions `offs` of a 4-D tensor of
+    sizes (*, size1, size2, size3) and the given strides."""
+    i3 = offs % size3
+    rest = offs // size3
+    i2 = rest % size2
+    rest = rest // size2
+    return (rest // size1) * stride0 + (rest % size1) * stride1 + i2 * stride2 + i3 * stride3
+
+
+@triton.jit
 def _adamw8bit_kernel(P, G, MC, MS, RC, RS, SIGNED, UNSIGNED, n, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                      eps, decay_factor, bc1, bc2, key_m, key_v, BLOCK: tl.constexpr):
+                      eps, decay_factor, bc1, bc2, key_m, key_v, size1, size2, size3,
+                      sp0, sp1, sp2, sp3, sg0, sg1, sg2, sg3, BLOCK: tl.constexpr, STRIDED: tl.constexpr):
     """One block of adamw8bit_update per program (1 - beta and 1 - lr * weight_decay as the
-    definition rounds them)."""
+    definition rounds them). The state's blocks follow the parameter's logical order; STRIDED: p
+    and g are (up to) 4-D tensors of any strides (a channels-last weight and its gradient are read
+    and written in place), else flat and contiguous."""
     b = tl.program_id(0)
     offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    if STRIDED:
+        p_offs = _strided(offs, size1, size2, size3, sp0, sp1, sp2, sp3)
+        g_offs = _strided(offs, size1, size2, size3, sg0, sg1, sg2, sg3)
+    else:
+        p_offs = offs
+        g_offs = offs
+    g = tl.load(G + g_offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(SIGNED + tl.load(MC + offs).to(tl.int32)) * tl.load(MS + b)
     r = tl.load(UNSIGNED + tl.load(RC + offs).to(tl.int32)) * tl.load(RS + b)
     m = m * beta1 + one_minus_beta1 * g
     v = tl.minimum(r * r * beta2 + one_minus_beta2 * g * g, _FLOAT32_MAX)  # (as the definition)
     update = (m / bc1) / (tl.sqrt_rn(v / bc2) + eps)
-    p = tl.load(P + offs, mask=mask, other=0.0)
-    tl.store(P + offs, p * decay_factor - lr * update, mask=mask)
+    p = tl.load(P + p_offs, mask=mask, other=0.0)
+    tl.store(P + p_offs, p * decay_factor - lr * update, mask=mask)
     _requantize(m, SIGNED, MC, MS, b, offs, key_m, False)
     _requantize(tl.sqrt_rn(v), UNSIGNED, RC, RS, b, offs, key_v, True)
 
@@ -119,16 +139,34 @@ def update_float32(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, 
     return True
 
 
+#: Most dimensions of a parameter that `update` steps in place whatever its strides.
+MAX_STRIDED_DIMS = 4
+
+
+def _sizes_strides(t: torch.Tensor) -> tuple[list[int], list[int]]:
+    """t's sizes and strides, padded in front to MAX_STRIDED_DIMS dimensions."""
+    pad = MAX_STRIDED_DIMS - t.dim()
+    return [1] * pad + list(t.shape), [0] * pad + list(t.stride())
+
+
 def update(p: torch.Tensor, g: torch.Tensor, state: dict, tables: tuple[torch.Tensor, torch.Tensor], *, lr: float,
            beta1: float, beta2: float, eps: float, weight_decay: float, seed: int) -> bool:
-    """adamw8bit.adamw8bit_update's step in one launch; False (nothing done) where it does not run:
-    a CPU parameter, unless ON_CPU under Triton's interpreter."""
+    """adamw8bit.adamw8bit_update's step in one launch, the state in p's logical order; p and g flat
+    and contiguous, or of the same shape with up to MAX_STRIDED_DIMS dimensions and any strides
+    (channels-last: no copy in or out). False (nothing done) where it does not run: a CPU
+    parameter, unless ON_CPU under Triton's interpreter."""
     if not _runs_here(p):
         return False
     k = step_scalars(state["step"], lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, seed=seed)
+    strided = not (p.is_contiguous() and g.is_contiguous())
+    if strided and (p.dim() > MAX_STRIDED_DIMS or g.shape != p.shape):
+        raise ValueError(f"p, g: non-contiguous ones need one shape of at most {MAX_STRIDED_DIMS} dims, got "
+                         f"{tuple(p.shape)} and {tuple(g.shape)}")
+    sizes, p_strides = _sizes_strides(p) if strided else ([1] * MAX_STRIDED_DIMS, [0] * MAX_STRIDED_DIMS)
+    g_strides = _sizes_strides(g)[1] if strided else p_strides
     with _native.triton_device(p):
         _adamw8bit_kernel[(state["m_scale"].numel(),)](
             p, g, state["m_codes"], state["m_scale"], state["r_codes"], state["r_scale"], tables[0], tables[1],
             p.numel(), lr, beta1, k.one_minus_beta1, beta2, k.one_minus_beta2, eps, k.decay_factor, k.bc1, k.bc2,
-            k.key_m, k.key_v, BLOCK=BLOCK)
+            k.key_m, k.key_v, *sizes[1:], *p_strides, *g_strides, BLOCK=BLOCK, STRIDED=strided)
     return True
