@@ -243,9 +243,12 @@ def cuda_memory(s: Setup, variant: str) -> dict:
             "fwdbwd_extra_MiB": (grad_peak[0] - base) / 2**20}
 
 
-def largest_batch(s: Setup, variant: str, limit: int = 1024) -> int:
-    """The largest batch whose step fits (doubling, then bisection) beside the models and the
-    optimizer state of `s`."""
+def largest_batch(s: Setup, variant: str, limit: int = 1024, estimate: int | None = None,
+                  tolerance: float = 0.05) -> int:
+    """The largest batch whose step fits beside the models and the optimizer state of `s`: by
+    doubling, then bisection; or, from an `estimate` (the linear memory model's), by steps of
+    `tolerance` up or down from it until the answer is bracketed that closely (a few steps, each at
+    a batch of hundreds: the bisection's many large-batch steps ran past a lease's time)."""
     def fits(batch: int) -> bool:
         try:
             s.set_batch(batch)
@@ -259,6 +262,18 @@ def largest_batch(s: Setup, variant: str, limit: int = 1024) -> int:
             s.vqgan.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
 
+    if estimate is not None and estimate > 0:
+        stride = max(1, int(estimate * tolerance))
+        batch = min(estimate, limit)
+        if fits(batch):
+            while batch + stride <= limit and fits(batch + stride):
+                batch += stride
+            return batch
+        while batch > stride:
+            batch -= stride
+            if fits(batch):
+                return batch
+        estimate = None  # the estimate was far off: search from the bottom
     lo, hi = 0, 1
     while hi <= limit and fits(hi):
         lo, hi = hi, hi * 2
@@ -312,7 +327,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="timing rounds (each runs every variant once)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--cpu-time", action="store_true", help="time by this thread's CPU time (needs --threads 1)")
-    p.add_argument("--max-batch", action="store_true", help="GPU: search the largest batch per variant")
+    p.add_argument("--max-batch", action="store_true", help="GPU: search the largest batch per variant (within 5 "
+                   "percent, from the estimate of --scaling-batch where there is one)")
+    p.add_argument("--max-batch-variants", default=",".join(VARIANTS),
+                   help="GPU: the variants --max-batch searches (comma-separated; default: all)")
     p.add_argument("--scaling-batch", type=int, default=None,
                    help="GPU: also measure peaks at this batch; per-sample memory and an estimated largest "
                         "batch under --memory-cap-gib from the two (default: 4x --batch on GPU; 0: off)")
@@ -329,6 +347,10 @@ def main(argv=None) -> int:
     if args.probe:
         print(json.dumps(probe_cpu_memory(args)))
         return 0
+    searched = [v for v in args.max_batch_variants.split(",") if v]
+    unknown = sorted(set(searched) - set(VARIANTS))
+    if unknown:
+        p.error(f"--max-batch-variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if args.cpu_time and (on_gpu or torch.get_num_threads() != 1):
         p.error("--cpu-time measures one CPU thread: use it with --device cpu --threads 1")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
@@ -348,7 +370,8 @@ def main(argv=None) -> int:
     if on_gpu and args.max_batch:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
-        max_batch = {v: largest_batch(s, v) for v in VARIANTS}
+        max_batch = {v: largest_batch(s, v, estimate=scaling.get(v, {}).get("est_max_batch"))
+                     for v in searched}
     del s
 
     size = CONFIGS[args.config]

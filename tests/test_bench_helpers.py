@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_attention  # noqa: E402
+import bench_posttrain  # noqa: E402
 import common  # noqa: E402
 import host_overhead  # noqa: E402
 import sweep_group_norm_cuda  # noqa: E402
@@ -93,3 +94,33 @@ def test_keep_freed_cpu_memory_puts_large_blocks_in_the_heap():
         assert int(out[0]) == int(keep)
         mapped[keep] = int(out[1])
     assert mapped["1"] == 0 and mapped["0"] >= 22_000_000
+
+
+class _FitsUpTo:
+    """Stands for bench_posttrain.Setup: a step of more than `limit` samples runs out of memory."""
+
+    def __init__(self, limit):
+        self.limit, self.batches = limit, []
+        self.optimizer = self.vqgan = torch.nn.Linear(1, 1)
+
+    def set_batch(self, batch):
+        self.batches.append(batch)
+
+    def step(self, variant):
+        if self.batches[-1] > self.limit:
+            raise torch.OutOfMemoryError("fake")
+
+
+@pytest.mark.parametrize("limit, estimate", [(300, None), (300, 290), (300, 330), (300, 100), (7, 500)])
+def test_largest_batch_search(limit, estimate):
+    """Bisection finds the largest batch exactly; from an estimate, within 5 % below it, in a few
+    steps when the estimate is close."""
+    s = _FitsUpTo(limit)
+    found = bench_posttrain.largest_batch(s, "naive", estimate=estimate)
+    assert found <= limit and s.batches.count(found) >= 1
+    if estimate is None:
+        assert found == limit
+    else:
+        assert found >= limit - max(1, int(estimate * 0.05))
+    if estimate in (290, 330):
+        assert len(s.batches) <= 4
