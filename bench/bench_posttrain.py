@@ -34,7 +34,7 @@ process per variant over its first steps, above its resident memory once models,
 optimizer state exist; on a GPU, torch.cuda.max_memory_allocated over a step, in total and above
 the memory allocated before it (models, optimizer state, batch). Time: the minimum over
 alternating rounds of the variants in one process (robust to a shared machine).
-Goals on a GPU: decoder checkpointing at most 40% of naive's peak for at most 1.3x its time.
+Goals on a GPU: a post-training step at most 40% of naive's peak for at most 1.3x its time.
 The models and AdamW's state (and the trainer's EMA, not built here) are the same for every
 variant, so the "extra" columns (peak above the memory held before the step) are where they differ.
 """
