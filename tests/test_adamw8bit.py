@@ -192,21 +192,29 @@ def test_bad_arguments_name_themselves():
         AdamW8bit([half]).step()
 
 
-def test_state_is_in_logical_order_whatever_the_layout():
-    """A channels-last weight steps as its contiguous copy does (the state follows the logical
-    order), keeps its layout, and its state resumes a contiguous run exactly, as the checkpoints
-    (which store tensors contiguous) need."""
-    w = torch.randn(32, 16, 3, 3)
+def _steps_in_both_layouts(w, grad_format):
+    """Three 8-bit AdamW steps of a channels-last copy of w (gradients in `grad_format`) and of a
+    contiguous one, with the same gradients: ((a, its optimizer), (b, its optimizer), the
+    gradients' generator), after checking that a kept its layout and equals b."""
     a = torch.nn.Parameter(w.clone().contiguous(memory_format=torch.channels_last))
     b = torch.nn.Parameter(w.clone())
     oa, ob = AdamW8bit([a], lr=1e-2), AdamW8bit([b], lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         grad = torch.randn(w.shape, generator=g)
-        a.grad, b.grad = grad.contiguous(memory_format=torch.channels_last), grad.clone()
+        a.grad, b.grad = grad.contiguous(memory_format=grad_format), grad.clone()
         oa.step()
         ob.step()
     assert a.is_contiguous(memory_format=torch.channels_last) and torch.equal(a, b)
+    return (a, oa), (b, ob), g
+
+
+def test_state_is_in_logical_order_whatever_the_layout():
+    """A channels-last weight steps as its contiguous copy does (the state follows the logical
+    order), keeps its layout, and its state resumes a contiguous run exactly, as the checkpoints
+    (which store tensors contiguous) need."""
+    w = torch.randn(32, 16, 3, 3)
+    (a, oa), (b, ob), g = _steps_in_both_layouts(w, torch.channels_last)
     c = torch.nn.Parameter(a.detach().contiguous())
     oc = AdamW8bit([c], lr=1e-2)
     oc.load_state_dict({k: v for k, v in copy.deepcopy(oa.state_dict()).items()})
@@ -225,16 +233,7 @@ def test_triton_kernel_steps_a_channels_last_weight_in_place(monkeypatch, grad_f
         pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it)")
     monkeypatch.setattr(adamw8bit_triton, "ON_CPU", True)
     w = torch.randn(24, 20, 3, 3)  # 4320 values: 17 blocks, the last one partial
-    a = torch.nn.Parameter(w.clone().contiguous(memory_format=torch.channels_last))
-    b = torch.nn.Parameter(w.clone())
-    oa, ob = AdamW8bit([a], lr=1e-2), AdamW8bit([b], lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        grad = torch.randn(w.shape, generator=g)
-        a.grad, b.grad = grad.contiguous(memory_format=grad_format), grad.clone()
-        oa.step()
-        ob.step()
-    assert a.is_contiguous(memory_format=torch.channels_last) and torch.equal(a, b)
+    (a, oa), (b, ob), _ = _steps_in_both_layouts(w, grad_format)
     for key in ("m_codes", "m_scale", "r_codes", "r_scale"):
         assert torch.equal(oa.state[a][key], ob.state[b][key]), key
 
