@@ -1,6 +1,6 @@
 """Peak memory and time of one lesion-aware post-training step (PAPER.md stage 3: forward,
 backward and AdamW step (the trainers': fused on CUDA) of the UNet and the condition module),
-seven ways, side by side:
+eight ways, side by side:
 
   naive             what a direct implementation does: D(x0_hat) and the target D(z0) both decoded
                     by `vqgan.decode` with the graph recorded (the decoder's parameters still require
@@ -21,6 +21,10 @@ seven ways, side by side:
                     --max-batch searches beside it too, so its largest batch is understated).
   decoder_8bit      lean_8bit without UNet checkpointing: the UNet's forward runs once, at the
                     memory cost of its activations (the other way to trade time for memory)
+  recast_8bit       decoder_8bit whose backward casts each weight to 16 bits again instead of
+                    keeping autocast's copies from the forward (train.recast_weight_copies;
+                    ldmfast.train.recast): without the 16-bit copy of every UNet weight that
+                    decoder_8bit holds through the forward, for one cast per weight
 
     python bench/bench_posttrain.py                              # CPU: --config small
     python bench/bench_posttrain.py --device cuda                # GPU: --config release, bf16, + batch 24 peaks
@@ -57,13 +61,15 @@ import common  # noqa: E402
 from ldmfast.diffusion import NoiseSchedule  # noqa: E402
 from ldmfast.models import VQGAN, ConditionalLDM, UNetConfig, VQGANConfig, to_latent  # noqa: E402
 from ldmfast.train import PostTrainLossConfig, adamw8bit, optim, posttrain_loss  # noqa: E402
+from ldmfast.train.recast import recast_weight_copies  # noqa: E402
 from ldmfast.train.step_in_backward import StepInBackward  # noqa: E402
 
 VARIANTS = ("naive", "no_ckpt", "decoder_ckpt", "decoder_unet_ckpt", "step_in_backward", "lean_8bit",
-            "decoder_8bit")
+            "decoder_8bit", "recast_8bit")
 # variants stepping inside the backward, and their AdamW state bits
-IN_BACKWARD = {"step_in_backward": 32, "lean_8bit": 8, "decoder_8bit": 8}
+IN_BACKWARD = {"step_in_backward": 32, "lean_8bit": 8, "decoder_8bit": 8, "recast_8bit": 8}
 UNET_CKPT = ("decoder_unet_ckpt", "step_in_backward", "lean_8bit")
+RECAST = ("recast_8bit",)
 CONFIGS = {"small": (96, 112), "release": (192, 224)}
 
 
@@ -151,7 +157,7 @@ class Setup:
             optimizer = self.in_backward_optimizer(IN_BACKWARD[variant])
             optimizer.attach()
         try:
-            with self.autocast():
+            with self.autocast(), recast_weight_copies(variant in RECAST):
                 if variant == "naive":
                     loss = naive_loss(self)
                 else:

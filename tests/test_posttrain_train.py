@@ -320,3 +320,28 @@ def test_8bit_moments_train_alike_inside_the_backward_and_resume(tmp_path, phant
     with pytest.raises(ConfigError) as err:
         load_config(path, PostTrainConfig, ["optim.state_bits=16"])
     assert err.value.key == "optim.state_bits"
+
+
+def test_recast_weight_copies_trains_as_without(tmp_path, phantom_root, init_dir, monkeypatch):
+    """train.recast_weight_copies under bfloat16 autocast (train.amp = "bf16", here on the CPU):
+    the same model as without it, with the updates inside the backward too; and its hooks were
+    in effect (weight copies were recast)."""
+    from ldmfast.train import recast
+    made = []
+    original = recast._Recast.__init__
+
+    def spy(self, *args):
+        made.append(1)
+        original(self, *args)
+
+    monkeypatch.setattr(recast._Recast, "__init__", spy)
+    path = write_config(tmp_path, phantom_root, init_dir)
+    models = {}
+    for name, extra in {"kept": [], "recast": ["train.recast_weight_copies=true"]}.items():
+        overrides = [f"output_dir=\"{tmp_path / name}\"", "train.val_every=0", "train.amp=\"bf16\"",
+                     "train.step_in_backward=true", *extra]
+        PostTrainer(load_config(path, PostTrainConfig, overrides), progress=False).run()
+        assert bool(made) == bool(extra)
+        models[name] = ConditionalLDM.from_pretrained(tmp_path / name / "ldm").denoiser_state_dict()
+    for key, value in models["kept"].items():
+        assert torch.equal(models["recast"][key], value), key

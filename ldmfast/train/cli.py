@@ -79,7 +79,8 @@ a configuration (TOML; every key not given keeps its default, the paper's releas
                                       # decoder_checkpoint = true (per decoder block)
   [optim]                             # AdamW; lr = base_lr (2e-6) x effective batch (6)
   [train]                             # batch_size = 6, steps, early_stop_metric = "latent_loss",
-                                      # early_stop_patience (validations; 0 = off), unet_checkpoint
+                                      # early_stop_patience (validations; 0 = off), unet_checkpoint,
+                                      # step_in_backward, recast_weight_copies (memory for time)
 
 See ldmfast/configs/posttrain_demo.toml and configs/posttrain_release.toml for complete files.
 """

@@ -29,6 +29,7 @@ from .latent_cache import WithLatents, cached_latents
 from .ldm_config import LDMTrainConfig
 from .preview import reconstruction_grid, write_png_grey
 from .stage import StageTrainer
+from .recast import recast_weight_copies
 from .step_in_backward import StepInBackward
 from .val_metrics import ImageErrorSums
 
@@ -123,6 +124,14 @@ class LDMTrainer(StageTrainer):
         return text
 
     # ---- one optimizer step -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _autocast(self):
+        """The stage's autocast, in which the backward casts autocast's weight copies again where
+        train.recast_weight_copies asks (ldmfast.train.recast)."""
+        recast = self.config.train.recast_weight_copies and self.amp_dtype is not None
+        with super()._autocast(), recast_weight_copies(recast):
+            yield
 
     def _latents(self, batch: dict) -> torch.Tensor:
         if "latent" in batch:

@@ -37,9 +37,12 @@ class LDMTrainSection(TrainSection):
     """As the VQGAN's, plus: `ema_decay` (0 = no EMA; the exported model is the EMA one when on),
     `latent_cache` (encode the targets once; image augmentation is then off, since an augmented
     image has no cached latent), validation by sampling: `val_sample_steps` DDIM steps on up
-    to `val_sample_slices` held-out slices (0 = latent loss only), and `step_in_backward`: AdamW
+    to `val_sample_slices` held-out slices (0 = latent loss only), `step_in_backward`: AdamW
     updates each parameter inside the backward and frees its gradient at once (the same update,
-    without the whole model's gradients in memory; not with grad_accum > 1 or DDP)."""
+    without the whole model's gradients in memory; not with grad_accum > 1 or DDP), and
+    `recast_weight_copies`: under autocast, the backward casts each weight to 16 bits again rather
+    than keeping the forward's copy (ldmfast.train.recast: the same gradients without a 16-bit copy
+    of every weight in memory, for one cast per weight)."""
 
     batch_size: int = 48
     ema_decay: float = 0.0
@@ -47,6 +50,7 @@ class LDMTrainSection(TrainSection):
     val_sample_steps: int = 0
     val_sample_slices: int = 16
     step_in_backward: bool = False
+    recast_weight_copies: bool = False
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
