@@ -72,8 +72,8 @@ for s in $STAGES; do
     # 18 sampling calls of 50 steps at batch 48 (fp32 eager among them): it ran past 150 s on an H200.
     bench_synthesis) stage $s 300 python3 bench/bench_synthesis_throughput.py --device cuda --repeats 1 ;;
     # POSTTRAIN_ARGS="--max-batch --max-batch-variants naive,decoder_ckpt,lean_8bit" adds the largest-batch
-    # search (a few steps per variant at batches of hundreds: raise the cap); ACCEL_MODELS="monai-unet,..." a subset.
-    bench_posttrain) stage $s 200 python3 bench/bench_posttrain.py --device cuda --rounds 5 ${POSTTRAIN_ARGS:-} ;;
+    # search (a few steps per variant at batches of hundreds); ACCEL_MODELS="monai-unet,..." a subset.
+    bench_posttrain) stage $s 300 python3 bench/bench_posttrain.py --device cuda --rounds 5 ${POSTTRAIN_ARGS:-} ;;
     profile_posttrain) stage $s 90 python3 bench/profile_posttrain.py ${PROFILE_VARIANTS:+--variants "$PROFILE_VARIANTS"}
                        cat "$LOGS/profile_posttrain.log" >> "$OUT/summary.txt" ;;
     bench_accelerate) stage $s 170 python3 bench/bench_accelerate.py --device cuda --dtype bfloat16 --min-run-time 0.3 \
