@@ -54,10 +54,11 @@ def _as_recast(t: torch.Tensor) -> _Recast | None:
     leaf = getattr(_only_input(node), "variable", None)  # (only AccumulateGrad nodes have one)
     if leaf is None or leaf.dtype != torch.float32 or (transposed and leaf.dim() != 2):
         return None
-    recast = _Recast(leaf, t.dtype, transposed)
     like = leaf.t() if transposed else leaf
     # (the same geometry as the copy it stands for: autocast's casts keep the leaf's strides)
-    return recast if like.shape == t.shape and like.stride() == t.stride() else None
+    if like.shape != t.shape or like.stride() != t.stride():
+        return None
+    return _Recast(leaf, t.dtype, transposed)
 
 
 def _pack(t: torch.Tensor):
