@@ -61,7 +61,7 @@ import common  # noqa: E402
 from ldmfast.diffusion import NoiseSchedule  # noqa: E402
 from ldmfast.models import VQGAN, ConditionalLDM, UNetConfig, VQGANConfig, to_latent  # noqa: E402
 from ldmfast.train import PostTrainLossConfig, adamw8bit, optim, posttrain_loss  # noqa: E402
-from ldmfast.train.recast import recast_weight_copies  # noqa: E402
+from ldmfast.train.recast import recast_weight_copies, training_autocast  # noqa: E402
 from ldmfast.train.step_in_backward import StepInBackward  # noqa: E402
 
 VARIANTS = ("naive", "no_ckpt", "decoder_ckpt", "decoder_unet_ckpt", "step_in_backward", "lean_8bit",
@@ -109,10 +109,8 @@ class Setup:
             self.z0 = to_latent(self.vqgan, self.image).float()
 
     def autocast(self):
-        # Without autocast's weight cache, as the trainers (ldmfast.train.stage: it would hold a 16-bit
-        # copy of every UNet weight through the forward, which checkpointing cannot drop).
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
-                              cache_enabled=False)
+        """The trainers' autocast (ldmfast.train.recast.training_autocast), off in float32."""
+        return training_autocast(self.device.type, None if self.dtype == torch.float32 else self.dtype)
 
     def init_optimizer_state(self) -> None:
         """AdamW's moments exist from here on, as in a run past its first step (a zero-gradient
@@ -279,7 +277,7 @@ def largest_batch(s: Setup, variant: str, limit: int = 1024, estimate: int | Non
             batch -= stride
             if fits(batch):
                 return batch
-        estimate = None  # the estimate was far off: search from the bottom
+        # (the estimate was far off: search from the bottom)
     lo, hi = 0, 1
     while hi <= limit and fits(hi):
         lo, hi = hi, hi * 2

@@ -28,8 +28,8 @@ from .ema import EMA
 from .latent_cache import WithLatents, cached_latents
 from .ldm_config import LDMTrainConfig
 from .preview import reconstruction_grid, write_png_grey
-from .stage import StageTrainer
 from .recast import recast_weight_copies
+from .stage import StageTrainer
 from .step_in_backward import StepInBackward
 from .val_metrics import ImageErrorSums
 

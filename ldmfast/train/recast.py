@@ -70,6 +70,18 @@ def _unpack(saved):
     return saved.make() if isinstance(saved, _Recast) else saved
 
 
+def training_autocast(device_type: str, dtype: torch.dtype | None):
+    """Autocast to `dtype` for a training step (a null context for None): without autocast's weight
+    cache, which would keep a 16-bit copy of every weight that requires gradients until the region
+    ends, after the whole forward. With UNet checkpointing that is most of the forward's memory
+    (the release UNet's copies are 1.5 GB), and each weight is used once per forward, so there is
+    nothing to reuse (the ops that need a copy for their backward save it themselves; a
+    checkpointed block casts again when it recomputes)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
+
+
 def recast_weight_copies(enabled: bool = True):
     """A context in which the backward casts autocast's weight copies again rather than keeping
     them from the forward (module docstring); a null context when not `enabled`. Wrap the forward

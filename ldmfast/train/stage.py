@@ -21,6 +21,7 @@ from .config import ConfigError, to_dict
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .lr_schedule import lr_at
 from .metrics_log import MetricsLog
+from .recast import training_autocast
 
 
 def seed_everything(seed: int) -> None:
@@ -211,14 +212,7 @@ class StageTrainer:
     # ---- shared step machinery ----------------------------------------------------------------
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        # No weight cache: autocast would keep a 16-bit copy of every weight that requires gradients
-        # until the region ends, after the whole forward; with UNet checkpointing that is most of
-        # the forward's memory (the release UNet's copies are 1.5 GB), and each weight is used once
-        # per forward, so there is nothing to reuse (the ops that need a copy for their backward
-        # save it themselves; a checkpointed block casts again when it recomputes).
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
+        return training_autocast(self.device.type, self.amp_dtype)
 
     def current_lr(self) -> float:
         o = self.config.optim
