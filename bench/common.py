@@ -25,6 +25,18 @@ def device_tag(device: torch.device) -> str:
     return f"cpu-{os.cpu_count()}core"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; platform.processor() elsewhere): CPU results differ by
+    machine (an Intel Xeon and an AMD Zen 4 core ran the same kernels at different ratios to torch)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def time_ms(fn, min_run_time: float = 0.5) -> float:
     """Median milliseconds of fn() (CUDA synchronized by torch.utils.benchmark)."""
     fn()  # warm up: first-call costs (Triton compilation, allocator) are not the steady state
@@ -131,7 +143,8 @@ def save(name: str, device: torch.device, rows: list[dict], meta: dict | None = 
     date = datetime.date.today().isoformat()
     path = RESULTS / f"{name}-{device_tag(device)}-{date}.json"
     info = {"benchmark": name, "date": date, "device": device_tag(device), "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(), **(meta or {})}
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu": cpu_model(),
+            **(meta or {})}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
     os.replace(tmp, path)
