@@ -164,7 +164,7 @@ using InStage = std::conditional_t<std::is_same_v<T, half_t> || std::is_same_v<T
 template <typename T>
 using InStageRows = std::conditional_t<std::is_same_v<T, half_t>, float, T>;
 template <typename T>
-using OutStage = std::conditional_t<std::is_same_v<T, half_t> || std::is_same_v<T, bfloat16_hw_t>, float, T>;
+using OutStage = InStage<T>;  // the same types, staged both ways
 
 template <typename T, bool kAvx2, typename S = InStage<T>>
 LDMFAST_AI const S* view_in(const T* p, float* buf, int64_t len) {
