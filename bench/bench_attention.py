@@ -59,31 +59,52 @@ def speed(args, device, dtype):
     for label, b, h, length, d in SHAPES:
         b = max(1, b // args.batch_divisor)
         q, k, v = (torch.randn(b, h, length, d, device=device, dtype=dtype) for _ in range(3))
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        grad = torch.randn_like(q)
         flops = 4 * b * h * length * length * d
+        timed = []  # (row, forward, forward+backward) of each implementation that takes the shape
         for name, fn in candidates(device):
             row = {"shape": f"{label} B={b} H={h} L={length} D={d}", "impl": name}
-            # The cuda backend's forward runs on CUDA cores, 20-140x slower than Triton's (auto
-            # never picks it): timed briefly, it kept the whole benchmark past its lease slot.
-            run_time = 0.0 if name == "ldmfast cuda" else args.min_run_time
-            try:
-                row["fwd_ms"] = common.time_ms(lambda: fn(q, k, v), run_time)
-                qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-                grad = torch.randn_like(q)
+            rows.append(row)
+
+            def forward(fn=fn):
+                return fn(q, k, v)
+
+            def forward_backward(fn=fn):
                 # autograd.grad, as a model's backward meets attention: q, k and v are activations,
                 # whose gradients flow on and never accumulate into a .grad
-                row["fwdbwd_ms"] = common.time_ms(
-                    lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), grad), run_time)
-                if device.type == "cuda":  # the earlier form (until 2026-11-27), which adds into .grad:
-                    # it timed the VQGAN block's fwd+bwd at 1.43 ms where a profile of the form above
-                    # saw 0.86 (H100); both, side by side, until the cause is known
+                return torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), grad)
+
+            try:
+                if device.type == "cuda":
+                    # The cuda backend's forward runs on CUDA cores, 20-140x slower than Triton's
+                    # (auto never picks it): timed briefly, it kept the whole benchmark past its
+                    # lease slot.
+                    run_time = 0.0 if name == "ldmfast cuda" else args.min_run_time
+                    row["fwd_ms"] = common.time_ms(forward, run_time)
+                    row["fwdbwd_ms"] = common.time_ms(forward_backward, run_time)
+                    # the earlier form (until 2026-11-27), which adds into .grad: it timed the VQGAN
+                    # block's fwd+bwd at 1.43 ms where a profile of the form above saw 0.86 (H100);
+                    # both, side by side, until the cause is known
                     row["fwdbwd_accumulate_ms"] = common.time_ms(lambda: fn(qg, kg, vg).backward(grad), run_time)
+                else:  # a first call of each: a torch backend may refuse the shape
+                    forward()
+                    forward_backward()
             except (RuntimeError, torch.OutOfMemoryError) as err:  # a torch backend refusing the shape
                 row["note"] = str(err).splitlines()[0][:60]
-                rows.append(row)
                 continue
+            timed.append((row, forward, forward_backward))
+        if device.type == "cpu":
+            # All implementations in alternating rounds, minimum per call: this shared CPU's speed
+            # drifts by up to 1.5x within a minute, which one implementation timed after another
+            # folded into their ratio (the same build measured 0.64x and 1.02x of SDPA's forward).
+            for key, column in (("fwd_ms", 1), ("fwdbwd_ms", 2)):
+                times = common.alternating_min_ms([t[column] for t in timed], args.min_run_time)
+                for (row, *_), ms in zip(timed, times):
+                    row[key] = ms
+        for row, *_ in timed:
             row["fwd_TFLOPs"] = flops / row["fwd_ms"] / 1e9
             row["fwdbwd_TFLOPs"] = 3.5 * flops / row["fwdbwd_ms"] / 1e9
-            rows.append(row)
         # Ratios against the best torch implementation of this shape (>1: ldmfast faster).
         peers = [r for r in rows if r["shape"].startswith(label) and not r["impl"].startswith("ldmfast")
                  and "fwd_ms" in r]
@@ -204,6 +225,8 @@ def main(argv=None) -> int:
         common.print_table(mem_rows, columns)
     if not args.no_save:
         meta = {"dtype": str(dtype), "batch_divisor": args.batch_divisor,
+                "timing": ("alternating rounds of all implementations, minimum per call" if device.type == "cpu"
+                           else "median per call (torch.utils.benchmark), one implementation after another"),
                 "cpu_malloc": common.cpu_malloc_meta(kept_freed)}
         print(f"saved {common.save('attention', device, rows + mem_rows, meta)}")
     return 0

@@ -67,33 +67,6 @@ def with_backward(fn, x, w, b, dy):
     return run
 
 
-def paired_min_ms(fn_a, fn_b, min_run_time: float, sync, clock=time.perf_counter) -> tuple[float, float]:
-    """Milliseconds per call of fn_a and fn_b, timed in alternating rounds, each the minimum over
-    rounds: robust to other processes sharing the machine (the minimum is the uncontended time).
-    clock=time.thread_time measures the CPU time of this thread only (single-threaded runs)."""
-    for fn in (fn_a, fn_b):  # warm up (Triton compilation, allocator)
-        fn()
-    sync()
-    calls = []
-    for fn in (fn_a, fn_b):  # calls per round: ~20 ms of work
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        calls.append(max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
-    best = [float("inf"), float("inf")]
-    deadline = time.perf_counter() + 2 * min_run_time
-    rounds = 0
-    while rounds < 5 or time.perf_counter() < deadline:
-        for i, fn in enumerate((fn_a, fn_b)):
-            t0 = clock()
-            for _ in range(calls[i]):
-                fn()
-            sync()
-            best[i] = min(best[i], (clock() - t0) / calls[i] * 1e3)
-        rounds += 1
-    return best[0], best[1]
-
-
 def device_times(ours_fn, torch_fn, copy_fn, pass_name: str, nbytes: int) -> dict:
     """The kernels' own times (CUDA graphs, common.graph_ms): the speedup and the share of copy
     bandwidth without the host overhead that the loop timing includes at small sizes."""
@@ -147,7 +120,7 @@ def main(argv=None) -> int:
                         torch_fn = with_backward(torch_chain, xg, wg, bg, dy)
                         passes = 5  # forward, then read x and dy, write dx
                     with torch.no_grad() if pass_name == "fwd" else torch.enable_grad():
-                        ours, ref = paired_min_ms(ours_fn, torch_fn, args.min_run_time, sync, clock)
+                        ours, ref = common.alternating_min_ms([ours_fn, torch_fn], args.min_run_time, sync, clock)
                     nbytes = x.numel() * x.element_size() * passes
                     row = {"model": model, "C": c, "HxW": f"{h}x{w_}", "N": n, "dtype": str(dtype)[6:],
                            "format": fmt, "pass": pass_name, "backend": backend, "ours_ms": ours,

@@ -44,6 +44,35 @@ def time_ms(fn, min_run_time: float = 0.5) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def alternating_min_ms(fns, min_run_time: float, sync=lambda: None, clock=time.perf_counter) -> list[float]:
+    """Milliseconds per call of each of fns, timed in alternating rounds (every fn once per round, a
+    few calls each), each the minimum over rounds: robust to other processes sharing the machine
+    (the minimum is the uncontended time; a shared CPU's speed drifts by 1.5x within a minute, which
+    a median of one function's calls after another's folds into their ratio).
+    clock=time.thread_time measures the CPU time of this thread only (single-threaded runs)."""
+    for fn in fns:  # warm up (Triton compilation, allocator)
+        fn()
+    sync()
+    calls = []
+    for fn in fns:  # calls per round: ~20 ms of work
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        calls.append(max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
+    best = [float("inf")] * len(fns)
+    deadline = time.perf_counter() + len(fns) * min_run_time
+    rounds = 0
+    while rounds < 5 or time.perf_counter() < deadline:
+        for i, fn in enumerate(fns):
+            t0 = clock()
+            for _ in range(calls[i]):
+                fn()
+            sync()
+            best[i] = min(best[i], (clock() - t0) / calls[i] * 1e3)
+        rounds += 1
+    return best
+
+
 def keep_freed_cpu_memory() -> bool:
     """Make glibc's malloc keep freed memory in its heap (no trimming, a fixed 32 MiB mmap
     threshold) so that CPU timings leave out the page faults of fresh allocations. glibc otherwise

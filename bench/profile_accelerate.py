@@ -94,7 +94,7 @@ def main() -> None:
                 if args.host:
                     common.host_profile(lambda: unet_call(name, model, x, t), reps=5, top=15)
         switch.off()
-        del model
+        model = None  # (freed before the next model is built; `del` left the lambdas above an unbound name)
         torch.cuda.empty_cache()
 
 

@@ -28,10 +28,12 @@ namespace ldmfast::cpu::LDMFAST_ISA {
 namespace {
 
 // Micro-kernel: kRows x (2 vectors) of accumulators, as many as the ISA's registers hold beside the
-// two loaded vectors and a broadcast (16 registers on AVX2: 12 accumulators; 32 on AVX-512: 16).
+// two loaded vectors and a broadcast (16 registers on AVX2: 12 accumulators; 32 on AVX-512: 24, the
+// shape of BLIS's AVX-512 sgemm kernel; 16 accumulators, 8 rows, left the multiply-adds waiting on
+// loads at head dim 512: 12 rows were 1.1-1.2x faster there on a Xeon, the same at head dim 32).
 #if LDMFAST_ISA_LEVEL >= 2
 constexpr int kLanes = 16;       // floats per vector
-constexpr int kRows = 8;         // micro-kernel rows
+constexpr int kRows = 12;        // micro-kernel rows
 #elif LDMFAST_ISA_LEVEL == 1
 constexpr int kLanes = 8;
 constexpr int kRows = 6;
@@ -40,7 +42,9 @@ constexpr int kLanes = 8;        // two SSE registers per vector: fewer rows fit
 constexpr int kRows = 4;
 #endif
 constexpr int kCols = 2 * kLanes;             // micro-kernel columns: two vectors
-constexpr int64_t kBlockM = 8 * kRows;        // query rows per tile (a multiple of kRows)
+// Query rows per tile (a multiple of kRows). On AVX-512, 192 rows against 96: each key tile, read
+// from L3 once per query tile, serves twice the rows (1.05-1.1x at head dims 32 and 512 on a Xeon).
+constexpr int64_t kBlockM = (LDMFAST_ISA_LEVEL >= 2 ? 16 : 8) * kRows;
 // Keys per tile. 128 against 64 (one thread of a Zen 4 core): 1.08-1.12x faster forward at head
 // dims 32 and 64 and 1.06x faster backward at 512, the same forward at 512.
 constexpr int64_t kBlockN = 128;
@@ -141,34 +145,41 @@ void store_rows(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t
   }
 }
 
+// Head dims per pass of rows_times_transposed: 128 x kCols floats of one key strip (16 KB on AVX-512)
+// stay in L1 while every row block of the tile reads them. Whole strips at head dim 512 (64 KB)
+// came from L2 once per row block, and the loads stalled the multiply-adds (perf: most samples on
+// the instruction after the strip's load).
+constexpr int64_t kDimChunk = 128;
+
 // s[r * kBlockN + j] = sum_d a[r * ld + d] * bt(d, j) for r < rows, j < keys, bt in the strips of
-// load_rows_transposed. Rows past `rows` and columns past `keys` are computed from stale buffer
-// contents and not stored.
+// load_rows_transposed. Whole kRows x kCols blocks are stored: rows past `rows` (up to the tile's
+// slack) and columns past `keys` (up to kBlockN) get values of stale buffer contents, finite and
+// never read as scores.
 void rows_times_transposed(const float* a, const float* bt, float* s, int64_t rows, int64_t keys, int64_t dim) {
   const int64_t ld = padded(dim);
-  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+  for (int64_t d0 = 0; d0 < dim; d0 += kDimChunk) {
+    const int64_t d1 = std::min(dim, d0 + kDimChunk);
     for (int64_t j0 = 0; j0 < keys; j0 += kCols) {
-      vec8 acc[kRows][2] = {};
-      for (int64_t d = 0; d < dim; ++d) {
-        const float* col = strip_at(bt, j0, d, dim);
-        const vec8 lo = load8(col), hi = load8(col + kLanes);
+      for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+        vec8 acc[kRows][2];
         for (int r = 0; r < kRows; ++r) {
-          const float ad = a[(r0 + r) * ld + d];
-          acc[r][0] += ad * lo;
-          acc[r][1] += ad * hi;
+          const float* dst = s + (r0 + r) * kBlockN + j0;
+          acc[r][0] = d0 == 0 ? vec8{} : load8(dst);
+          acc[r][1] = d0 == 0 ? vec8{} : load8(dst + kLanes);
         }
-      }
-      const int64_t rn = std::min<int64_t>(kRows, rows - r0), jn = std::min<int64_t>(kCols, keys - j0);
-      for (int64_t r = 0; r < rn; ++r) {
-        float* dst = s + (r0 + r) * kBlockN + j0;
-        if (jn == kCols) {  // std::copy of a few floats became `rep movs`: 7% of the forward
+        for (int64_t d = d0; d < d1; ++d) {
+          const float* col = strip_at(bt, j0, d, dim);
+          const vec8 lo = load8(col), hi = load8(col + kLanes);
+          for (int r = 0; r < kRows; ++r) {
+            const float ad = a[(r0 + r) * ld + d];
+            acc[r][0] += ad * lo;
+            acc[r][1] += ad * hi;
+          }
+        }
+        for (int r = 0; r < kRows; ++r) {
+          float* dst = s + (r0 + r) * kBlockN + j0;
           store8(dst, acc[r][0]);
           store8(dst + kLanes, acc[r][1]);
-        } else {
-          float row[kCols];
-          store8(row, acc[r][0]);
-          store8(row + kLanes, acc[r][1]);
-          std::copy(row, row + jn, dst);
         }
       }
     }
@@ -182,11 +193,14 @@ void rows_times_transposed(const float* a, const float* bt, float* s, int64_t ro
 void accumulate(const float* w, int64_t w_outer, int64_t w_inner, const float* m, int64_t m_height, float* acc,
                 int64_t outer, int64_t inner, int64_t dim) {
   const int64_t ld = padded(dim);
-  for (int64_t o0 = 0; o0 < outer; o0 += kRows) {
-    const int64_t on = std::min<int64_t>(kRows, outer - o0);
-    for (int64_t d0 = 0; d0 < ld; d0 += kCols) {
+  // Column strips outer: one strip of m (inner x kCols floats, 16 KB for 128 keys) stays in L1 while
+  // every row block reads it (rows outer streamed all of m from L2 once per row block: at head dim
+  // 512 the loads stalled the multiply-adds).
+  for (int64_t d0 = 0; d0 < ld; d0 += kCols) {
+    const float* strip = m + d0 * m_height;
+    for (int64_t o0 = 0; o0 < outer; o0 += kRows) {
+      const int64_t on = std::min<int64_t>(kRows, outer - o0);
       vec8 c[kRows][2] = {};
-      const float* strip = m + d0 * m_height;
       for (int64_t i = 0; i < inner; ++i) {
         const vec8 lo = load8(strip + i * kCols), hi = load8(strip + i * kCols + kLanes);
         for (int o = 0; o < kRows; ++o) {
@@ -274,57 +288,85 @@ class HeadKeys {
   float *kt_, *v_, *k_;
 };
 
-// A thread's buffers for the forward's query tiles.
+// A thread's buffers for the forward's query tiles. The softmax's running sums are kept per lane
+// (kLanes partial sums per row, added up once after the last key tile): a per-tile sum of each row
+// ended in a serial chain of kLanes scalar adds, which GCC emits for the simd reduction.
 struct ForwardScratch {
   explicit ForwardScratch(int64_t dim)
-      : ld(padded(dim)), qb(kBlockM * ld), acc(kBlockM * ld), sc(kScoreTile), m(kBlockM), l(kBlockM) {}
+      : ld(padded(dim)), qb(kBlockM * ld), acc(kBlockM * ld), sc(kScoreTile), m(kBlockM), alpha(kBlockM),
+        l(kBlockM * kLanes) {}
   int64_t ld;
-  std::vector<float> qb, acc, sc, m, l;
+  std::vector<float> qb, acc, sc, m, alpha, l;
 };
 
-// Rows row0.. of head bh's output and log-sum-exp: online softmax over the key tiles of `head`.
+// Rows row0.. of head bh's output and log-sum-exp: online softmax over the key tiles of `head`,
+// in log2 units (q is scaled by scale * log2(e) as it is loaded, so a score needs no multiply
+// and its exponential is a 2^x, which needs no range reduction by ln2).
 template <typename T>
 void forward_query_tile(const TensorRef4& q, const TensorRef4& out, float* lse, const AttentionShape& s,
                         int64_t bh, int64_t row0, const HeadKeys& head, ForwardScratch& w) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
   const int64_t dim = s.dim, ld = w.ld, b = bh / s.heads, h = bh % s.heads;
   const int64_t rows = std::min(kBlockM, s.lq - row0);
-  load_rows<T>(q, b, h, row0, rows, dim, w.qb.data());
+  float* qb = w.qb.data();
+  load_rows<T>(q, b, h, row0, rows, dim, qb);
+  const float q_scale = s.scale * kLog2e;
+#pragma omp simd
+  for (int64_t i = 0; i < rows * ld; ++i) qb[i] *= q_scale;
   std::fill(w.acc.begin(), w.acc.end(), 0.0f);
   std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
   std::fill(w.l.begin(), w.l.end(), 0.0f);
   float* m = w.m.data();
-  float* l = w.l.data();
+  float* alpha = w.alpha.data();
   for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
     const int64_t keys = std::min(kBlockN, s.lk - key0);
-    rows_times_transposed(w.qb.data(), head.kt(key0), w.sc.data(), rows, keys, dim);
+    rows_times_transposed(qb, head.kt(key0), w.sc.data(), rows, keys, dim);
+    // New row maxima, then every row's rescale factor in one vector loop (a scalar 2^x per row
+    // was a latency chain per row).
     for (int64_t r = 0; r < rows; ++r) {
-      float* srow = w.sc.data() + r * kBlockN;
+      const float* srow = w.sc.data() + r * kBlockN;
       float tile_max = -std::numeric_limits<float>::infinity();
       // reduction(max) lets the compiler vectorize it (a plain float max loop stays scalar
-      // without -ffast-math: 8% of the forward at head dim 32).
+      // without -ffast-math); GCC 12 vectorizes the conditional, not std::max of a bare load.
 #pragma omp simd reduction(max : tile_max)
-      for (int64_t j = 0; j < keys; ++j) tile_max = std::max(tile_max, srow[j] * s.scale);
-      const float m_new = std::max(m[r], tile_max);
-      const float alpha = exp_approx(m[r] - m_new);  // exp(-inf) -> 0 on the first tile
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < keys; ++j) {
-        srow[j] = exp_approx(srow[j] * s.scale - m_new);
-        sum += srow[j];
-      }
-      l[r] = l[r] * alpha + sum;
+      for (int64_t j = 0; j < keys; ++j) tile_max = srow[j] > tile_max ? srow[j] : tile_max;
+      alpha[r] = tile_max;
+    }
+#pragma omp simd
+    for (int64_t r = 0; r < rows; ++r) {
+      const float m_new = std::max(m[r], alpha[r]);
+      alpha[r] = exp2_approx(m[r] - m_new);  // 2^-inf -> ~0 on the first tile
       m[r] = m_new;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* srow = w.sc.data() + r * kBlockN;
+      float* lrow = w.l.data() + r * kLanes;
+      const float a = alpha[r], mr = m[r];
+#pragma omp simd
+      for (int t = 0; t < kLanes; ++t) lrow[t] *= a;
+      // Whole vectors: columns past `keys` (stale) count as 0 in the sums and are never read.
+      for (int64_t j0 = 0; j0 < keys; j0 += kLanes) {
+#pragma omp simd
+        for (int t = 0; t < kLanes; ++t) {
+          const float p = j0 + t < keys ? exp2_approx(srow[j0 + t] - mr) : 0.0f;
+          srow[j0 + t] = p;
+          lrow[t] += p;
+        }
+      }
       float* arow = w.acc.data() + r * ld;
 #pragma omp simd
-      for (int64_t d = 0; d < ld; ++d) arow[d] *= alpha;
+      for (int64_t d = 0; d < ld; ++d) arow[d] *= a;
     }
     accumulate(w.sc.data(), kBlockN, 1, head.v(key0), kBlockN, w.acc.data(), rows, keys, dim);
   }
+  float* inv_l = alpha;
   for (int64_t r = 0; r < rows; ++r) {
-    lse[bh * s.lq + row0 + r] = m[r] + std::log(l[r]);
-    l[r] = 1.0f / l[r];
+    float l = 0.0f;
+    for (int t = 0; t < kLanes; ++t) l += w.l[r * kLanes + t];
+    lse[bh * s.lq + row0 + r] = m[r] * kLn2 + std::log(l);
+    inv_l[r] = 1.0f / l;
   }
-  store_rows<T>(out, b, h, row0, rows, dim, w.acc.data(), l, 1.0f);
+  store_rows<T>(out, b, h, row0, rows, dim, w.acc.data(), inv_l, 1.0f);
 }
 
 template <typename T>

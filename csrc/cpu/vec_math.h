@@ -37,4 +37,23 @@ inline __attribute__((always_inline)) float exp_approx(float x) {
   return bits_to_float(float_to_bits(p) + (float_to_bits(t) << 23));
 }
 
+// 2^x, as exp_approx but for x in log2 units (the attention forward folds log2(e) into its scale):
+// n = round(x) and r = x - n are exact, so no two-part ln2 is needed, and the same polynomial in
+// r ln2 has its coefficients multiplied by powers of ln2 (1.8e-7 relative error at most on
+// |r| <= 1/2). |x| is clamped to 126 as exp_approx clamps to 87; 2^-inf gives ~1e-38.
+inline __attribute__((always_inline)) float exp2_approx(float x) {
+  const uint32_t ix = float_to_bits(x);
+  x = bits_to_float(std::min(ix & 0x7fffffffu, 0x42FC0000u /* 126.0f */) | (ix & 0x80000000u));
+  const float t = x + 12582912.0f;
+  const float n = t - 12582912.0f;
+  const float r = x - n;
+  float p = 1.330026564e-3f;
+  p = p * r + 9.669708941e-3f;
+  p = p * r + 5.550559994e-2f;
+  p = p * r + 2.402228160e-1f;
+  p = p * r + 6.931471806e-1f;
+  p = p * r + 1.0f;
+  return bits_to_float(float_to_bits(p) + (float_to_bits(t) << 23));
+}
+
 }  // namespace ldmfast::cpu
