@@ -43,7 +43,8 @@ constexpr int kRows = 4;
 #endif
 constexpr int kCols = 2 * kLanes;             // micro-kernel columns: two vectors
 // Query rows per tile (a multiple of kRows). On AVX-512, 192 rows against 96: each key tile, read
-// from L3 once per query tile, serves twice the rows (1.05-1.1x at head dims 32 and 512 on a Xeon).
+// from L3 once per query tile, serves twice the rows (on a Xeon 1.05-1.1x faster at head dim 512
+// and at L=672, the same at L=168).
 constexpr int64_t kBlockM = (LDMFAST_ISA_LEVEL >= 2 ? 16 : 8) * kRows;
 // Keys per tile. 128 against 64 (one thread of a Zen 4 core): 1.08-1.12x faster forward at head
 // dims 32 and 64 and 1.06x faster backward at 512, the same forward at 512.
@@ -162,9 +163,9 @@ void store_rows(const TensorRef4& t, int64_t b, int64_t h, int64_t row0, int64_t
 }
 
 // Head dims per pass of rows_times_transposed: 128 x kCols floats of one key strip (16 KB on AVX-512)
-// stay in L1 while every row block of the tile reads them. Whole strips at head dim 512 (64 KB)
-// came from L2 once per row block, and the loads stalled the multiply-adds (perf: most samples on
-// the instruction after the strip's load).
+// stay in L1 while every row block of the tile reads them; a whole strip at head dim 512 (64 KB)
+// does not fit, and perf put most samples on the instruction after the strip's load. (Passes of 64
+// and 256 dims timed the same as 128 on a Xeon.)
 constexpr int64_t kDimChunk = 128;
 
 // Prefetches into L2 part `part` of `parts` of the `bytes` at p: the strip a product reads next,
@@ -181,9 +182,9 @@ inline void prefetch_part(const float* p, int64_t bytes, int64_t part, int64_t p
 
 // s[r * kBlockN + j] = sum_d a(r, d) * bt(d, j) for r < rows, j < keys, a in the panels of
 // pack_panels, bt in the strips of load_rows_transposed. Whole kRows x kCols blocks are stored: rows
-// past `rows` (up to the tile's slack) and columns past `keys` (up to kBlockN) get values of stale
-// buffer contents, finite and never read as scores. prefetch: bt is a key tile of HeadKeys, whose
-// next tile follows it.
+// past `rows` (within the tile: kBlockM is a multiple of kRows) and columns past `keys` (up to
+// kBlockN) get values of stale buffer contents, finite and never read as scores.
+// prefetch: bt is a key tile of HeadKeys, whose next tile follows it.
 void rows_times_transposed(const float* a, const float* bt, float* s, int64_t rows, int64_t keys, int64_t dim,
                            bool prefetch = false) {
   const int64_t blocks = (rows + kRows - 1) / kRows;
