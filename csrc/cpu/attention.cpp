@@ -27,13 +27,15 @@
 namespace ldmfast::cpu::LDMFAST_ISA {
 namespace {
 
-// Micro-kernel: kRows x (2 vectors) of accumulators, as many as the ISA's registers hold beside the
-// two loaded vectors and a broadcast (16 registers on AVX2: 12 accumulators; 32 on AVX-512: 24, the
-// shape of BLIS's AVX-512 sgemm kernel; 16 accumulators, 8 rows, left the multiply-adds waiting on
-// loads at head dim 512: 12 rows were 1.1-1.2x faster there on a Xeon, the same at head dim 32).
+// Micro-kernel: kRows x (2 vectors) of accumulators (16 registers on AVX2: 12 accumulators). On
+// AVX-512, 8 rows (16 of the 32 registers): 12 rows (24 accumulators, BLIS's sgemm shape) were
+// 1.1-1.2x faster at head dim 512 while the score products read q from [r][512] rows, but once
+// they read panels (pack_panels) 8 rows were 1.0-1.25x faster at every benchmark shape on a Xeon,
+// and 1.2-1.4x in the backward at L=256 (the weighted sums' kRows weight rows cost registers for
+// their addresses).
 #if LDMFAST_ISA_LEVEL >= 2
 constexpr int kLanes = 16;       // floats per vector
-constexpr int kRows = 12;        // micro-kernel rows
+constexpr int kRows = 8;         // micro-kernel rows
 #elif LDMFAST_ISA_LEVEL == 1
 constexpr int kLanes = 8;
 constexpr int kRows = 6;
@@ -42,17 +44,23 @@ constexpr int kLanes = 8;        // two SSE registers per vector: fewer rows fit
 constexpr int kRows = 4;
 #endif
 constexpr int kCols = 2 * kLanes;             // micro-kernel columns: two vectors
-// Query rows per tile (a multiple of kRows). On AVX-512, 192 rows against 96: each key tile, read
-// from L3 once per query tile, serves twice the rows (on a Xeon 1.05-1.1x faster at head dim 512
-// and at L=672, the same at L=168).
+// Query rows per tile (a multiple of kRows). On AVX-512, 128 rows: each key tile, read from L3 once
+// per query tile, serves more rows than 64 did (1.05-1.1x at head dim 512 and at L=672 on a Xeon;
+// 128, 64 and 192 rows timed within noise of each other once q was in panels).
 constexpr int64_t kBlockM = (LDMFAST_ISA_LEVEL >= 2 ? 16 : 8) * kRows;
 // Keys per tile. 128 against 64 (one thread of a Zen 4 core): 1.08-1.12x faster forward at head
 // dims 32 and 64 and 1.06x faster backward at 512, the same forward at 512.
 constexpr int64_t kBlockN = 128;
 static_assert(kBlockN % (2 * kLanes) == 0, "key tiles hold whole micro-kernel columns");
-// Score tiles get kRows * kBlockN floats of slack: the transposed-weight sums read up to kRows - 1
-// keys past the last (stale, finite, never stored).
-constexpr int64_t kScoreTile = (kBlockM + kRows) * kBlockN;
+
+// Rows of the query-tile buffers of a call with lq queries: whole tiles, or where one tile takes all
+// queries, lq rounded up to micro-kernel rows (buffers for a whole tile, zeroed per call, made a
+// call with 16 queries 1.2-1.4x slower once tiles had grown from 64 rows).
+int64_t tile_rows(int64_t lq) { return std::min(kBlockM, (lq + kRows - 1) / kRows * kRows); }
+
+// Floats of a score tile for tile_rows rows: kRows * kBlockN of slack, as the transposed-weight
+// sums read up to kRows - 1 keys past the last (stale, finite, never stored).
+int64_t score_tile(int64_t rows) { return (rows + kRows) * kBlockN; }
 
 typedef float vec8 __attribute__((vector_size(4 * kLanes)));
 
@@ -331,9 +339,9 @@ class HeadKeys {
 // (kLanes partial sums per row, added up once after the last key tile): a per-tile sum of each row
 // ended in a serial chain of kLanes scalar adds, which GCC emits for the simd reduction.
 struct ForwardScratch {
-  explicit ForwardScratch(int64_t dim)
-      : ld(padded(dim)), qb(kBlockM * ld), q_panels(kBlockM * dim), acc(kBlockM * ld), sc(kScoreTile), m(kBlockM),
-        alpha(kBlockM), l(kBlockM * kLanes) {}
+  ForwardScratch(int64_t dim, int64_t rows)
+      : ld(padded(dim)), qb(rows * ld), q_panels(rows * dim), acc(rows * ld), sc(score_tile(rows)), m(rows),
+        alpha(rows), l(rows * kLanes) {}
   int64_t ld;
   std::vector<float> qb, q_panels, acc, sc, m, alpha, l;
 };
@@ -353,9 +361,9 @@ void forward_query_tile(const TensorRef4& q, const TensorRef4& out, float* lse, 
 #pragma omp simd
   for (int64_t i = 0; i < rows * ld; ++i) qb[i] *= q_scale;
   pack_panels(qb, rows, dim, w.q_panels.data());
-  std::fill(w.acc.begin(), w.acc.end(), 0.0f);
-  std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
-  std::fill(w.l.begin(), w.l.end(), 0.0f);
+  std::fill_n(w.acc.begin(), rows * ld, 0.0f);
+  std::fill_n(w.m.begin(), rows, -std::numeric_limits<float>::infinity());
+  std::fill_n(w.l.begin(), rows * kLanes, 0.0f);
   float* m = w.m.data();
   float* alpha = w.alpha.data();
   for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
@@ -419,7 +427,7 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
     // Many heads: each thread converts the heads of its own query tiles (consecutive tiles share one).
 #pragma omp parallel num_threads(threads)
     {
-      ForwardScratch w(s.dim);
+      ForwardScratch w(s.dim, tile_rows(s.lq));
       HeadKeys head(s.lk, s.dim, false);
 #pragma omp for schedule(static)
       for (int64_t item = 0; item < items; ++item) {
@@ -436,7 +444,7 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
   HeadKeys head(s.lk, s.dim, false);  // the calling thread's buffers, shared by the team
 #pragma omp parallel num_threads(threads)
   {
-    ForwardScratch w(s.dim);
+    ForwardScratch w(s.dim, tile_rows(s.lq));
     for (int64_t bh = 0; bh < bhs; ++bh) {
 #pragma omp for schedule(static)
       for (int64_t tile = 0; tile < head.tiles(); ++tile) head.load_tile<T>(k, v, bh / s.heads, bh % s.heads, tile, false);
@@ -451,12 +459,12 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
 
 // One (query tile, key tile) pair of the backward: p = exp(scale q.k - lse), ds = p * (do.v - delta),
 // then dv += p^T do, dk += ds^T q (key rows of dk_acc, dv_acc) and dq += ds k (query rows of dq_acc).
-// qb, dob: the query tile's q and do in panels (pack_panels), qp, dop: the same in strips (kBlockM
-// high); kt, vt: the key tile's k and v transposed; kp: its k packed.
-void tile_pair_backward(const float* qb, const float* dob, const float* qp, const float* dop, const float* kt,
-                        const float* vt, const float* kp, const float* lse, const float* delta, float* p, float* ds,
-                        float* dk_acc, float* dv_acc, float* dq_acc, int64_t rows, int64_t keys, int64_t dim,
-                        float scale) {
+// qb, dob: the query tile's q and do in panels (pack_panels), qp, dop: the same in strips (height
+// rows high); kt, vt: the key tile's k and v transposed; kp: its k packed.
+void tile_pair_backward(const float* qb, const float* dob, const float* qp, const float* dop, int64_t height,
+                        const float* kt, const float* vt, const float* kp, const float* lse, const float* delta,
+                        float* p, float* ds, float* dk_acc, float* dv_acc, float* dq_acc, int64_t rows, int64_t keys,
+                        int64_t dim, float scale) {
   rows_times_transposed(qb, kt, p, rows, keys, dim);
   rows_times_transposed(dob, vt, ds, rows, keys, dim);
   for (int64_t r = 0; r < rows; ++r) {
@@ -468,8 +476,8 @@ void tile_pair_backward(const float* qb, const float* dob, const float* qp, cons
       dsrow[j] = prow[j] * (dsrow[j] - delta[r]);
     }
   }
-  accumulate(p, 1, kBlockN, dop, kBlockM, dv_acc, keys, rows, dim);  // dv += p^T do
-  accumulate(ds, 1, kBlockN, qp, kBlockM, dk_acc, keys, rows, dim);  // dk += ds^T q
+  accumulate(p, 1, kBlockN, dop, height, dv_acc, keys, rows, dim);  // dv += p^T do
+  accumulate(ds, 1, kBlockN, qp, height, dk_acc, keys, rows, dim);  // dk += ds^T q
   accumulate(ds, kBlockN, 1, kp, kBlockN, dq_acc, rows, keys, dim);  // dq += ds k
 }
 
@@ -492,10 +500,11 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
 #pragma omp parallel num_threads(threads)
   {
     const int64_t ld = padded(dim);
-    std::vector<float> ob(kBlockM * ld), dob(kBlockM * ld), qb(kBlockM * ld), dop(kBlockM * ld), qp(kBlockM * ld),
-        q_panels(kBlockM * dim), do_panels(kBlockM * dim);
-    std::vector<float> p(kScoreTile), ds(kScoreTile);
-    std::vector<float> acc_a(std::max(kBlockM, kBlockN) * ld), acc_b(kBlockN * ld);
+    const int64_t tm = tile_rows(s.lq);  // rows of the query-tile buffers, and their strips' height
+    std::vector<float> ob(tm * ld), dob(tm * ld), qb(tm * ld), dop(tm * ld), qp(tm * ld), q_panels(tm * dim),
+        do_panels(tm * dim);
+    std::vector<float> p(score_tile(tm)), ds(score_tile(tm));
+    std::vector<float> acc_a(std::max(tm, kBlockN) * ld), acc_b(kBlockN * ld);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < bhs * q_blocks; ++item) {
       const int64_t bh = item / q_blocks, row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
@@ -512,7 +521,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
       // Whole heads per thread: dq accumulates over the key tiles in thread memory (Lq rows), so one
       // pass over (query tile, key tile) pairs makes dk, dv and dq from one p and ds: five tile
       // products per pair, where separate dk/dv and dq passes would take seven.
-      const int64_t rows_alloc = q_blocks * kBlockM;
+      const int64_t rows_alloc = q_blocks * tm;
       std::vector<float> q_head(rows_alloc * ld), do_head(rows_alloc * ld), dq_head(rows_alloc * ld),
           q_packed(rows_alloc * ld), do_packed(rows_alloc * ld), q_panels(rows_alloc * dim),
           do_panels(rows_alloc * dim);
@@ -525,8 +534,8 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
         load_rows<T>(dout, b, h, 0, s.lq, dim, do_head.data());
         for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {  // packed per query tile
           const int64_t rows = std::min(kBlockM, s.lq - row0);
-          pack_strips(q_head.data() + row0 * ld, rows, dim, q_packed.data() + row0 * ld, kBlockM);
-          pack_strips(do_head.data() + row0 * ld, rows, dim, do_packed.data() + row0 * ld, kBlockM);
+          pack_strips(q_head.data() + row0 * ld, rows, dim, q_packed.data() + row0 * ld, tm);
+          pack_strips(do_head.data() + row0 * ld, rows, dim, do_packed.data() + row0 * ld, tm);
           pack_panels(q_head.data() + row0 * ld, rows, dim, q_panels.data() + row0 * dim);
           pack_panels(do_head.data() + row0 * ld, rows, dim, do_panels.data() + row0 * dim);
         }
@@ -538,7 +547,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
           for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
             const int64_t rows = std::min(kBlockM, s.lq - row0);
             tile_pair_backward(q_panels.data() + row0 * dim, do_panels.data() + row0 * dim, q_packed.data() + row0 * ld,
-                               do_packed.data() + row0 * ld, head.kt(key0), head.v(key0), head.k(key0),
+                               do_packed.data() + row0 * ld, tm, head.kt(key0), head.v(key0), head.k(key0),
                                lse + bh * s.lq + row0, delta.data() + bh * s.lq + row0, p.data(), ds.data(),
                                acc_a.data(), acc_b.data(), dq_head.data() + row0 * ld, rows, keys, dim, s.scale);
           }
@@ -567,17 +576,17 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
           const int64_t rows = std::min(kBlockM, s.lq - row0);
           load_rows<T>(q, b, h, row0, rows, dim, qb.data());
           load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
-          pack_strips(qb.data(), rows, dim, qp.data(), kBlockM);
-          pack_strips(dob.data(), rows, dim, dop.data(), kBlockM);
+          pack_strips(qb.data(), rows, dim, qp.data(), tm);
+          pack_strips(dob.data(), rows, dim, dop.data(), tm);
           pack_panels(qb.data(), rows, dim, q_panels.data());
           pack_panels(dob.data(), rows, dim, do_panels.data());
           std::fill(acc_a.begin(), acc_a.end(), 0.0f);  // dq
           for (int64_t key0 = 0; key0 < s.lk; key0 += kBlockN) {
             const int64_t keys = std::min(kBlockN, s.lk - key0);
-            tile_pair_backward(q_panels.data(), do_panels.data(), qp.data(), dop.data(), head.kt(key0), head.v(key0),
-                               head.k(key0), lse + bh * s.lq + row0, delta.data() + bh * s.lq + row0, p.data(),
-                               ds.data(), dk_part + key0 * ld, dv_part + key0 * ld, acc_a.data(), rows, keys, dim,
-                               s.scale);
+            tile_pair_backward(q_panels.data(), do_panels.data(), qp.data(), dop.data(), tm, head.kt(key0),
+                               head.v(key0), head.k(key0), lse + bh * s.lq + row0, delta.data() + bh * s.lq + row0,
+                               p.data(), ds.data(), dk_part + key0 * ld, dv_part + key0 * ld, acc_a.data(), rows, keys,
+                               dim, s.scale);
           }
           store_rows<T>(dq, b, h, row0, rows, dim, acc_a.data(), nullptr, s.scale);
         }
