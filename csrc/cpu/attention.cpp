@@ -247,6 +247,14 @@ void accumulate(const float* w, int64_t w_outer, int64_t w_inner, const float* m
       // (after the last strip, the next tile's first)
       if (prefetch) prefetch_part(strip + kCols * m_height, inner * kCols * sizeof(float), o0 / kRows, blocks);
       const int64_t on = std::min<int64_t>(kRows, outer - o0);
+      // This block's accumulator rows, read after the inner loop: fetched now, under its
+      // multiply-adds. The one-head backward's dk and dv partials (all keys, 11 MB per thread at
+      // the VQGAN block) come from L3 each time; 1.06x faster backward there on a Xeon.
+      for (int64_t o = 0; o < on; ++o) {
+        const float* dst = acc + (o0 + o) * ld + d0;
+        __builtin_prefetch(dst, 1, 3);
+        __builtin_prefetch(dst + kCols - 1, 1, 3);
+      }
       vec8 c[kRows][2] = {};
       for (int64_t i = 0; i < inner; ++i) {
         const vec8 lo = load8(strip + i * kCols), hi = load8(strip + i * kCols + kLanes);
