@@ -58,6 +58,19 @@ static_assert(kBlockN % (2 * kLanes) == 0, "key tiles hold whole micro-kernel co
 // call with 16 queries 1.2-1.4x slower once tiles had grown from 64 rows).
 int64_t tile_rows(int64_t lq) { return std::min(kBlockM, (lq + kRows - 1) / kRows * kRows); }
 
+// The query tiles of a head whose tiles are split among `threads` threads (the one-head paths):
+// a multiple of `threads` tiles of whole micro-kernel rows, as even as kRows allows, so that every
+// thread gets the same rows (2688 rows in 21 tiles of 128 gave one thread 11 tiles and the other 10,
+// 5 % of both passes' time at the VQGAN block on two cores).
+struct QueryTiles {
+  QueryTiles(int64_t lq, int threads)
+      : lq(lq), units((lq + kRows - 1) / kRows),
+        count(((units * kRows + kBlockM - 1) / kBlockM + threads - 1) / threads * threads) {}
+  int64_t row0(int64_t t) const { return std::min(lq, t * units / count * kRows); }
+  int64_t rows(int64_t t) const { return row0(t + 1) - row0(t); }  // <= kBlockM; 0 where lq is tiny
+  int64_t lq, units, count;
+};
+
 // Floats of a score tile for tile_rows rows: kRows * kBlockN of slack, as the transposed-weight
 // sums read up to kRows - 1 keys past the last (stale, finite, never stored).
 int64_t score_tile(int64_t rows) { return (rows + kRows) * kBlockN; }
@@ -359,10 +372,10 @@ struct ForwardScratch {
 // and its exponential is a 2^x, which needs no range reduction by ln2).
 template <typename T>
 void forward_query_tile(const TensorRef4& q, const TensorRef4& out, float* lse, const AttentionShape& s,
-                        int64_t bh, int64_t row0, const HeadKeys& head, ForwardScratch& w) {
+                        int64_t bh, int64_t row0, int64_t rows, const HeadKeys& head, ForwardScratch& w) {
   constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
   const int64_t dim = s.dim, ld = w.ld, b = bh / s.heads, h = bh % s.heads;
-  const int64_t rows = std::min(kBlockM, s.lq - row0);
+  if (rows <= 0) return;
   float* qb = w.qb.data();
   load_rows<T>(q, b, h, row0, rows, dim, qb);
   const float q_scale = s.scale * kLog2e;
@@ -441,7 +454,8 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
       for (int64_t item = 0; item < items; ++item) {
         const int64_t bh = item / q_blocks;
         head.load<T>(k, v, bh / s.heads, bh % s.heads, bh);
-        forward_query_tile<T>(q, out, lse, s, bh, (item % q_blocks) * kBlockM, head, w);
+        const int64_t row0 = (item % q_blocks) * kBlockM;
+        forward_query_tile<T>(q, out, lse, s, bh, row0, std::min(kBlockM, s.lq - row0), head, w);
       }
       trim_thread_pools();  // (after the loop's barrier: no thread reads another's buffers anyway)
     }
@@ -450,6 +464,7 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
   // Fewer heads than threads (the VQGAN's one-head middle block): one head at a time, its keys
   // converted by the team together, its query tiles split among the threads.
   HeadKeys head(s.lk, s.dim, false);  // the calling thread's buffers, shared by the team
+  const QueryTiles tiles(s.lq, threads);
 #pragma omp parallel num_threads(threads)
   {
     ForwardScratch w(s.dim, tile_rows(s.lq));
@@ -458,7 +473,7 @@ void forward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& v
       for (int64_t tile = 0; tile < head.tiles(); ++tile) head.load_tile<T>(k, v, bh / s.heads, bh % s.heads, tile, false);
       // (barrier: the keys are complete)
 #pragma omp for schedule(static)
-      for (int64_t qt = 0; qt < q_blocks; ++qt) forward_query_tile<T>(q, out, lse, s, bh, qt * kBlockM, head, w);
+      for (int64_t t = 0; t < tiles.count; ++t) forward_query_tile<T>(q, out, lse, s, bh, tiles.row0(t), tiles.rows(t), head, w);
       // (barrier: nobody reads this head's keys once the next head's conversion starts)
     }
   }
@@ -505,6 +520,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
   float* dkdv_parts = parts_threads ? thread_pool(tls_parts, parts_threads * 2 * part_len) : nullptr;
   std::optional<HeadKeys> shared_head;
   if (parts_threads) shared_head.emplace(s.lk, dim, true);
+  const QueryTiles tiles(s.lq, threads);
 #pragma omp parallel num_threads(threads)
   {
     const int64_t ld = padded(dim);
@@ -580,8 +596,9 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
         // (barrier: the keys are complete)
         std::fill(dk_part, dk_part + 2 * part_len, 0.0f);
 #pragma omp for schedule(static)
-        for (int64_t row0 = 0; row0 < s.lq; row0 += kBlockM) {
-          const int64_t rows = std::min(kBlockM, s.lq - row0);
+        for (int64_t t = 0; t < tiles.count; ++t) {
+          const int64_t row0 = tiles.row0(t), rows = tiles.rows(t);
+          if (rows == 0) continue;
           load_rows<T>(q, b, h, row0, rows, dim, qb.data());
           load_rows<T>(dout, b, h, row0, rows, dim, dob.data());
           pack_strips(qb.data(), rows, dim, qp.data(), tm);
