@@ -223,6 +223,9 @@ void rows_times_transposed(const float* a, const float* bt, float* s, int64_t ro
           acc[r][0] = d0 == 0 ? vec8{} : load8(dst);
           acc[r][1] = d0 == 0 ? vec8{} : load8(dst + kLanes);
         }
+        // Unrolled: 1.05-1.1x faster products on a Xeon (in-process A/B against the plain loop; 8
+        // steps 1.02-1.03x faster than 4).
+#pragma GCC unroll 8
         for (int64_t d = d0; d < d1; ++d) {
           const float* col = strip_at(bt, j0, d, dim);
           const vec8 lo = load8(col), hi = load8(col + kLanes);
@@ -269,6 +272,7 @@ void accumulate(const float* w, int64_t w_outer, int64_t w_inner, const float* m
         __builtin_prefetch(dst + kCols - 1, 1, 3);
       }
       vec8 c[kRows][2] = {};
+#pragma GCC unroll 8  // (as rows_times_transposed's loop)
       for (int64_t i = 0; i < inner; ++i) {
         const vec8 lo = load8(strip + i * kCols), hi = load8(strip + i * kCols + kLanes);
         for (int o = 0; o < kRows; ++o) {
