@@ -96,6 +96,32 @@ def test_decoding_never_touches_the_autoencoder(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_frozen_and_trainable_autoencoders_decode_alike(kind, checkpoint):
+    """A frozen autoencoder runs its modules as they are, a trainable one through detached copies of
+    its parameters (functional_call): the same output and gradient, bit for bit, and no parameter
+    gradient either way."""
+    model = make_autoencoder(kind, seed=5).eval()
+    z0, g = torch.randn(2, 3, 4, 5), torch.randn(2, 2, 16, 20)
+    results = []
+    for trainable in (True, False):
+        model.requires_grad_(trainable)
+        z = z0.clone().requires_grad_()
+        out = decode_latent(model, z, checkpoint=checkpoint)
+        out.backward(g)
+        results.append((out.detach(), z.grad))
+        assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_trainable_parameters_get_no_graph_when_z_needs_none():
+    """Grad mode on, z without gradient, parameters requiring it: the output records nothing."""
+    model = make_autoencoder("kl").train()
+    out = decode_latent(model, torch.randn(1, 3, 4, 4))
+    assert out.grad_fn is None and not out.requires_grad
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("checkpoint", [True, 2, 5, 100])
 def test_checkpointing_gives_the_same_output_and_gradient(kind, checkpoint):
     model = make_autoencoder(kind, seed=3, attn_resolutions=[4]).eval()
