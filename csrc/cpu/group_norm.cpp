@@ -60,18 +60,23 @@ constexpr int64_t kScratchMax = int64_t{1} << 22;  // floats of the backward's p
 
 // ---- elementwise math ---------------------------------------------------------------------------
 
-template <bool kSilu>
+// This file is compiled without floating-point contraction (CMakeLists.txt): GCC fused different
+// multiplies and adds into FMAs in different instantiations of one loop (a group's statistics or
+// normalization alone, or paired with another group's), so a group's outputs changed in the last bit
+// with where a thread's range of groups began, i.e. with the thread count. The multiply-adds are
+// fused explicitly instead (madd<kFma>, kFma: the AVX2 and AVX-512 variants), the same in every loop.
+template <bool kSilu, bool kFma>
 LDMFAST_AI float act(float z) {
-  if constexpr (kSilu) return z / (1.0f + exp_approx(-z));
+  if constexpr (kSilu) return z / (1.0f + exp_approx_t<kFma>(-z));
   return z;
 }
 
 // d act / dz
-template <bool kSilu>
+template <bool kSilu, bool kFma>
 LDMFAST_AI float act_grad(float z) {
   if constexpr (kSilu) {
-    const float sg = 1.0f / (1.0f + exp_approx(-z));
-    return sg * (1.0f + z * (1.0f - sg));
+    const float sg = 1.0f / (1.0f + exp_approx_t<kFma>(-z));
+    return sg * madd<kFma>(z, 1.0f - sg, 1.0f);
   }
   return 1.0f;
 }
@@ -325,10 +330,10 @@ LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
       auto* __restrict yv = view_out<T>(yc + from, buf);
       if (fold) {
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) yv[i] = from_float<OutStage<T>>(act<kSilu>(to_float(xv[i]) * sc + sh));
+        for (int64_t i = 0; i < len; ++i) yv[i] = from_float<OutStage<T>>(act<kSilu, kAvx2>(madd<kAvx2>(to_float(xv[i]), sc, sh)));
       } else {
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) yv[i] = from_float<OutStage<T>>(act<kSilu>((to_float(xv[i]) - mean) * sc + bc));
+        for (int64_t i = 0; i < len; ++i) yv[i] = from_float<OutStage<T>>(act<kSilu, kAvx2>(madd<kAvx2>(to_float(xv[i]) - mean, sc, bc)));
       }
       flush_out<T, kAvx2>(buf, yc + from, len);
     };
@@ -391,11 +396,11 @@ LDMFAST_AI void fwd_contig_rows(StatsRow<T>& p, const NormRow<T>& q, int64_t s) 
       if constexpr (kStats) {
         const float d = decltype(skip)::value && i < skip ? 0.0f : to_float(xv[i]) - k;
         a1 += d;
-        a2 += d * d;
+        a2 += d * d;  // (not madd: a fused reduction made GCC's paired 16-bit loop 1.3-2.4x slower)
       }
       if constexpr (kNorm) {
-        const float zv = kFold ? to_float(xv2[i]) * sc + sh : (to_float(xv2[i]) - mean) * sc + bc;
-        yv[i] = from_float<OutStage<T>>(act<kSilu>(zv));
+        const float zv = kFold ? madd<kAvx2>(to_float(xv2[i]), sc, sh) : madd<kAvx2>(to_float(xv2[i]) - mean, sc, bc);
+        yv[i] = from_float<OutStage<T>>(act<kSilu, kAvx2>(zv));
       }
     }
     if constexpr (kStats) {
@@ -475,7 +480,7 @@ LDMFAST_AI void fwd_cl_sums_item(const FwdArgs& a, int64_t item) {
       for (int64_t c = 0; c < z.c; ++c) {
         const float d = to_float(xv[c]) - k[c];
         u1[c] += d;
-        u2[c] += d * d;
+        u2[c] = madd<kAvx2>(d, d, u2[c]);
       }
     }
     for (int64_t c = 0; c < z.c; ++c) {
@@ -502,11 +507,11 @@ LDMFAST_AI void fwd_cl_norm_item(const FwdArgs& a, int64_t item) {
     auto* yv = view_out<T>(yn + r * z.c, b);
     if (a.fold[n]) {
 #pragma omp simd
-      for (int64_t c = 0; c < z.c; ++c) yv[c] = from_float<OutStage<T>>(act<kSilu>(to_float(xv[c]) * sc[c] + sh[c]));
+      for (int64_t c = 0; c < z.c; ++c) yv[c] = from_float<OutStage<T>>(act<kSilu, kAvx2>(madd<kAvx2>(to_float(xv[c]), sc[c], sh[c])));
     } else {
 #pragma omp simd
       for (int64_t c = 0; c < z.c; ++c)
-        yv[c] = from_float<OutStage<T>>(act<kSilu>((to_float(xv[c]) - sh[c]) * sc[c] + bp[c]));
+        yv[c] = from_float<OutStage<T>>(act<kSilu, kAvx2>(madd<kAvx2>(to_float(xv[c]) - sh[c], sc[c], bp[c])));
     }
     flush_out<T, kAvx2>(b, yn + r * z.c, z.c);
   }
@@ -547,9 +552,9 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
 #pragma omp simd reduction(+ : a1, a2)
       for (int64_t i = 0; i < len; ++i) {
         const float d = to_float(xv[i]) - mean;
-        const float gv = to_float(dv[i]) * act_grad<kSilu>(d * sc + bc);
+        const float gv = to_float(dv[i]) * act_grad<kSilu, kAvx2>(madd<kAvx2>(d, sc, bc));
         a1 += gv;
-        a2 += gv * d;
+        a2 = madd<kAvx2>(gv, d, a2);
       }
       s1 += a1;
       s2 += a2;
@@ -577,8 +582,8 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
         const float d = to_float(xv[i]) - mean;
-        const float gv = to_float(dv[i]) * act_grad<kSilu>(d * sc + bc);
-        ov[i] = from_float<OutStage<T>>(sc * gv + cb * d + cd);
+        const float gv = to_float(dv[i]) * act_grad<kSilu, kAvx2>(madd<kAvx2>(d, sc, bc));
+        ov[i] = from_float<OutStage<T>>(madd<kAvx2>(sc, gv, madd<kAvx2>(cb, d, cd)));
       }
       flush_out<T, kAvx2>(xb, dxg + j * z.s + off, len);
     }
@@ -632,13 +637,13 @@ LDMFAST_AI void bwd_contig_rows(SumsRow<T>& p, const DxRow<T>& q, int64_t s) {
     for (int64_t i = 0; i < len; ++i) {
       if constexpr (kSums) {
         const float d = to_float(xv[i]) - mean;
-        const float gv = to_float(dv[i]) * act_grad<kSilu>(d * sc + bc);
+        const float gv = to_float(dv[i]) * act_grad<kSilu, kAvx2>(madd<kAvx2>(d, sc, bc));
         gout[i] = gv;
         const float counted = decltype(skip)::value && i < skip ? 0.0f : gv;
         a1 += counted;
-        a2 += counted * d;
+        a2 = madd<kAvx2>(counted, d, a2);
       }
-      if constexpr (kDx) ov[i] = from_float<OutStage<T>>(sc2 * gin[i] + cb * (to_float(xv2[i]) - mean2) + cd);
+      if constexpr (kDx) ov[i] = from_float<OutStage<T>>(madd<kAvx2>(sc2, gin[i], madd<kAvx2>(cb, to_float(xv2[i]) - mean2, cd)));
     }
     if constexpr (kSums) {
       p.s1 += a1;
@@ -753,9 +758,9 @@ LDMFAST_AI void bwd_cl_sums_item(const BwdArgs& a, int64_t item) {
 #pragma omp simd
       for (int64_t c = 0; c < z.c; ++c) {
         const float d = to_float(xv[c]) - mp[c];
-        const float gv = to_float(dv[c]) * act_grad<kSilu>(d * sc[c] + bp[c]);
+        const float gv = to_float(dv[c]) * act_grad<kSilu, kAvx2>(madd<kAvx2>(d, sc[c], bp[c]));
         u1[c] += gv;
-        u2[c] += gv * d;
+        u2[c] = madd<kAvx2>(gv, d, u2[c]);
       }
     }
     for (int64_t c = 0; c < z.c; ++c) {
@@ -788,8 +793,8 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
 #pragma omp simd
     for (int64_t c = 0; c < z.c; ++c) {
       const float d = to_float(xv[c]) - mu[c];
-      const float gv = to_float(dv[c]) * act_grad<kSilu>(d * sc[c] + bp[c]);
-      ov[c] = from_float<OutStage<T>>(sc[c] * gv + cb[c] * d + cd[c]);
+      const float gv = to_float(dv[c]) * act_grad<kSilu, kAvx2>(madd<kAvx2>(d, sc[c], bp[c]));
+      ov[c] = from_float<OutStage<T>>(madd<kAvx2>(sc[c], gv, madd<kAvx2>(cb[c], d, cd[c])));
     }
     flush_out<T, kAvx2>(xb, dxn + r * z.c, z.c);
   }
