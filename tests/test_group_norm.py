@@ -187,6 +187,9 @@ def test_normalizing_does_not_fold_the_mean_into_the_shift(case, layout, request
     1000 with std 1 at 3e-5, past the contract."""
     device, backend = split_case(case)
     x, w, b, dy = make_inputs((2, 32, 1, 1), torch.float32, device, fresh_seed(request), layout, std=30.0)
+    # |x| >= 1: a one-element group whose |mean| * rstd (rstd = 1/sqrt(eps) = 316) is 8 or less
+    # normalizes in the folded form, allowed there and an ulp off b at times (1 call in 40 failed)
+    x = x + torch.where(x >= 0, 1.0, -1.0).to(x)
     y, _ = run_op(backend, x, 32, w, b, dy, None)
     torch.testing.assert_close(y, b.view(1, -1, 1, 1).expand_as(y), rtol=0, atol=0)
     x, w, b, dy = make_inputs((2, 64, 4, 4), torch.float32, device, fresh_seed(request), layout, mean=1000.0)
