@@ -371,10 +371,11 @@ def test_cpu_kernel_variants_for_other_cpus(isa):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cpu_contiguous_group_ranges_over_thread_counts(dtype, request):
-    """The contiguous CPU kernels give each thread a contiguous range of groups and (float32) run a
-    group's first pass in the same loop as the previous group's second: ranges of one group (2 groups, 3 threads),
-    uneven ranges (15 groups), rows of whole vectors, rows over one block that end in a partial vector,
-    rows of 168 (12x14). Every thread count gives the same bits."""
+    """The contiguous CPU kernels give each thread a contiguous range of groups and run a group's
+    first pass in the same loop as the previous group's second (float32, and float16 and bfloat16
+    where staged through float blocks): ranges of one group (2 groups, 3 threads), uneven ranges
+    (15 groups), rows of whole vectors, rows over one block that end in a partial vector, rows of
+    168 (12x14). Every thread count gives the same bits."""
     shapes = [((1, 2, 4, 8), 2), ((5, 6, 4, 8), 3), ((2, 4, 23, 29), 2), ((2, 6, 12, 14), 3)]
     before = torch.get_num_threads()
     try:

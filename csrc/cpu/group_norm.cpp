@@ -346,20 +346,18 @@ LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
   }
 }
 
-// Whether the contiguous kernels pair one group's first pass with the previous group's second.
-// The backward: float32 only. Staged 16-bit groups gained paired at small groups and lost at large
-// ones (one Xeon core, bfloat16 SiLU fwd+bwd: groups of 9408 elements 1.09x, 86016 0.97x, 172032
-// 0.92x), and their dx came out 1 ulp different where a group's pass 1 ran in the paired loop
-// rather than alone (so different thread counts gave different bits).
+// Whether the contiguous kernels pair one group's first pass with the previous group's second, in
+// the forward and the backward: data read through float blocks, i.e. float32 and the 16-bit types
+// staged by their conversion instructions. bfloat16 converted inside the loops (no AVX512-BF16) ran
+// slower paired (forward 0.40 -> 0.49 ns per element at (4, 896, 24x28)). Paired or alone, a
+// group's loops do the same arithmetic (no contraction, see act), so the bits do not depend on
+// where a thread's range begins. The staged 16-bit backward, paired (2026-11-29; one Xeon core,
+// bench/ab_group_norm.py both ways round, SiLU at the benchmark shapes): bfloat16 about 1.05x,
+// float16 1.05-1.12x. Earlier measurements had it losing at large groups, with a harness that
+// favoured one build, and giving other bits, before this file's multiply-adds were made explicit.
+// The forward, paired: bfloat16 1.04-1.12x, float16 1.06-1.08x.
 template <typename T>
-constexpr bool kPairsGroups = std::is_same_v<T, float>;
-
-// The forward pairs data read through float blocks: float32, and the 16-bit types staged by their
-// conversion instructions, which gained as float32 did (one Xeon core, SiLU forward at the benchmark
-// shapes: bfloat16 1.04-1.12x, float16 1.06-1.08x); bfloat16 converted inside the loops (no
-// AVX512-BF16) ran slower paired (0.40 -> 0.49 ns per element at (4, 896, 24x28)).
-template <typename T>
-constexpr bool kPairsForward = kPairsGroups<T> || std::is_same_v<T, half_t> || std::is_same_v<T, bfloat16_hw_t>;
+constexpr bool kPairsGroups = std::is_same_v<T, float> || std::is_same_v<T, half_t> || std::is_same_v<T, bfloat16_hw_t>;
 
 // ---- forward, contiguous, pipelined: the statistics of a group in the same loop as the normalization
 // of the one before
@@ -449,7 +447,7 @@ LDMFAST_AI void fwd_contig_step(const FwdArgs& a, int64_t si, int64_t di) {
   if constexpr (kStats) finish_stats(s1, s2, static_cast<double>(m), k, a.eps, &a.mean[si], &a.rstd[si]);
 }
 
-// Groups [first, last) of a thread (see kPairsForward).
+// Groups [first, last) of a thread (see kPairsGroups).
 template <typename T, bool kSilu, bool kAvx2>
 LDMFAST_AI void fwd_contig_range(const FwdArgs& a, int64_t first, int64_t last) {
   if (first >= last) return;
@@ -887,7 +885,7 @@ void forward_typed(FwdArgs& a, bool channels_last, int num_threads) {
   // function's statistics pass runs over the whole group, not row by row): pairing a statistics row
   // with a normalize row doubled their per-row overhead (forward 0.36 -> 0.41 ns per element at
   // (4, 1792, 12x14)).
-  if (kPairsForward<T> && !channels_last && (z.s % kLanes == 0 || z.s > kBlock)) {
+  if (kPairsGroups<T> && !channels_last && (z.s % kLanes == 0 || z.s > kBlock)) {
     parallel_ranges<FwdArgs>(pick<RangeFn<FwdArgs>>(fwd_contig_range_base<T, kSilu>, fwd_contig_range_avx2<T, kSilu>,
                                                     fwd_contig_range_avx512<T, kSilu>), a, z.n * z.groups, num_threads);
     return;
