@@ -3,6 +3,7 @@ configuration errors naming the key, and the loss going down on phantom data."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -187,6 +188,33 @@ def test_resume_refuses_a_different_unet(tmp_path, phantom_root, autoencoder_dir
     LDMTrainer(load_config(path, LDMTrainConfig, ["train.steps=1", "train.val_every=0"]), progress=False).run()
     with pytest.raises(ConfigError, match="unet.base_channels"):
         LDMTrainer(load_config(path, LDMTrainConfig, ["unet.base_channels=32"]), progress=False)
+
+
+def test_resume_takes_a_moved_autoencoder_and_refuses_another(tmp_path, phantom_root, autoencoder_dir):
+    """A run tree moved to another disk or machine resumes with its autoencoder at the new path
+    (the checkpoint keeps the folder's fingerprint); another autoencoder is refused, at another path
+    or replacing the one at the same path."""
+    moved = tmp_path / "moved_vqgan"
+    shutil.copytree(autoencoder_dir, moved)
+    path = write_config(tmp_path, phantom_root, moved)
+    LDMTrainer(load_config(path, LDMTrainConfig, ["train.steps=1", "train.val_every=0"]), progress=False).run()
+    shutil.move(str(moved), tmp_path / "elsewhere")
+    again = write_config(tmp_path, phantom_root, tmp_path / "elsewhere")
+    resumed = LDMTrainer(load_config(again, LDMTrainConfig, ["train.steps=2", "train.val_every=0"]), resume=True,
+                         progress=False)
+    assert resumed.step == 1
+    resumed.run()
+    torch.manual_seed(1)
+    other = tmp_path / "other_vqgan"
+    VQGAN(VQGANConfig(base_channels=16, channel_mult=[1, 2, 2], num_res_blocks=1, norm_groups=8,
+                      num_codes=32)).save_pretrained(other)
+    with pytest.raises(ConfigError, match="autoencoder: .*another model"):
+        LDMTrainer(load_config(write_config(tmp_path, phantom_root, other), LDMTrainConfig), progress=False)
+    shutil.rmtree(tmp_path / "elsewhere")
+    shutil.copytree(other, tmp_path / "elsewhere")
+    again = write_config(tmp_path, phantom_root, tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="now holds another model"):
+        LDMTrainer(load_config(again, LDMTrainConfig), progress=False)
 
 
 def test_a_head_dim_beyond_the_attention_kernel_is_refused(tmp_path, phantom_root, autoencoder_dir):

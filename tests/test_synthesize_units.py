@@ -1,6 +1,7 @@
 """The pieces of ldmfast.synthesis in-process: seeds, the slice queue, case preparation, writing."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -258,6 +259,11 @@ def test_a_rerun_resumes_only_what_the_same_settings_made(data, tmp_path):
     assert len(list(out.glob("*/dwi_s1.nii.gz"))) == len(cases)
     make_model_dir(model, 1)  # the same weights exported again (a finished training resumed): still this model
     assert sorted(run(samples=2, seed=1).skipped) == cases
+    moved = tmp_path / "moved_model"
+    shutil.copytree(model, moved)  # the model folder moved or copied elsewhere: still this model
+    model, original = moved, model
+    assert sorted(run(samples=2, seed=1).skipped) == cases
+    model = original
     make_model_dir(model, 2)  # retrained in the same folder
     with pytest.raises(ConfigError, match="model_files"):
         run(samples=2, seed=1)

@@ -2,6 +2,7 @@
 "model") and model.safetensors, each written atomically; read back with errors that name the file."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -46,3 +47,33 @@ def read_model_config(path: str | os.PathLike, model_name: str, *, unnamed_ok: b
 
 def read_model_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / WEIGHTS_NAME), device=str(device))
+
+
+def model_files(model_dir: str | os.PathLike) -> list[list]:
+    """The model folder's weight files as [name, bytes, digest of 16 evenly spaced 64 KiB pieces of
+    the tensor data]: a model retrained in the same folder tells its outputs from the earlier
+    model's (all its weights change), while exporting the same weights again (a finished training
+    run resumed) does not (safetensors' JSON header is left out: its key order varies from one save
+    to the next), and reading 1 MiB per file keeps this instant for multi-GB models."""
+    root, piece, pieces = Path(model_dir), 1 << 16, 16
+    out = []
+    for path in sorted(root.rglob("*.safetensors")):
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            start = 8 + int.from_bytes(f.read(8), "little")  # the header's length, then the header
+            span = max(size - start - piece, 0)
+            for i in range(pieces):
+                f.seek(start + span * i // (pieces - 1))
+                digest.update(f.read(piece))
+        out.append([str(path.relative_to(root)), size, digest.hexdigest()[:16]])
+    return out
+
+
+def folder_fingerprint(model_dir: str | os.PathLike) -> dict:
+    """What identifies the model(s) in a folder wherever it lies: model_files, and a digest of each
+    config.json below it (architecture and settings). Equal for a copy or a move of the folder."""
+    root = Path(model_dir)
+    configs = [[str(path.relative_to(root)), hashlib.sha256(path.read_bytes()).hexdigest()[:16]]
+               for path in sorted(root.rglob(CONFIG_NAME))]
+    return {"model_files": model_files(root), "configs": configs}

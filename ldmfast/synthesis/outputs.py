@@ -40,9 +40,13 @@ def read_record(out_dir: str | os.PathLike, case_id: str) -> dict | None:
 
 def record_conflict(record: dict, settings: dict) -> str | None:
     """How a case's record differs from this run's settings (those the record has: records of
-    older versions lack some), or None: outputs another run's settings made are not this run's."""
+    older versions lack some), or None: outputs another run's settings made are not this run's.
+    The model folder's path counts only in records without its fingerprint (model_files): with
+    it, a model folder moved or copied elsewhere is still the model that made the outputs."""
     differ = []
     for key, value in settings.items():
+        if key == "model" and "model_files" in record:
+            continue
         if key in record and record[key] != value:
             was, now = repr(record[key]), repr(value)
             differ.append(f"{key} {was}, now {now}" if len(was) + len(now) <= 100 else key)

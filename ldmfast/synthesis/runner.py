@@ -6,8 +6,6 @@ is written by one process); the summary is gathered so that every process return
 run's (and the command exits the same way on all of them)."""
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
 import time
 from collections import deque
@@ -23,6 +21,7 @@ from tqdm.auto import tqdm
 
 import ldmfast
 from ldmfast.data import CaseFiles, find_cases
+from ldmfast.models.model_folder import folder_fingerprint
 from ldmfast.train.config import ConfigError, unloadable_model
 from ldmfast.train.distributed import DistInfo
 
@@ -82,31 +81,12 @@ def generate_options(config: SynthesisConfig, device: torch.device) -> dict:
     return options
 
 
-def model_files(model_dir: str | os.PathLike) -> list[list]:
-    """The model folder's weight files as [name, bytes, digest of 16 evenly spaced 64 KiB pieces of
-    the tensor data]: a model retrained in the same folder tells its outputs from the earlier
-    model's (all its weights change), while exporting the same weights again (a finished training
-    run resumed) does not (safetensors' JSON header is left out: its key order varies from one save
-    to the next), and reading 1 MiB per file keeps this instant for multi-GB models."""
-    root, piece, pieces = Path(model_dir), 1 << 16, 16
-    out = []
-    for path in sorted(root.rglob("*.safetensors")):
-        size = path.stat().st_size
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            start = 8 + int.from_bytes(f.read(8), "little")  # the header's length, then the header
-            span = max(size - start - piece, 0)
-            for i in range(pieces):
-                f.seek(start + span * i // (pieces - 1))
-                digest.update(f.read(piece))
-        out.append([str(path.relative_to(root)), size, digest.hexdigest()[:16]])
-    return out
-
-
 def run_settings(config: SynthesisConfig) -> dict:
     """The settings that decide a case's voxels, as its record keeps them: a rerun resumes only the
     cases these same settings made (not the device, dtype or batch size: those only round)."""
-    return {"model": str(Path(config.model).resolve()), "model_files": model_files(config.model),
+    fingerprint = folder_fingerprint(config.model)
+    return {"model": str(Path(config.model).resolve()), "model_files": fingerprint["model_files"],
+            "model_configs": fingerprint["configs"],
             "steps": config.steps, "eta": config.eta, "spacing": config.spacing, "seed": config.seed,
             "size": list(config.size) if config.size else None, "scale_option": config.scale}
 

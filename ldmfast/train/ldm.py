@@ -47,6 +47,7 @@ class LDMTrainer(StageTrainer):
 
     stage = "ldm"
     resume_sections = ("unet", "diffusion", "autoencoder")
+    resume_model_folders = ("autoencoder",)
     #: whether _batch_loss may skip a micro-batch (counting it in sums["skipped"])
     skips_batches = False
     resume_settings = {"train.ema_decay": ema_state}

@@ -26,6 +26,7 @@ LOGGED_LOSSES = ("loss", "latent", "image", "lesion", "skipped")
 class PostTrainer(LDMTrainer):
     stage = "posttrain"
     resume_sections = ("init", "posttrain")
+    resume_model_folders = ("init",)
     #: decoder checkpointing trades memory for compute with the same gradients: a run that ran out
     #: of memory may resume with it on
     resume_exempt = ("posttrain.decoder_checkpoint",)

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ldmfast.models.model_folder import folder_fingerprint
+
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from .config import ConfigError, to_dict
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -80,6 +82,11 @@ class StageTrainer:
     resume_settings: dict[str, Callable[[Any], Any] | None] = {}
     #: keys of `resume_sections` that a resumed run may change (they leave its results alone)
     resume_exempt: tuple[str, ...] = ()
+    #: top-level keys of `resume_sections` that name a model folder the run builds on (the cLDM's
+    #: autoencoder, post-training's init): a resumed run may find the folder at another path (a run
+    #: tree moved or copied to another disk or machine) as long as it holds the same files; the
+    #: checkpoints keep each folder's fingerprint for that
+    resume_model_folders: tuple[str, ...] = ()
 
     def __init__(self, config, *, progress: bool = True, dist_info: DistInfo | None = None):
         self.config = config
@@ -105,6 +112,7 @@ class StageTrainer:
     def _finish_setup(self, resume: bool | None) -> None:
         self._resume(resume)
         if self.dist.is_main:
+            self._model_folder_fingerprints()  # of the folders as loaded, not as found at the first save
             write_json_atomic(to_dict(self.config), self.run_dir / "config.json")
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step) if self.dist.is_main else None
 
@@ -160,7 +168,7 @@ class StageTrainer:
         if resume is False:
             raise ConfigError("output_dir", f"{self.run_dir} already holds checkpoints; resume it or choose a new "
                                             "output_dir")
-        self._check_resumable(json.loads(latest.read_text())["meta"]["config"], latest)
+        self._check_resumable(json.loads(latest.read_text())["meta"], latest)
         info = load_checkpoint(latest, modules=self._modules(), optimizers=self._optimizers())
         self.step = info["step"]
         self.stopped_early = bool(info["meta"].get("stopped_early", False))
@@ -176,19 +184,23 @@ class StageTrainer:
         if self.progress:
             tqdm.write(f"resumed from {latest} at step {self.step}")
 
-    def _check_resumable(self, saved: dict, latest: Path) -> None:
+    def _check_resumable(self, meta: dict, latest: Path) -> None:
         """Refuse (naming the key) a configuration whose checkpoint-shaping settings differ from
         the checkpoint's: loading it would fail, or continue a different run."""
-        mine = to_dict(self.config)
+        saved, mine = meta["config"], to_dict(self.config)
         for section in self.resume_sections:
             theirs, ours = saved.get(section) or {}, mine.get(section) or {}
             if not isinstance(ours, dict):
                 theirs, ours = {"": theirs}, {"": ours}
             for key in sorted(set(theirs) | set(ours)):
                 dotted = f"{section}.{key}" if key else section
-                if theirs.get(key) != ours.get(key) and dotted not in self.resume_exempt:
-                    raise ConfigError(dotted, f"{ours.get(key)!r} differs from the checkpoint's {theirs.get(key)!r} "
-                                              f"in {latest}")
+                if dotted in self.resume_model_folders:
+                    self._check_model_folder(dotted, ours.get(key), theirs.get(key), meta, latest)
+                    continue
+                if theirs.get(key) == ours.get(key) or dotted in self.resume_exempt:
+                    continue
+                raise ConfigError(dotted, f"{ours.get(key)!r} differs from the checkpoint's {theirs.get(key)!r} "
+                                          f"in {latest}")
         for dotted, what in self.resume_settings.items():
             theirs, ours = _dotted_get(saved, dotted), _dotted_get(mine, dotted)
             if what is None and theirs != ours:
@@ -198,13 +210,39 @@ class StageTrainer:
                 raise ConfigError(dotted, f"{ours!r} ({what(ours)}) differs from the checkpoint's {theirs!r} "
                                           f"({what(theirs)}) in {latest}, whose tensors it shapes")
 
+    def _check_model_folder(self, key: str, ours: str, theirs: str, meta: dict, latest: Path) -> None:
+        """Accept model folder `ours` where it holds the model of the checkpoint's `theirs`: at the
+        same path (unless since replaced) or at another (moved or copied there)."""
+        recorded = (meta.get("model_folders") or {}).get(key)
+        if recorded is None:  # checkpoints before ldmfast 2026-11-29: the path alone
+            if ours != theirs:
+                raise ConfigError(key, f"{ours!r} differs from the checkpoint's {theirs!r} in {latest}, which records "
+                                       f"no fingerprint of that folder (an older ldmfast): point {key} at {theirs!r} "
+                                       "again to resume")
+            return
+        if folder_fingerprint(ours) != recorded:
+            where = "now holds" if ours == theirs else f"holds, unlike the checkpoint's {theirs!r},"
+            raise ConfigError(key, f"{ours!r} {where} another model (other weights or config.json) than the one "
+                                   f"{latest} was trained with: point {key} at that model, or start a new run")
+        if ours != theirs and self.progress:
+            tqdm.write(f"note: {key} {ours} holds the same model as the checkpoint's {theirs}: resuming with it")
+
+    def _model_folder_fingerprints(self) -> dict:
+        """resume_model_folders' fingerprints, as the checkpoints keep them (computed once, at setup:
+        the folders are inputs of the run, loaded then)."""
+        if not hasattr(self, "_fingerprints"):
+            config = to_dict(self.config)
+            self._fingerprints = {key: folder_fingerprint(config[key]) for key in self.resume_model_folders}
+        return self._fingerprints
+
     def save(self) -> None:
         if self.dist.is_main:
             # The model folder first: a run killed while exporting has no checkpoint of this step
             # yet, so its rerun trains to it again and exports again.
             self.export()
             meta = {"config": to_dict(self.config), "world_size": self.dist.world_size,
-                    "stopped_early": self.stopped_early, "extra": self._extra_state()}
+                    "stopped_early": self.stopped_early, "extra": self._extra_state(),
+                    "model_folders": self._model_folder_fingerprints()}
             save_checkpoint(self.checkpoint_dir, self.step, modules=self._modules(), optimizers=self._optimizers(),
                             meta=meta, keep_last=self.config.train.keep_checkpoints)
         barrier()
