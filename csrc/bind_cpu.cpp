@@ -3,8 +3,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <vector>
+
 #include "cpu/attention.h"
 #include "cpu/group_norm.h"
+#include "cpu/half.h"
 #include "cpu/ops.h"
 
 namespace py = pybind11;
@@ -38,21 +41,40 @@ void attention_backward(int dtype, const Ref& q, const Ref& k, const Ref& v, con
                           num_threads);
 }
 
-void group_norm_forward(int dtype, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t mean,
-                        uintptr_t rstd, int64_t n, int64_t c, int64_t s, int64_t groups, float eps, bool silu,
-                        bool channels_last, int num_threads) {
-  cpu::group_norm_forward(dtype_from_code(dtype), as_ptr(x), as_ptr<const float>(weight), as_ptr<const float>(bias),
-                          as_ptr(y), as_ptr<float>(mean), as_ptr<float>(rstd), n, c, s, groups, eps, silu,
-                          channels_last, num_threads);
+// A GroupNorm affine parameter as the kernels take it (float32): the tensor at `address` (0 for
+// none: `absent` everywhere) in the dtype of `code`, converted here, where two conversions per call in
+// Python cost ~5 us each of host time (16-bit parameters, as under autocast or a bf16 model).
+const float* affine_f32(uintptr_t address, int code, int64_t c, float absent, std::vector<float>& buf) {
+  if (address != 0 && dtype_from_code(code) == DType::Float32) return as_ptr<const float>(address);
+  buf.resize(static_cast<size_t>(c));
+  for (int64_t i = 0; i < c; ++i) {
+    switch (address == 0 ? DType::Float32 : dtype_from_code(code)) {
+      case DType::Float32: buf[i] = absent; break;
+      case DType::Float16: buf[i] = to_float(as_ptr<const half_t>(address)[i]); break;
+      case DType::BFloat16: buf[i] = to_float(as_ptr<const bfloat16_t>(address)[i]); break;
+    }
+  }
+  return buf.data();
 }
 
-void group_norm_backward(int dtype, uintptr_t dy, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mean,
-                         uintptr_t rstd, uintptr_t dx, uintptr_t dweight, uintptr_t dbias, int64_t n, int64_t c,
-                         int64_t s, int64_t groups, bool silu, bool channels_last, int num_threads) {
-  cpu::group_norm_backward(dtype_from_code(dtype), as_ptr(dy), as_ptr(x), as_ptr<const float>(weight),
-                           as_ptr<const float>(bias), as_ptr<const float>(mean), as_ptr<const float>(rstd),
-                           as_ptr(dx), as_ptr<float>(dweight), as_ptr<float>(dbias), n, c, s, groups, silu,
-                           channels_last, num_threads);
+void group_norm_forward(int dtype, uintptr_t x, uintptr_t weight, int weight_code, uintptr_t bias, int bias_code,
+                        uintptr_t y, uintptr_t mean, uintptr_t rstd, int64_t n, int64_t c, int64_t s, int64_t groups,
+                        float eps, bool silu, bool channels_last, int num_threads) {
+  std::vector<float> wbuf, bbuf;
+  cpu::group_norm_forward(dtype_from_code(dtype), as_ptr(x), affine_f32(weight, weight_code, c, 1.0f, wbuf),
+                          affine_f32(bias, bias_code, c, 0.0f, bbuf), as_ptr(y), as_ptr<float>(mean),
+                          as_ptr<float>(rstd), n, c, s, groups, eps, silu, channels_last, num_threads);
+}
+
+void group_norm_backward(int dtype, uintptr_t dy, uintptr_t x, uintptr_t weight, int weight_code, uintptr_t bias,
+                         int bias_code, uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dweight,
+                         uintptr_t dbias, int64_t n, int64_t c, int64_t s, int64_t groups, bool silu,
+                         bool channels_last, int num_threads) {
+  std::vector<float> wbuf, bbuf;
+  cpu::group_norm_backward(dtype_from_code(dtype), as_ptr(dy), as_ptr(x), affine_f32(weight, weight_code, c, 1.0f, wbuf),
+                           affine_f32(bias, bias_code, c, 0.0f, bbuf), as_ptr<const float>(mean),
+                           as_ptr<const float>(rstd), as_ptr(dx), as_ptr<float>(dweight), as_ptr<float>(dbias), n, c,
+                           s, groups, silu, channels_last, num_threads);
 }
 
 void adamw8bit_step(uintptr_t p, uintptr_t g, uintptr_t m_codes, uintptr_t m_scale, uintptr_t r_codes,
@@ -81,7 +103,8 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("attention_backward", &attention_backward, py::call_guard<py::gil_scoped_release>(),
           "Flash-style attention backward: dq, dk, dv from dout, out and lse.");
   mod.def("group_norm_forward", &group_norm_forward, py::call_guard<py::gil_scoped_release>(),
-          "GroupNorm (+ SiLU) forward over (n, c, s) elements, contiguous or channels-last; writes y, mean, rstd.");
+          "GroupNorm (+ SiLU) forward over (n, c, s) elements, contiguous or channels-last; weight and bias as "
+          "(address or 0, dtype code); writes y, mean, rstd.");
   mod.def("adamw8bit_step", &adamw8bit_step, py::call_guard<py::gil_scoped_release>(),
           "One 8-bit AdamW step over a flat float32 parameter, in place (ldmfast/train/adamw8bit.py).");
   mod.def("group_norm_backward", &group_norm_backward, py::call_guard<py::gil_scoped_release>(),

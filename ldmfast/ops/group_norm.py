@@ -141,10 +141,10 @@ def _affine_f32(x, weight, bias):
 
 
 def _affine_native(weight, bias):
-    """The affine parameters as the CUDA kernels take them: (address, dtype code) each, 0 for an
-    absent one; the kernels convert 16-bit or absent ones themselves (one launch, where two
-    conversions here cost host time on every call). Returns the tensors to keep alive until the
-    launch, and the four arguments."""
+    """The affine parameters as the CUDA kernels and the CPU binding take them: (address, dtype code)
+    each, 0 for an absent one; they convert 16-bit or absent ones themselves (two conversions here
+    cost host time on every call: ~5 us each on a CPU core, a launch each on a GPU). Returns the
+    tensors to keep alive until the call, and the four arguments."""
     kept = tuple(None if t is None else
                  (t if t.dtype in _native.KERNEL_DTYPES else t.float()).contiguous() for t in (weight, bias))
     codes = tuple(_native.dtype_code(t) if t is not None else _native.DTYPE_CODES[torch.float32] for t in kept)
@@ -183,13 +183,14 @@ def _run_forward(backend, x, weight, bias, num_groups, eps, activation):
             x.device.index, _native.cuda_stream(x), _native.dtype_code(xk), xk.data_ptr(), *affine, y.data_ptr(),
             mean.data_ptr(), rstd.data_ptr(), ws.data_ptr(), n, c, s, g, float(eps), silu, cl)
         return y, mean, rstd
-    w, b = _affine_f32(x, weight, bias)
     if backend == "cpu":
+        _kept, affine = _affine_native(weight, bias)
         _native.cpu_module().group_norm_forward(
-            _native.dtype_code(xk), xk.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean.data_ptr(),
-            rstd.data_ptr(), n, c, s, g, float(eps), silu, cl, torch.get_num_threads())
+            _native.dtype_code(xk), xk.data_ptr(), *affine, y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), n, c, s, g,
+            float(eps), silu, cl, torch.get_num_threads())
     elif backend == "triton":
         from . import group_norm_triton
+        w, b = _affine_f32(x, weight, bias)
         with _native.triton_device(xk):
             group_norm_triton.forward(xk, w, b, y, mean, rstd, n, c, s, g, float(eps), silu, cl)
     else:
@@ -218,14 +219,14 @@ def _run_backward(backend, dy, x, weight, bias, mean, rstd, num_groups, activati
             mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), ws.data_ptr(),
             n, c, s, g, silu, cl)
         return dx, dweight, dbias
-    w, b = _affine_f32(x, weight, bias)
     if backend == "cpu":
+        _kept, affine = _affine_native(weight, bias)
         _native.cpu_module().group_norm_backward(
-            _native.dtype_code(xk), dyk.data_ptr(), xk.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(),
-            rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), n, c, s, g, silu, cl,
-            torch.get_num_threads())
+            _native.dtype_code(xk), dyk.data_ptr(), xk.data_ptr(), *affine, mean.data_ptr(), rstd.data_ptr(),
+            dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), n, c, s, g, silu, cl, torch.get_num_threads())
     elif backend == "triton":
         from . import group_norm_triton
+        w, b = _affine_f32(x, weight, bias)
         with _native.triton_device(xk):
             group_norm_triton.backward(dyk, xk, w, b, mean, rstd, dx, dweight, dbias, n, c, s, g, silu, cl)
     else:
