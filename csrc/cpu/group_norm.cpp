@@ -627,21 +627,23 @@ struct DxRow {
 #define LDMFAST_AVX512_AI \
   inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
-// exp_approx_t<true> on 16 floats: the same operations in the same order, so the same bits.
+// exp_approx_t<true> on 16 floats: the same operations in the same order on the same constants
+// (exp_consts), so the same bits.
 LDMFAST_AVX512_AI __m512 exp_approx_avx512(__m512 x) {
+  using namespace exp_consts;
   const __m512i ix = _mm512_castps_si512(x);
   const __m512i mag = _mm512_min_epu32(_mm512_and_si512(ix, _mm512_set1_epi32(0x7fffffff)),
-                                       _mm512_set1_epi32(0x42AE0000));
+                                       _mm512_set1_epi32(static_cast<int>(kClampBits)));
   x = _mm512_castsi512_ps(_mm512_or_si512(mag, _mm512_and_si512(ix, _mm512_set1_epi32(static_cast<int>(0x80000000u)))));
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
-  const __m512 n = _mm512_sub_ps(t, magic);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 q = _mm512_set1_ps(8.312525870700754e-3f);
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(4.189011550148262e-2f));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.6667114462479737e-1f));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(4.999923177253508e-1f));
+  const __m512 round = _mm512_set1_ps(kRound);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), round);
+  const __m512 n = _mm512_sub_ps(t, round);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 q = _mm512_set1_ps(kC5);
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(kC4));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(kC3));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(kC2));
   q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
   q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
   return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(q), _mm512_slli_epi32(_mm512_castps_si512(t), 23)));
@@ -662,10 +664,10 @@ LDMFAST_AVX512_AI __m512 silu_grad_avx512(__m512 z) {
 // Not inlined: its caller's chain of always-inline functions has no target of its own (GCC inlines
 // no function with a wider instruction set into one); one call per block of a row.
 template <bool kSums, bool kDx>
-__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void bwd_block_avx512(const float* __restrict xv, const float* __restrict dv, float* __restrict gout,
-                                        float mean, float sc, float bc, const float* xv2, float* ov,
-                                        const float* __restrict gin, float mean2, float sc2, float cb, float cd,
-                                        int64_t len, float* s1, float* s2) {
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void bwd_block_avx512(
+    const float* __restrict xv, const float* __restrict dv, float* __restrict gout, float mean, float sc, float bc,
+    const float* xv2, float* ov, const float* __restrict gin, float mean2, float sc2, float cb, float cd,
+    int64_t len, float* s1, float* s2) {
   const __m512 vmean = _mm512_set1_ps(mean), vsc = _mm512_set1_ps(sc), vbc = _mm512_set1_ps(bc);
   const __m512 vmean2 = _mm512_set1_ps(mean2), vsc2 = _mm512_set1_ps(sc2), vcb = _mm512_set1_ps(cb);
   const __m512 vcd = _mm512_set1_ps(cd);

@@ -28,20 +28,32 @@ inline __attribute__((always_inline)) float madd(float a, float b, float c) {
 // slower) or not vectorize it at all. exp(-inf) and exp(-87) give ~1e-38 (0 for every use here).
 // Its multiply-adds fused (kFma) or not, as madd; exp_approx(x) is exp_approx_t<false>, which a file
 // compiled with contraction (the default) fuses where GCC chooses.
+// exp_approx's constants, shared with its AVX-512 intrinsics twin (group_norm.cpp), which must give
+// the same bits.
+namespace exp_consts {
+constexpr uint32_t kClampBits = 0x42AE0000u;  // 87.0f
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: x / ln2 + kRound rounds to the integer n
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+// e^r = 1 + r + r^2 (c2 + c3 r + c4 r^2 + c5 r^3), minimax in relative error on |r| <= ln2/2
+constexpr float kC5 = 8.312525870700754e-3f, kC4 = 4.189011550148262e-2f, kC3 = 1.6667114462479737e-1f,
+                kC2 = 4.999923177253508e-1f;
+}  // namespace exp_consts
+
 template <bool kFma>
 inline __attribute__((always_inline)) float exp_approx_t(float x) {
+  using namespace exp_consts;
   const uint32_t ix = float_to_bits(x);
-  x = bits_to_float(std::min(ix & 0x7fffffffu, 0x42AE0000u /* 87.0f */) | (ix & 0x80000000u));
-  // 1.5 * 2^23 rounds x / ln2 to the integer n, which then sits in t's low mantissa bits.
-  const float t = madd<kFma>(x, 1.44269504088896341f, 12582912.0f);
-  const float n = t - 12582912.0f;
-  float r = madd<kFma>(-n, 0.693359375f, x);
-  r = madd<kFma>(-n, -2.12194440e-4f, r);
-  // e^r = 1 + r + r^2 (c2 + c3 r + c4 r^2 + c5 r^3), minimax in relative error on |r| <= ln2/2
-  float p = 8.312525870700754e-3f;
-  p = madd<kFma>(p, r, 4.189011550148262e-2f);
-  p = madd<kFma>(p, r, 1.6667114462479737e-1f);
-  p = madd<kFma>(p, r, 4.999923177253508e-1f);
+  x = bits_to_float(std::min(ix & 0x7fffffffu, kClampBits) | (ix & 0x80000000u));
+  // kRound rounds x / ln2 to the integer n, which then sits in t's low mantissa bits.
+  const float t = madd<kFma>(x, kLog2e, kRound);
+  const float n = t - kRound;
+  float r = madd<kFma>(-n, kLn2Hi, x);
+  r = madd<kFma>(-n, kLn2Lo, r);
+  float p = kC5;
+  p = madd<kFma>(p, r, kC4);
+  p = madd<kFma>(p, r, kC3);
+  p = madd<kFma>(p, r, kC2);
   p = madd<kFma>(p, r, 1.0f);
   p = madd<kFma>(p, r, 1.0f);
   // t's bits << 23 keep n's low 9 bits in the exponent field (the magic constant's low bits are 0);
