@@ -49,13 +49,17 @@ preview_slices = 2
 """
 
 
-@pytest.fixture(scope="module")
-def autoencoder_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vqgan")
+def save_autoencoder(path, seed):
+    """A small untrained VQGAN folder whose weights depend on `seed`."""
+    torch.manual_seed(seed)
     VQGAN(VQGANConfig(base_channels=16, channel_mult=[1, 2, 2], num_res_blocks=1, norm_groups=8,
                       num_codes=32)).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def autoencoder_dir(tmp_path_factory):
+    return save_autoencoder(tmp_path_factory.mktemp("vqgan"), 0)
 
 
 def write_config(tmp_path, phantom_root, autoencoder_dir, name="run", extra=""):
@@ -204,10 +208,7 @@ def test_resume_takes_a_moved_autoencoder_and_refuses_another(tmp_path, phantom_
                          progress=False)
     assert resumed.step == 1
     resumed.run()
-    torch.manual_seed(1)
-    other = tmp_path / "other_vqgan"
-    VQGAN(VQGANConfig(base_channels=16, channel_mult=[1, 2, 2], num_res_blocks=1, norm_groups=8,
-                      num_codes=32)).save_pretrained(other)
+    other = save_autoencoder(tmp_path / "other_vqgan", 1)
     with pytest.raises(ConfigError, match="autoencoder: .*another model"):
         LDMTrainer(load_config(write_config(tmp_path, phantom_root, other), LDMTrainConfig), progress=False)
     shutil.rmtree(tmp_path / "elsewhere")

@@ -220,7 +220,7 @@ class StageTrainer:
                                        f"no fingerprint of that folder (an older ldmfast): point {key} at {theirs!r} "
                                        "again to resume")
             return
-        if folder_fingerprint(ours) != recorded:
+        if self._model_folder_fingerprints()[key] != recorded:  # of `ours`: the configured folder
             where = "now holds" if ours == theirs else f"holds, unlike the checkpoint's {theirs!r},"
             raise ConfigError(key, f"{ours!r} {where} another model (other weights or config.json) than the one "
                                    f"{latest} was trained with: point {key} at that model, or start a new run")
@@ -228,8 +228,9 @@ class StageTrainer:
             tqdm.write(f"note: {key} {ours} holds the same model as the checkpoint's {theirs}: resuming with it")
 
     def _model_folder_fingerprints(self) -> dict:
-        """resume_model_folders' fingerprints, as the checkpoints keep them (computed once, at setup:
-        the folders are inputs of the run, loaded then)."""
+        """resume_model_folders' fingerprints, as the checkpoints keep them: computed once, when the
+        resume check first needs them or at the end of setup (the folders are inputs of the run,
+        loaded before either)."""
         if not hasattr(self, "_fingerprints"):
             config = to_dict(self.config)
             self._fingerprints = {key: folder_fingerprint(config[key]) for key in self.resume_model_folders}
