@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <new>
 #include <optional>
 #include <vector>
 
@@ -74,6 +75,24 @@ struct QueryTiles {
 // Floats of a score tile for tile_rows rows: kRows * kBlockN of slack, as the transposed-weight
 // sums read up to kRows - 1 keys past the last (stale, finite, never stored).
 int64_t score_tile(int64_t rows) { return (rows + kRows) * kBlockN; }
+
+// Float buffers aligned to cache lines: the micro-kernels' vector loads and stores then never
+// straddle two lines (std::vector's default alignment is 16 bytes).
+template <typename T>
+struct LineAligned {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, size_t) { ::operator delete(p, kAlign); }
+  template <typename U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAligned<U>&) const { return false; }
+};
+using Buffer = std::vector<float, LineAligned<float>>;
 
 typedef float vec8 __attribute__((vector_size(4 * kLanes)));
 
@@ -282,10 +301,19 @@ void accumulate(const float* w, int64_t w_outer, int64_t w_inner, const float* m
           c[o][1] += wv * hi;
         }
       }
-      for (int64_t o = 0; o < on; ++o) {
-        float* dst = acc + (o0 + o) * ld + d0;
-        store8(dst, load8(dst) + c[o][0]);
-        store8(dst + kLanes, load8(dst + kLanes) + c[o][1]);
+      if (on == kRows) {
+        // (a whole block: unrolled, so the accumulators stay in registers)
+        for (int o = 0; o < kRows; ++o) {
+          float* dst = acc + (o0 + o) * ld + d0;
+          store8(dst, load8(dst) + c[o][0]);
+          store8(dst + kLanes, load8(dst + kLanes) + c[o][1]);
+        }
+      } else {
+        for (int64_t o = 0; o < on; ++o) {
+          float* dst = acc + (o0 + o) * ld + d0;
+          store8(dst, load8(dst) + c[o][0]);
+          store8(dst + kLanes, load8(dst + kLanes) + c[o][1]);
+        }
       }
     }
   }
@@ -296,20 +324,20 @@ void accumulate(const float* w, int64_t w_outer, int64_t w_inner, const float* m
 // 4-7 ms of a 12 ms call with one query tile. Stale contents are finite values of earlier calls;
 // every product reads only the elements it writes for (padding and rows past the last key feed
 // only outputs that are not stored).
-float* thread_pool(std::vector<float>& pool, int64_t n) {
+float* thread_pool(Buffer& pool, int64_t n) {
   if (static_cast<int64_t>(pool.size()) < n) pool.resize(static_cast<size_t>(n));
   return pool.data();
 }
 
-thread_local std::vector<float> tls_kt, tls_v, tls_k, tls_parts;
+thread_local Buffer tls_kt, tls_v, tls_k, tls_parts;
 
 // After a call, this thread gives back buffers over 8 MB (a process that once ran a long sequence
 // does not keep that memory, nor many threads a large head each); smaller ones stay for the next
 // call (the VQGAN middle block's 2688 x 512 keys take 5.5 MB per buffer).
 void trim_thread_pools() {
   constexpr size_t kKeepFloats = size_t{2} << 20;
-  for (std::vector<float>* pool : {&tls_kt, &tls_v, &tls_k, &tls_parts}) {
-    if (pool->size() > kKeepFloats) std::vector<float>().swap(*pool);
+  for (Buffer* pool : {&tls_kt, &tls_v, &tls_k, &tls_parts}) {
+    if (pool->size() > kKeepFloats) Buffer().swap(*pool);
   }
 }
 
@@ -368,7 +396,7 @@ struct ForwardScratch {
       : ld(padded(dim)), qb(rows * ld), q_panels(rows * dim), acc(rows * ld), sc(score_tile(rows)), m(rows),
         alpha(rows), l(rows * kLanes) {}
   int64_t ld;
-  std::vector<float> qb, q_panels, acc, sc, m, alpha, l;
+  Buffer qb, q_panels, acc, sc, m, alpha, l;
 };
 
 // Rows row0.. of head bh's output and log-sum-exp: online softmax over the key tiles of `head`,
@@ -515,7 +543,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
   const int64_t dim = s.dim, bhs = s.batch * s.heads;
   const int64_t q_blocks = (s.lq + kBlockM - 1) / kBlockM, k_blocks = (s.lk + kBlockN - 1) / kBlockN;
   // delta = rowsum(dout * out): the softmax's backward correction, once per query row.
-  std::vector<float> delta(bhs * s.lq);
+  Buffer delta(bhs * s.lq);
   const int threads = std::max(1, num_threads);
   // Fewer heads than threads: each thread's partial dk and dv over the whole key range.
   const int parts_threads = bhs < threads ? threads : 0;
@@ -529,10 +557,10 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
   {
     const int64_t ld = padded(dim);
     const int64_t tm = tile_rows(s.lq);  // rows of the query-tile buffers, and their strips' height
-    std::vector<float> ob(tm * ld), dob(tm * ld), qb(tm * ld), dop(tm * ld), qp(tm * ld), q_panels(tm * dim),
+    Buffer ob(tm * ld), dob(tm * ld), qb(tm * ld), dop(tm * ld), qp(tm * ld), q_panels(tm * dim),
         do_panels(tm * dim);
-    std::vector<float> p(score_tile(tm)), ds(score_tile(tm));
-    std::vector<float> acc_a(std::max(tm, kBlockN) * ld), acc_b(kBlockN * ld);
+    Buffer p(score_tile(tm)), ds(score_tile(tm));
+    Buffer acc_a(std::max(tm, kBlockN) * ld), acc_b(kBlockN * ld);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < bhs * q_blocks; ++item) {
       const int64_t bh = item / q_blocks, row0 = (item % q_blocks) * kBlockM, rows = std::min(kBlockM, s.lq - row0);
@@ -550,7 +578,7 @@ void backward_typed(const TensorRef4& q, const TensorRef4& k, const TensorRef4& 
       // pass over (query tile, key tile) pairs makes dk, dv and dq from one p and ds: five tile
       // products per pair, where separate dk/dv and dq passes would take seven.
       const int64_t rows_alloc = q_blocks * tm;
-      std::vector<float> q_head(rows_alloc * ld), do_head(rows_alloc * ld), dq_head(rows_alloc * ld),
+      Buffer q_head(rows_alloc * ld), do_head(rows_alloc * ld), dq_head(rows_alloc * ld),
           q_packed(rows_alloc * ld), do_packed(rows_alloc * ld), q_panels(rows_alloc * dim),
           do_panels(rows_alloc * dim);
       HeadKeys head(s.lk, dim, true);
