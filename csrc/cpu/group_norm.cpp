@@ -21,6 +21,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -301,7 +303,7 @@ LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
   const int64_t m = z.m();
   const T* xg = static_cast<const T*>(a.x) + ng * m;
   T* yg = static_cast<T*>(a.y) + ng * m;
-  float buf[kBlock];
+  alignas(64) float buf[kBlock];
   const float k = to_float(xg[0]);
   double s1 = 0, s2 = 0;
   for (int64_t off = 0; off < m; off += kBlock) {
@@ -388,7 +390,7 @@ struct NormRow {
 // Statistics over p's row (kStats) and normalization of q's row (kNorm), in one loop; rows of s.
 template <typename T, bool kSilu, bool kAvx2, bool kStats, bool kNorm, bool kFold>
 LDMFAST_AI void fwd_contig_rows(StatsRow<T>& p, const NormRow<T>& q, int64_t s) {
-  float xb[kBlock], xq[kBlock];
+  alignas(64) float xb[kBlock], xq[kBlock];
   auto row = [&](int64_t from, int64_t len, auto skip) {
     const InStage<T>* __restrict xv = kStats ? view_in<T, kAvx2>(p.x + from, xb, len) : nullptr;
     const InStage<T>* __restrict xv2 = kNorm ? view_in<T, kAvx2>(q.x + from, xq, len) : nullptr;
@@ -523,10 +525,20 @@ LDMFAST_AI void fwd_cl_norm_item(const FwdArgs& a, int64_t item) {
 
 // A per-thread float buffer that lives across calls (OpenMP threads persist), for the backward's
 // g = dy * act'(z) of one or two groups: the second pass reads it instead of computing the sigmoid again.
+// Cache-line aligned: its vector loads and stores then never straddle two lines.
 float* thread_scratch(int64_t n) {
-  thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
-  return buf.data();
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<float, Free> buf;
+  thread_local int64_t size = 0;
+  if (size < n) {
+    const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64;
+    buf.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    if (!buf) throw std::bad_alloc();
+    size = n;
+  }
+  return buf.get();
 }
 
 // ---- backward, contiguous, without a buffer: one item per (sample, group) --------------------------
@@ -541,7 +553,7 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
   const T* dyg = static_cast<const T*>(a.dy) + ng * m;
   T* dxg = static_cast<T*>(a.dx) + ng * m;
   const float mean = a.mean[ng], rstd = a.rstd[ng];
-  float xb[kBlock], db[kBlock];
+  alignas(64) float xb[kBlock], db[kBlock];
   double ga = 0, gb = 0;  // sums over the group of weight * g and weight * g * xhat
   for (int64_t j = 0; j < z.cg; ++j) {
     const int64_t c = g * z.cg + j;
@@ -705,7 +717,7 @@ constexpr int64_t kShortRow = 256;
 // at short rows.
 template <typename T, bool kSilu, bool kAvx2, bool kSums, bool kDx, bool kAvx512 = false>
 LDMFAST_AI void bwd_contig_rows(SumsRow<T>& p, const DxRow<T>& q, int64_t s) {
-  float xb[kBlock], db[kBlock], xq[kBlock];
+  alignas(64) float xb[kBlock], db[kBlock], xq[kBlock];
 #if defined(__x86_64__)
   if constexpr (kAvx512 && kSilu && std::is_same_v<InStage<T>, float>) {
     static_assert(kShortRow <= kBlock, "a short row is one block");
