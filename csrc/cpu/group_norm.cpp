@@ -303,7 +303,7 @@ LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
   const int64_t m = z.m();
   const T* xg = static_cast<const T*>(a.x) + ng * m;
   T* yg = static_cast<T*>(a.y) + ng * m;
-  alignas(64) float buf[kBlock];
+  float buf[kBlock];
   const float k = to_float(xg[0]);
   double s1 = 0, s2 = 0;
   for (int64_t off = 0; off < m; off += kBlock) {
@@ -390,7 +390,7 @@ struct NormRow {
 // Statistics over p's row (kStats) and normalization of q's row (kNorm), in one loop; rows of s.
 template <typename T, bool kSilu, bool kAvx2, bool kStats, bool kNorm, bool kFold>
 LDMFAST_AI void fwd_contig_rows(StatsRow<T>& p, const NormRow<T>& q, int64_t s) {
-  alignas(64) float xb[kBlock], xq[kBlock];
+  float xb[kBlock], xq[kBlock];
   auto row = [&](int64_t from, int64_t len, auto skip) {
     const InStage<T>* __restrict xv = kStats ? view_in<T, kAvx2>(p.x + from, xb, len) : nullptr;
     const InStage<T>* __restrict xv2 = kNorm ? view_in<T, kAvx2>(q.x + from, xq, len) : nullptr;
@@ -553,7 +553,7 @@ LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
   const T* dyg = static_cast<const T*>(a.dy) + ng * m;
   T* dxg = static_cast<T*>(a.dx) + ng * m;
   const float mean = a.mean[ng], rstd = a.rstd[ng];
-  alignas(64) float xb[kBlock], db[kBlock];
+  float xb[kBlock], db[kBlock];
   double ga = 0, gb = 0;  // sums over the group of weight * g and weight * g * xhat
   for (int64_t j = 0; j < z.cg; ++j) {
     const int64_t c = g * z.cg + j;
@@ -717,7 +717,7 @@ constexpr int64_t kShortRow = 256;
 // at short rows.
 template <typename T, bool kSilu, bool kAvx2, bool kSums, bool kDx, bool kAvx512 = false>
 LDMFAST_AI void bwd_contig_rows(SumsRow<T>& p, const DxRow<T>& q, int64_t s) {
-  alignas(64) float xb[kBlock], db[kBlock], xq[kBlock];
+  float xb[kBlock], db[kBlock], xq[kBlock];
 #if defined(__x86_64__)
   if constexpr (kAvx512 && kSilu && std::is_same_v<InStage<T>, float>) {
     static_assert(kShortRow <= kBlock, "a short row is one block");
