@@ -764,6 +764,46 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16
 }
 #endif
 
+#if defined(__x86_64__)
+// bwd_contig_rows' SiLU loop on bfloat16 rows (AVX512-BF16 CPUs), whole rows: widened in registers
+// and dx rounded by vcvtneps2bf16 as stored, where the compiled loop staged x, dy and dx through
+// float blocks. The same elementwise arithmetic as bwd_block_avx512; sums by a tree per block of
+// kBlock values, into double.
+template <bool kSums, bool kDx>
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))) void bwd_row_bf16_avx512(
+    const bfloat16_hw_t* __restrict xv, const bfloat16_hw_t* __restrict dv, float* __restrict gout, float mean,
+    float sc, float bc, const bfloat16_hw_t* xv2, bfloat16_hw_t* ov, const float* __restrict gin, float mean2,
+    float sc2, float cb, float cd, int64_t s, double* s1, double* s2) {
+  const __m512 vmean = _mm512_set1_ps(mean), vsc = _mm512_set1_ps(sc), vbc = _mm512_set1_ps(bc);
+  const __m512 vmean2 = _mm512_set1_ps(mean2), vsc2 = _mm512_set1_ps(sc2), vcb = _mm512_set1_ps(cb);
+  const __m512 vcd = _mm512_set1_ps(cd);
+  for (int64_t off = 0; off < s; off += kBlock) {
+    const int64_t end = std::min(s, off + kBlock);
+    __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+    for (int64_t i = off; i < end; i += kLanes) {
+      const __mmask16 m = end - i >= kLanes ? static_cast<__mmask16>(0xffff)
+                                            : static_cast<__mmask16>((1u << (end - i)) - 1);
+      if constexpr (kSums) {
+        const __m512 d = _mm512_sub_ps(bf16_widen(m, xv + i), vmean);
+        const __m512 gv = _mm512_mul_ps(bf16_widen(m, dv + i), silu_grad_avx512(_mm512_fmadd_ps(d, vsc, vbc)));
+        _mm512_mask_storeu_ps(gout + i, m, gv);  // masked-off lanes: dy widened as 0, so gv is 0
+        a1 = _mm512_add_ps(a1, gv);
+        a2 = _mm512_fmadd_ps(gv, d, a2);
+      }
+      if constexpr (kDx) {
+        const __m512 d2 = _mm512_sub_ps(bf16_widen(m, xv2 + i), vmean2);
+        const __m512 out = _mm512_fmadd_ps(vsc2, _mm512_maskz_loadu_ps(m, gin + i), _mm512_fmadd_ps(vcb, d2, vcd));
+        _mm256_mask_storeu_epi16(ov + i, m, (__m256i)_mm512_cvtneps_pbh(out));
+      }
+    }
+    if constexpr (kSums) {
+      *s1 += _mm512_reduce_add_ps(a1);
+      *s2 += _mm512_reduce_add_ps(a2);
+    }
+  }
+}
+#endif
+
 // Pass 1 over p's row (kSums) and pass 2 over q's row (kDx), in one loop; rows of s elements.
 // Rows of at most kShortRow values go through bwd_block_avx512 in the AVX-512 variant. One Xeon core,
 // SiLU backward (bench/ab_group_norm.py both ways round): rows of 168 (12x14 maps) float32 1.21x,
@@ -775,6 +815,12 @@ constexpr int64_t kShortRow = 256;
 // at short rows.
 template <typename T, bool kSilu, bool kAvx2, bool kSums, bool kDx, bool kAvx512 = false>
 LDMFAST_AI void bwd_contig_rows(SumsRow<T>& p, const DxRow<T>& q, int64_t s) {
+#if defined(__x86_64__)
+  if constexpr (kAvx512 && kSilu && std::is_same_v<T, bfloat16_hw_t>) {
+    return bwd_row_bf16_avx512<kSums, kDx>(p.x, p.dy, p.g, p.mean, p.sc, p.bc, q.x, q.dx, q.g, q.mean, q.sc, q.cb, q.cd,
+                                           s, &p.s1, &p.s2);
+  }
+#endif
   float xb[kBlock], db[kBlock], xq[kBlock];
 #if defined(__x86_64__)
   if constexpr (kAvx512 && kSilu && std::is_same_v<InStage<T>, float>) {
