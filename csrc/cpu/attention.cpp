@@ -9,13 +9,13 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <new>
 #include <optional>
 #include <vector>
 
 #include <omp.h>
 
 #include "cpu/half.h"
+#include "cpu/line_aligned.h"
 #include "cpu/vec_math.h"
 
 #ifndef LDMFAST_ISA
@@ -76,23 +76,9 @@ struct QueryTiles {
 // sums read up to kRows - 1 keys past the last (stale, finite, never stored).
 int64_t score_tile(int64_t rows) { return (rows + kRows) * kBlockN; }
 
-// Float buffers aligned to cache lines: the micro-kernels' vector loads and stores then never
-// straddle two lines (std::vector's default alignment is 16 bytes).
-template <typename T>
-struct LineAligned {
-  using value_type = T;
-  static constexpr std::align_val_t kAlign{64};
-  LineAligned() = default;
-  template <typename U>
-  LineAligned(const LineAligned<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
-  void deallocate(T* p, size_t) { ::operator delete(p, kAlign); }
-  template <typename U>
-  bool operator==(const LineAligned<U>&) const { return true; }
-  template <typename U>
-  bool operator!=(const LineAligned<U>&) const { return false; }
-};
-using Buffer = std::vector<float, LineAligned<float>>;
+// fp32 buffers aligned to cache lines (line_aligned.h): the micro-kernels' vector loads and stores
+// then never straddle two lines.
+using Buffer = FloatBuffer;
 
 typedef float vec8 __attribute__((vector_size(4 * kLanes)));
 

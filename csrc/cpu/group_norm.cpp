@@ -21,8 +21,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -34,6 +32,7 @@
 #include "cpu/group_norm.h"
 #include "cpu/half.h"
 #include "cpu/isa.h"
+#include "cpu/line_aligned.h"
 #include "cpu/vec_math.h"
 
 #define LDMFAST_AI inline __attribute__((always_inline))
@@ -561,7 +560,7 @@ LDMFAST_AI void fwd_cl_sums_item(const FwdArgs& a, int64_t item) {
   const int64_t r0 = p * a.rows_per_chunk, r1 = std::min(z.s, r0 + a.rows_per_chunk);
   const T* xn = static_cast<const T*>(a.x) + n * z.s * z.c;
   double* out = a.partial + item * 2 * z.c;
-  std::vector<float> shift(z.c), buf(z.c), t1(z.c), t2(z.c);
+  FloatBuffer shift(z.c), buf(z.c), t1(z.c), t2(z.c);
   for (int64_t c = 0; c < z.c; ++c) shift[c] = to_float(xn[(c / z.cg) * z.cg]);
   std::fill(out, out + 2 * z.c, 0.0);
   for (int64_t rb = r0; rb < r1; rb += kRows) {
@@ -597,7 +596,7 @@ LDMFAST_AI void fwd_cl_norm_item(const FwdArgs& a, int64_t item) {
   const float* __restrict sc = a.scale + n * z.c;
   const float* __restrict sh = a.shift + n * z.c;  // folded: b - mean * sc; else the group's mean
   const float* __restrict bp = a.bias;
-  std::vector<float> buf(z.c);
+  FloatBuffer buf(z.c);
   float* __restrict b = buf.data();
   for (int64_t r = r0; r < r1; ++r) {
     const auto* xv = view_in<T, kAvx2, InStageRows<T>>(xn + r * z.c, b, z.c);
@@ -616,20 +615,10 @@ LDMFAST_AI void fwd_cl_norm_item(const FwdArgs& a, int64_t item) {
 
 // A per-thread float buffer that lives across calls (OpenMP threads persist), for the backward's
 // g = dy * act'(z) of one or two groups: the second pass reads it instead of computing the sigmoid again.
-// Cache-line aligned: its vector loads and stores then never straddle two lines.
 float* thread_scratch(int64_t n) {
-  struct Free {
-    void operator()(float* p) const { std::free(p); }
-  };
-  thread_local std::unique_ptr<float, Free> buf;
-  thread_local int64_t size = 0;
-  if (size < n) {
-    const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64;
-    buf.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-    if (!buf) throw std::bad_alloc();
-    size = n;
-  }
-  return buf.get();
+  thread_local FloatBuffer buf;  // (cache-line aligned)
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
 }
 
 // ---- backward, contiguous, without a buffer: one item per (sample, group) --------------------------
@@ -957,7 +946,7 @@ LDMFAST_AI void bwd_cl_sums_item(const BwdArgs& a, int64_t item) {
   const T* xn = static_cast<const T*>(a.x) + n * z.s * z.c;
   const T* dyn = static_cast<const T*>(a.dy) + n * z.s * z.c;
   double* out = a.partial + item * 2 * z.c;
-  std::vector<float> xbuf(z.c), dbuf(z.c), t1(z.c), t2(z.c);
+  FloatBuffer xbuf(z.c), dbuf(z.c), t1(z.c), t2(z.c);
   std::fill(out, out + 2 * z.c, 0.0);
   const float* __restrict sc = a.scale + n * z.c;
   const float* __restrict bp = a.bias;
@@ -1001,7 +990,7 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
   const float* __restrict cb = a.cb + n * z.c;
   const float* __restrict cd = a.cd + n * z.c;
   const float* __restrict mu = a.mu + n * z.c;
-  std::vector<float> xbuf(z.c), dbuf(z.c);
+  FloatBuffer xbuf(z.c), dbuf(z.c);
   float* __restrict xb = xbuf.data();
   float* __restrict db = dbuf.data();
   for (int64_t r = r0; r < r1; ++r) {
@@ -1138,7 +1127,7 @@ void forward_typed(FwdArgs& a, bool channels_last, int num_threads) {
   }
   split_rows(z, num_threads, &a.chunks, &a.rows_per_chunk);
   std::vector<double> partial(static_cast<size_t>(z.n * a.chunks * 2 * z.c));
-  std::vector<float> scale(static_cast<size_t>(z.n * z.c)), shift(static_cast<size_t>(z.n * z.c));
+  FloatBuffer scale(static_cast<size_t>(z.n * z.c)), shift(static_cast<size_t>(z.n * z.c));
   a.partial = partial.data();
   a.scale = scale.data();
   a.shift = shift.data();
@@ -1191,7 +1180,7 @@ void backward_typed(BwdArgs& a, float* dweight, float* dbias, bool channels_last
     split_rows(z, num_threads, &a.chunks, &a.rows_per_chunk);
     const size_t nc = static_cast<size_t>(z.n * z.c);
     std::vector<double> partial(static_cast<size_t>(z.n * a.chunks * 2 * z.c));
-    std::vector<float> scale(nc), cb(nc), cd(nc), mu(nc);
+    FloatBuffer scale(nc), cb(nc), cd(nc), mu(nc);
     a.partial = partial.data();
     a.scale = scale.data();
     a.cb = cb.data();
