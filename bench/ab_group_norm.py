@@ -35,6 +35,8 @@ import common
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["csrc/dtype.h", "csrc/cpu/group_norm.cpp", "csrc/cpu/group_norm.h", "csrc/cpu/half.h", "csrc/cpu/isa.cpp",
            "csrc/cpu/isa.h", "csrc/cpu/vec_math.h"]
+# Headers that only some revisions have (copied where the revision has them).
+OPTIONAL_SOURCES = ["csrc/cpu/line_aligned.h"]
 # The CMake build's flags for the CPU module (build.ninja of a Release build), less the warnings.
 FLAGS = ["-O3", "-DNDEBUG", "-std=gnu++17", "-fPIC", "-fvisibility=hidden", "-fno-fast-math", "-flto=auto",
          "-fopenmp", "-shared"]
@@ -66,14 +68,19 @@ PYBIND11_MODULE(MODULE_NAME, mod) {
 """
 
 
-def source_text(rev: str, path: str) -> str:
-    """A file as git has it at `rev`, or as the working tree has it (rev "worktree")."""
+def source_text(rev: str, path: str, optional: bool = False) -> str | None:
+    """A file as git has it at `rev`, or as the working tree has it (rev "worktree"); None for an
+    optional file that the version lacks."""
     if rev == "worktree":
+        if optional and not (ROOT / path).exists():
+            return None
         return (ROOT / path).read_text()
     try:
         return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True,
                               text=True).stdout
     except subprocess.CalledProcessError as err:
+        if optional:
+            return None
         raise SystemExit(f"{rev}: cannot read {path} ({err.stderr.strip()})") from None
 
 
@@ -86,10 +93,13 @@ def file_options(rev: str) -> list[str]:
 def build(rev: str, name: str, work: Path):
     """Compile the version into module `name` under work/ and import it."""
     src = work / name
-    for path in SOURCES:
+    for path in SOURCES + OPTIONAL_SOURCES:
+        text = source_text(rev, path, optional=path in OPTIONAL_SOURCES)
+        if text is None:
+            continue
         target = src / Path(path).relative_to("csrc")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(source_text(rev, path))
+        target.write_text(text)
     (src / "binding.cpp").write_text(BINDING.replace("MODULE_NAME", name))
     includes = subprocess.run([sys.executable, "-m", "pybind11", "--includes"], check=True, capture_output=True,
                               text=True).stdout.split()
