@@ -1021,41 +1021,28 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512"))) \
   void NAME##_avx512 PARAMS { NAME<LDMFAST_GN_TPL, true> CALL; }
 
-// Functions of one item, and of a range of items [first, last).
+// Functions of one item.
 #define LDMFAST_GN_VARIANTS(NAME, ARGS, ...) \
   LDMFAST_GN_VARIANTS_OF(NAME, (const ARGS& a, int64_t item), (a, item), __VA_ARGS__)
-#define LDMFAST_GN_RANGE_VARIANTS(NAME, ARGS, ...) \
-  LDMFAST_GN_VARIANTS_OF(NAME, (const ARGS& a, int64_t first, int64_t last), (a, first, last), __VA_ARGS__)
 
 #define LDMFAST_GN_TPL T, kSilu
-// bwd_contig_range's variants by hand: the AVX-512 one takes bwd_block_avx512 at short rows (kAvx512).
-template <typename T, bool kSilu>
-void bwd_contig_range_base(const BwdArgs& a, int64_t first, int64_t last) {
-  bwd_contig_range<T, kSilu, false>(a, first, last);
-}
-template <typename T, bool kSilu>
-__attribute__((target("avx2,fma,f16c"))) void bwd_contig_range_avx2(const BwdArgs& a, int64_t first, int64_t last) {
-  bwd_contig_range<T, kSilu, true>(a, first, last);
-}
-template <typename T, bool kSilu>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512"))) void
-bwd_contig_range_avx512(const BwdArgs& a, int64_t first, int64_t last) {
-  bwd_contig_range<T, kSilu, true, true>(a, first, last);
-}
-// fwd_contig_range's likewise: the AVX-512 one takes fwd_row_bf16_avx512 for bfloat16 (kAvx512).
-template <typename T, bool kSilu>
-void fwd_contig_range_base(const FwdArgs& a, int64_t first, int64_t last) {
-  fwd_contig_range<T, kSilu, false>(a, first, last);
-}
-template <typename T, bool kSilu>
-__attribute__((target("avx2,fma,f16c"))) void fwd_contig_range_avx2(const FwdArgs& a, int64_t first, int64_t last) {
-  fwd_contig_range<T, kSilu, true>(a, first, last);
-}
-template <typename T, bool kSilu>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512"))) void
-fwd_contig_range_avx512(const FwdArgs& a, int64_t first, int64_t last) {
-  fwd_contig_range<T, kSilu, true, true>(a, first, last);
-}
+// The contiguous range functions' variants: the AVX-512 one also sets their kAvx512, which takes the
+// intrinsics rows (bwd_block_avx512 at short rows, the bfloat16 rows on AVX512-BF16 CPUs).
+#define LDMFAST_GN_RANGE_VARIANTS_AVX512(NAME, ARGS)                                                   \
+  template <typename T, bool kSilu>                                                                  \
+  void NAME##_base(const ARGS& a, int64_t first, int64_t last) { NAME<T, kSilu, false>(a, first, last); } \
+  template <typename T, bool kSilu>                                                                  \
+  __attribute__((target("avx2,fma,f16c"))) void NAME##_avx2(const ARGS& a, int64_t first, int64_t last) { \
+    NAME<T, kSilu, true>(a, first, last);                                                            \
+  }                                                                                                  \
+  template <typename T, bool kSilu>                                                                  \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512"))) void \
+  NAME##_avx512(const ARGS& a, int64_t first, int64_t last) {                                        \
+    NAME<T, kSilu, true, true>(a, first, last);                                                      \
+  }
+LDMFAST_GN_RANGE_VARIANTS_AVX512(bwd_contig_range, BwdArgs)
+LDMFAST_GN_RANGE_VARIANTS_AVX512(fwd_contig_range, FwdArgs)
+#undef LDMFAST_GN_RANGE_VARIANTS_AVX512
 LDMFAST_GN_VARIANTS(fwd_contig_item, FwdArgs, typename T, bool kSilu)
 LDMFAST_GN_VARIANTS(fwd_cl_norm_item, FwdArgs, typename T, bool kSilu)
 LDMFAST_GN_VARIANTS(bwd_contig_item, BwdArgs, typename T, bool kSilu)
