@@ -16,7 +16,8 @@
 // The hot loops are compiled three times, for baseline x86-64, AVX2+FMA+F16C and AVX-512, and the
 // variant is picked at run time; bfloat16 data takes AVX512-BF16's rounding where the CPU has it
 // (bfloat16_hw_t). The AVX-512 variant's contiguous SiLU backward runs short rows through
-// intrinsics (bwd_block_avx512), whose sums end in a tree rather than GCC's serial chain.
+// intrinsics (bwd_row_avx512), whose sums end in a tree rather than GCC's serial chain, and its
+// bfloat16 SiLU rows (AVX512-BF16 CPUs) too, forward and backward, which widen and round in registers.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -434,10 +435,18 @@ LDMFAST_AVX512_AI __m512 silu_grad_avx512(__m512 z) {
 // bfloat16 forward 1.3x slower than float32's at (4, 224, 48x56) on a Xeon core). The row's tail runs
 // under a mask. The normalization gives the compiled loop's bits (the same operations: act's SiLU as
 // silu_avx512); the statistics add their lanes in another order (a tree per block of kBlock values,
-// into double as before). Not inlined: see bwd_block_avx512.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))) inline __m512 bf16_widen(
-    __mmask16 m, const bfloat16_hw_t* p) {
+// into double as before). Not inlined: see bwd_row_avx512.
+// Up to 16 values under a mask: loaded as floats (bfloat16 widened), stored from floats (rounded to
+// bfloat16 by vcvtneps2bf16).
+#define LDMFAST_AVX512BF16_AI \
+  inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+LDMFAST_AVX512BF16_AI __m512 load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+LDMFAST_AVX512BF16_AI __m512 load16(__mmask16 m, const bfloat16_hw_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+LDMFAST_AVX512BF16_AI void store16(__mmask16 m, float* p, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+LDMFAST_AVX512BF16_AI void store16(__mmask16 m, bfloat16_hw_t* p, __m512 v) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
 template <bool kStats, bool kNorm, bool kFold>
@@ -453,14 +462,14 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,a
       const __mmask16 m = end - i >= kLanes ? static_cast<__mmask16>(0xffff)
                                             : static_cast<__mmask16>((1u << (end - i)) - 1);
       if constexpr (kStats) {
-        const __m512 d = _mm512_maskz_sub_ps(m, bf16_widen(m, xs + i), vk);  // masked-off lanes: 0
+        const __m512 d = _mm512_maskz_sub_ps(m, load16(m, xs + i), vk);  // masked-off lanes: 0
         a1 = _mm512_add_ps(a1, d);
         a2 = _mm512_fmadd_ps(d, d, a2);
       }
       if constexpr (kNorm) {
-        const __m512 x = bf16_widen(m, xn + i);
+        const __m512 x = load16(m, xn + i);
         const __m512 z = kFold ? _mm512_fmadd_ps(x, vsc, vsh) : _mm512_fmadd_ps(_mm512_sub_ps(x, vmean), vsc, vbc);
-        _mm256_mask_storeu_epi16(y + i, m, (__m256i)_mm512_cvtneps_pbh(silu_avx512(z)));
+        store16(m, y + i, silu_avx512(z));
       }
     }
     if constexpr (kStats) {
@@ -716,53 +725,24 @@ struct DxRow {
 };
 
 #if defined(__x86_64__)
-// One block (len <= kBlock) of bwd_contig_rows' loop on float data, in AVX-512 intrinsics: the same
-// elementwise arithmetic as the compiled loop, but the tail under a mask and the sums reduced by a
-// tree. GCC 12 ends every `omp simd` reduction with a serial chain of 16 scalar adds through the
-// stack, per row and per sum: a quarter of the float32 backward's time at rows of 168 (12x14 maps).
-// Not inlined: its caller's chain of always-inline functions has no target of its own (GCC inlines
-// no function with a wider instruction set into one); one call per block of a row.
-template <bool kSums, bool kDx>
-__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void bwd_block_avx512(
-    const float* __restrict xv, const float* __restrict dv, float* __restrict gout, float mean, float sc, float bc,
-    const float* xv2, float* ov, const float* __restrict gin, float mean2, float sc2, float cb, float cd,
-    int64_t len, float* s1, float* s2) {
-  const __m512 vmean = _mm512_set1_ps(mean), vsc = _mm512_set1_ps(sc), vbc = _mm512_set1_ps(bc);
-  const __m512 vmean2 = _mm512_set1_ps(mean2), vsc2 = _mm512_set1_ps(sc2), vcb = _mm512_set1_ps(cb);
-  const __m512 vcd = _mm512_set1_ps(cd);
-  __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
-  for (int64_t i = 0; i < len; i += kLanes) {
-    const __mmask16 m = len - i >= kLanes ? static_cast<__mmask16>(0xffff)
-                                          : static_cast<__mmask16>((1u << (len - i)) - 1);
-    if constexpr (kSums) {
-      const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, xv + i), vmean);
-      const __m512 gv = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dv + i), silu_grad_avx512(_mm512_fmadd_ps(d, vsc, vbc)));
-      _mm512_mask_storeu_ps(gout + i, m, gv);  // masked-off lanes: dy loaded as 0, so gv is 0
-      a1 = _mm512_add_ps(a1, gv);
-      a2 = _mm512_fmadd_ps(gv, d, a2);
-    }
-    if constexpr (kDx) {
-      const __m512 d2 = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, xv2 + i), vmean2);
-      _mm512_mask_storeu_ps(ov + i, m, _mm512_fmadd_ps(vsc2, _mm512_maskz_loadu_ps(m, gin + i), _mm512_fmadd_ps(vcb, d2, vcd)));
-    }
-  }
-  if constexpr (kSums) {
-    *s1 = _mm512_reduce_add_ps(a1);
-    *s2 = _mm512_reduce_add_ps(a2);
-  }
-}
-#endif
-
-#if defined(__x86_64__)
-// bwd_contig_rows' SiLU loop on bfloat16 rows (AVX512-BF16 CPUs), whole rows: widened in registers
-// and dx rounded by vcvtneps2bf16 as stored, where the compiled loop staged x, dy and dx through
-// float blocks. The same elementwise arithmetic as bwd_block_avx512; sums by a tree per block of
-// kBlock values, into double.
-template <bool kSums, bool kDx>
-__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))) void bwd_row_bf16_avx512(
-    const bfloat16_hw_t* __restrict xv, const bfloat16_hw_t* __restrict dv, float* __restrict gout, float mean,
-    float sc, float bc, const bfloat16_hw_t* xv2, bfloat16_hw_t* ov, const float* __restrict gin, float mean2,
-    float sc2, float cb, float cd, int64_t s, double* s1, double* s2) {
+// bwd_contig_rows' SiLU loop in AVX-512 intrinsics: the same elementwise arithmetic as the compiled
+// loop, the row's tail under a mask, and the sums reduced by a tree per block of kBlock values (into
+// double, as the compiled loop's per-block float sums). Two uses:
+// - float data (float32, and float16 staged through float blocks) at short rows: GCC 12 ends every
+//   `omp simd` reduction with a serial chain of 16 scalar adds through the stack, per row and per
+//   sum: a quarter of the float32 backward's time at rows of 168 (12x14 maps);
+// - bfloat16 rows on AVX512-BF16 CPUs, whole: x and dy widened in registers and dx rounded by
+//   vcvtneps2bf16 as stored, where the compiled loop staged all three through float blocks
+//   (bench/ab_group_norm.py both orders: backward 1.07-1.29x).
+// Compiled with AVX512-BF16 enabled for the bfloat16 instance; the float instance contains no
+// BF16 instruction (only the bfloat16 loads and stores do), so it runs on any AVX-512 CPU. Not
+// inlined: its caller's chain of always-inline functions has no target of its own (GCC inlines no
+// function with a wider instruction set into one); one call per row.
+template <typename T, bool kSums, bool kDx>
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))) void bwd_row_avx512(
+    const T* __restrict xv, const T* __restrict dv, float* __restrict gout, float mean, float sc, float bc,
+    const T* xv2, T* ov, const float* __restrict gin, float mean2, float sc2, float cb, float cd, int64_t s,
+    double* s1, double* s2) {
   const __m512 vmean = _mm512_set1_ps(mean), vsc = _mm512_set1_ps(sc), vbc = _mm512_set1_ps(bc);
   const __m512 vmean2 = _mm512_set1_ps(mean2), vsc2 = _mm512_set1_ps(sc2), vcb = _mm512_set1_ps(cb);
   const __m512 vcd = _mm512_set1_ps(cd);
@@ -773,16 +753,15 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,a
       const __mmask16 m = end - i >= kLanes ? static_cast<__mmask16>(0xffff)
                                             : static_cast<__mmask16>((1u << (end - i)) - 1);
       if constexpr (kSums) {
-        const __m512 d = _mm512_sub_ps(bf16_widen(m, xv + i), vmean);
-        const __m512 gv = _mm512_mul_ps(bf16_widen(m, dv + i), silu_grad_avx512(_mm512_fmadd_ps(d, vsc, vbc)));
-        _mm512_mask_storeu_ps(gout + i, m, gv);  // masked-off lanes: dy widened as 0, so gv is 0
+        const __m512 d = _mm512_sub_ps(load16(m, xv + i), vmean);
+        const __m512 gv = _mm512_mul_ps(load16(m, dv + i), silu_grad_avx512(_mm512_fmadd_ps(d, vsc, vbc)));
+        _mm512_mask_storeu_ps(gout + i, m, gv);  // masked-off lanes: dy loaded as 0, so gv is 0
         a1 = _mm512_add_ps(a1, gv);
         a2 = _mm512_fmadd_ps(gv, d, a2);
       }
       if constexpr (kDx) {
-        const __m512 d2 = _mm512_sub_ps(bf16_widen(m, xv2 + i), vmean2);
-        const __m512 out = _mm512_fmadd_ps(vsc2, _mm512_maskz_loadu_ps(m, gin + i), _mm512_fmadd_ps(vcb, d2, vcd));
-        _mm256_mask_storeu_epi16(ov + i, m, (__m256i)_mm512_cvtneps_pbh(out));
+        const __m512 d2 = _mm512_sub_ps(load16(m, xv2 + i), vmean2);
+        store16(m, ov + i, _mm512_fmadd_ps(vsc2, _mm512_maskz_loadu_ps(m, gin + i), _mm512_fmadd_ps(vcb, d2, vcd)));
       }
     }
     if constexpr (kSums) {
@@ -794,20 +773,20 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,a
 #endif
 
 // Pass 1 over p's row (kSums) and pass 2 over q's row (kDx), in one loop; rows of s elements.
-// Rows of at most kShortRow values go through bwd_block_avx512 in the AVX-512 variant. One Xeon core,
+// Rows of at most kShortRow values go through bwd_row_avx512 in the AVX-512 variant. One Xeon core,
 // SiLU backward (bench/ab_group_norm.py both ways round): rows of 168 (12x14 maps) float32 1.21x,
 // bfloat16 1.16x; rows of 672 and more float32 0.99-1.06x, bfloat16 0.90-0.95x (GCC's loop is
 // better there, where one reduction's end is spread over more elements).
 constexpr int64_t kShortRow = 256;
 
-// kAvx512: the AVX-512 variant, whose SiLU backward on data read as float takes bwd_block_avx512
-// at short rows.
+// kAvx512: the AVX-512 variant, whose SiLU backward takes bwd_row_avx512 on bfloat16 (AVX512-BF16)
+// and at short rows on data read as float.
 template <typename T, bool kSilu, bool kAvx2, bool kSums, bool kDx, bool kAvx512 = false>
 LDMFAST_AI void bwd_contig_rows(SumsRow<T>& p, const DxRow<T>& q, int64_t s) {
 #if defined(__x86_64__)
   if constexpr (kAvx512 && kSilu && std::is_same_v<T, bfloat16_hw_t>) {
-    return bwd_row_bf16_avx512<kSums, kDx>(p.x, p.dy, p.g, p.mean, p.sc, p.bc, q.x, q.dx, q.g, q.mean, q.sc, q.cb, q.cd,
-                                           s, &p.s1, &p.s2);
+    return bwd_row_avx512<T, kSums, kDx>(p.x, p.dy, p.g, p.mean, p.sc, p.bc, q.x, q.dx, q.g, q.mean, q.sc, q.cb, q.cd, s,
+                                         &p.s1, &p.s2);
   }
 #endif
   float xb[kBlock], db[kBlock], xq[kBlock];
@@ -819,12 +798,8 @@ LDMFAST_AI void bwd_contig_rows(SumsRow<T>& p, const DxRow<T>& q, int64_t s) {
       const float* dv = kSums ? view_in<T, kAvx2>(p.dy, db, s) : nullptr;
       const float* xv2 = kDx ? view_in<T, kAvx2>(q.x, xq, s) : nullptr;
       float* ov = kDx ? view_out<T>(q.dx, xq) : nullptr;
-      float a1 = 0, a2 = 0;
-      bwd_block_avx512<kSums, kDx>(xv, dv, p.g, p.mean, p.sc, p.bc, xv2, ov, q.g, q.mean, q.sc, q.cb, q.cd, s, &a1, &a2);
-      if constexpr (kSums) {
-        p.s1 += a1;
-        p.s2 += a2;
-      }
+      bwd_row_avx512<float, kSums, kDx>(xv, dv, p.g, p.mean, p.sc, p.bc, xv2, ov, q.g, q.mean, q.sc, q.cb, q.cd, s,
+                                        &p.s1, &p.s2);
       if constexpr (kDx) flush_out<T, kAvx2>(xq, q.dx, s);
       return;
     }
@@ -1027,7 +1002,7 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
 
 #define LDMFAST_GN_TPL T, kSilu
 // The contiguous range functions' variants: the AVX-512 one also sets their kAvx512, which takes the
-// intrinsics rows (bwd_block_avx512 at short rows, the bfloat16 rows on AVX512-BF16 CPUs).
+// intrinsics rows (bwd_row_avx512 at short rows, the bfloat16 rows on AVX512-BF16 CPUs).
 #define LDMFAST_GN_RANGE_VARIANTS_AVX512(NAME, ARGS)                                                   \
   template <typename T, bool kSilu>                                                                  \
   void NAME##_base(const ARGS& a, int64_t first, int64_t last) { NAME<T, kSilu, false>(a, first, last); } \
