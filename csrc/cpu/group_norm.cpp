@@ -440,6 +440,10 @@ LDMFAST_AVX512_AI __m512 silu_grad_avx512(__m512 z) {
 // bfloat16 by vcvtneps2bf16).
 #define LDMFAST_AVX512BF16_AI \
   inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+// The first min(left, 16) lanes.
+LDMFAST_AVX512BF16_AI __mmask16 lanes_mask(int64_t left) {
+  return left >= kLanes ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+}
 LDMFAST_AVX512BF16_AI __m512 load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
 LDMFAST_AVX512BF16_AI __m512 load16(__mmask16 m, const bfloat16_hw_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -459,8 +463,7 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,a
     const int64_t end = std::min(s, off + kBlock);
     __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
     for (int64_t i = off; i < end; i += kLanes) {
-      const __mmask16 m = end - i >= kLanes ? static_cast<__mmask16>(0xffff)
-                                            : static_cast<__mmask16>((1u << (end - i)) - 1);
+      const __mmask16 m = lanes_mask(end - i);
       if constexpr (kStats) {
         const __m512 d = _mm512_maskz_sub_ps(m, load16(m, xs + i), vk);  // masked-off lanes: 0
         a1 = _mm512_add_ps(a1, d);
@@ -750,8 +753,7 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,a
     const int64_t end = std::min(s, off + kBlock);
     __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
     for (int64_t i = off; i < end; i += kLanes) {
-      const __mmask16 m = end - i >= kLanes ? static_cast<__mmask16>(0xffff)
-                                            : static_cast<__mmask16>((1u << (end - i)) - 1);
+      const __mmask16 m = lanes_mask(end - i);
       if constexpr (kSums) {
         const __m512 d = _mm512_sub_ps(load16(m, xv + i), vmean);
         const __m512 gv = _mm512_mul_ps(load16(m, dv + i), silu_grad_avx512(_mm512_fmadd_ps(d, vsc, vbc)));
