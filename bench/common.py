@@ -167,10 +167,15 @@ def _fmt(v) -> str:
 
 
 def save(name: str, device: torch.device, rows: list[dict], meta: dict | None = None) -> Path:
-    """Write rows as JSON to bench/results/<name>-<device>-<date>.json and return the path."""
+    """Write rows as JSON to bench/results/<name>-<device>-<date>.json and return the path. A later
+    run on the same day goes to ...-<date>-run2.json, -run3 and so on: it never replaces a result
+    (a second run of a day had overwritten a committed file)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
-    path = RESULTS / f"{name}-{device_tag(device)}-{date}.json"
+    stem = f"{name}-{device_tag(device)}-{date}"
+    path, run = RESULTS / f"{stem}.json", 2
+    while path.exists():
+        path, run = RESULTS / f"{stem}-run{run}.json", run + 1
     info = {"benchmark": name, "date": date, "device": device_tag(device), "torch": torch.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu": cpu_model(),
             **(meta or {})}

@@ -2,6 +2,7 @@
 kernels-alone columns (CUDA graphs replaced by a stand-in that calls each function once),
 host_overhead's stubs (which must name the ops' current kernels) and the GroupNorm sweep's setting
 selection; and the CPU timings' allocator setting."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,15 @@ def test_largest_batch_search(limit, estimate):
         assert found >= limit - max(1, int(estimate * 0.05))
     if estimate in (290, 330):
         assert len(s.batches) <= 4
+
+
+def test_save_never_replaces_a_result_of_the_same_day(monkeypatch, tmp_path):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    cpu = torch.device("cpu")
+    first = common.save("demo_bench", cpu, [{"run": 1}])
+    second = common.save("demo_bench", cpu, [{"run": 2}])
+    third = common.save("demo_bench", cpu, [{"run": 3}])
+    assert len({first, second, third}) == 3
+    assert second.name == first.name.replace(".json", "-run2.json")
+    assert third.name == first.name.replace(".json", "-run3.json")
+    assert [json.loads(p.read_text())["rows"][0]["run"] for p in (first, second, third)] == [1, 2, 3]
