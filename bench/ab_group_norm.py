@@ -86,8 +86,8 @@ def source_text(rev: str, path: str, optional: bool = False) -> str | None:
 
 def file_options(rev: str) -> list[str]:
     """The COMPILE_OPTIONS that the version's CMakeLists.txt sets on group_norm.cpp."""
-    found = re.search(r"group_norm\.cpp PROPERTIES COMPILE_OPTIONS ([^)\n]+)\)", source_text(rev, "CMakeLists.txt"))
-    return found.group(1).split() if found else []
+    found = re.search(r"group_norm\.cpp PROPERTIES COMPILE_OPTIONS\s+([^)]+)\)", source_text(rev, "CMakeLists.txt"))
+    return found.group(1).replace('"', " ").replace(";", " ").split() if found else []  # (a CMake list)
 
 
 def build(rev: str, name: str, work: Path):

@@ -296,7 +296,7 @@ inline float fold_shift(float mean, float sc, float bias) { return std::fma(-mea
 
 // ---- forward, contiguous: one item per (sample, group) -------------------------------------------
 
-template <typename T, bool kSilu, bool kAvx2>
+template <typename T, bool kSilu, bool kAvx2, bool kAvx512 = false>
 LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
   const Sizes& z = a.z;
   const int64_t ng = item, n = item / z.groups, g = item % z.groups;
@@ -483,6 +483,81 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,a
 }
 #endif
 
+#if defined(__x86_64__)
+// The channels-last kernels' rows (C values, one per channel, with per-channel coefficients) in
+// AVX-512 intrinsics, for bfloat16 on AVX512-BF16 CPUs: read in place, GCC vectorized those loops in
+// 256-bit registers (a float vector beside a 16-bit one), half the AVX-512 width, and staged they
+// ran slower. The same operations per element as the compiled loops, and each channel's sums in
+// the same order (one lane per channel), so the same bits. Not inlined: see bwd_row_avx512.
+#define LDMFAST_GN_ROW_AVX512 \
+  __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+// fwd_cl_sums_item's row: u1 += x - k, u2 += (x - k)^2.
+template <typename T>
+LDMFAST_GN_ROW_AVX512 void cl_sums_row_avx512(const T* __restrict x, const float* __restrict k, float* __restrict u1,
+                                              float* __restrict u2, int64_t c) {
+  for (int64_t i = 0; i < c; i += kLanes) {
+    const __mmask16 m = lanes_mask(c - i);
+    const __m512 d = _mm512_sub_ps(load16(m, x + i), _mm512_maskz_loadu_ps(m, k + i));
+    _mm512_mask_storeu_ps(u1 + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, u1 + i), d));
+    _mm512_mask_storeu_ps(u2 + i, m, _mm512_fmadd_ps(d, d, _mm512_maskz_loadu_ps(m, u2 + i)));
+  }
+}
+
+// fwd_cl_norm_item's SiLU row: y = silu(x * sc + sh) where the sample folds, else silu((x - sh) * sc + b).
+template <typename T, bool kFold>
+LDMFAST_GN_ROW_AVX512 void cl_norm_row_avx512(const T* __restrict x, T* __restrict y, const float* __restrict sc,
+                                              const float* __restrict sh, const float* __restrict b, int64_t c) {
+  for (int64_t i = 0; i < c; i += kLanes) {
+    const __mmask16 m = lanes_mask(c - i);
+    const __m512 xv = load16(m, x + i), scv = _mm512_maskz_loadu_ps(m, sc + i), shv = _mm512_maskz_loadu_ps(m, sh + i);
+    const __m512 z = kFold ? _mm512_fmadd_ps(xv, scv, shv)
+                           : _mm512_fmadd_ps(_mm512_sub_ps(xv, shv), scv, _mm512_maskz_loadu_ps(m, b + i));
+    store16(m, y + i, silu_avx512(z));
+  }
+}
+
+// The SiLU backward's g = dy * silu'((x - mu) * sc + b) and x - mu of 16 channels.
+template <typename T>
+LDMFAST_AVX512BF16_AI __m512 cl_grad16(__mmask16 m, const T* x, const T* dy, const float* mu, const float* sc,
+                                       const float* b, __m512* d) {
+  *d = _mm512_sub_ps(load16(m, x), _mm512_maskz_loadu_ps(m, mu));
+  const __m512 z = _mm512_fmadd_ps(*d, _mm512_maskz_loadu_ps(m, sc), _mm512_maskz_loadu_ps(m, b));
+  return _mm512_mul_ps(load16(m, dy), silu_grad_avx512(z));
+}
+
+// bwd_cl_sums_item's SiLU row: u1 += g, u2 += g * (x - mu).
+template <typename T>
+LDMFAST_GN_ROW_AVX512 void cl_grad_sums_row_avx512(const T* __restrict x, const T* __restrict dy,
+                                                   const float* __restrict mu, const float* __restrict sc,
+                                                   const float* __restrict b, float* __restrict u1,
+                                                   float* __restrict u2, int64_t c) {
+  for (int64_t i = 0; i < c; i += kLanes) {
+    const __mmask16 m = lanes_mask(c - i);
+    __m512 d;
+    const __m512 g = cl_grad16(m, x + i, dy + i, mu + i, sc + i, b + i, &d);
+    _mm512_mask_storeu_ps(u1 + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, u1 + i), g));
+    _mm512_mask_storeu_ps(u2 + i, m, _mm512_fmadd_ps(g, d, _mm512_maskz_loadu_ps(m, u2 + i)));
+  }
+}
+
+// bwd_cl_dx_item's SiLU row: dx = sc * g + cb * (x - mu) + cd.
+template <typename T>
+LDMFAST_GN_ROW_AVX512 void cl_dx_row_avx512(const T* __restrict x, const T* __restrict dy, const float* __restrict mu,
+                                            const float* __restrict sc, const float* __restrict b,
+                                            const float* __restrict cb, const float* __restrict cd, T* __restrict dx,
+                                            int64_t c) {
+  for (int64_t i = 0; i < c; i += kLanes) {
+    const __mmask16 m = lanes_mask(c - i);
+    __m512 d;
+    const __m512 g = cl_grad16(m, x + i, dy + i, mu + i, sc + i, b + i, &d);
+    const __m512 rest = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, cb + i), d, _mm512_maskz_loadu_ps(m, cd + i));
+    store16(m, dx + i, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, sc + i), g, rest));
+  }
+}
+#undef LDMFAST_GN_ROW_AVX512
+#endif
+
 // Statistics over p's row (kStats) and normalization of q's row (kNorm), in one loop; rows of s.
 // kAvx512: the AVX-512 variant, whose SiLU forward on bfloat16 (AVX512-BF16) takes fwd_row_bf16_avx512.
 template <typename T, bool kSilu, bool kAvx2, bool kStats, bool kNorm, bool kFold, bool kAvx512 = false>
@@ -565,7 +640,7 @@ LDMFAST_AI void fwd_contig_range(const FwdArgs& a, int64_t first, int64_t last) 
 
 // ---- forward, channels-last: partial sums per (sample, chunk of rows), then normalize ----------
 
-template <typename T, bool kAvx2>
+template <typename T, bool kAvx2, bool kAvx512 = false>
 LDMFAST_AI void fwd_cl_sums_item(const FwdArgs& a, int64_t item) {
   const Sizes& z = a.z;
   const int64_t n = item / a.chunks, p = item % a.chunks;
@@ -583,6 +658,12 @@ LDMFAST_AI void fwd_cl_sums_item(const FwdArgs& a, int64_t item) {
     float* __restrict u2 = t2.data();
     const float* __restrict k = shift.data();
     for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
+#if defined(__x86_64__)
+      if constexpr (kAvx512 && std::is_same_v<T, bfloat16_hw_t>) {
+        cl_sums_row_avx512(xn + r * z.c, k, u1, u2, z.c);
+        continue;
+      }
+#endif
       const auto* xv = view_in<T, kAvx2, InStageRows<T>>(xn + r * z.c, b, z.c);
 #pragma omp simd
       for (int64_t c = 0; c < z.c; ++c) {
@@ -598,7 +679,7 @@ LDMFAST_AI void fwd_cl_sums_item(const FwdArgs& a, int64_t item) {
   }
 }
 
-template <typename T, bool kSilu, bool kAvx2>
+template <typename T, bool kSilu, bool kAvx2, bool kAvx512 = false>
 LDMFAST_AI void fwd_cl_norm_item(const FwdArgs& a, int64_t item) {
   const Sizes& z = a.z;
   const int64_t n = item / a.chunks, p = item % a.chunks;
@@ -611,6 +692,16 @@ LDMFAST_AI void fwd_cl_norm_item(const FwdArgs& a, int64_t item) {
   FloatBuffer buf(z.c);
   float* __restrict b = buf.data();
   for (int64_t r = r0; r < r1; ++r) {
+#if defined(__x86_64__)
+    if constexpr (kAvx512 && kSilu && std::is_same_v<T, bfloat16_hw_t>) {
+      if (a.fold[n]) {
+        cl_norm_row_avx512<T, true>(xn + r * z.c, yn + r * z.c, sc, sh, bp, z.c);
+      } else {
+        cl_norm_row_avx512<T, false>(xn + r * z.c, yn + r * z.c, sc, sh, bp, z.c);
+      }
+      continue;
+    }
+#endif
     const auto* xv = view_in<T, kAvx2, InStageRows<T>>(xn + r * z.c, b, z.c);
     auto* yv = view_out<T>(yn + r * z.c, b);
     if (a.fold[n]) {
@@ -636,7 +727,7 @@ float* thread_scratch(int64_t n) {
 // ---- backward, contiguous, without a buffer: one item per (sample, group) --------------------------
 
 // No SiLU (g is dy), or groups over half of kScratchMax: the dx pass computes g again.
-template <typename T, bool kSilu, bool kAvx2>
+template <typename T, bool kSilu, bool kAvx2, bool kAvx512 = false>
 LDMFAST_AI void bwd_contig_item(const BwdArgs& a, int64_t item) {
   const Sizes& z = a.z;
   const int64_t ng = item, n = item / z.groups, g = item % z.groups;
@@ -915,7 +1006,7 @@ LDMFAST_AI void bwd_contig_range(const BwdArgs& a, int64_t first, int64_t last) 
 
 // ---- backward, channels-last ------------------------------------------------------------------------
 
-template <typename T, bool kSilu, bool kAvx2>
+template <typename T, bool kSilu, bool kAvx2, bool kAvx512 = false>
 LDMFAST_AI void bwd_cl_sums_item(const BwdArgs& a, int64_t item) {
   const Sizes& z = a.z;
   const int64_t n = item / a.chunks, p = item % a.chunks;
@@ -937,6 +1028,12 @@ LDMFAST_AI void bwd_cl_sums_item(const BwdArgs& a, int64_t item) {
     std::fill(t1.begin(), t1.end(), 0.0f);
     std::fill(t2.begin(), t2.end(), 0.0f);
     for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
+#if defined(__x86_64__)
+      if constexpr (kAvx512 && kSilu && std::is_same_v<T, bfloat16_hw_t>) {
+        cl_grad_sums_row_avx512(xn + r * z.c, dyn + r * z.c, mp, sc, bp, u1, u2, z.c);
+        continue;
+      }
+#endif
       const auto* xv = view_in<T, kAvx2, InStageRows<T>>(xn + r * z.c, xb, z.c);
       const auto* dv = view_in<T, kAvx2, InStageRows<T>>(dyn + r * z.c, db, z.c);
 #pragma omp simd
@@ -954,7 +1051,7 @@ LDMFAST_AI void bwd_cl_sums_item(const BwdArgs& a, int64_t item) {
   }
 }
 
-template <typename T, bool kSilu, bool kAvx2>
+template <typename T, bool kSilu, bool kAvx2, bool kAvx512 = false>
 LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
   const Sizes& z = a.z;
   const int64_t n = item / a.chunks, p = item % a.chunks;
@@ -971,6 +1068,12 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
   float* __restrict xb = xbuf.data();
   float* __restrict db = dbuf.data();
   for (int64_t r = r0; r < r1; ++r) {
+#if defined(__x86_64__)
+    if constexpr (kAvx512 && kSilu && std::is_same_v<T, bfloat16_hw_t>) {
+      cl_dx_row_avx512(xn + r * z.c, dyn + r * z.c, mu, sc, bp, cb, cd, dxn + r * z.c, z.c);
+      continue;
+    }
+#endif
     const auto* xv = view_in<T, kAvx2, InStageRows<T>>(xn + r * z.c, xb, z.c);
     const auto* dv = view_in<T, kAvx2, InStageRows<T>>(dyn + r * z.c, db, z.c);
     auto* ov = view_out<T>(dxn + r * z.c, xb);
@@ -987,7 +1090,8 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
 // ---- the two compiled variants of every item function ---------------------------------------------
 
 // The same source compiled three times: baseline x86-64, AVX2 (8 floats per instruction) and
-// AVX-512 (16; about 15% faster on the SiLU's exp than AVX2 on Zen 4). The last two use F16C.
+// AVX-512 (16; about 15% faster on the SiLU's exp than AVX2 on Zen 4). The last two use F16C
+// (kAvx2); the AVX-512 one also takes the intrinsics rows (kAvx512).
 // PARAMS and CALL: the functions' parameter list and the call's arguments, in parentheses.
 #define LDMFAST_GN_VARIANTS_OF(NAME, PARAMS, CALL, ...)                                              \
   template <__VA_ARGS__>                                                                           \
@@ -996,30 +1100,17 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
   __attribute__((target("avx2,fma,f16c"))) void NAME##_avx2 PARAMS { NAME<LDMFAST_GN_TPL, true> CALL; } \
   template <__VA_ARGS__>                                                                           \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512"))) \
-  void NAME##_avx512 PARAMS { NAME<LDMFAST_GN_TPL, true> CALL; }
+  void NAME##_avx512 PARAMS { NAME<LDMFAST_GN_TPL, true, true> CALL; }
 
-// Functions of one item.
+// Functions of one item, and of a range of items [first, last).
 #define LDMFAST_GN_VARIANTS(NAME, ARGS, ...) \
   LDMFAST_GN_VARIANTS_OF(NAME, (const ARGS& a, int64_t item), (a, item), __VA_ARGS__)
+#define LDMFAST_GN_RANGE_VARIANTS(NAME, ARGS, ...) \
+  LDMFAST_GN_VARIANTS_OF(NAME, (const ARGS& a, int64_t first, int64_t last), (a, first, last), __VA_ARGS__)
 
 #define LDMFAST_GN_TPL T, kSilu
-// The contiguous range functions' variants: the AVX-512 one also sets their kAvx512, which takes the
-// intrinsics rows (bwd_row_avx512 at short rows, the bfloat16 rows on AVX512-BF16 CPUs).
-#define LDMFAST_GN_RANGE_VARIANTS_AVX512(NAME, ARGS)                                                   \
-  template <typename T, bool kSilu>                                                                  \
-  void NAME##_base(const ARGS& a, int64_t first, int64_t last) { NAME<T, kSilu, false>(a, first, last); } \
-  template <typename T, bool kSilu>                                                                  \
-  __attribute__((target("avx2,fma,f16c"))) void NAME##_avx2(const ARGS& a, int64_t first, int64_t last) { \
-    NAME<T, kSilu, true>(a, first, last);                                                            \
-  }                                                                                                  \
-  template <typename T, bool kSilu>                                                                  \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512"))) void \
-  NAME##_avx512(const ARGS& a, int64_t first, int64_t last) {                                        \
-    NAME<T, kSilu, true, true>(a, first, last);                                                      \
-  }
-LDMFAST_GN_RANGE_VARIANTS_AVX512(bwd_contig_range, BwdArgs)
-LDMFAST_GN_RANGE_VARIANTS_AVX512(fwd_contig_range, FwdArgs)
-#undef LDMFAST_GN_RANGE_VARIANTS_AVX512
+LDMFAST_GN_RANGE_VARIANTS(bwd_contig_range, BwdArgs, typename T, bool kSilu)
+LDMFAST_GN_RANGE_VARIANTS(fwd_contig_range, FwdArgs, typename T, bool kSilu)
 LDMFAST_GN_VARIANTS(fwd_contig_item, FwdArgs, typename T, bool kSilu)
 LDMFAST_GN_VARIANTS(fwd_cl_norm_item, FwdArgs, typename T, bool kSilu)
 LDMFAST_GN_VARIANTS(bwd_contig_item, BwdArgs, typename T, bool kSilu)
