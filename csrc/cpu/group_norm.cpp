@@ -483,81 +483,6 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,a
 }
 #endif
 
-#if defined(__x86_64__)
-// The channels-last kernels' rows (C values, one per channel, with per-channel coefficients) in
-// AVX-512 intrinsics, for bfloat16 on AVX512-BF16 CPUs: read in place, GCC vectorized those loops in
-// 256-bit registers (a float vector beside a 16-bit one), half the AVX-512 width, and staged they
-// ran slower. The same operations per element as the compiled loops, and each channel's sums in
-// the same order (one lane per channel), so the same bits. Not inlined: see bwd_row_avx512.
-#define LDMFAST_GN_ROW_AVX512 \
-  __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
-
-// fwd_cl_sums_item's row: u1 += x - k, u2 += (x - k)^2.
-template <typename T>
-LDMFAST_GN_ROW_AVX512 void cl_sums_row_avx512(const T* __restrict x, const float* __restrict k, float* __restrict u1,
-                                              float* __restrict u2, int64_t c) {
-  for (int64_t i = 0; i < c; i += kLanes) {
-    const __mmask16 m = lanes_mask(c - i);
-    const __m512 d = _mm512_sub_ps(load16(m, x + i), _mm512_maskz_loadu_ps(m, k + i));
-    _mm512_mask_storeu_ps(u1 + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, u1 + i), d));
-    _mm512_mask_storeu_ps(u2 + i, m, _mm512_fmadd_ps(d, d, _mm512_maskz_loadu_ps(m, u2 + i)));
-  }
-}
-
-// fwd_cl_norm_item's SiLU row: y = silu(x * sc + sh) where the sample folds, else silu((x - sh) * sc + b).
-template <typename T, bool kFold>
-LDMFAST_GN_ROW_AVX512 void cl_norm_row_avx512(const T* __restrict x, T* __restrict y, const float* __restrict sc,
-                                              const float* __restrict sh, const float* __restrict b, int64_t c) {
-  for (int64_t i = 0; i < c; i += kLanes) {
-    const __mmask16 m = lanes_mask(c - i);
-    const __m512 xv = load16(m, x + i), scv = _mm512_maskz_loadu_ps(m, sc + i), shv = _mm512_maskz_loadu_ps(m, sh + i);
-    const __m512 z = kFold ? _mm512_fmadd_ps(xv, scv, shv)
-                           : _mm512_fmadd_ps(_mm512_sub_ps(xv, shv), scv, _mm512_maskz_loadu_ps(m, b + i));
-    store16(m, y + i, silu_avx512(z));
-  }
-}
-
-// The SiLU backward's g = dy * silu'((x - mu) * sc + b) and x - mu of 16 channels.
-template <typename T>
-LDMFAST_AVX512BF16_AI __m512 cl_grad16(__mmask16 m, const T* x, const T* dy, const float* mu, const float* sc,
-                                       const float* b, __m512* d) {
-  *d = _mm512_sub_ps(load16(m, x), _mm512_maskz_loadu_ps(m, mu));
-  const __m512 z = _mm512_fmadd_ps(*d, _mm512_maskz_loadu_ps(m, sc), _mm512_maskz_loadu_ps(m, b));
-  return _mm512_mul_ps(load16(m, dy), silu_grad_avx512(z));
-}
-
-// bwd_cl_sums_item's SiLU row: u1 += g, u2 += g * (x - mu).
-template <typename T>
-LDMFAST_GN_ROW_AVX512 void cl_grad_sums_row_avx512(const T* __restrict x, const T* __restrict dy,
-                                                   const float* __restrict mu, const float* __restrict sc,
-                                                   const float* __restrict b, float* __restrict u1,
-                                                   float* __restrict u2, int64_t c) {
-  for (int64_t i = 0; i < c; i += kLanes) {
-    const __mmask16 m = lanes_mask(c - i);
-    __m512 d;
-    const __m512 g = cl_grad16(m, x + i, dy + i, mu + i, sc + i, b + i, &d);
-    _mm512_mask_storeu_ps(u1 + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, u1 + i), g));
-    _mm512_mask_storeu_ps(u2 + i, m, _mm512_fmadd_ps(g, d, _mm512_maskz_loadu_ps(m, u2 + i)));
-  }
-}
-
-// bwd_cl_dx_item's SiLU row: dx = sc * g + cb * (x - mu) + cd.
-template <typename T>
-LDMFAST_GN_ROW_AVX512 void cl_dx_row_avx512(const T* __restrict x, const T* __restrict dy, const float* __restrict mu,
-                                            const float* __restrict sc, const float* __restrict b,
-                                            const float* __restrict cb, const float* __restrict cd, T* __restrict dx,
-                                            int64_t c) {
-  for (int64_t i = 0; i < c; i += kLanes) {
-    const __mmask16 m = lanes_mask(c - i);
-    __m512 d;
-    const __m512 g = cl_grad16(m, x + i, dy + i, mu + i, sc + i, b + i, &d);
-    const __m512 rest = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, cb + i), d, _mm512_maskz_loadu_ps(m, cd + i));
-    store16(m, dx + i, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, sc + i), g, rest));
-  }
-}
-#undef LDMFAST_GN_ROW_AVX512
-#endif
-
 // Statistics over p's row (kStats) and normalization of q's row (kNorm), in one loop; rows of s.
 // kAvx512: the AVX-512 variant, whose SiLU forward on bfloat16 (AVX512-BF16) takes fwd_row_bf16_avx512.
 template <typename T, bool kSilu, bool kAvx2, bool kStats, bool kNorm, bool kFold, bool kAvx512 = false>
@@ -658,12 +583,6 @@ LDMFAST_AI void fwd_cl_sums_item(const FwdArgs& a, int64_t item) {
     float* __restrict u2 = t2.data();
     const float* __restrict k = shift.data();
     for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
-#if defined(__x86_64__)
-      if constexpr (kAvx512 && std::is_same_v<T, bfloat16_hw_t>) {
-        cl_sums_row_avx512(xn + r * z.c, k, u1, u2, z.c);
-        continue;
-      }
-#endif
       const auto* xv = view_in<T, kAvx2, InStageRows<T>>(xn + r * z.c, b, z.c);
 #pragma omp simd
       for (int64_t c = 0; c < z.c; ++c) {
@@ -692,16 +611,6 @@ LDMFAST_AI void fwd_cl_norm_item(const FwdArgs& a, int64_t item) {
   FloatBuffer buf(z.c);
   float* __restrict b = buf.data();
   for (int64_t r = r0; r < r1; ++r) {
-#if defined(__x86_64__)
-    if constexpr (kAvx512 && kSilu && std::is_same_v<T, bfloat16_hw_t>) {
-      if (a.fold[n]) {
-        cl_norm_row_avx512<T, true>(xn + r * z.c, yn + r * z.c, sc, sh, bp, z.c);
-      } else {
-        cl_norm_row_avx512<T, false>(xn + r * z.c, yn + r * z.c, sc, sh, bp, z.c);
-      }
-      continue;
-    }
-#endif
     const auto* xv = view_in<T, kAvx2, InStageRows<T>>(xn + r * z.c, b, z.c);
     auto* yv = view_out<T>(yn + r * z.c, b);
     if (a.fold[n]) {
@@ -1028,12 +937,6 @@ LDMFAST_AI void bwd_cl_sums_item(const BwdArgs& a, int64_t item) {
     std::fill(t1.begin(), t1.end(), 0.0f);
     std::fill(t2.begin(), t2.end(), 0.0f);
     for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
-#if defined(__x86_64__)
-      if constexpr (kAvx512 && kSilu && std::is_same_v<T, bfloat16_hw_t>) {
-        cl_grad_sums_row_avx512(xn + r * z.c, dyn + r * z.c, mp, sc, bp, u1, u2, z.c);
-        continue;
-      }
-#endif
       const auto* xv = view_in<T, kAvx2, InStageRows<T>>(xn + r * z.c, xb, z.c);
       const auto* dv = view_in<T, kAvx2, InStageRows<T>>(dyn + r * z.c, db, z.c);
 #pragma omp simd
@@ -1068,12 +971,6 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
   float* __restrict xb = xbuf.data();
   float* __restrict db = dbuf.data();
   for (int64_t r = r0; r < r1; ++r) {
-#if defined(__x86_64__)
-    if constexpr (kAvx512 && kSilu && std::is_same_v<T, bfloat16_hw_t>) {
-      cl_dx_row_avx512(xn + r * z.c, dyn + r * z.c, mu, sc, bp, cb, cd, dxn + r * z.c, z.c);
-      continue;
-    }
-#endif
     const auto* xv = view_in<T, kAvx2, InStageRows<T>>(xn + r * z.c, xb, z.c);
     const auto* dv = view_in<T, kAvx2, InStageRows<T>>(dyn + r * z.c, db, z.c);
     auto* ov = view_out<T>(dxn + r * z.c, xb);
