@@ -50,10 +50,15 @@ void widen(uintptr_t address, int64_t c, float* out) {
 }
 
 const float* affine_f32(uintptr_t address, int code, int64_t c, float absent, std::vector<float>& buf) {
-  if (address != 0 && dtype_from_code(code) == DType::Float32) return as_ptr<const float>(address);
-  buf.assign(static_cast<size_t>(c), absent);
-  if (address != 0 && dtype_from_code(code) == DType::Float16) widen<half_t>(address, c, buf.data());
-  if (address != 0 && dtype_from_code(code) == DType::BFloat16) widen<bfloat16_t>(address, c, buf.data());
+  if (address == 0) {
+    buf.assign(static_cast<size_t>(c), absent);
+    return buf.data();
+  }
+  switch (dtype_from_code(code)) {
+    case DType::Float32: return as_ptr<const float>(address);
+    case DType::Float16: buf.resize(static_cast<size_t>(c)); widen<half_t>(address, c, buf.data()); break;
+    case DType::BFloat16: buf.resize(static_cast<size_t>(c)); widen<bfloat16_t>(address, c, buf.data()); break;
+  }
   return buf.data();
 }
 

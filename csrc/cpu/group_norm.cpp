@@ -429,21 +429,14 @@ LDMFAST_AVX512_AI __m512 silu_grad_avx512(__m512 z) {
 #endif
 
 #if defined(__x86_64__)
-// fwd_contig_rows' SiLU loop on bfloat16 rows in AVX-512 intrinsics (AVX512-BF16 CPUs): the values
-// are widened in registers and the outputs rounded by vcvtneps2bf16 as they are stored, where the
-// compiled loop went through float blocks both ways (three more loads and stores per value: a
-// bfloat16 forward 1.3x slower than float32's at (4, 224, 48x56) on a Xeon core). The row's tail runs
-// under a mask. The normalization gives the compiled loop's bits (the same operations: act's SiLU as
-// silu_avx512); the statistics add their lanes in another order (a tree per block of kBlock values,
-// into double as before). Not inlined: see bwd_row_avx512.
-// Up to 16 values under a mask: loaded as floats (bfloat16 widened), stored from floats (rounded to
-// bfloat16 by vcvtneps2bf16).
 #define LDMFAST_AVX512BF16_AI \
   inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 // The first min(left, 16) lanes.
 LDMFAST_AVX512BF16_AI __mmask16 lanes_mask(int64_t left) {
   return left >= kLanes ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
 }
+// Up to 16 values under a mask: loaded as floats (bfloat16 widened), stored from floats (rounded to
+// bfloat16 by vcvtneps2bf16).
 LDMFAST_AVX512BF16_AI __m512 load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
 LDMFAST_AVX512BF16_AI __m512 load16(__mmask16 m, const bfloat16_hw_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -453,6 +446,13 @@ LDMFAST_AVX512BF16_AI void store16(__mmask16 m, bfloat16_hw_t* p, __m512 v) {
   _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+// fwd_contig_rows' SiLU loop on bfloat16 rows in AVX-512 intrinsics (AVX512-BF16 CPUs): the values
+// are widened in registers and the outputs rounded by vcvtneps2bf16 as they are stored, where the
+// compiled loop went through float blocks both ways (three more loads and stores per value: a
+// bfloat16 forward 1.3x slower than float32's at (4, 224, 48x56) on a Xeon core). The row's tail runs
+// under a mask. The normalization gives the compiled loop's bits (the same operations: act's SiLU as
+// silu_avx512); the statistics add their lanes in another order (a tree per block of kBlock values,
+// into double as before). Not inlined: see bwd_row_avx512.
 template <bool kStats, bool kNorm, bool kFold>
 __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))) void fwd_row_bf16_avx512(
     const bfloat16_hw_t* __restrict xs, float k, double* s1, double* s2, const bfloat16_hw_t* __restrict xn,

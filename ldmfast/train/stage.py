@@ -108,6 +108,7 @@ class StageTrainer:
         #: set when early stopping ended the run; checkpointed, so that a rerun does not train on
         self.stopped_early = False
         self.log: MetricsLog | None = None
+        self._fingerprints: dict | None = None  # see _model_folder_fingerprints
 
     def _finish_setup(self, resume: bool | None) -> None:
         self._resume(resume)
@@ -231,7 +232,7 @@ class StageTrainer:
         """resume_model_folders' fingerprints, as the checkpoints keep them: computed once, when the
         resume check first needs them or at the end of setup (the folders are inputs of the run,
         loaded before either)."""
-        if not hasattr(self, "_fingerprints"):
+        if self._fingerprints is None:
             config = to_dict(self.config)
             self._fingerprints = {key: folder_fingerprint(config[key]) for key in self.resume_model_folders}
         return self._fingerprints
