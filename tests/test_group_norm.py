@@ -394,6 +394,30 @@ def test_cpu_contiguous_group_ranges_over_thread_counts(dtype, request):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cpu_channels_last_pipeline_over_thread_counts(dtype, request):
+    """The channels-last CPU kernels run sample k's first pass in the same loop as sample k - 1's
+    second, over one chunk of rows per thread (of at least 8192 elements): one sample (no pairing),
+    two, three, five; one chunk, two, three of uneven lengths (775 rows); a sample whose groups
+    do not fold (|mean| >> std) beside ones that do. Every thread count matches the float64
+    reference."""
+    shapes = [((1, 64, 9, 7), 32), ((2, 32, 24, 29), 8), ((3, 32, 25, 31), 8), ((5, 12, 7, 5), 4)]
+    before = torch.get_num_threads()
+    try:
+        for shape, groups in shapes:
+            x, w, b, dy = make_inputs(shape, dtype, "cpu", fresh_seed(request), layout="channels_last")
+            if shape[0] > 1:
+                x[1].mul_(40).add_(300)
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                for activation in ("silu", None):
+                    y, grads = check_all("cpu", x, groups, w, b, dy, activation)
+                    assert y.is_contiguous(memory_format=torch.channels_last)
+                    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cpu_bits_do_not_depend_on_the_thread_count_at_model_sizes(dtype, request):
     """As above at sizes of the models (rows of several blocks, many groups per thread): GCC's own
     FMA contraction had fused differently where a group ran alone at the start or end of a thread's

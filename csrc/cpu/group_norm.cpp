@@ -4,9 +4,10 @@
 // elements are one run: a statistics pass, then a normalize pass over the same run while it is
 // still in cache, the first pass of a group in the same loop as the second pass of the one before
 // (memory-bound beside arithmetic-bound work; the backward likewise).
-// Channels-last (N, S, C): work items over (sample, spatial chunk) accumulate per-channel partial
-// sums of whole rows of C channels; the partial sums are combined per group, in a fixed order,
-// and a second pass over the rows normalizes.
+// Channels-last (N, S, C): each thread takes a chunk of rows of every sample and accumulates
+// per-channel partial sums over whole rows of C channels; the partial sums are combined per group,
+// in a fixed order, and a second pass over the rows normalizes; one sample's first pass runs in the
+// same loop as the previous sample's second.
 //
 // Statistics: sums of x - K, where K is the group's first element (a shift that keeps the sum
 // of squares free of cancellation when |mean| >> std), accumulated in float over blocks of at
@@ -565,63 +566,106 @@ LDMFAST_AI void fwd_contig_range(const FwdArgs& a, int64_t first, int64_t last) 
 
 // ---- forward, channels-last: partial sums per (sample, chunk of rows), then normalize ----------
 
-template <typename T, bool kAvx2, bool kAvx512 = false>
-LDMFAST_AI void fwd_cl_sums_item(const FwdArgs& a, int64_t item) {
+// A sample's statistics need all of its rows before any row is normalized, and a sample of the
+// benchmark's sizes (2.4 to 22 MB) does not stay in L2, so both passes read it from L3: one Xeon
+// core, float32 SiLU at (4, 224, 48x56), statistics 0.14 ns per element and normalization 0.30,
+// against 0.33 for the whole contiguous forward, which reads each group once from L3 and once from
+// L2. As the contiguous kernels pair groups, sample n + 1's statistics run in the same row loop as
+// sample n's normalization (pipeline_samples), one chunk of rows per thread. Against the earlier
+// kernels (statistics of every sample, then every normalization, over a dynamic queue of chunks):
+// one thread 1.01x (bench/ab_group_norm.py both orders), two threads 1.02-1.17x wall time
+// (2026-11-29; the backward, done the same way, 1.00-1.08x). The L3 traffic stays.
+// Tried: blocks of a few groups' columns over all rows, sized to stay in L2 for the second pass
+// (1.7-2.3x slower at (2, 512, 48x56) and (4, 224, 48x56): rows 2 KB apart put a block's lines
+// in 1/32 of L2's sets, and a block of a width that is no multiple of 16 channels ends in scalar code).
+
+// Rows [r0, r1) of chunk p: sample sn's partial sums (kStats), sample dn's normalization (kNorm).
+template <typename T, bool kSilu, bool kStats, bool kNorm, bool kAvx2, bool kAvx512 = false>
+LDMFAST_AI void fwd_cl_step(const FwdArgs& a, int64_t p, int64_t sn, int64_t dn) {
   const Sizes& z = a.z;
-  const int64_t n = item / a.chunks, p = item % a.chunks;
   const int64_t r0 = p * a.rows_per_chunk, r1 = std::min(z.s, r0 + a.rows_per_chunk);
-  const T* xn = static_cast<const T*>(a.x) + n * z.s * z.c;
-  double* out = a.partial + item * 2 * z.c;
-  FloatBuffer shift(z.c), buf(z.c), t1(z.c), t2(z.c);
-  for (int64_t c = 0; c < z.c; ++c) shift[c] = to_float(xn[(c / z.cg) * z.cg]);
-  std::fill(out, out + 2 * z.c, 0.0);
+  const T* xs = kStats ? static_cast<const T*>(a.x) + sn * z.s * z.c : nullptr;
+  const T* xd = kNorm ? static_cast<const T*>(a.x) + dn * z.s * z.c : nullptr;
+  T* yd = kNorm ? static_cast<T*>(a.y) + dn * z.s * z.c : nullptr;
+  double* out = kStats ? a.partial + (sn * a.chunks + p) * 2 * z.c : nullptr;
+  FloatBuffer shift(z.c), buf(z.c), t1(z.c), t2(z.c), nbuf(z.c);
+  if constexpr (kStats) {
+    for (int64_t c = 0; c < z.c; ++c) shift[c] = to_float(xs[(c / z.cg) * z.cg]);
+    std::fill(out, out + 2 * z.c, 0.0);
+  }
+  const float* __restrict sc = a.scale + (kNorm ? dn : 0) * z.c;
+  const float* __restrict sh = a.shift + (kNorm ? dn : 0) * z.c;  // folded: b - mean * sc; else the group's mean
+  const float* __restrict bp = a.bias;
+  const bool fold = kNorm && a.fold[dn];
+  const float* __restrict k = shift.data();
   for (int64_t rb = r0; rb < r1; rb += kRows) {
-    std::fill(t1.begin(), t1.end(), 0.0f);
-    std::fill(t2.begin(), t2.end(), 0.0f);
-    float* __restrict b = buf.data();
     float* __restrict u1 = t1.data();
     float* __restrict u2 = t2.data();
-    const float* __restrict k = shift.data();
-    for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
-      const auto* xv = view_in<T, kAvx2, InStageRows<T>>(xn + r * z.c, b, z.c);
-#pragma omp simd
-      for (int64_t c = 0; c < z.c; ++c) {
-        const float d = to_float(xv[c]) - k[c];
-        u1[c] += d;
-        u2[c] = madd<kAvx2>(d, d, u2[c]);
-      }
+    if constexpr (kStats) {
+      std::fill(u1, u1 + z.c, 0.0f);
+      std::fill(u2, u2 + z.c, 0.0f);
     }
-    for (int64_t c = 0; c < z.c; ++c) {
-      out[c] += u1[c];
-      out[z.c + c] += u2[c];
+    for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
+      const auto* __restrict xv = kStats ? view_in<T, kAvx2, InStageRows<T>>(xs + r * z.c, buf.data(), z.c) : nullptr;
+      const auto* __restrict xn = kNorm ? view_in<T, kAvx2, InStageRows<T>>(xd + r * z.c, nbuf.data(), z.c) : nullptr;
+      auto* __restrict yv = kNorm ? view_out<T>(yd + r * z.c, nbuf.data()) : nullptr;
+      // one loop, so that the core overlaps the two passes' work channel by channel
+      auto row = [&](auto folded) {
+#pragma omp simd
+        for (int64_t c = 0; c < z.c; ++c) {
+          if constexpr (kStats) {
+            const float d = to_float(xv[c]) - k[c];
+            u1[c] += d;
+            u2[c] = madd<kAvx2>(d, d, u2[c]);
+          }
+          if constexpr (kNorm) {
+            const float zv = decltype(folded)::value ? madd<kAvx2>(to_float(xn[c]), sc[c], sh[c])
+                                                     : madd<kAvx2>(to_float(xn[c]) - sh[c], sc[c], bp[c]);
+            yv[c] = from_float<OutStage<T>>(act<kSilu, kAvx2>(zv));
+          }
+        }
+      };
+      fold ? row(std::true_type{}) : row(std::false_type{});
+      if constexpr (kNorm) flush_out<T, kAvx2>(nbuf.data(), yd + r * z.c, z.c);
+    }
+    if constexpr (kStats) {
+      for (int64_t c = 0; c < z.c; ++c) {
+        out[c] += u1[c];
+        out[z.c + c] += u2[c];
+      }
     }
   }
 }
 
-template <typename T, bool kSilu, bool kAvx2, bool kAvx512 = false>
-LDMFAST_AI void fwd_cl_norm_item(const FwdArgs& a, int64_t item) {
+// Sample n's statistics from its chunks' partial sums, in a fixed order, and the normalization's
+// per-channel coefficients, by the sample's form.
+template <typename T>
+void fwd_cl_finish(const FwdArgs& a, int64_t n) {
   const Sizes& z = a.z;
-  const int64_t n = item / a.chunks, p = item % a.chunks;
-  const int64_t r0 = p * a.rows_per_chunk, r1 = std::min(z.s, r0 + a.rows_per_chunk);
-  const T* xn = static_cast<const T*>(a.x) + n * z.s * z.c;
-  T* yn = static_cast<T*>(a.y) + n * z.s * z.c;
-  const float* __restrict sc = a.scale + n * z.c;
-  const float* __restrict sh = a.shift + n * z.c;  // folded: b - mean * sc; else the group's mean
-  const float* __restrict bp = a.bias;
-  FloatBuffer buf(z.c);
-  float* __restrict b = buf.data();
-  for (int64_t r = r0; r < r1; ++r) {
-    const auto* xv = view_in<T, kAvx2, InStageRows<T>>(xn + r * z.c, b, z.c);
-    auto* yv = view_out<T>(yn + r * z.c, b);
-    if (a.fold[n]) {
-#pragma omp simd
-      for (int64_t c = 0; c < z.c; ++c) yv[c] = from_float<OutStage<T>>(act<kSilu, kAvx2>(madd<kAvx2>(to_float(xv[c]), sc[c], sh[c])));
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < z.c; ++c)
-        yv[c] = from_float<OutStage<T>>(act<kSilu, kAvx2>(madd<kAvx2>(to_float(xv[c]) - sh[c], sc[c], bp[c])));
+  const T* x = static_cast<const T*>(a.x);
+  bool fold = true;
+  for (int64_t g = 0; g < z.groups; ++g) {
+    double s1 = 0, s2 = 0;
+    for (int64_t p = 0; p < a.chunks; ++p) {
+      const double* part = a.partial + (n * a.chunks + p) * 2 * z.c;
+      for (int64_t j = 0; j < z.cg; ++j) {
+        s1 += part[g * z.cg + j];
+        s2 += part[z.c + g * z.cg + j];
+      }
     }
-    flush_out<T, kAvx2>(b, yn + r * z.c, z.c);
+    const float k = to_float(x[n * z.s * z.c + g * z.cg]);
+    float mean, rstd;
+    finish_stats(s1, s2, static_cast<double>(z.m()), k, a.eps, &mean, &rstd);
+    a.mean[n * z.groups + g] = mean;
+    a.rstd[n * z.groups + g] = rstd;
+    fold = fold && folds(mean, rstd);
+  }
+  a.fold[n] = fold;
+  for (int64_t c = 0; c < z.c; ++c) {
+    const int64_t ng = n * z.groups + c / z.cg;
+    const float sc = a.rstd[ng] * a.weight[c];
+    a.scale[n * z.c + c] = sc;
+    a.shift[n * z.c + c] = fold ? fold_shift(a.mean[ng], sc, a.bias[c]) : a.mean[ng];
   }
 }
 
@@ -913,74 +957,100 @@ LDMFAST_AI void bwd_contig_range(const BwdArgs& a, int64_t first, int64_t last) 
   }
 }
 
-// ---- backward, channels-last ------------------------------------------------------------------------
+// ---- backward, channels-last: per-channel partial sums per (sample, chunk of rows), then dx -------
 
-template <typename T, bool kSilu, bool kAvx2, bool kAvx512 = false>
-LDMFAST_AI void bwd_cl_sums_item(const BwdArgs& a, int64_t item) {
+// As the forward (fwd_cl_step): sample n + 1's sums in the same row loop as sample n's dx. Both
+// passes compute g = dy * act'(z) (a buffer of g would add its write and read to the L3 traffic).
+
+// Rows of chunk p: sample sn's sums of g and g * xhat per channel (kSums), sample dn's dx (kDx).
+template <typename T, bool kSilu, bool kSums, bool kDx, bool kAvx2, bool kAvx512 = false>
+LDMFAST_AI void bwd_cl_step(const BwdArgs& a, int64_t p, int64_t sn, int64_t dn) {
   const Sizes& z = a.z;
-  const int64_t n = item / a.chunks, p = item % a.chunks;
   const int64_t r0 = p * a.rows_per_chunk, r1 = std::min(z.s, r0 + a.rows_per_chunk);
-  const T* xn = static_cast<const T*>(a.x) + n * z.s * z.c;
-  const T* dyn = static_cast<const T*>(a.dy) + n * z.s * z.c;
-  double* out = a.partial + item * 2 * z.c;
-  FloatBuffer xbuf(z.c), dbuf(z.c), t1(z.c), t2(z.c);
-  std::fill(out, out + 2 * z.c, 0.0);
-  const float* __restrict sc = a.scale + n * z.c;
+  const int64_t so = (kSums ? sn : 0) * z.s * z.c, dof = (kDx ? dn : 0) * z.s * z.c;
+  const T* xs = static_cast<const T*>(a.x) + so;
+  const T* dys = static_cast<const T*>(a.dy) + so;
+  const T* xd = static_cast<const T*>(a.x) + dof;
+  const T* dyd = static_cast<const T*>(a.dy) + dof;
+  T* dxd = static_cast<T*>(a.dx) + dof;
+  double* out = kSums ? a.partial + (sn * a.chunks + p) * 2 * z.c : nullptr;
+  FloatBuffer xbuf(z.c), dbuf(z.c), xbuf2(z.c), dbuf2(z.c), t1(z.c), t2(z.c);
+  if constexpr (kSums) std::fill(out, out + 2 * z.c, 0.0);
   const float* __restrict bp = a.bias;
-  const float* __restrict mp = a.mu + n * z.c;
-  const float* rstd = a.rstd + n * z.groups;
-  float* __restrict xb = xbuf.data();
-  float* __restrict db = dbuf.data();
+  const float* __restrict sc = a.scale + (kSums ? sn : 0) * z.c;
+  const float* __restrict mp = a.mu + (kSums ? sn : 0) * z.c;
+  const float* rstd = a.rstd + (kSums ? sn : 0) * z.groups;
+  const float* __restrict sc2 = a.scale + (kDx ? dn : 0) * z.c;
+  const float* __restrict mu2 = a.mu + (kDx ? dn : 0) * z.c;
+  const float* __restrict cb = a.cb + (kDx ? dn : 0) * z.c;
+  const float* __restrict cd = a.cd + (kDx ? dn : 0) * z.c;
   float* __restrict u1 = t1.data();
   float* __restrict u2 = t2.data();
   for (int64_t rb = r0; rb < r1; rb += kRows) {
-    std::fill(t1.begin(), t1.end(), 0.0f);
-    std::fill(t2.begin(), t2.end(), 0.0f);
+    if constexpr (kSums) {
+      std::fill(u1, u1 + z.c, 0.0f);
+      std::fill(u2, u2 + z.c, 0.0f);
+    }
     for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
-      const auto* xv = view_in<T, kAvx2, InStageRows<T>>(xn + r * z.c, xb, z.c);
-      const auto* dv = view_in<T, kAvx2, InStageRows<T>>(dyn + r * z.c, db, z.c);
+      const auto* __restrict xv = kSums ? view_in<T, kAvx2, InStageRows<T>>(xs + r * z.c, xbuf.data(), z.c) : nullptr;
+      const auto* __restrict dv = kSums ? view_in<T, kAvx2, InStageRows<T>>(dys + r * z.c, dbuf.data(), z.c) : nullptr;
+      const auto* __restrict xv2 = kDx ? view_in<T, kAvx2, InStageRows<T>>(xd + r * z.c, xbuf2.data(), z.c) : nullptr;
+      const auto* __restrict dv2 = kDx ? view_in<T, kAvx2, InStageRows<T>>(dyd + r * z.c, dbuf2.data(), z.c) : nullptr;
+      auto* __restrict ov = kDx ? view_out<T>(dxd + r * z.c, xbuf2.data()) : nullptr;
 #pragma omp simd
       for (int64_t c = 0; c < z.c; ++c) {
-        const float d = to_float(xv[c]) - mp[c];
-        const float gv = to_float(dv[c]) * act_grad<kSilu, kAvx2>(madd<kAvx2>(d, sc[c], bp[c]));
-        u1[c] += gv;
-        u2[c] = madd<kAvx2>(gv, d, u2[c]);
+        if constexpr (kSums) {
+          const float d = to_float(xv[c]) - mp[c];
+          const float gv = to_float(dv[c]) * act_grad<kSilu, kAvx2>(madd<kAvx2>(d, sc[c], bp[c]));
+          u1[c] += gv;
+          u2[c] = madd<kAvx2>(gv, d, u2[c]);
+        }
+        if constexpr (kDx) {
+          const float d = to_float(xv2[c]) - mu2[c];
+          const float gv = to_float(dv2[c]) * act_grad<kSilu, kAvx2>(madd<kAvx2>(d, sc2[c], bp[c]));
+          ov[c] = from_float<OutStage<T>>(madd<kAvx2>(sc2[c], gv, madd<kAvx2>(cb[c], d, cd[c])));
+        }
       }
+      if constexpr (kDx) flush_out<T, kAvx2>(xbuf2.data(), dxd + r * z.c, z.c);
     }
-    for (int64_t c = 0; c < z.c; ++c) {
-      out[c] += u1[c];
-      out[z.c + c] += static_cast<double>(u2[c]) * rstd[c / z.cg];  // u2 sums g * (x - mean)
+    if constexpr (kSums) {
+      for (int64_t c = 0; c < z.c; ++c) {
+        out[c] += u1[c];
+        out[z.c + c] += static_cast<double>(u2[c]) * rstd[c / z.cg];  // u2 sums g * (x - mean)
+      }
     }
   }
 }
 
-template <typename T, bool kSilu, bool kAvx2, bool kAvx512 = false>
-LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
+// Sample n's sums from its chunks' partial sums, in a fixed order, and its dx coefficients.
+template <typename T>
+void bwd_cl_finish(const BwdArgs& a, int64_t n) {
   const Sizes& z = a.z;
-  const int64_t n = item / a.chunks, p = item % a.chunks;
-  const int64_t r0 = p * a.rows_per_chunk, r1 = std::min(z.s, r0 + a.rows_per_chunk);
-  const T* xn = static_cast<const T*>(a.x) + n * z.s * z.c;
-  const T* dyn = static_cast<const T*>(a.dy) + n * z.s * z.c;
-  T* dxn = static_cast<T*>(a.dx) + n * z.s * z.c;
-  const float* __restrict sc = a.scale + n * z.c;
-  const float* __restrict bp = a.bias;
-  const float* __restrict cb = a.cb + n * z.c;
-  const float* __restrict cd = a.cd + n * z.c;
-  const float* __restrict mu = a.mu + n * z.c;
-  FloatBuffer xbuf(z.c), dbuf(z.c);
-  float* __restrict xb = xbuf.data();
-  float* __restrict db = dbuf.data();
-  for (int64_t r = r0; r < r1; ++r) {
-    const auto* xv = view_in<T, kAvx2, InStageRows<T>>(xn + r * z.c, xb, z.c);
-    const auto* dv = view_in<T, kAvx2, InStageRows<T>>(dyn + r * z.c, db, z.c);
-    auto* ov = view_out<T>(dxn + r * z.c, xb);
-#pragma omp simd
-    for (int64_t c = 0; c < z.c; ++c) {
-      const float d = to_float(xv[c]) - mu[c];
-      const float gv = to_float(dv[c]) * act_grad<kSilu, kAvx2>(madd<kAvx2>(d, sc[c], bp[c]));
-      ov[c] = from_float<OutStage<T>>(madd<kAvx2>(sc[c], gv, madd<kAvx2>(cb[c], d, cd[c])));
+  const double inv_m = 1.0 / static_cast<double>(z.m());
+  for (int64_t c = 0; c < z.c; ++c) {
+    double s1 = 0, s2 = 0;
+    for (int64_t p = 0; p < a.chunks; ++p) {
+      const double* part = a.partial + (n * a.chunks + p) * 2 * z.c;
+      s1 += part[c];
+      s2 += part[z.c + c];
     }
-    flush_out<T, kAvx2>(xb, dxn + r * z.c, z.c);
+    a.sum_g[n * z.c + c] = s1;
+    a.sum_gx[n * z.c + c] = s2;
+  }
+  for (int64_t g = 0; g < z.groups; ++g) {
+    double ga = 0, gb = 0;
+    for (int64_t j = 0; j < z.cg; ++j) {
+      const int64_t c = g * z.cg + j;
+      ga += a.weight[c] * a.sum_g[n * z.c + c];
+      gb += a.weight[c] * a.sum_gx[n * z.c + c];
+    }
+    const double rstd = a.rstd[n * z.groups + g];
+    const float cbv = static_cast<float>(-rstd * rstd * gb * inv_m);
+    const float cdv = static_cast<float>(-rstd * ga * inv_m);
+    for (int64_t j = 0; j < z.cg; ++j) {
+      a.cb[n * z.c + g * z.cg + j] = cbv;
+      a.cd[n * z.c + g * z.cg + j] = cdv;
+    }
   }
 }
 
@@ -1009,13 +1079,14 @@ LDMFAST_AI void bwd_cl_dx_item(const BwdArgs& a, int64_t item) {
 LDMFAST_GN_RANGE_VARIANTS(bwd_contig_range, BwdArgs, typename T, bool kSilu)
 LDMFAST_GN_RANGE_VARIANTS(fwd_contig_range, FwdArgs, typename T, bool kSilu)
 LDMFAST_GN_VARIANTS(fwd_contig_item, FwdArgs, typename T, bool kSilu)
-LDMFAST_GN_VARIANTS(fwd_cl_norm_item, FwdArgs, typename T, bool kSilu)
 LDMFAST_GN_VARIANTS(bwd_contig_item, BwdArgs, typename T, bool kSilu)
-LDMFAST_GN_VARIANTS(bwd_cl_sums_item, BwdArgs, typename T, bool kSilu)
-LDMFAST_GN_VARIANTS(bwd_cl_dx_item, BwdArgs, typename T, bool kSilu)
 #undef LDMFAST_GN_TPL
-#define LDMFAST_GN_TPL T
-LDMFAST_GN_VARIANTS(fwd_cl_sums_item, FwdArgs, typename T)
+#define LDMFAST_GN_TPL T, kSilu, kFirst, kSecond
+#define LDMFAST_GN_STEP_VARIANTS(NAME, ARGS)                                                                  \
+  LDMFAST_GN_VARIANTS_OF(NAME, (const ARGS& a, int64_t p, int64_t sn, int64_t dn), (a, p, sn, dn), typename T, \
+                         bool kSilu, bool kFirst, bool kSecond)
+LDMFAST_GN_STEP_VARIANTS(fwd_cl_step, FwdArgs)
+LDMFAST_GN_STEP_VARIANTS(bwd_cl_step, BwdArgs)
 #undef LDMFAST_GN_TPL
 
 template <typename Fn>
@@ -1049,15 +1120,64 @@ void parallel_items(ItemFn<Args> fn, const Args& a, int64_t items, int num_threa
   for (int64_t item = 0; item < items; ++item) fn(a, item);
 }
 
-// Channels-last work split: chunks of rows per sample so that there are a few items per thread,
+// Chunks of rows of the channels-last kernels: one per thread (a step's threads meet at its end),
 // each of at least ~8k elements.
-void split_rows(const Sizes& z, int num_threads, int64_t* chunks, int64_t* rows_per_chunk) {
+void cl_chunks(const Sizes& z, int num_threads, int64_t* chunks, int64_t* rows_per_chunk) {
   const int64_t min_rows = std::max<int64_t>(1, 8192 / std::max<int64_t>(z.c, 1));
-  const int64_t want = std::max<int64_t>(1, (4 * static_cast<int64_t>(std::max(num_threads, 1)) + z.n - 1) / z.n);
-  const int64_t by_size = std::max<int64_t>(1, z.s / min_rows);
-  int64_t k = std::min(want, by_size);
+  const int64_t k = std::max<int64_t>(1, std::min<int64_t>(std::max(num_threads, 1), z.s / min_rows));
   *rows_per_chunk = (z.s + k - 1) / k;
   *chunks = (z.s + *rows_per_chunk - 1) / *rows_per_chunk;
+}
+
+// The variants of a step function (fwd_cl_step, bwd_cl_step) for this CPU.
+#define LDMFAST_GN_PICK_STEP(NAME, T, kSilu, kFirst, kSecond) \
+  pick(NAME##_base<T, kSilu, kFirst, kSecond>, NAME##_avx2<T, kSilu, kFirst, kSecond>, NAME##_avx512<T, kSilu, kFirst, kSecond>)
+
+template <typename Args>
+using StepFn = void (*)(const Args&, int64_t, int64_t, int64_t);
+
+// The channels-last kernels' two passes in n + 1 steps over the chunks of rows: sample 0's first
+// pass; then sample k's first pass in the same loop as sample k - 1's second; then the last
+// sample's second pass. Before a sample's second pass, one thread finishes its sums (finish(k)).
+template <typename Args, typename Finish>
+void pipeline_samples(const Args& a, StepFn<Args> first, StepFn<Args> both, StepFn<Args> second, Finish&& finish,
+                      int num_threads) {
+  const int64_t n = a.z.n;
+  const int threads = threads_for(a.chunks, num_threads);
+#pragma omp parallel num_threads(threads)
+  for (int64_t k = 0; k <= n; ++k) {
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < a.chunks; ++p) {
+      if (k == 0) {
+        first(a, p, 0, -1);
+      } else if (k == n) {
+        second(a, p, -1, k - 1);
+      } else {
+        both(a, p, k, k - 1);
+      }
+    }
+    if (k < n) {
+#pragma omp single
+      finish(k);
+    }
+  }
+}
+
+template <typename T, bool kSilu>
+void forward_cl(FwdArgs& a, int num_threads) {
+  const Sizes& z = a.z;
+  cl_chunks(z, num_threads, &a.chunks, &a.rows_per_chunk);
+  std::vector<double> partial(static_cast<size_t>(z.n * a.chunks * 2 * z.c));
+  FloatBuffer scale(static_cast<size_t>(z.n * z.c)), shift(static_cast<size_t>(z.n * z.c));
+  std::vector<char> fold(static_cast<size_t>(z.n), 1);
+  a.partial = partial.data();
+  a.scale = scale.data();
+  a.shift = shift.data();
+  a.fold = fold.data();
+  pipeline_samples<FwdArgs>(a, LDMFAST_GN_PICK_STEP(fwd_cl_step, T, kSilu, true, false),
+                            LDMFAST_GN_PICK_STEP(fwd_cl_step, T, kSilu, true, true),
+                            LDMFAST_GN_PICK_STEP(fwd_cl_step, T, kSilu, false, true),
+                            [&](int64_t n) { fwd_cl_finish<T>(a, n); }, num_threads);
 }
 
 template <typename T, bool kSilu>
@@ -1077,43 +1197,7 @@ void forward_typed(FwdArgs& a, bool channels_last, int num_threads) {
                             z.n * z.groups, num_threads);
     return;
   }
-  split_rows(z, num_threads, &a.chunks, &a.rows_per_chunk);
-  std::vector<double> partial(static_cast<size_t>(z.n * a.chunks * 2 * z.c));
-  FloatBuffer scale(static_cast<size_t>(z.n * z.c)), shift(static_cast<size_t>(z.n * z.c));
-  a.partial = partial.data();
-  a.scale = scale.data();
-  a.shift = shift.data();
-  std::vector<char> fold(static_cast<size_t>(z.n), 1);
-  a.fold = fold.data();
-  const int64_t items = z.n * a.chunks;
-  parallel_items<FwdArgs>(pick<ItemFn<FwdArgs>>(fwd_cl_sums_item_base<T>, fwd_cl_sums_item_avx2<T>, fwd_cl_sums_item_avx512<T>), a, items, num_threads);
-  const T* x = static_cast<const T*>(a.x);
-  for (int64_t n = 0; n < z.n; ++n) {
-    for (int64_t g = 0; g < z.groups; ++g) {
-      double s1 = 0, s2 = 0;
-      for (int64_t p = 0; p < a.chunks; ++p) {
-        const double* part = a.partial + (n * a.chunks + p) * 2 * z.c;
-        for (int64_t j = 0; j < z.cg; ++j) {
-          s1 += part[g * z.cg + j];
-          s2 += part[z.c + g * z.cg + j];
-        }
-      }
-      const float k = to_float(x[n * z.s * z.c + g * z.cg]);
-      float mean, rstd;
-      finish_stats(s1, s2, static_cast<double>(z.m()), k, a.eps, &mean, &rstd);
-      a.mean[n * z.groups + g] = mean;
-      a.rstd[n * z.groups + g] = rstd;
-      fold[n] = fold[n] && folds(mean, rstd);
-    }
-    for (int64_t c = 0; c < z.c; ++c) {  // the loop's per-channel coefficients, by the sample's form
-      const int64_t ng = n * z.groups + c / z.cg;
-      const float sc = a.rstd[ng] * a.weight[c];
-      a.scale[n * z.c + c] = sc;
-      a.shift[n * z.c + c] = fold[n] ? fold_shift(a.mean[ng], sc, a.bias[c]) : a.mean[ng];
-    }
-  }
-  parallel_items<FwdArgs>(pick<ItemFn<FwdArgs>>(fwd_cl_norm_item_base<T, kSilu>, fwd_cl_norm_item_avx2<T, kSilu>, fwd_cl_norm_item_avx512<T, kSilu>), a, items,
-                          num_threads);
+  forward_cl<T, kSilu>(a, num_threads);
 }
 
 template <typename T, bool kSilu>
@@ -1129,7 +1213,7 @@ void backward_typed(BwdArgs& a, float* dweight, float* dbias, bool channels_last
     parallel_items<BwdArgs>(pick<ItemFn<BwdArgs>>(bwd_contig_item_base<T, kSilu>, bwd_contig_item_avx2<T, kSilu>, bwd_contig_item_avx512<T, kSilu>), a,
                             z.n * z.groups, num_threads);
   } else {
-    split_rows(z, num_threads, &a.chunks, &a.rows_per_chunk);
+    cl_chunks(z, num_threads, &a.chunks, &a.rows_per_chunk);
     const size_t nc = static_cast<size_t>(z.n * z.c);
     std::vector<double> partial(static_cast<size_t>(z.n * a.chunks * 2 * z.c));
     FloatBuffer scale(nc), cb(nc), cd(nc), mu(nc);
@@ -1145,40 +1229,10 @@ void backward_typed(BwdArgs& a, float* dweight, float* dbias, bool channels_last
         a.mu[n * z.c + c] = a.mean[ng];
       }
     }
-    const int64_t items = z.n * a.chunks;
-    parallel_items<BwdArgs>(pick<ItemFn<BwdArgs>>(bwd_cl_sums_item_base<T, kSilu>, bwd_cl_sums_item_avx2<T, kSilu>, bwd_cl_sums_item_avx512<T, kSilu>), a, items,
-                            num_threads);
-    const double inv_m = 1.0 / static_cast<double>(z.m());
-    for (int64_t n = 0; n < z.n; ++n) {
-      for (int64_t c = 0; c < z.c; ++c) {
-        double s1 = 0, s2 = 0;
-        for (int64_t p = 0; p < a.chunks; ++p) {
-          const double* part = a.partial + (n * a.chunks + p) * 2 * z.c;
-          s1 += part[c];
-          s2 += part[z.c + c];
-        }
-        a.sum_g[n * z.c + c] = s1;
-        a.sum_gx[n * z.c + c] = s2;
-      }
-      for (int64_t g = 0; g < z.groups; ++g) {
-        double ga = 0, gb = 0;
-        for (int64_t j = 0; j < z.cg; ++j) {
-          const int64_t c = g * z.cg + j;
-          ga += a.weight[c] * a.sum_g[n * z.c + c];
-          gb += a.weight[c] * a.sum_gx[n * z.c + c];
-        }
-        const double rstd = a.rstd[n * z.groups + g];
-        const float cbv = static_cast<float>(-rstd * rstd * gb * inv_m);
-        const float cdv = static_cast<float>(-rstd * ga * inv_m);
-        for (int64_t j = 0; j < z.cg; ++j) {
-          const int64_t c = g * z.cg + j;
-          a.cb[n * z.c + c] = cbv;
-          a.cd[n * z.c + c] = cdv;
-        }
-      }
-    }
-    parallel_items<BwdArgs>(pick<ItemFn<BwdArgs>>(bwd_cl_dx_item_base<T, kSilu>, bwd_cl_dx_item_avx2<T, kSilu>, bwd_cl_dx_item_avx512<T, kSilu>), a, items,
-                            num_threads);
+    pipeline_samples<BwdArgs>(a, LDMFAST_GN_PICK_STEP(bwd_cl_step, T, kSilu, true, false),
+                              LDMFAST_GN_PICK_STEP(bwd_cl_step, T, kSilu, true, true),
+                              LDMFAST_GN_PICK_STEP(bwd_cl_step, T, kSilu, false, true),
+                              [&](int64_t n) { bwd_cl_finish<T>(a, n); }, num_threads);
   }
   for (int64_t c = 0; c < z.c; ++c) {
     double s1 = 0, s2 = 0;
