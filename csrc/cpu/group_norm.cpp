@@ -606,10 +606,11 @@ LDMFAST_AI void fwd_cl_step(const FwdArgs& a, int64_t p, int64_t sn, int64_t dn)
       std::fill(u2, u2 + z.c, 0.0f);
     }
     for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
-      const auto* __restrict xv = kStats ? view_in<T, kAvx2, InStageRows<T>>(xs + r * z.c, buf.data(), z.c) : nullptr;
-      const auto* __restrict xn = kNorm ? view_in<T, kAvx2, InStageRows<T>>(xd + r * z.c, nbuf.data(), z.c) : nullptr;
-      auto* __restrict yv = kNorm ? view_out<T>(yd + r * z.c, nbuf.data()) : nullptr;
-      // one loop, so that the core overlaps the two passes' work channel by channel
+      const auto* xv = kStats ? view_in<T, kAvx2, InStageRows<T>>(xs + r * z.c, buf.data(), z.c) : nullptr;
+      const auto* xn = kNorm ? view_in<T, kAvx2, InStageRows<T>>(xd + r * z.c, nbuf.data(), z.c) : nullptr;
+      auto* yv = kNorm ? view_out<T>(yd + r * z.c, nbuf.data()) : nullptr;
+      // one loop, so that the core overlaps the two passes' work channel by channel (float16: the
+      // normalization reads and writes one staging buffer in place, so no __restrict here)
       auto row = [&](auto folded) {
 #pragma omp simd
         for (int64_t c = 0; c < z.c; ++c) {
@@ -992,11 +993,11 @@ LDMFAST_AI void bwd_cl_step(const BwdArgs& a, int64_t p, int64_t sn, int64_t dn)
       std::fill(u2, u2 + z.c, 0.0f);
     }
     for (int64_t r = rb; r < std::min(r1, rb + kRows); ++r) {
-      const auto* __restrict xv = kSums ? view_in<T, kAvx2, InStageRows<T>>(xs + r * z.c, xbuf.data(), z.c) : nullptr;
-      const auto* __restrict dv = kSums ? view_in<T, kAvx2, InStageRows<T>>(dys + r * z.c, dbuf.data(), z.c) : nullptr;
-      const auto* __restrict xv2 = kDx ? view_in<T, kAvx2, InStageRows<T>>(xd + r * z.c, xbuf2.data(), z.c) : nullptr;
-      const auto* __restrict dv2 = kDx ? view_in<T, kAvx2, InStageRows<T>>(dyd + r * z.c, dbuf2.data(), z.c) : nullptr;
-      auto* __restrict ov = kDx ? view_out<T>(dxd + r * z.c, xbuf2.data()) : nullptr;
+      const auto* xv = kSums ? view_in<T, kAvx2, InStageRows<T>>(xs + r * z.c, xbuf.data(), z.c) : nullptr;
+      const auto* dv = kSums ? view_in<T, kAvx2, InStageRows<T>>(dys + r * z.c, dbuf.data(), z.c) : nullptr;
+      const auto* xv2 = kDx ? view_in<T, kAvx2, InStageRows<T>>(xd + r * z.c, xbuf2.data(), z.c) : nullptr;
+      const auto* dv2 = kDx ? view_in<T, kAvx2, InStageRows<T>>(dyd + r * z.c, dbuf2.data(), z.c) : nullptr;
+      auto* ov = kDx ? view_out<T>(dxd + r * z.c, xbuf2.data()) : nullptr;
 #pragma omp simd
       for (int64_t c = 0; c < z.c; ++c) {
         if constexpr (kSums) {
