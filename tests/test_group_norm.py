@@ -56,6 +56,20 @@ def make_inputs(shape, dtype, device, seed, layout="contiguous", mean=0.0, std=1
             b.to(device=device, dtype=wd), to_layout(dy.to(device=device, dtype=dtype), layout))
 
 
+# The CPU kernels normalize a group as x * sc + (b - mean * sc) where |mean| * rstd <= 8
+# (csrc/cpu/group_norm.cpp: kFoldLimit), else as (x - mean) * sc + b.
+FOLD_LIMIT = 8.0
+
+
+def shift_to_unfold(x, num_groups):
+    """Adds 40 to x (in place): make_inputs' groups have std 1 to 2, so |mean| * rstd becomes 20 or
+    more, past the fold limit (checked)."""
+    x.add_(40)
+    groups = x.detach().double().reshape(x.shape[0], num_groups, -1)
+    ratio = groups.mean(-1).abs() / groups.std(-1, unbiased=False)
+    assert bool((ratio > FOLD_LIMIT).all()), "shift_to_unfold: a group still folds"
+
+
 def float64_reference(x, num_groups, w, b, dy, activation, eps=1e-5):
     """torch's own GroupNorm (+ SiLU) and its autograd in float64 on the same (rounded) inputs."""
     leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, w, b)]
@@ -396,17 +410,17 @@ def test_cpu_contiguous_group_ranges_over_thread_counts(dtype, request):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cpu_channels_last_pipeline_over_thread_counts(dtype, request):
     """The channels-last CPU kernels run sample k's first pass in the same loop as sample k - 1's
-    second, over one chunk of rows per thread (of at least 8192 elements): one sample (no pairing),
-    two, three, five; one chunk, two, three of uneven lengths (775 rows); a sample whose groups
-    do not fold (|mean| >> std) beside ones that do. Every thread count matches the float64
-    reference."""
+    second, over one chunk of rows per thread (of at least 8192 elements), or, samples too small
+    for that, over the samples split among the threads (5 x 35 rows): one sample (no pairing), two,
+    three, five; one chunk, two, three of uneven lengths (775 rows); a sample whose groups do not
+    fold (|mean| >> std) beside ones that do. Every thread count matches the float64 reference."""
     shapes = [((1, 64, 9, 7), 32), ((2, 32, 24, 29), 8), ((3, 32, 25, 31), 8), ((5, 12, 7, 5), 4)]
     before = torch.get_num_threads()
     try:
         for shape, groups in shapes:
             x, w, b, dy = make_inputs(shape, dtype, "cpu", fresh_seed(request), layout="channels_last")
             if shape[0] > 1:
-                x[1].mul_(40).add_(300)
+                shift_to_unfold(x[1:2], groups)
             for threads in (1, 2, 3):
                 torch.set_num_threads(threads)
                 for activation in ("silu", None):
@@ -424,7 +438,7 @@ def test_cpu_bits_do_not_depend_on_the_thread_count_at_model_sizes(dtype, reques
     range than where it ran paired, and about one group in 64 came out 1 ulp different (mean, y,
     dx, and so dweight and dbias) between 1, 2 and 3 threads."""
     x, w, b, dy = make_inputs((4, 128, 24, 28), dtype, "cpu", fresh_seed(request))
-    x[1].mul_(40).add_(300)  # a sample whose groups do not fold (|mean| >> std): the other form
+    shift_to_unfold(x[1:2], 32)  # a sample whose groups do not fold (|mean| >> std): the other form
     before = torch.get_num_threads()
     results = []
     try:

@@ -579,6 +579,28 @@ LDMFAST_AI void fwd_contig_range(const FwdArgs& a, int64_t first, int64_t last) 
 // (1.7-2.3x slower at (2, 512, 48x56) and (4, 224, 48x56): rows 2 KB apart put a block's lines
 // in 1/32 of L2's sets, and a block of a width that is no multiple of 16 channels ends in scalar code).
 
+// One row of c channels: sums of x - k into u1, u2 (kStats) and the normalization of another row
+// (kNorm), in one loop, so that the core overlaps the two passes' work channel by channel. A
+// function, not a lambda (see bwd_contig_step). float16: the normalization reads and writes one
+// staging buffer in place (xn, y), so those have no __restrict.
+template <typename T, bool kSilu, bool kStats, bool kNorm, bool kFold, bool kAvx2, typename S, typename O>
+LDMFAST_AI void fwd_cl_row(const S* xs, const float* __restrict k, float* __restrict u1, float* __restrict u2,
+                           const S* xn, const float* __restrict sc, const float* __restrict sh,
+                           const float* __restrict bias, O* y, int64_t c) {
+#pragma omp simd
+  for (int64_t i = 0; i < c; ++i) {
+    if constexpr (kStats) {
+      const float d = to_float(xs[i]) - k[i];
+      u1[i] += d;
+      u2[i] = madd<kAvx2>(d, d, u2[i]);
+    }
+    if constexpr (kNorm) {
+      const float zv = kFold ? madd<kAvx2>(to_float(xn[i]), sc[i], sh[i]) : madd<kAvx2>(to_float(xn[i]) - sh[i], sc[i], bias[i]);
+      y[i] = from_float<O>(act<kSilu, kAvx2>(zv));
+    }
+  }
+}
+
 // Rows [r0, r1) of chunk p: sample sn's partial sums (kStats), sample dn's normalization (kNorm).
 template <typename T, bool kSilu, bool kStats, bool kNorm, bool kAvx2, bool kAvx512 = false>
 LDMFAST_AI void fwd_cl_step(const FwdArgs& a, int64_t p, int64_t sn, int64_t dn) {
@@ -609,24 +631,11 @@ LDMFAST_AI void fwd_cl_step(const FwdArgs& a, int64_t p, int64_t sn, int64_t dn)
       const auto* xv = kStats ? view_in<T, kAvx2, InStageRows<T>>(xs + r * z.c, buf.data(), z.c) : nullptr;
       const auto* xn = kNorm ? view_in<T, kAvx2, InStageRows<T>>(xd + r * z.c, nbuf.data(), z.c) : nullptr;
       auto* yv = kNorm ? view_out<T>(yd + r * z.c, nbuf.data()) : nullptr;
-      // one loop, so that the core overlaps the two passes' work channel by channel (float16: the
-      // normalization reads and writes one staging buffer in place, so no __restrict here)
-      auto row = [&](auto folded) {
-#pragma omp simd
-        for (int64_t c = 0; c < z.c; ++c) {
-          if constexpr (kStats) {
-            const float d = to_float(xv[c]) - k[c];
-            u1[c] += d;
-            u2[c] = madd<kAvx2>(d, d, u2[c]);
-          }
-          if constexpr (kNorm) {
-            const float zv = decltype(folded)::value ? madd<kAvx2>(to_float(xn[c]), sc[c], sh[c])
-                                                     : madd<kAvx2>(to_float(xn[c]) - sh[c], sc[c], bp[c]);
-            yv[c] = from_float<OutStage<T>>(act<kSilu, kAvx2>(zv));
-          }
-        }
-      };
-      fold ? row(std::true_type{}) : row(std::false_type{});
+      if (fold) {
+        fwd_cl_row<T, kSilu, kStats, kNorm, true, kAvx2>(xv, k, u1, u2, xn, sc, sh, bp, yv, z.c);
+      } else {
+        fwd_cl_row<T, kSilu, kStats, kNorm, false, kAvx2>(xv, k, u1, u2, xn, sc, sh, bp, yv, z.c);
+      }
       if constexpr (kNorm) flush_out<T, kAvx2>(nbuf.data(), yd + r * z.c, z.c);
     }
     if constexpr (kStats) {
@@ -1055,7 +1064,7 @@ void bwd_cl_finish(const BwdArgs& a, int64_t n) {
   }
 }
 
-// ---- the two compiled variants of every item function ---------------------------------------------
+// ---- the compiled variants of every item, range and step function -------------------------------
 
 // The same source compiled three times: baseline x86-64, AVX2 (8 floats per instruction) and
 // AVX-512 (16; about 15% faster on the SiLU's exp than AVX2 on Zen 4). The last two use F16C
@@ -1088,6 +1097,7 @@ LDMFAST_GN_VARIANTS(bwd_contig_item, BwdArgs, typename T, bool kSilu)
                          bool kSilu, bool kFirst, bool kSecond)
 LDMFAST_GN_STEP_VARIANTS(fwd_cl_step, FwdArgs)
 LDMFAST_GN_STEP_VARIANTS(bwd_cl_step, BwdArgs)
+#undef LDMFAST_GN_STEP_VARIANTS
 #undef LDMFAST_GN_TPL
 
 template <typename Fn>
@@ -1122,10 +1132,14 @@ void parallel_items(ItemFn<Args> fn, const Args& a, int64_t items, int num_threa
 }
 
 // Chunks of rows of the channels-last kernels: one per thread (a step's threads meet at its end),
-// each of at least ~8k elements.
+// each of at least ~8k elements; or, where samples are too small to give every thread a chunk and
+// there are more samples than chunks, one chunk per sample (pipeline_samples then splits the samples
+// among the threads).
 void cl_chunks(const Sizes& z, int num_threads, int64_t* chunks, int64_t* rows_per_chunk) {
+  const int64_t threads = std::max(num_threads, 1);
   const int64_t min_rows = std::max<int64_t>(1, 8192 / std::max<int64_t>(z.c, 1));
-  const int64_t k = std::max<int64_t>(1, std::min<int64_t>(std::max(num_threads, 1), z.s / min_rows));
+  int64_t k = std::max<int64_t>(1, std::min<int64_t>(threads, z.s / min_rows));
+  if (k < threads && z.n > k) k = 1;
   *rows_per_chunk = (z.s + k - 1) / k;
   *chunks = (z.s + *rows_per_chunk - 1) / *rows_per_chunk;
 }
@@ -1140,10 +1154,27 @@ using StepFn = void (*)(const Args&, int64_t, int64_t, int64_t);
 // The channels-last kernels' two passes in n + 1 steps over the chunks of rows: sample 0's first
 // pass; then sample k's first pass in the same loop as sample k - 1's second; then the last
 // sample's second pass. Before a sample's second pass, one thread finishes its sums (finish(k)).
+// Samples of one chunk (see cl_chunks) are split among the threads instead, each running that
+// pipeline over its own range of samples, without barriers (finish(k) writes sample k's only).
 template <typename Args, typename Finish>
 void pipeline_samples(const Args& a, StepFn<Args> first, StepFn<Args> both, StepFn<Args> second, Finish&& finish,
                       int num_threads) {
   const int64_t n = a.z.n;
+  if (a.chunks == 1 && n > 1 && num_threads > 1) {
+    const int threads = threads_for(n, num_threads);
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; ++t) {
+      const int64_t f = n * t / threads, l = n * (t + 1) / threads;
+      first(a, 0, f, -1);
+      finish(f);
+      for (int64_t k = f + 1; k < l; ++k) {
+        both(a, 0, k, k - 1);
+        finish(k);
+      }
+      second(a, 0, -1, l - 1);
+    }
+    return;
+  }
   const int threads = threads_for(a.chunks, num_threads);
 #pragma omp parallel num_threads(threads)
   for (int64_t k = 0; k <= n; ++k) {
