@@ -364,7 +364,8 @@ def test_cuda_rejects_weight_on_another_device():
 def test_cpu_kernel_variants_for_other_cpus(isa):
     """The CPU kernels are compiled for baseline x86-64, AVX2 and AVX-512 (bfloat16 through
     AVX512-BF16's conversions where the CPU has them) and picked at run time; LDMFAST_CPU_ISA caps
-    the choice so that every variant runs here ("avx512": without the BF16 conversions)."""
+    the choice so that every variant runs here ("avx512": without the BF16 conversions). Two
+    threads: channels-last samples split among them (2 x 63 rows) and chunks of rows (2 x 696)."""
     import os
     import subprocess
     import sys
@@ -372,10 +373,12 @@ def test_cpu_kernel_variants_for_other_cpus(isa):
 
     script = (
         "import sys, torch, test_group_norm as t\n"
+        "torch.set_num_threads(2)\n"
         "for dtype in (torch.float32, torch.float16, torch.bfloat16):\n"
         "    for layout in ('contiguous', 'channels_last'):\n"
-        "        x, w, b, dy = t.make_inputs((2, 24, 7, 9), dtype, 'cpu', 5, layout)\n"
-        "        t.check_all('cpu', x, 4, w, b, dy, 'silu')\n"
+        "        for shape, groups in (((2, 24, 7, 9), 4), ((2, 32, 24, 29), 8)):\n"
+        "            x, w, b, dy = t.make_inputs(shape, dtype, 'cpu', 5, layout)\n"
+        "            t.check_all('cpu', x, groups, w, b, dy, 'silu')\n"
         "print('ok')\n")
     env = dict(os.environ, LDMFAST_CPU_ISA=isa)
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, env=env,
