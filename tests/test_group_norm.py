@@ -365,7 +365,8 @@ def test_cpu_kernel_variants_for_other_cpus(isa):
     """The CPU kernels are compiled for baseline x86-64, AVX2 and AVX-512 (bfloat16 through
     AVX512-BF16's conversions where the CPU has them) and picked at run time; LDMFAST_CPU_ISA caps
     the choice so that every variant runs here ("avx512": without the BF16 conversions). Two
-    threads: channels-last samples split among them (2 x 63 rows) and chunks of rows (2 x 696)."""
+    threads: channels-last samples split among them (2 x 63 rows) and chunks of rows (3 samples of
+    696 rows: two chunks each)."""
     import os
     import subprocess
     import sys
@@ -376,7 +377,7 @@ def test_cpu_kernel_variants_for_other_cpus(isa):
         "torch.set_num_threads(2)\n"
         "for dtype in (torch.float32, torch.float16, torch.bfloat16):\n"
         "    for layout in ('contiguous', 'channels_last'):\n"
-        "        for shape, groups in (((2, 24, 7, 9), 4), ((2, 32, 24, 29), 8)):\n"
+        "        for shape, groups in (((2, 24, 7, 9), 4), ((3, 32, 24, 29), 8)):\n"
         "            x, w, b, dy = t.make_inputs(shape, dtype, 'cpu', 5, layout)\n"
         "            t.check_all('cpu', x, groups, w, b, dy, 'silu')\n"
         "print('ok')\n")
@@ -413,11 +414,12 @@ def test_cpu_contiguous_group_ranges_over_thread_counts(dtype, request):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cpu_channels_last_pipeline_over_thread_counts(dtype, request):
     """The channels-last CPU kernels run sample k's first pass in the same loop as sample k - 1's
-    second, over one chunk of rows per thread (of at least 8192 elements), or, samples too small
-    for that, over the samples split among the threads (5 x 35 rows): one sample (no pairing), two,
-    three, five; one chunk, two, three of uneven lengths (775 rows); a sample whose groups do not
-    fold (|mean| >> std) beside ones that do. Every thread count matches the float64 reference."""
-    shapes = [((1, 64, 9, 7), 32), ((2, 32, 24, 29), 8), ((3, 32, 25, 31), 8), ((5, 12, 7, 5), 4)]
+    second, over one chunk of rows per thread (of at least 8192 elements), or over the samples split
+    among the threads (samples that split evenly, or too small for a chunk per thread): one sample
+    (no pairing), two, four, five (uneven ranges of samples); one chunk, two, three of uneven
+    lengths (775 rows at three threads); a sample whose groups do not fold (|mean| >> std) beside
+    ones that do. Every thread count matches the float64 reference."""
+    shapes = [((1, 64, 9, 7), 32), ((2, 32, 24, 29), 8), ((4, 32, 25, 31), 8), ((5, 12, 7, 5), 4)]
     before = torch.get_num_threads()
     try:
         for shape, groups in shapes:

@@ -1132,14 +1132,17 @@ void parallel_items(ItemFn<Args> fn, const Args& a, int64_t items, int num_threa
 }
 
 // Chunks of rows of the channels-last kernels: one per thread (a step's threads meet at its end),
-// each of at least ~8k elements; or, where samples are too small to give every thread a chunk and
-// there are more samples than chunks, one chunk per sample (pipeline_samples then splits the samples
-// among the threads).
+// each of at least ~8k elements; or one per sample (pipeline_samples then splits the samples among
+// the threads) where the samples split evenly among the threads, or where they are too small to
+// give every thread a chunk and outnumber the chunks. Split by sample, each thread works through its
+// own samples without waiting for the others: two threads, 4 samples of (224, 48x56) to
+// (1792, 12x14), forward 1.03-1.10x, backward 1.02-1.13x against chunks of rows; 2 samples about
+// equal (0.96-1.02x).
 void cl_chunks(const Sizes& z, int num_threads, int64_t* chunks, int64_t* rows_per_chunk) {
   const int64_t threads = std::max(num_threads, 1);
   const int64_t min_rows = std::max<int64_t>(1, 8192 / std::max<int64_t>(z.c, 1));
   int64_t k = std::max<int64_t>(1, std::min<int64_t>(threads, z.s / min_rows));
-  if (k < threads && z.n > k) k = 1;
+  if (z.n % threads == 0 || (k < threads && z.n > k)) k = 1;
   *rows_per_chunk = (z.s + k - 1) / k;
   *chunks = (z.s + *rows_per_chunk - 1) / *rows_per_chunk;
 }
