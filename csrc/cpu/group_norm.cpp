@@ -977,23 +977,23 @@ template <typename T, bool kSilu, bool kSums, bool kDx, bool kAvx2, bool kAvx512
 LDMFAST_AI void bwd_cl_step(const BwdArgs& a, int64_t p, int64_t sn, int64_t dn) {
   const Sizes& z = a.z;
   const int64_t r0 = p * a.rows_per_chunk, r1 = std::min(z.s, r0 + a.rows_per_chunk);
-  const int64_t so = (kSums ? sn : 0) * z.s * z.c, dof = (kDx ? dn : 0) * z.s * z.c;
-  const T* xs = static_cast<const T*>(a.x) + so;
-  const T* dys = static_cast<const T*>(a.dy) + so;
-  const T* xd = static_cast<const T*>(a.x) + dof;
-  const T* dyd = static_cast<const T*>(a.dy) + dof;
-  T* dxd = static_cast<T*>(a.dx) + dof;
+  const int64_t si = kSums ? sn : 0, di = kDx ? dn : 0;  // (a pass that does not run points at sample 0)
+  const T* xs = static_cast<const T*>(a.x) + si * z.s * z.c;
+  const T* dys = static_cast<const T*>(a.dy) + si * z.s * z.c;
+  const T* xd = static_cast<const T*>(a.x) + di * z.s * z.c;
+  const T* dyd = static_cast<const T*>(a.dy) + di * z.s * z.c;
+  T* dxd = static_cast<T*>(a.dx) + di * z.s * z.c;
   double* out = kSums ? a.partial + (sn * a.chunks + p) * 2 * z.c : nullptr;
   FloatBuffer xbuf(z.c), dbuf(z.c), xbuf2(z.c), dbuf2(z.c), t1(z.c), t2(z.c);
   if constexpr (kSums) std::fill(out, out + 2 * z.c, 0.0);
   const float* __restrict bp = a.bias;
-  const float* __restrict sc = a.scale + (kSums ? sn : 0) * z.c;
-  const float* __restrict mp = a.mu + (kSums ? sn : 0) * z.c;
-  const float* rstd = a.rstd + (kSums ? sn : 0) * z.groups;
-  const float* __restrict sc2 = a.scale + (kDx ? dn : 0) * z.c;
-  const float* __restrict mu2 = a.mu + (kDx ? dn : 0) * z.c;
-  const float* __restrict cb = a.cb + (kDx ? dn : 0) * z.c;
-  const float* __restrict cd = a.cd + (kDx ? dn : 0) * z.c;
+  const float* __restrict sc = a.scale + si * z.c;
+  const float* __restrict mp = a.mu + si * z.c;
+  const float* rstd = a.rstd + si * z.groups;
+  const float* __restrict sc2 = a.scale + di * z.c;
+  const float* __restrict mu2 = a.mu + di * z.c;
+  const float* __restrict cb = a.cb + di * z.c;
+  const float* __restrict cd = a.cd + di * z.c;
   float* __restrict u1 = t1.data();
   float* __restrict u2 = t2.data();
   for (int64_t rb = r0; rb < r1; rb += kRows) {
