@@ -366,7 +366,8 @@ def test_cpu_kernel_variants_for_other_cpus(isa):
     AVX512-BF16's conversions where the CPU has them) and picked at run time; LDMFAST_CPU_ISA caps
     the choice so that every variant runs here ("avx512": without the BF16 conversions). Two
     threads: channels-last samples split among them (2 x 63 rows) and chunks of rows (3 samples of
-    696 rows: two chunks each)."""
+    696 rows: two chunks each); contiguous rows of 63 (one group at a time), 90 (paired through the
+    AVX-512 row function there) and 696."""
     import os
     import subprocess
     import sys
@@ -377,7 +378,7 @@ def test_cpu_kernel_variants_for_other_cpus(isa):
         "torch.set_num_threads(2)\n"
         "for dtype in (torch.float32, torch.float16, torch.bfloat16):\n"
         "    for layout in ('contiguous', 'channels_last'):\n"
-        "        for shape, groups in (((2, 24, 7, 9), 4), ((3, 32, 24, 29), 8)):\n"
+        "        for shape, groups in (((2, 24, 7, 9), 4), ((2, 16, 9, 10), 4), ((3, 32, 24, 29), 8)):\n"
         "            x, w, b, dy = t.make_inputs(shape, dtype, 'cpu', 5, layout)\n"
         "            t.check_all('cpu', x, groups, w, b, dy, 'silu')\n"
         "print('ok')\n")
@@ -393,12 +394,15 @@ def test_cpu_contiguous_group_ranges_over_thread_counts(dtype, request):
     first pass in the same loop as the previous group's second (float32, and float16 and bfloat16
     where staged through float blocks): ranges of one group (2 groups, 3 threads), uneven ranges
     (15 groups), rows of whole vectors, rows over one block that end in a partial vector, rows of
-    168 (12x14). Every thread count gives the same bits."""
-    shapes = [((1, 2, 4, 8), 2), ((5, 6, 4, 8), 3), ((2, 4, 23, 29), 2), ((2, 6, 12, 14), 3)]
+    168 (12x14) and 90 (paired in the AVX-512 SiLU forward, one group at a time elsewhere), with a
+    sample whose groups do not fold (|mean| >> std). Every thread count gives the same bits."""
+    shapes = [((1, 2, 4, 8), 2), ((5, 6, 4, 8), 3), ((2, 4, 23, 29), 2), ((2, 6, 12, 14), 3), ((3, 6, 9, 10), 3)]
     before = torch.get_num_threads()
     try:
         for shape, groups in shapes:
             x, w, b, dy = make_inputs(shape, dtype, "cpu", fresh_seed(request))
+            if shape[0] > 2:
+                shift_to_unfold(x[1:2], groups)
             for activation in ("silu", None):
                 results = []
                 for threads in (1, 2, 3):

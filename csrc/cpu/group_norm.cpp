@@ -447,17 +447,21 @@ LDMFAST_AVX512BF16_AI void store16(__mmask16 m, bfloat16_hw_t* p, __m512 v) {
   _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-// fwd_contig_rows' SiLU loop on bfloat16 rows in AVX-512 intrinsics (AVX512-BF16 CPUs): the values
-// are widened in registers and the outputs rounded by vcvtneps2bf16 as they are stored, where the
-// compiled loop went through float blocks both ways (three more loads and stores per value: a
-// bfloat16 forward 1.3x slower than float32's at (4, 224, 48x56) on a Xeon core). The row's tail runs
-// under a mask. The normalization gives the compiled loop's bits (the same operations: act's SiLU as
-// silu_avx512); the statistics add their lanes in another order (a tree per block of kBlock values,
-// into double as before). Not inlined: see bwd_row_avx512.
-template <bool kStats, bool kNorm, bool kFold>
-__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))) void fwd_row_bf16_avx512(
-    const bfloat16_hw_t* __restrict xs, float k, double* s1, double* s2, const bfloat16_hw_t* __restrict xn,
-    bfloat16_hw_t* __restrict y, float mean, float sc, float sh, float bc, int64_t s) {
+// fwd_contig_rows' SiLU loop in AVX-512 intrinsics, the row's tail under a mask. The normalization
+// gives the compiled loop's bits (the same operations: act's SiLU as silu_avx512); the statistics add
+// their lanes in another order (a tree per block of kBlock values, into double as before). Two uses:
+// - bfloat16 rows on AVX512-BF16 CPUs: the values widened in registers and the outputs rounded by
+//   vcvtneps2bf16 as they are stored, where the compiled loop went through float blocks both ways
+//   (three more loads and stores per value: a bfloat16 forward 1.3x slower than float32's at
+//   (4, 224, 48x56) on a Xeon core);
+// - float data (float32, float16 staged) at rows of one block that end in a partial vector, where it
+//   lets the forward pair groups (see pairs_forward_groups).
+// As bwd_row_avx512: the float instance runs on any AVX-512 CPU; not inlined; no __restrict on the
+// normalization's input and output (a float16 row's staging buffer is both).
+template <typename T, bool kStats, bool kNorm, bool kFold>
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))) void fwd_row_avx512(
+    const T* __restrict xs, float k, double* s1, double* s2, const T* xn, T* y, float mean, float sc, float sh,
+    float bc, int64_t s) {
   const __m512 vk = _mm512_set1_ps(k), vmean = _mm512_set1_ps(mean), vsc = _mm512_set1_ps(sc);
   const __m512 vsh = _mm512_set1_ps(sh), vbc = _mm512_set1_ps(bc);
   for (int64_t off = 0; off < s; off += kBlock) {
@@ -485,15 +489,28 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,a
 #endif
 
 // Statistics over p's row (kStats) and normalization of q's row (kNorm), in one loop; rows of s.
-// kAvx512: the AVX-512 variant, whose SiLU forward on bfloat16 (AVX512-BF16) takes fwd_row_bf16_avx512.
+// kAvx512: the AVX-512 variant, whose SiLU forward takes fwd_row_avx512 on bfloat16 (AVX512-BF16) and
+// on data read as float at rows of one block that end in a partial vector.
 template <typename T, bool kSilu, bool kAvx2, bool kStats, bool kNorm, bool kFold, bool kAvx512 = false>
 LDMFAST_AI void fwd_contig_rows(StatsRow<T>& p, const NormRow<T>& q, int64_t s) {
 #if defined(__x86_64__)
   if constexpr (kAvx512 && kSilu && std::is_same_v<T, bfloat16_hw_t>) {
-    return fwd_row_bf16_avx512<kStats, kNorm, kFold>(p.x, p.k, &p.s1, &p.s2, q.x, q.y, q.mean, q.sc, q.sh, q.bc, s);
+    return fwd_row_avx512<T, kStats, kNorm, kFold>(p.x, p.k, &p.s1, &p.s2, q.x, q.y, q.mean, q.sc, q.sh, q.bc, s);
   }
 #endif
   float xb[kBlock], xq[kBlock];
+#if defined(__x86_64__)
+  if constexpr (kAvx512 && kSilu && std::is_same_v<InStage<T>, float>) {
+    if (s <= kBlock && s % kLanes != 0) {
+      const float* xv = kStats ? view_in<T, kAvx2>(p.x, xb, s) : nullptr;
+      const float* xv2 = kNorm ? view_in<T, kAvx2>(q.x, xq, s) : nullptr;
+      float* yv = kNorm ? view_out<T>(q.y, xq) : nullptr;
+      fwd_row_avx512<float, kStats, kNorm, kFold>(xv, p.k, &p.s1, &p.s2, xv2, yv, q.mean, q.sc, q.sh, q.bc, s);
+      if constexpr (kNorm) flush_out<T, kAvx2>(xq, q.y, s);
+      return;
+    }
+  }
+#endif
   auto row = [&](int64_t from, int64_t len, auto skip) {
     const InStage<T>* __restrict xv = kStats ? view_in<T, kAvx2>(p.x + from, xb, len) : nullptr;
     const InStage<T>* __restrict xv2 = kNorm ? view_in<T, kAvx2>(q.x + from, xq, len) : nullptr;
@@ -1215,14 +1232,27 @@ void forward_cl(FwdArgs& a, int num_threads) {
                             [&](int64_t n) { fwd_cl_finish<T>(a, n); }, num_threads);
 }
 
+// Whether the contiguous forward pairs groups (fwd_contig_range) rather than running one group at a
+// time (fwd_contig_item, whose statistics pass runs over the whole group, not row by row). Short rows
+// that end in a partial vector (12x14 maps: 168) pair where fwd_row_avx512 runs them (the AVX-512
+// SiLU forward, data read as float or bfloat16 on AVX512-BF16) and are at least kMinPairedRow long;
+// GCC's loop, whose rows end in an overlapping vector and a serial sum, ran them 0.36 -> 0.41 ns per
+// element slower paired at (4, 1792, 12x14). One Xeon core, float32 (bfloat16), SiLU, paired through
+// fwd_row_avx512 against one group at a time: rows of 168 1.20x (1.03x), 300 and 500 1.15x (1.07x),
+// 80 and 88 1.1x (1.02x); rows of 56 and 72 equal or slower (bfloat16 0.97x), 24 and 42 0.8-0.95x.
+constexpr int64_t kMinPairedRow = 80;
+
+template <typename T, bool kSilu>
+bool pairs_forward_groups(const Sizes& z) {
+  if (!kPairsGroups<T>) return false;
+  if (z.s % kLanes == 0 || z.s > kBlock) return true;
+  return kSilu && isa_level() == 2 && z.s >= kMinPairedRow;
+}
+
 template <typename T, bool kSilu>
 void forward_typed(FwdArgs& a, bool channels_last, int num_threads) {
   const Sizes& z = a.z;
-  // Short rows that end in a partial vector (12x14 maps: 168) run one group at a time (the item
-  // function's statistics pass runs over the whole group, not row by row): pairing a statistics row
-  // with a normalize row doubled their per-row overhead (forward 0.36 -> 0.41 ns per element at
-  // (4, 1792, 12x14)).
-  if (kPairsGroups<T> && !channels_last && (z.s % kLanes == 0 || z.s > kBlock)) {
+  if (!channels_last && pairs_forward_groups<T, kSilu>(z)) {
     parallel_ranges<FwdArgs>(pick<RangeFn<FwdArgs>>(fwd_contig_range_base<T, kSilu>, fwd_contig_range_avx2<T, kSilu>,
                                                     fwd_contig_range_avx512<T, kSilu>), a, z.n * z.groups, num_threads);
     return;
