@@ -295,61 +295,6 @@ inline bool folds(float mean, float rstd) { return std::fabs(mean) * rstd <= kFo
 // an ulp at x == mean (a one-element group, whose output is exactly b) in about 1 case in 40.
 inline float fold_shift(float mean, float sc, float bias) { return std::fma(-mean, sc, bias); }
 
-// ---- forward, contiguous: one item per (sample, group) -------------------------------------------
-
-template <typename T, bool kSilu, bool kAvx2, bool kAvx512 = false>
-LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
-  const Sizes& z = a.z;
-  const int64_t ng = item, n = item / z.groups, g = item % z.groups;
-  const int64_t m = z.m();
-  const T* xg = static_cast<const T*>(a.x) + ng * m;
-  T* yg = static_cast<T*>(a.y) + ng * m;
-  float buf[kBlock];
-  const float k = to_float(xg[0]);
-  double s1 = 0, s2 = 0;
-  for (int64_t off = 0; off < m; off += kBlock) {
-    const int64_t len = std::min(kBlock, m - off);
-    const auto* xv = view_in<T, kAvx2>(xg + off, buf, len);
-    float a1 = 0, a2 = 0;
-#pragma omp simd reduction(+ : a1, a2)
-    for (int64_t i = 0; i < len; ++i) {
-      const float d = to_float(xv[i]) - k;
-      a1 += d;
-      a2 += d * d;
-    }
-    s1 += a1;
-    s2 += a2;
-  }
-  float mean, rstd;
-  finish_stats(s1, s2, static_cast<double>(m), k, a.eps, &mean, &rstd);
-  a.mean[ng] = mean;
-  a.rstd[ng] = rstd;
-  (void)n;
-  const bool fold = folds(mean, rstd);
-  for (int64_t j = 0; j < z.cg; ++j) {
-    const int64_t c = g * z.cg + j;
-    const float sc = rstd * a.weight[c];
-    const float bc = a.bias[c];
-    const float sh = fold_shift(mean, sc, bc);
-    const T* xc = xg + j * z.s;
-    T* yc = yg + j * z.s;
-    // y over [from, from + len) of this channel
-    auto normalize = [&](int64_t from, int64_t len, auto) {
-      const auto* __restrict xv = view_in<T, kAvx2>(xc + from, buf, len);
-      auto* __restrict yv = view_out<T>(yc + from, buf);
-      if (fold) {
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) yv[i] = from_float<OutStage<T>>(act<kSilu, kAvx2>(madd<kAvx2>(to_float(xv[i]), sc, sh)));
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) yv[i] = from_float<OutStage<T>>(act<kSilu, kAvx2>(madd<kAvx2>(to_float(xv[i]) - mean, sc, bc)));
-      }
-      flush_out<T, kAvx2>(buf, yc + from, len);
-    };
-    for (int64_t off = 0; off < z.s; off += kBlock) over_vectors(off, std::min(kBlock, z.s - off), normalize);
-  }
-}
-
 // Whether the contiguous kernels pair one group's first pass with the previous group's second, in
 // the forward and the backward: data read through float blocks, i.e. float32 and the 16-bit types
 // staged by their conversion instructions. bfloat16 converted inside the loops (no AVX512-BF16) ran
@@ -454,8 +399,11 @@ LDMFAST_AVX512BF16_AI void store16(__mmask16 m, bfloat16_hw_t* p, __m512 v) {
 //   vcvtneps2bf16 as they are stored, where the compiled loop went through float blocks both ways
 //   (three more loads and stores per value: a bfloat16 forward 1.3x slower than float32's at
 //   (4, 224, 48x56) on a Xeon core);
-// - float data (float32, float16 staged) at rows of one block that end in a partial vector, where it
-//   lets the forward pair groups (see pairs_forward_groups).
+// - float data (float32, float16 staged) at rows of one block that end in a partial vector and are
+//   longer than one vector, where it lets the forward pair groups (see pairs_forward_groups) and
+//   normalizes the rows of fwd_contig_item (one Xeon core, rows of 35 to 63: float16 1.13-1.33x,
+//   float32 equal; rows under one vector stay in GCC's loop: float32 and float16 up to 2.2x slower
+//   through this function at rows of 1 and 4, while bfloat16 there is 2.5-4.6x faster through it).
 // As bwd_row_avx512: the float instance runs on any AVX-512 CPU; not inlined; no __restrict on the
 // normalization's input and output (a float16 row's staging buffer is both).
 template <typename T, bool kStats, bool kNorm, bool kFold>
@@ -490,7 +438,8 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,a
 
 // Statistics over p's row (kStats) and normalization of q's row (kNorm), in one loop; rows of s.
 // kAvx512: the AVX-512 variant, whose SiLU forward takes fwd_row_avx512 on bfloat16 (AVX512-BF16) and
-// on data read as float at rows of one block that end in a partial vector.
+// on data read as float at rows of one block that end in a partial vector (longer than one vector).
+// Also the normalization of fwd_contig_item (kStats false).
 template <typename T, bool kSilu, bool kAvx2, bool kStats, bool kNorm, bool kFold, bool kAvx512 = false>
 LDMFAST_AI void fwd_contig_rows(StatsRow<T>& p, const NormRow<T>& q, int64_t s) {
 #if defined(__x86_64__)
@@ -501,7 +450,7 @@ LDMFAST_AI void fwd_contig_rows(StatsRow<T>& p, const NormRow<T>& q, int64_t s) 
   float xb[kBlock], xq[kBlock];
 #if defined(__x86_64__)
   if constexpr (kAvx512 && kSilu && std::is_same_v<InStage<T>, float>) {
-    if (s <= kBlock && s % kLanes != 0) {
+    if (s <= kBlock && s % kLanes != 0 && s > kLanes) {
       const float* xv = kStats ? view_in<T, kAvx2>(p.x, xb, s) : nullptr;
       const float* xv2 = kNorm ? view_in<T, kAvx2>(q.x, xq, s) : nullptr;
       float* yv = kNorm ? view_out<T>(q.y, xq) : nullptr;
@@ -579,6 +528,50 @@ LDMFAST_AI void fwd_contig_range(const FwdArgs& a, int64_t first, int64_t last) 
     fwd_contig_step<T, kSilu, kAvx2, true, true, kAvx512>(a, item, item - 1);
   }
   fwd_contig_step<T, kSilu, kAvx2, false, true, kAvx512>(a, -1, last - 1);
+}
+
+// ---- forward, contiguous: one item per (sample, group) -------------------------------------------
+
+// The statistics over the whole group, then its rows normalized by fwd_contig_rows.
+template <typename T, bool kSilu, bool kAvx2, bool kAvx512 = false>
+LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
+  const Sizes& z = a.z;
+  const int64_t ng = item, g = item % z.groups;
+  const int64_t m = z.m();
+  const T* xg = static_cast<const T*>(a.x) + ng * m;
+  T* yg = static_cast<T*>(a.y) + ng * m;
+  float buf[kBlock];
+  const float k = to_float(xg[0]);
+  double s1 = 0, s2 = 0;
+  for (int64_t off = 0; off < m; off += kBlock) {
+    const int64_t len = std::min(kBlock, m - off);
+    const auto* xv = view_in<T, kAvx2>(xg + off, buf, len);
+    float a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a1, a2)
+    for (int64_t i = 0; i < len; ++i) {
+      const float d = to_float(xv[i]) - k;
+      a1 += d;
+      a2 += d * d;
+    }
+    s1 += a1;
+    s2 += a2;
+  }
+  float mean, rstd;
+  finish_stats(s1, s2, static_cast<double>(m), k, a.eps, &mean, &rstd);
+  a.mean[ng] = mean;
+  a.rstd[ng] = rstd;
+  const bool fold = folds(mean, rstd);
+  for (int64_t j = 0; j < z.cg; ++j) {
+    const int64_t c = g * z.cg + j;
+    const float sc = rstd * a.weight[c];
+    StatsRow<T> p{};
+    const NormRow<T> q{xg + j * z.s, yg + j * z.s, mean, sc, fold_shift(mean, sc, a.bias[c]), a.bias[c]};
+    if (fold) {
+      fwd_contig_rows<T, kSilu, kAvx2, false, true, true, kAvx512>(p, q, z.s);
+    } else {
+      fwd_contig_rows<T, kSilu, kAvx2, false, true, false, kAvx512>(p, q, z.s);
+    }
+  }
 }
 
 // ---- forward, channels-last: partial sums per (sample, chunk of rows), then normalize ----------
