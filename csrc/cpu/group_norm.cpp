@@ -532,7 +532,41 @@ LDMFAST_AI void fwd_contig_range(const FwdArgs& a, int64_t first, int64_t last) 
 
 // ---- forward, contiguous: one item per (sample, group) -------------------------------------------
 
-// The statistics over the whole group, then its rows normalized by fwd_contig_rows.
+// The normalization of group g (its m values at xg, yg) as one run of whole vectors, each value's
+// channel coefficients spread into per-value arrays (sh: the folded shift, or the bias), for rows
+// shorter than a vector, which fwd_contig_rows would run one partial vector at a time. One Xeon
+// core, SiLU forward at rows of 1, 4 and 9: float32 1.2x, 1.8x, 1.05x; float16 1.6x, 3.6x, 1.5x;
+// bfloat16 1.1x, 1.15-1.3x, 0.96x. At rows of 35 to 63 the rows were faster (float32 and bfloat16
+// 0.8x flat, float16 1.5x). The same arithmetic per value as fwd_contig_rows' loop, so the same bits.
+template <typename T, bool kSilu, bool kAvx2, bool kFold>
+LDMFAST_AI void fwd_norm_flat(const FwdArgs& a, int64_t g, const T* xg, T* yg, float mean, float rstd) {
+  const Sizes& z = a.z;
+  const int64_t m = z.m();
+  float csc[kBlock], csh[kBlock], xq[kBlock];
+  for (int64_t off = 0; off < m; off += kBlock) {
+    const int64_t len = std::min(kBlock, m - off);
+    for (int64_t i = 0; i < len;) {  // the channels' runs of values within this block
+      const int64_t j = (off + i) / z.s, end = std::min(len, (j + 1) * z.s - off);
+      const int64_t c = g * z.cg + j;
+      const float sc = rstd * a.weight[c];
+      std::fill(csc + i, csc + end, sc);
+      std::fill(csh + i, csh + end, kFold ? fold_shift(mean, sc, a.bias[c]) : a.bias[c]);
+      i = end;
+    }
+    const InStage<T>* __restrict xv = view_in<T, kAvx2>(xg + off, xq, len);
+    OutStage<T>* __restrict yv = view_out<T>(yg + off, xq);
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float zv = kFold ? madd<kAvx2>(to_float(xv[i]), csc[i], csh[i])
+                             : madd<kAvx2>(to_float(xv[i]) - mean, csc[i], csh[i]);
+      yv[i] = from_float<OutStage<T>>(act<kSilu, kAvx2>(zv));
+    }
+    flush_out<T, kAvx2>(xq, yg + off, len);
+  }
+}
+
+// The statistics over the whole group, then its rows normalized by fwd_contig_rows, or by
+// fwd_norm_flat where they are shorter than a vector.
 template <typename T, bool kSilu, bool kAvx2, bool kAvx512 = false>
 LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
   const Sizes& z = a.z;
@@ -561,6 +595,10 @@ LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
   a.mean[ng] = mean;
   a.rstd[ng] = rstd;
   const bool fold = folds(mean, rstd);
+  if (z.s < kLanes) {
+    return fold ? fwd_norm_flat<T, kSilu, kAvx2, true>(a, g, xg, yg, mean, rstd)
+                : fwd_norm_flat<T, kSilu, kAvx2, false>(a, g, xg, yg, mean, rstd);
+  }
   for (int64_t j = 0; j < z.cg; ++j) {
     const int64_t c = g * z.cg + j;
     const float sc = rstd * a.weight[c];
