@@ -144,11 +144,18 @@ def _affine_native(weight, bias):
     """The affine parameters as the CUDA kernels and the CPU binding take them: (address, dtype code)
     each, 0 for an absent one; they convert 16-bit or absent ones themselves (two conversions here
     cost host time on every call: ~5 us each on a CPU core, a launch each on a GPU). Returns the
-    tensors to keep alive until the call, and the four arguments."""
-    kept = tuple(None if t is None else
-                 (t if t.dtype in _native.KERNEL_DTYPES else t.float()).contiguous() for t in (weight, bias))
-    codes = tuple(_native.dtype_code(t) if t is not None else _native.DTYPE_CODES[torch.float32] for t in kept)
-    return kept, (_native.ptr(kept[0]), codes[0], _native.ptr(kept[1]), codes[1])
+    tensors to keep alive until the call, and the four arguments. (Written out, without generators:
+    host time on every call.)"""
+    w, b = _affine_kept(weight), _affine_kept(bias)
+    return (w, b), (_native.ptr(w), _affine_code(w), _native.ptr(b), _affine_code(b))
+
+
+def _affine_kept(t):
+    return None if t is None else (t if t.dtype in _native.KERNEL_DTYPES else t.float()).contiguous()
+
+
+def _affine_code(t) -> int:
+    return _native.DTYPE_CODES[torch.float32 if t is None else t.dtype]
 
 
 def _cuda_call_parts(xk, weight, bias, n, c, s, g, cl, backward):
