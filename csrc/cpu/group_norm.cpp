@@ -402,8 +402,8 @@ LDMFAST_AVX512BF16_AI void store16(__mmask16 m, bfloat16_hw_t* p, __m512 v) {
 // - float data (float32, float16 staged) at rows of one block that end in a partial vector and are
 //   longer than one vector, where it lets the forward pair groups (see pairs_forward_groups) and
 //   normalizes the rows of fwd_contig_item (one Xeon core, rows of 35 to 63: float16 1.13-1.33x,
-//   float32 equal; rows under one vector stay in GCC's loop: float32 and float16 up to 2.2x slower
-//   through this function at rows of 1 and 4, while bfloat16 there is 2.5-4.6x faster through it).
+//   float32 equal; rows under one vector go to fwd_norm_flat, as float32 and float16 ran up to 2.2x
+//   slower through this function at rows of 1 and 4 than through GCC's loop).
 // As bwd_row_avx512: the float instance runs on any AVX-512 CPU; not inlined; no __restrict on the
 // normalization's input and output (a float16 row's staging buffer is both).
 template <typename T, bool kStats, bool kNorm, bool kFold>
