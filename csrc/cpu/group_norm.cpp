@@ -565,8 +565,8 @@ LDMFAST_AI void fwd_norm_flat(const FwdArgs& a, int64_t g, const T* xg, T* yg, f
   }
 }
 
-// The statistics over the whole group, then its rows normalized by fwd_contig_rows, or by
-// fwd_norm_flat where they are shorter than a vector.
+// The statistics over the whole group, then its rows normalized as the paired kernels' second pass
+// does (fwd_contig_step), or by fwd_norm_flat where they are shorter than a vector.
 template <typename T, bool kSilu, bool kAvx2, bool kAvx512 = false>
 LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
   const Sizes& z = a.z;
@@ -599,17 +599,7 @@ LDMFAST_AI void fwd_contig_item(const FwdArgs& a, int64_t item) {
     return fold ? fwd_norm_flat<T, kSilu, kAvx2, true>(a, g, xg, yg, mean, rstd)
                 : fwd_norm_flat<T, kSilu, kAvx2, false>(a, g, xg, yg, mean, rstd);
   }
-  for (int64_t j = 0; j < z.cg; ++j) {
-    const int64_t c = g * z.cg + j;
-    const float sc = rstd * a.weight[c];
-    StatsRow<T> p{};
-    const NormRow<T> q{xg + j * z.s, yg + j * z.s, mean, sc, fold_shift(mean, sc, a.bias[c]), a.bias[c]};
-    if (fold) {
-      fwd_contig_rows<T, kSilu, kAvx2, false, true, true, kAvx512>(p, q, z.s);
-    } else {
-      fwd_contig_rows<T, kSilu, kAvx2, false, true, false, kAvx512>(p, q, z.s);
-    }
-  }
+  fwd_contig_step<T, kSilu, kAvx2, false, true, kAvx512>(a, -1, ng);  // the normalization alone
 }
 
 // ---- forward, channels-last: partial sums per (sample, chunk of rows), then normalize ----------
